@@ -1,0 +1,1 @@
+"""mtrace.agent: the remote side of mtrace and the wire protocol it speaks."""

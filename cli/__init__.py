@@ -1,0 +1,1 @@
+"""mtrace.cli: the ``mtrace`` command, config loading and target resolution."""

@@ -1,0 +1,13 @@
+"""Errors raised by the CLI layer (see the tree in mtrace.agent.errors)."""
+
+from __future__ import annotations
+
+from mtrace.agent.errors import MtraceError
+
+
+class ConfigError(MtraceError):
+    exit_code = 78  # EX_CONFIG
+
+
+class TargetError(ConfigError):
+    exit_code = 79

@@ -1,0 +1,1 @@
+"""mtrace.tracer: the trap (exec helper, seccomp/ptrace backends) and its handlers."""

@@ -1,0 +1,187 @@
+"""The seccomp user-notification backend: the supervisor's trap loop.
+
+poll the listener (POLLHUP means every tracee process is gone), RECV into a
+zeroed buffer, turn the number into a name, ask the handlers, carry out the
+outcome, SEND. Memory is read before acting and the notification id is checked
+with ID_VALID afterwards, so a call withdrawn meanwhile (its thread was killed)
+is never answered with data that belongs to a reused thread id.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+from collections.abc import Callable
+from typing import Any
+
+from mtrace.tracer import seccomp
+from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer, monotonic
+from mtrace.tracer.call import SyscallCall
+from mtrace.tracer.errors import TraceeGone
+from mtrace.tracer.memory import TraceeMemory
+from mtrace.tracer.outcome import (
+    Continue,
+    Defer,
+    Errno,
+    InjectFd,
+    OnTraceeFd,
+    Outcome,
+    ReturnValue,
+)
+from mtrace.tracer.syscalls import SyscallTable
+
+log = logging.getLogger("mtrace.tracer.notify")
+
+
+class NotifyBackend:
+    sees_results = False
+
+    def __init__(
+        self,
+        listener: seccomp.Listener,
+        table: SyscallTable,
+        handler: Handler,
+        *,
+        observer: Observer | None = None,
+        async_side: AsyncSide | None = None,
+    ) -> None:
+        self.listener = listener
+        self.table = table
+        self.handler = handler
+        self.observer = observer
+        self.async_side = async_side
+        self.memory = TraceeMemory()
+        self.sync_wake_up = listener.set_sync_wake_up()
+        self.calls_handled = 0
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Serve notifications until every process holding the filter is gone."""
+        poller = select.poll()
+        poller.register(self.listener.fd, select.POLLIN)
+        names = self.table.names
+        while True:
+            events = poller.poll(500)
+            if not events:
+                if should_stop():
+                    return
+                continue
+            _fd, mask = events[0]
+            if mask & select.POLLIN:
+                notification = self.listener.receive()
+                if notification is not None:
+                    name = names.get(notification.nr) or f"syscall_{notification.nr}"
+                    self._serve(notification, name)
+                continue
+            if mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return
+
+    def _serve(self, notification: seccomp.Notification, name: str) -> None:
+        call = SyscallCall(notification.tid, name, notification.args, self.memory, False)
+        started = monotonic()
+        token = self.observer.on_call(call) if self.observer else None
+        outcome = self._decide(call)
+        self._carry_out(notification, call, outcome, started, token)
+
+    def _decide(self, call: SyscallCall) -> Outcome:
+        try:
+            return self.handler(call)
+        except TraceeGone:
+            return Errno(errno.ESRCH)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EIO)
+        except Exception:
+            log.exception("handler for %s failed; the tracee gets EIO", call.name)
+            return Errno(errno.EIO)
+
+    def _carry_out(
+        self,
+        notification: seccomp.Notification,
+        call: SyscallCall,
+        outcome: Outcome,
+        started: float,
+        token: Any,
+    ) -> None:
+        nid = notification.id
+        listener = self.listener
+        result: int | None = None
+        try:
+            match outcome:
+                case Continue():
+                    listener.respond(nid, continue_=True)
+                case Errno(errno=err):
+                    listener.respond(nid, error=err)
+                    result = -err
+                case ReturnValue(value=value, writes=writes):
+                    for address, data in writes:
+                        call.write(address, data)
+                    if listener.is_valid(nid):
+                        listener.respond(nid, value=value)
+                    result = value
+                case InjectFd(fd=fd, cloexec=cloexec, close_after=close_after):
+                    try:
+                        result = listener.inject_fd(nid, fd, cloexec=cloexec)
+                    finally:
+                        if close_after:
+                            os.close(fd)
+                case OnTraceeFd(tracee_fd=tracee_fd, action=action):
+                    self._carry_out(notification, call, self._act_on_fd(call, tracee_fd, action),
+                                    started, token)
+                    return
+                case Defer(coroutine=coroutine):
+                    self._defer(notification, call, coroutine, started, token)
+                    return
+        except TraceeGone:
+            result = None
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return  # the call was withdrawn (the thread is gone)
+            # The outcome could not be carried out (a write into a bad buffer,
+            # an injection refused): the tracee sees the kernel's reason.
+            try:
+                listener.respond(nid, error=exc.errno or errno.EIO)
+            except OSError:
+                return
+            result = -(exc.errno or errno.EIO)
+        self.calls_handled += 1
+        if self.observer is not None:
+            self.observer.on_result(CallRecord(call, started, monotonic(), outcome, result), token)
+
+    def _act_on_fd(self, call: SyscallCall, tracee_fd: int,
+                   action: Callable[[int], Outcome]) -> Outcome:
+        try:
+            local_fd = seccomp.take_tracee_fd(call.tid, tracee_fd)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise TraceeGone(f"thread {call.tid} is gone") from exc
+            return Errno(errno.EBADF if exc.errno in (errno.EBADF, errno.ENOENT) else exc.errno)
+        try:
+            return self._decide_with(action, local_fd)
+        finally:
+            os.close(local_fd)
+
+    def _decide_with(self, action: Callable[[int], Outcome], local_fd: int) -> Outcome:
+        try:
+            return action(local_fd)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EIO)
+
+    def _defer(self, notification: seccomp.Notification, call: SyscallCall,
+               coroutine: Any, started: float, token: Any) -> None:
+        if self.async_side is None:
+            coroutine.close()
+            self._carry_out(notification, call, Errno(errno.ENOSYS), started, token)
+            return
+
+        async def finish() -> None:
+            try:
+                outcome = await coroutine
+            except OSError as exc:
+                outcome = Errno(exc.errno or errno.EIO)
+            except Exception:
+                log.exception("deferred handler for %s failed", call.name)
+                outcome = Errno(errno.EIO)
+            self._carry_out(notification, call, outcome, started, token)
+
+        self.async_side.submit(finish())

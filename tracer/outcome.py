@@ -1,0 +1,74 @@
+"""The one vocabulary of decisions.
+
+A handler looks at a trapped call and returns an outcome value; the backend
+(seccomp notify or ptrace) carries it out. Handlers never touch the kernel
+interface themselves.
+
+- ``CONTINUE``: let the kernel run the call as the tracee made it.
+- ``ReturnValue``: skip the call; the tracee sees this value, after ``writes``
+  (address, bytes) were stored into its memory (a stat buffer, a sockaddr).
+- ``Errno``: skip the call; the tracee sees ``-1`` with this errno.
+- ``InjectFd``: skip the call; a supervisor fd is installed in the tracee and
+  its number is the call's result (openat of a shadow file, socket()).
+- ``OnTraceeFd``: act on the tracee's own object: the backend duplicates the
+  tracee's fd into the supervisor (``pidfd_getfd``), calls ``action`` with it,
+  and carries out the outcome ``action`` returns (connect a tracee socket to a
+  relay and return exactly the kernel's answer).
+- ``Defer``: the answer needs the agent; the backend runs the coroutine on the
+  async side and carries out the outcome it returns, so one slow remote call
+  never stalls the tracee's other threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    pass
+
+
+CONTINUE = Continue()
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnValue:
+    value: int
+    writes: tuple[tuple[int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Errno:
+    errno: int
+
+
+@dataclass(frozen=True, slots=True)
+class InjectFd:
+    fd: int
+    cloexec: bool = False
+    # The supervisor's copy is closed once the tracee has its own.
+    close_after: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class OnTraceeFd:
+    tracee_fd: int
+    action: Callable[[int], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    coroutine: Coroutine[Any, Any, Outcome] = field(compare=False)
+
+
+Outcome = Continue | ReturnValue | Errno | InjectFd | OnTraceeFd | Defer
+
+
+def errno_of(exc: OSError) -> Errno:
+    """The outcome that reports ``exc`` to the tracee as the kernel would."""
+    import errno as errno_module
+
+    return Errno(exc.errno or errno_module.EIO)

@@ -1,0 +1,172 @@
+"""The raw kernel interface of seccomp user notification and pidfds.
+
+Struct layouts, ioctl numbers and thin wrappers, nothing else: the notify
+backend (``mtrace.tracer.notify``) is the only user. Sizes were measured on the
+kernels mtrace runs on (see DESIGN.md) and are checked against
+``SECCOMP_GET_NOTIF_SIZES`` at start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
+SYS_PIDFD_OPEN = 434
+SYS_PIDFD_GETFD = 438
+
+SECCOMP_GET_NOTIF_SIZES = 3
+PIDFD_THREAD = os.O_EXCL
+
+# ioctl request numbers: _IOWR('!', 0, struct seccomp_notif) and friends.
+NOTIF_RECV = 0xC0502100
+NOTIF_SEND = 0xC0182101
+NOTIF_ID_VALID = 0x40082102
+NOTIF_ADDFD = 0x40182103
+NOTIF_SET_FLAGS = 0x40082104
+
+USER_NOTIF_FLAG_CONTINUE = 1
+ADDFD_FLAG_SETFD = 1
+ADDFD_FLAG_SEND = 2
+USER_NOTIF_FD_SYNC_WAKE_UP = 1
+
+FILTER_FLAG_NEW_LISTENER = 1 << 3
+FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
+
+# struct seccomp_notif { u64 id; u32 pid; u32 flags;
+#   struct seccomp_data { int nr; u32 arch; u64 ip; u64 args[6]; } }
+NOTIF = struct.Struct("=QIIiIQ6Q")
+# struct seccomp_notif_resp { u64 id; s64 val; s32 error; u32 flags; }
+NOTIF_RESP = struct.Struct("=QqiI")
+# struct seccomp_notif_addfd { u64 id; u32 flags; u32 srcfd; u32 newfd; u32 newfd_flags; }
+NOTIF_ADDFD_STRUCT = struct.Struct("=QIIII")
+_ID = struct.Struct("=Q")
+_FLAGS = struct.Struct("=Q")
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    id: int
+    tid: int
+    nr: int
+    arch: int
+    instruction_pointer: int
+    args: tuple[int, int, int, int, int, int]
+
+
+def _check(result: int) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+class Listener:
+    """A seccomp notification fd: receive, answer, validate, inject."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._recv_buffer = bytearray(NOTIF.size)
+        self._zero = bytes(NOTIF.size)
+
+    def receive(self) -> Notification | None:
+        """One pending notification, or None if it was withdrawn (tracee gone)."""
+        buffer = self._recv_buffer
+        buffer[:] = self._zero  # the kernel insists on a zeroed buffer
+        try:
+            fcntl.ioctl(self.fd, NOTIF_RECV, buffer, True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                return None
+            raise
+        nid, tid, _flags, nr, arch, ip, *args = NOTIF.unpack(buffer)
+        return Notification(nid, tid, nr, arch, ip, tuple(args))  # type: ignore[arg-type]
+
+    def respond(self, notification_id: int, value: int = 0, error: int = 0,
+                *, continue_: bool = False) -> bool:
+        """Answer a notification; False if the tracee no longer waits for it."""
+        flags = USER_NOTIF_FLAG_CONTINUE if continue_ else 0
+        packed = NOTIF_RESP.pack(notification_id, value, -error if error else 0, flags)
+        try:
+            fcntl.ioctl(self.fd, NOTIF_SEND, packed)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def is_valid(self, notification_id: int) -> bool:
+        try:
+            fcntl.ioctl(self.fd, NOTIF_ID_VALID, _ID.pack(notification_id))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def inject_fd(self, notification_id: int, fd: int, *, cloexec: bool,
+                  target_fd: int | None = None, send: bool = True) -> int:
+        """Install ``fd`` in the tracee; with ``send`` the call returns it atomically."""
+        flags = (ADDFD_FLAG_SEND if send else 0) | (ADDFD_FLAG_SETFD if target_fd is not None else 0)
+        newfd_flags = os.O_CLOEXEC if cloexec else 0
+        packed = NOTIF_ADDFD_STRUCT.pack(notification_id, flags, fd, target_fd or 0, newfd_flags)
+        return fcntl.ioctl(self.fd, NOTIF_ADDFD, bytearray(packed), True)
+
+    def set_sync_wake_up(self) -> bool:
+        """Ask the kernel to wake the tracee on the supervisor's CPU (5.19+)."""
+        try:
+            fcntl.ioctl(self.fd, NOTIF_SET_FLAGS, _FLAGS.pack(USER_NOTIF_FD_SYNC_WAKE_UP))
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def notif_sizes(arch: str) -> tuple[int, int, int]:
+    """(sizeof seccomp_notif, seccomp_notif_resp, seccomp_data) as the kernel sees them."""
+    sizes = (ctypes.c_uint16 * 3)()
+    _check(_syscall(SYS_SECCOMP[arch], SECCOMP_GET_NOTIF_SIZES, 0, sizes))
+    return sizes[0], sizes[1], sizes[2]
+
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    return _check(_syscall(SYS_PIDFD_OPEN, pid, flags))
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A duplicate, in this process, of the tracee's file descriptor ``target_fd``."""
+    return _check(_syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0))
+
+
+def thread_group_of(tid: int) -> int:
+    with open(f"/proc/{tid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    raise ProcessLookupError(tid)
+
+
+def take_tracee_fd(tid: int, target_fd: int) -> int:
+    """Duplicate fd ``target_fd`` of the thread ``tid`` into the supervisor."""
+    try:
+        pidfd = pidfd_open(tid, PIDFD_THREAD)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        pidfd = pidfd_open(thread_group_of(tid))  # kernels before 6.9
+    try:
+        return pidfd_getfd(pidfd, target_fd)
+    finally:
+        os.close(pidfd)

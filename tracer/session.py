@@ -1,0 +1,121 @@
+"""Running one command under the trap: launch, serve, forward signals, report.
+
+This is the tracer's entry point for the CLI: ``run(Session(...))`` returns the
+exit code the command would have had on its own (128+N for a signal death).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mtrace.tracer import seccomp
+from mtrace.tracer.backend import AsyncSide, Handler, Handlers, Observer
+from mtrace.tracer.errors import TracerError
+from mtrace.tracer.launcher import Kind, Launch
+from mtrace.tracer.notify import NotifyBackend
+from mtrace.tracer.syscalls import DEFAULT_TRAPPED, ENOSYS_CALLS, table
+
+log = logging.getLogger("mtrace.tracer.session")
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SI_KERNEL = 0x80  # si_code of a signal the terminal sent to the whole process group
+
+
+@dataclass
+class Session:
+    argv: Sequence[str]
+    handlers: Handler = field(default_factory=Handlers)
+    trapped: Sequence[str] = DEFAULT_TRAPPED
+    observer: Observer | None = None
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    async_side: AsyncSide | None = None
+    backend: str = "notify"
+    strict_names: bool = False
+
+
+class _SignalForwarder:
+    """Forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT sent to mtrace to the tracee.
+
+    The signals are blocked and taken with sigwaitinfo, so the terminal's own
+    Ctrl-C (which the tracee, in the same process group, already receives) is
+    told apart from a ``kill`` aimed at mtrace and is not delivered twice.
+    """
+
+    def __init__(self) -> None:
+        self.target: int | None = None
+        self._done = False
+        self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        self._thread = threading.Thread(target=self._run, name="mtrace-signals", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done:
+            info = signal.sigwaitinfo(FORWARDED_SIGNALS)
+            if self._done:
+                return
+            if info.si_code == SI_KERNEL and info.si_signo in (signal.SIGINT, signal.SIGQUIT):
+                continue
+            if self.target is not None:
+                try:
+                    os.kill(self.target, info.si_signo)
+                except ProcessLookupError:
+                    pass
+
+    def close(self) -> None:
+        self._done = True
+        if self._thread.is_alive() and self._thread.ident is not None:
+            signal.pthread_kill(self._thread.ident, signal.SIGHUP)
+            self._thread.join(timeout=1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+
+
+def run(session: Session) -> int:
+    """Run the session's command under the trap; its exit code."""
+    syscall_table = table()
+    trap = syscall_table.numbers_for(session.trapped, strict=session.strict_names)
+    enosys = syscall_table.numbers_for(ENOSYS_CALLS)
+    forwarder = _SignalForwarder()
+    launch: Launch | None = None
+    try:
+        # The supervisor's umask is cleared so files it creates for the tracee
+        # get exactly the tracee's mode; the tracee itself keeps the user's.
+        user_umask = os.umask(0)
+        launch = Launch(session.argv, mode="notify", trap=trap, enosys=enosys,
+                        env=session.env, cwd=session.cwd, umask=user_umask)
+        message = launch.wait_for(Kind.LISTENER)
+        assert message.fd is not None
+        listener = seccomp.Listener(message.fd)
+        if launch.tracee_pid is None:
+            launch.wait_for(Kind.TRACEE_PID)
+        forwarder.target = launch.tracee_pid
+        backend = NotifyBackend(listener, syscall_table, session.handlers,
+                                observer=session.observer, async_side=session.async_side)
+        try:
+            backend.run(should_stop=lambda: launch is not None and launch.watchdog.poll() is not None)
+        finally:
+            listener.close()
+        return launch.wait_exit(timeout=None)
+    except TracerError:
+        if launch is not None:
+            _stop(launch)
+        raise
+    finally:
+        forwarder.close()
+        os.umask(user_umask) if "user_umask" in locals() else None
+        if launch is not None:
+            launch.close()
+
+
+def _stop(launch: Launch) -> None:
+    if launch.watchdog.poll() is None:
+        launch.watchdog.kill()
+    launch.watchdog.wait()
+
+
+__all__ = ["Session", "TracerError", "run"]
