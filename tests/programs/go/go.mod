@@ -1,0 +1,3 @@
+module mtrace.test/programs
+
+go 1.22

@@ -1,0 +1,369 @@
+// probe-go: the probe CLI of tests/programs/c/probe.c, in Go (static,
+// CGO_ENABLED=0, pure-Go resolver). Every command prints the same bytes as the
+// C flavours; errors print "error: <ERRNO NAME>" to stdout and exit 1.
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+const usage = `usage: probe COMMAND ARGS...
+  env NAME | cat PATH | stat PATH | ls DIR | readlink PATH
+  resolve NAME | tcp HOST PORT MSG | http URL
+  udp HOST PORT MSG | udp-unconnected HOST PORT MSG
+  exit N | kill SIG | loop-getpid N | loop-open PATH N
+  exec PATH ARGS... | fork-exec PATH ARGS...
+`
+
+const receiveTimeout = 2 * time.Second
+
+func main() {
+	net.DefaultResolver.PreferGo = true
+	if len(os.Args) < 2 {
+		badUsage()
+	}
+	cmd, args := os.Args[1], os.Args[2:]
+	switch {
+	case cmd == "env" && len(args) == 1:
+		cmdEnv(args[0])
+	case cmd == "cat" && len(args) == 1:
+		cmdCat(args[0])
+	case cmd == "stat" && len(args) == 1:
+		cmdStat(args[0])
+	case cmd == "ls" && len(args) == 1:
+		cmdLs(args[0])
+	case cmd == "readlink" && len(args) == 1:
+		cmdReadlink(args[0])
+	case cmd == "resolve" && len(args) == 1:
+		cmdResolve(args[0])
+	case cmd == "tcp" && len(args) == 3:
+		cmdTCP(args[0], args[1], args[2])
+	case cmd == "http" && len(args) == 1:
+		cmdHTTP(args[0])
+	case cmd == "udp" && len(args) == 3:
+		cmdUDP(args[0], args[1], args[2])
+	case cmd == "udp-unconnected" && len(args) == 3:
+		cmdUDPUnconnected(args[0], args[1], args[2])
+	case cmd == "exit" && len(args) == 1:
+		os.Exit(parseInt(args[0]))
+	case cmd == "kill" && len(args) == 1:
+		cmdKill(args[0])
+	case cmd == "loop-getpid" && len(args) == 1:
+		cmdLoopGetpid(parseInt(args[0]))
+	case cmd == "loop-open" && len(args) == 2:
+		cmdLoopOpen(args[0], parseInt(args[1]))
+	case cmd == "exec" && len(args) >= 1:
+		fail(syscall.Exec(args[0], args, os.Environ()))
+	case cmd == "fork-exec" && len(args) >= 1:
+		cmdForkExec(args)
+	default:
+		badUsage()
+	}
+}
+
+func badUsage() {
+	fmt.Fprint(os.Stderr, usage)
+	os.Exit(2)
+}
+
+func parseInt(text string) int {
+	value, err := strconv.Atoi(text)
+	if err != nil {
+		failText("EINVAL")
+	}
+	return value
+}
+
+func out(data []byte) {
+	if _, err := os.Stdout.Write(data); err != nil {
+		fail(err)
+	}
+}
+
+func cmdEnv(name string) {
+	if value, ok := os.LookupEnv(name); ok {
+		fmt.Printf("%s=%s\n", name, value)
+	} else {
+		fmt.Printf("%s unset\n", name)
+	}
+}
+
+// cmdCat reads and writes with plain read/write calls: io.Copy to os.Stdout
+// would use copy_file_range/splice/sendfile, which the C flavour never does.
+func cmdCat(path string) {
+	file, err := os.Open(path)
+	if err != nil {
+		fail(err)
+	}
+	defer file.Close()
+	buf := make([]byte, 65536)
+	for {
+		n, err := file.Read(buf)
+		out(buf[:n])
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			fail(err)
+		}
+	}
+}
+
+func cmdStat(path string) {
+	var st syscall.Stat_t
+	if err := syscall.Lstat(path, &st); err != nil {
+		fail(err)
+	}
+	kind := "other"
+	switch st.Mode & syscall.S_IFMT {
+	case syscall.S_IFREG:
+		kind = "file"
+	case syscall.S_IFDIR:
+		kind = "dir"
+	case syscall.S_IFLNK:
+		kind = "symlink"
+	case syscall.S_IFIFO:
+		kind = "fifo"
+	case syscall.S_IFSOCK:
+		kind = "socket"
+	case syscall.S_IFCHR:
+		kind = "char"
+	case syscall.S_IFBLK:
+		kind = "block"
+	}
+	fmt.Printf("size=%d mode=%04o type=%s\n", st.Size, st.Mode&0o7777, kind)
+}
+
+func cmdLs(path string) {
+	entries, err := os.ReadDir(path) // sorted by name, bytewise like strcmp
+	if err != nil {
+		fail(err)
+	}
+	var text strings.Builder
+	for _, entry := range entries {
+		text.WriteString(entry.Name() + "\n")
+	}
+	out([]byte(text.String()))
+}
+
+func cmdReadlink(path string) {
+	target, err := os.Readlink(path)
+	if err != nil {
+		fail(err)
+	}
+	fmt.Printf("%s\n", target)
+}
+
+func cmdResolve(name string) {
+	resolver := &net.Resolver{PreferGo: true}
+	ips, err := resolver.LookupIP(context.Background(), "ip4", name)
+	if err != nil {
+		fail(err)
+	}
+	seen := map[uint32]bool{}
+	var addrs []uint32
+	for _, ip := range ips {
+		if v4 := ip.To4(); v4 != nil {
+			value := binary.BigEndian.Uint32(v4)
+			if !seen[value] {
+				seen[value] = true
+				addrs = append(addrs, value)
+			}
+		}
+	}
+	sort.Slice(addrs, func(i, j int) bool { return addrs[i] < addrs[j] })
+	for _, value := range addrs {
+		ip := make(net.IP, 4)
+		binary.BigEndian.PutUint32(ip, value)
+		fmt.Println(ip.String())
+	}
+}
+
+func cmdTCP(host, port, msg string) {
+	conn, err := net.Dial("tcp", net.JoinHostPort(host, port))
+	if err != nil {
+		fail(err)
+	}
+	tcp := conn.(*net.TCPConn)
+	if _, err := tcp.Write([]byte(msg + "\n")); err != nil {
+		fail(err)
+	}
+	if err := tcp.CloseWrite(); err != nil {
+		fail(err)
+	}
+	// A read loop, not io.Copy: os.Stdout.ReadFrom would splice.
+	buf := make([]byte, 65536)
+	for {
+		n, err := tcp.Read(buf)
+		out(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			fail(err)
+		}
+	}
+	tcp.Close()
+}
+
+func cmdHTTP(url string) {
+	client := &http.Client{
+		Transport: &http.Transport{
+			Proxy:              nil, // ignore HTTP_PROXY: the C flavour does
+			DisableKeepAlives:  true,
+			DisableCompression: true,
+		},
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		},
+	}
+	resp, err := client.Get(url)
+	if err != nil {
+		failProtocol(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		failProtocol(err)
+	}
+	fmt.Printf("status %d\n", resp.StatusCode)
+	out(body)
+}
+
+func cmdUDP(host, port, msg string) {
+	conn, err := net.Dial("udp", net.JoinHostPort(host, port))
+	if err != nil {
+		fail(err)
+	}
+	if _, err := conn.Write([]byte(msg)); err != nil {
+		fail(err)
+	}
+	if err := conn.SetReadDeadline(time.Now().Add(receiveTimeout)); err != nil {
+		fail(err)
+	}
+	buf := make([]byte, 65536)
+	n, err := conn.Read(buf)
+	if err != nil {
+		fail(err)
+	}
+	out(append(buf[:n], '\n'))
+}
+
+func cmdUDPUnconnected(host, port, msg string) {
+	target, err := net.ResolveUDPAddr("udp", net.JoinHostPort(host, port))
+	if err != nil {
+		fail(err)
+	}
+	// "udp" with no local address would open a dual-stack AF_INET6 socket.
+	network := "udp6"
+	if target.IP.To4() != nil {
+		network = "udp4"
+	}
+	conn, err := net.ListenUDP(network, nil)
+	if err != nil {
+		fail(err)
+	}
+	if _, err := conn.WriteToUDP([]byte(msg), target); err != nil {
+		fail(err)
+	}
+	if err := conn.SetReadDeadline(time.Now().Add(receiveTimeout)); err != nil {
+		fail(err)
+	}
+	buf := make([]byte, 65536)
+	n, from, err := conn.ReadFromUDP(buf)
+	if err != nil {
+		fail(err)
+	}
+	out(buf[:n])
+	fromText := net.JoinHostPort(from.IP.String(), strconv.Itoa(from.Port))
+	fmt.Printf("\nfrom %s\n", fromText)
+}
+
+var signalNames = map[string]syscall.Signal{
+	"HUP": syscall.SIGHUP, "INT": syscall.SIGINT, "QUIT": syscall.SIGQUIT,
+	"ILL": syscall.SIGILL, "TRAP": syscall.SIGTRAP, "ABRT": syscall.SIGABRT,
+	"BUS": syscall.SIGBUS, "FPE": syscall.SIGFPE, "KILL": syscall.SIGKILL,
+	"USR1": syscall.SIGUSR1, "SEGV": syscall.SIGSEGV, "USR2": syscall.SIGUSR2,
+	"PIPE": syscall.SIGPIPE, "ALRM": syscall.SIGALRM, "TERM": syscall.SIGTERM,
+}
+
+func cmdKill(text string) {
+	var sig syscall.Signal
+	if text != "" && text[0] >= '0' && text[0] <= '9' {
+		sig = syscall.Signal(parseInt(text))
+	} else if named, ok := signalNames[strings.TrimPrefix(text, "SIG")]; ok {
+		sig = named
+	} else {
+		failText("EINVAL")
+	}
+	// The Go runtime handles every signal itself and ignores some (SIGUSR1,
+	// SIGPIPE...) that kill a C program: restore the default action first so
+	// the signal does what it does to the C flavours.
+	if sig != syscall.SIGKILL {
+		var dfl [4]uint64 // struct sigaction: handler=SIG_DFL, flags, restorer, mask
+		syscall.RawSyscall6(syscall.SYS_RT_SIGACTION, uintptr(sig),
+			uintptr(unsafe.Pointer(&dfl)), 0, 8, 0, 0)
+	}
+	if err := syscall.Kill(os.Getpid(), sig); err != nil {
+		fail(err)
+	}
+	// A caught or ignored signal leaves us running.
+	time.Sleep(time.Second)
+	failText("ESRCH")
+}
+
+func cmdLoopGetpid(count int) {
+	start := time.Now()
+	for i := 0; i < count; i++ {
+		syscall.Getpid()
+	}
+	reportLoop("loop-getpid", count, time.Since(start))
+}
+
+func cmdLoopOpen(path string, count int) {
+	start := time.Now()
+	for i := 0; i < count; i++ {
+		fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			fail(err)
+		}
+		syscall.Close(fd)
+	}
+	reportLoop("loop-open", count, time.Since(start))
+}
+
+func reportLoop(name string, count int, elapsed time.Duration) {
+	perCall := int64(0)
+	if count > 0 {
+		perCall = elapsed.Nanoseconds() / int64(count)
+	}
+	fmt.Fprintf(os.Stderr, "%s: %d calls, %d ns/call\n", name, count, perCall)
+}
+
+func cmdForkExec(args []string) {
+	cmd := &exec.Cmd{Path: args[0], Args: args, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
+	err := cmd.Run()
+	if err != nil && cmd.ProcessState == nil {
+		fail(err) // the exec itself failed
+	}
+	status := cmd.ProcessState.Sys().(syscall.WaitStatus)
+	if status.Signaled() {
+		fmt.Printf("child signal %d\n", int(status.Signal()))
+		os.Exit(128 + int(status.Signal()))
+	}
+	fmt.Printf("child exit %d\n", status.ExitStatus())
+	os.Exit(status.ExitStatus())
+}
