@@ -7,7 +7,9 @@ package may import (the agent itself imports neither the tracer nor the CLI)::
     ├── AgentError                   mtrace.agent: the remote side
     │   ├── ProtocolError            a malformed, oversized or unexpected frame
     │   ├── AuthenticationError      wrong secret or protocol version
-    │   └── AgentUnavailable         the agent died or cannot be reached
+    │   ├── AgentUnavailable         the agent died or cannot be reached
+    │   └── RemoteError              an operation failed in the target's context
+    │                                (also an OSError: ``.errno`` is the real one)
     ├── TracerError                  mtrace.tracer (see mtrace.tracer.errors)
     │   ├── KernelFeatureMissing     the kernel lacks something a backend needs
     │   └── TraceeGone               the tracee exited while mtrace acted on it
@@ -46,3 +48,17 @@ class AuthenticationError(AgentError):
 
 class AgentUnavailable(AgentError):
     pass
+
+
+class RemoteError(AgentError, OSError):
+    """An operation failed on the remote side; ``errno`` is the target's real errno.
+
+    It is an ``OSError`` too, so ``except OSError`` and ``error.errno`` work
+    as they would for the same call made locally (but the subclass is always
+    RemoteError, never FileNotFoundError and friends: compare ``errno``).
+    """
+
+    def __init__(self, errno: int, message: str) -> None:
+        OSError.__init__(self, errno, message)
+        self.message = message
+        self.hint = None

@@ -1,0 +1,371 @@
+"""Outgoing TCP streams and UDP sockets, opened in the target's network namespace.
+
+One :class:`Outgoing` per client connection owns that client's streams and
+sockets and closes them all when the client goes away.
+
+A TCP stream is two pumps:
+
+* target -> client: read from the socket only while the client has granted
+  credit, send ``StreamData``; when the credit is spent the socket is not read,
+  so TCP itself pushes back on the remote peer;
+* client -> target: ``StreamData`` from the client is queued (never more than
+  the window the agent announced, else the stream is reset with EPROTO),
+  written to the socket, and credit is returned once the socket took it.
+
+Datagrams are not flow controlled: the receive loop waits for the client
+connection to drain, and the kernel drops what does not fit in the socket
+buffer meanwhile, as UDP may.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from .logs import event
+from .protocol import (
+    DEFAULT_WINDOW,
+    Datagram,
+    StreamCredit,
+    StreamData,
+    StreamEof,
+    StreamReset,
+    TcpConnect,
+    TcpConnected,
+    UdpOpen,
+    UdpOpened,
+    UdpSend,
+    _Message,
+)
+
+logger = logging.getLogger("mtrace.agent.net")
+
+#: Largest StreamData the agent sends (smaller than the frame limit on purpose:
+#: latency of other streams sharing the connection).
+STREAM_CHUNK = 256 * 1024
+MAX_DATAGRAM = 65535
+MAX_STREAMS = 4096
+MAX_UDP_SOCKETS = 1024
+
+Send = Callable[[_Message], Awaitable[None]]
+SendNowait = Callable[[_Message], None]
+ResolveHost = Callable[[str], Awaitable[str]]
+
+
+def _oserror(code: int, detail: str | None = None) -> OSError:
+    return OSError(code, detail or os.strerror(code))
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+class TcpStream:
+    """One outgoing TCP stream: the socket and its two pumps."""
+
+    def __init__(
+        self,
+        stream_id: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        send_window: int,
+        receive_window: int,
+        outgoing: Outgoing,
+    ) -> None:
+        self.id = stream_id
+        self._reader = reader
+        self._writer = writer
+        self._outgoing = outgoing
+        self._credit = send_window
+        self._credit_changed = asyncio.Event()
+        self._receive_window = receive_window
+        self._queued: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._unacknowledged = 0  # bytes received from the client, not yet in flight to it
+        self._inbound_changed = asyncio.Event()
+        self._shutdown_requested = False
+        self._done = False
+        self._to_client = asyncio.create_task(
+            self._pump_to_client(), name=f"stream-{stream_id}-out"
+        )
+        self._to_target = asyncio.create_task(self._pump_to_target(), name=f"stream-{stream_id}-in")
+
+    # --- events from the client ---
+
+    def on_data(self, data: bytes) -> None:
+        if self._shutdown_requested:
+            self._fail(errno.EPIPE, "data after shutdown")
+            return
+        if self._queued_bytes + self._unacknowledged + len(data) > self._receive_window:
+            self._fail(errno.EPROTO, "client sent beyond its credit")
+            return
+        self._queued.append(data)
+        self._queued_bytes += len(data)
+        self._inbound_changed.set()
+
+    def on_credit(self, size: int) -> None:
+        if size <= 0:
+            self._fail(errno.EPROTO, "non-positive credit")
+            return
+        self._credit += size
+        self._credit_changed.set()
+
+    def on_shutdown(self) -> None:
+        self._shutdown_requested = True
+        self._inbound_changed.set()
+
+    def close(self) -> None:
+        """Forget the stream: stop both pumps and close the socket."""
+        if self._done:
+            return
+        self._done = True
+        self._outgoing.forget_stream(self.id)
+        for task in (self._to_client, self._to_target):
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._writer.close()
+
+    # --- pumps ---
+
+    async def _pump_to_client(self) -> None:
+        try:
+            while True:
+                while self._credit <= 0:
+                    self._credit_changed.clear()
+                    await self._credit_changed.wait()
+                data = await self._reader.read(min(self._credit, STREAM_CHUNK))
+                if not data:
+                    self._outgoing.send_nowait(StreamEof(stream=self.id))
+                    return
+                self._credit -= len(data)
+                await self._outgoing.send(StreamData(stream=self.id, data=data))
+        except OSError as error:
+            self._fail(error.errno or errno.EIO, error.strerror or str(error))
+        finally:
+            self._maybe_finished()
+
+    async def _pump_to_target(self) -> None:
+        try:
+            while True:
+                while not self._queued and not self._shutdown_requested:
+                    self._inbound_changed.clear()
+                    await self._inbound_changed.wait()
+                if self._queued:
+                    data = self._queued.popleft()
+                    self._queued_bytes -= len(data)
+                    self._unacknowledged += len(data)
+                    self._writer.write(data)
+                    await self._writer.drain()
+                    self._unacknowledged -= len(data)
+                    self._outgoing.send_nowait(StreamCredit(stream=self.id, size=len(data)))
+                    continue
+                if self._writer.can_write_eof():
+                    self._writer.write_eof()
+                return
+        except OSError as error:
+            self._fail(error.errno or errno.EIO, error.strerror or str(error))
+        finally:
+            self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        # Called as a pump ends: once both have, nothing more can happen on the stream.
+        current = asyncio.current_task()
+        if all(task.done() for task in (self._to_client, self._to_target) if task is not current):
+            self.close()
+
+    def _fail(self, code: int, message: str) -> None:
+        if self._done:
+            return
+        event(logger, logging.INFO, "stream_reset", stream=self.id, errno=code, message=message)
+        self._outgoing.send_nowait(StreamReset(stream=self.id, errno=code, message=message))
+        with contextlib.suppress(Exception):
+            self._writer.transport.abort()
+        self.close()
+
+
+class UdpSocket:
+    def __init__(self, socket_id: int, sock: socket.socket, outgoing: Outgoing) -> None:
+        self.id = socket_id
+        self.sock = sock
+        self._outgoing = outgoing
+        self._receiver = asyncio.create_task(self._receive(), name=f"udp-{socket_id}")
+
+    async def send(self, host: str, port: int, data: bytes) -> int:
+        address = _ip(host)
+        if address is None:
+            raise _oserror(errno.EINVAL, f"not an IP address: {host!r}")
+        if self.sock.family == socket.AF_INET6 and address.version == 4:
+            host = f"::ffff:{address}"
+        elif self.sock.family == socket.AF_INET and address.version == 6:
+            raise _oserror(errno.EAFNOSUPPORT)
+        loop = asyncio.get_running_loop()
+        return await loop.sock_sendto(self.sock, data, (host, port))
+
+    async def _receive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, source = await loop.sock_recvfrom(self.sock, MAX_DATAGRAM)
+            except OSError as error:
+                # ICMP errors surface here on some kernels; they belong to one
+                # datagram, not to the socket.
+                event(logger, logging.DEBUG, "udp_receive_error", socket=self.id, errno=error.errno)
+                await asyncio.sleep(0)
+                continue
+            host = source[0]
+            if host.startswith("::ffff:") and "." in host:
+                host = host[len("::ffff:") :]
+            await self._outgoing.send(
+                Datagram(socket=self.id, host=host, port=source[1], data=data)
+            )
+
+    def close(self) -> None:
+        self._receiver.cancel()
+        self.sock.close()
+
+
+class Outgoing:
+    """A client's streams and sockets."""
+
+    def __init__(self, send: Send, send_nowait: SendNowait, resolve_host: ResolveHost) -> None:
+        self.send = send
+        self.send_nowait = send_nowait
+        self._resolve_host = resolve_host
+        self._streams: dict[int, TcpStream] = {}
+        self._connecting: set[int] = set()
+        self._udp: dict[int, UdpSocket] = {}
+        self._closed = False
+
+    async def connect(self, request: TcpConnect) -> TcpConnected:
+        if request.stream in self._streams or request.stream in self._connecting:
+            raise _oserror(errno.EEXIST, f"stream {request.stream} is already in use")
+        if len(self._streams) + len(self._connecting) >= MAX_STREAMS:
+            raise _oserror(errno.EMFILE, "too many streams on this connection")
+        if not 0 < request.port < 65536:
+            raise _oserror(errno.EINVAL, f"invalid port {request.port}")
+        if request.window <= 0:
+            raise _oserror(errno.EINVAL, "window must be positive")
+        self._connecting.add(request.stream)
+        try:
+            host = request.host
+            if _ip(host) is None:
+                host = await self._resolve_host(host)
+            address = _ip(host)
+            assert address is not None
+            sock = socket.socket(
+                socket.AF_INET if address.version == 4 else socket.AF_INET6, socket.SOCK_STREAM
+            )
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                loop = asyncio.get_running_loop()
+                try:
+                    async with asyncio.timeout(request.timeout if request.timeout > 0 else None):
+                        await loop.sock_connect(sock, (host, request.port))
+                except TimeoutError:
+                    raise _oserror(
+                        errno.ETIMEDOUT, f"{os.strerror(errno.ETIMEDOUT)} ({host}:{request.port})"
+                    ) from None
+                except OSError as error:
+                    # asyncio's message ("Connect call failed") hides the reason.
+                    code = error.errno or errno.EIO
+                    raise _oserror(code, f"{os.strerror(code)} ({host}:{request.port})") from None
+                reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_CHUNK)
+            except BaseException:
+                sock.close()
+                raise
+        finally:
+            self._connecting.discard(request.stream)
+        local = sock.getsockname()
+        peer = sock.getpeername()
+        if self._closed:
+            writer.close()
+            raise _oserror(errno.ECONNABORTED, "client went away")
+        self._streams[request.stream] = TcpStream(
+            request.stream,
+            reader,
+            writer,
+            send_window=request.window,
+            receive_window=DEFAULT_WINDOW,
+            outgoing=self,
+        )
+        event(
+            logger,
+            logging.DEBUG,
+            "stream_open",
+            stream=request.stream,
+            peer=f"{host}:{request.port}",
+        )
+        return TcpConnected(
+            stream=request.stream,
+            local_host=local[0],
+            local_port=local[1],
+            peer_host=peer[0],
+            peer_port=peer[1],
+            window=DEFAULT_WINDOW,
+        )
+
+    def stream(self, stream_id: int) -> TcpStream | None:
+        return self._streams.get(stream_id)
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    async def udp_open(self, request: UdpOpen) -> UdpOpened:
+        if request.socket in self._udp:
+            raise _oserror(errno.EEXIST, f"socket {request.socket} is already in use")
+        if len(self._udp) >= MAX_UDP_SOCKETS:
+            raise _oserror(errno.EMFILE, "too many UDP sockets on this connection")
+        if request.family not in (socket.AF_INET, socket.AF_INET6):
+            raise _oserror(errno.EAFNOSUPPORT)
+        sock = socket.socket(request.family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if request.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            default_host = "0.0.0.0" if request.family == socket.AF_INET else "::"
+            sock.bind((request.bind_host or default_host, request.bind_port))
+            local = sock.getsockname()
+        except BaseException:
+            sock.close()
+            raise
+        if self._closed:
+            sock.close()
+            raise _oserror(errno.ECONNABORTED, "client went away")
+        self._udp[request.socket] = UdpSocket(request.socket, sock, self)
+        return UdpOpened(socket=request.socket, local_host=local[0], local_port=local[1])
+
+    async def udp_send(self, request: UdpSend) -> int:
+        udp = self._udp.get(request.socket)
+        if udp is None:
+            raise _oserror(errno.EBADF, f"no UDP socket {request.socket}")
+        return await udp.send(request.host, request.port, request.data)
+
+    def udp_close(self, socket_id: int) -> None:
+        udp = self._udp.pop(socket_id, None)
+        if udp is None:
+            raise _oserror(errno.EBADF, f"no UDP socket {socket_id}")
+        udp.close()
+
+    def close_all(self) -> None:
+        self._closed = True
+        for stream in list(self._streams.values()):
+            stream.close()
+        for udp in list(self._udp.values()):
+            udp.close()
+        self._udp.clear()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._streams) + len(self._udp)

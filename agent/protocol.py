@@ -1,0 +1,565 @@
+"""The wire protocol between the supervisor (client) and ``mtrace agent``.
+
+Every message is a ``msgspec.Struct`` with an explicit tag, encoded as msgpack
+arrays (``array_like``: ``[tag, field, field, ...]``), one union per direction
+(:data:`ToAgent`, :data:`FromAgent`). A frame is a 4-byte big-endian length
+followed by one message; a frame longer than the limit is a protocol violation.
+
+Conversation::
+
+    agent  -> client   AgentHello   version range, capabilities, nonce
+    client -> agent    ClientHello  version, capabilities, nonce, proof
+    agent  -> client   Welcome      negotiated version, proof   (or Goodbye)
+    ...then, in any order and interleaved:
+    client -> agent    Request(id, operation)     -> Response(id, result | Error)
+    either way         StreamData / StreamCredit / StreamShutdown ...   (no reply)
+    agent  -> client   Datagram, StreamEof, StreamReset, Goodbye        (events)
+
+Authentication is an HMAC-SHA256 challenge/response over both nonces with the
+shared secret, so the secret never crosses the wire and each side proves it
+knows it (:func:`client_proof`, :func:`agent_proof`).
+
+Errors are values: a failed operation answers ``Response(id, Error(errno,
+message))`` with the real errno of the failure in the target's context.
+
+Flow control: every TCP stream has a window per direction. The receiver
+announces its initial window when the stream opens (``TcpConnect.window``: what
+the agent may send to the client; ``TcpConnected.window``: what the client may
+send to the agent); a sender never has more unacknowledged ``StreamData`` bytes
+in flight than it has credit, and the receiver returns credit
+(``StreamCredit``) only once the bytes have been consumed (read by the
+application, or written to the target's socket). Sending beyond the credit is a
+protocol violation. Datagrams have no flow control; like UDP, they may be
+dropped when a side is overwhelmed.
+
+Compatibility rules (read before changing anything here):
+
+1. New fields go at the END of a struct and always have a default: an older
+   peer's shorter array then decodes with the default, and an older peer
+   decoding a newer, longer array ignores the trailing fields it does not know
+   (``forbid_unknown_fields`` stays off). Never remove or reorder a field.
+2. A tag never changes meaning and is never reused, even after its message is
+   retired. Field types never change; add a new field instead.
+3. New message types are announced as a capability in the hellos; a peer only
+   sends a message the other side announced.
+4. Bump :data:`PROTOCOL_VERSION` when adding fields or message types; raise
+   :data:`MIN_PROTOCOL_VERSION` only when dropping support for old peers. The
+   agent accepts any client version in ``[MIN_PROTOCOL_VERSION,
+   PROTOCOL_VERSION]`` and both sides speak the lower of the two.
+5. The golden-bytes tests (``tests/unit/test_protocol_golden.py``) pin the
+   encoding of every message; if one fails, the wire changed: follow the rules
+   above and add a new golden, never edit an old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Final
+
+import msgspec
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION: Final = 1
+MIN_PROTOCOL_VERSION: Final = 1
+
+#: Largest frame either side accepts after the handshake (length prefix excluded).
+MAX_FRAME_SIZE: Final = 8 * 1024 * 1024
+#: Largest frame accepted before the peer is authenticated.
+MAX_HANDSHAKE_FRAME_SIZE: Final = 4096
+#: Largest payload in one StreamData, Read reply or Write request.
+MAX_CHUNK_SIZE: Final = 1024 * 1024
+#: ReadFile answers EFBIG for files larger than this; use Open/Read instead.
+MAX_WHOLE_FILE_SIZE: Final = 4 * 1024 * 1024
+#: Default per-direction stream window.
+DEFAULT_WINDOW: Final = 1024 * 1024
+
+NONCE_SIZE: Final = 32
+LENGTH_PREFIX: Final = 4
+
+# Capabilities announced in the hellos.
+CAP_FILES: Final = "files"
+CAP_FILES_WRITE: Final = "files-write"
+CAP_ENV: Final = "env"
+CAP_TCP: Final = "tcp"
+CAP_UDP: Final = "udp"
+CAP_DNS: Final = "dns"
+
+
+class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
+    """Base of every message: encoded as ``[tag, fields...]``.
+
+    (``tag_field`` only names the tag for map encodings, which are not used; it
+    is set so that a field may be called ``type``.)
+    """
+
+
+# --- handshake -----------------------------------------------------------------
+
+
+class AgentHello(_Message, tag="agent-hello"):
+    """The agent's first frame: what it speaks and the challenge to answer."""
+
+    version: int
+    min_version: int
+    capabilities: list[str]
+    nonce: bytes
+    target_pid: int | None = None
+
+
+class ClientHello(_Message, tag="client-hello"):
+    """The client's first frame: its version and the answer to the challenge."""
+
+    version: int
+    capabilities: list[str]
+    nonce: bytes
+    proof: bytes
+
+
+class Welcome(_Message, tag="welcome"):
+    """The handshake succeeded; ``proof`` shows the agent knows the secret too."""
+
+    version: int
+    proof: bytes
+
+
+class Goodbye(_Message, tag="goodbye"):
+    """The agent is closing this connection (``code``: one of ``GOODBYE_*``)."""
+
+    code: str
+    message: str
+
+
+GOODBYE_VERSION: Final = "version"
+GOODBYE_AUTHENTICATION: Final = "authentication"
+GOODBYE_PROTOCOL: Final = "protocol"
+GOODBYE_SHUTDOWN: Final = "shutdown"
+
+
+# --- operations (the body of a Request) ------------------------------------------
+# Paths are bytes (Linux paths need not be UTF-8) and resolve under the target's
+# root; a relative path is relative to that root.
+
+
+class Ping(_Message, tag="ping"):
+    data: bytes = b""
+
+
+class Stat(_Message, tag="stat"):
+    path: bytes
+    follow_symlinks: bool = True
+
+
+class Access(_Message, tag="access"):
+    path: bytes
+    mode: int  # os.F_OK or a mask of os.R_OK / W_OK / X_OK
+
+
+class ReadFile(_Message, tag="read-file"):
+    """A whole file (at most ``limit`` bytes, else EFBIG) and its stat, one round trip."""
+
+    path: bytes
+    limit: int = MAX_WHOLE_FILE_SIZE
+
+
+class Open(_Message, tag="open"):
+    path: bytes
+    flags: int = 0  # os.O_* (access mode, O_CREAT, O_EXCL, O_TRUNC, O_APPEND, ...)
+    mode: int = 0o666
+
+
+class Read(_Message, tag="read"):
+    handle: int
+    size: int
+    offset: int | None = None  # None: from the current position
+
+
+class Close(_Message, tag="close"):
+    handle: int
+
+
+class ReadDir(_Message, tag="readdir"):
+    path: bytes
+
+
+class ReadLink(_Message, tag="readlink"):
+    path: bytes
+
+
+class GetEnviron(_Message, tag="environ"):
+    pass
+
+
+class Resolve(_Message, tag="resolve"):
+    """Name resolution as the target does it (its hosts file, then its DNS)."""
+
+    name: str
+    family: int = 0  # socket.AF_INET, AF_INET6 or AF_UNSPEC (both)
+
+
+class TcpConnect(_Message, tag="tcp-connect"):
+    """Open a TCP stream from the target's network namespace.
+
+    ``stream`` is chosen by the client (unique per connection, never reused);
+    ``window`` is how many bytes the agent may send before the client grants more.
+    """
+
+    stream: int
+    host: str
+    port: int
+    timeout: float = 30.0
+    window: int = DEFAULT_WINDOW
+
+
+class UdpOpen(_Message, tag="udp-open"):
+    """Open a UDP socket in the target's network namespace (``socket`` chosen by the client)."""
+
+    socket: int
+    family: int  # socket.AF_INET or AF_INET6
+    bind_host: str | None = None
+    bind_port: int = 0
+
+
+class UdpSend(_Message, tag="udp-send"):
+    socket: int
+    host: str
+    port: int
+    data: bytes
+
+
+class UdpClose(_Message, tag="udp-close"):
+    socket: int
+
+
+class Write(_Message, tag="write"):
+    handle: int
+    data: bytes
+    offset: int | None = None
+
+
+class Truncate(_Message, tag="truncate"):
+    path: bytes
+    length: int
+
+
+class MakeDir(_Message, tag="mkdir"):
+    path: bytes
+    mode: int = 0o777
+
+
+class Unlink(_Message, tag="unlink"):
+    path: bytes
+    directory: bool = False  # rmdir instead of unlink
+
+
+class Rename(_Message, tag="rename"):
+    source: bytes
+    destination: bytes
+
+
+Operation = (
+    Ping
+    | Stat
+    | Access
+    | ReadFile
+    | Open
+    | Read
+    | Close
+    | ReadDir
+    | ReadLink
+    | GetEnviron
+    | Resolve
+    | TcpConnect
+    | UdpOpen
+    | UdpSend
+    | UdpClose
+    | Write
+    | Truncate
+    | MakeDir
+    | Unlink
+    | Rename
+)
+
+#: Operations that change the target's files: refused with EROFS unless the
+#: agent runs with --write.
+WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename)
+
+
+# --- results (the body of a Response) ---------------------------------------------
+
+
+class Error(_Message, tag="error"):
+    """A failed operation: ``errno`` is the real error in the target's context."""
+
+    errno: int
+    message: str
+
+
+class Done(_Message, tag="done"):
+    """Success with nothing to return."""
+
+
+class Pong(_Message, tag="pong"):
+    data: bytes = b""
+
+
+class FileStat(_Message, tag="file-stat"):
+    mode: int
+    ino: int
+    dev: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    blksize: int
+    blocks: int
+    rdev: int
+
+
+class FileContents(_Message, tag="file-contents"):
+    stat: FileStat
+    data: bytes
+
+
+class Opened(_Message, tag="opened"):
+    handle: int
+    stat: FileStat
+
+
+class Data(_Message, tag="data"):
+    data: bytes
+    eof: bool  # fewer bytes than asked for: nothing more to read now
+
+
+class DirEntry(_Message, tag="dirent"):
+    name: bytes
+    type: int  # a DT_* value, as getdents64 reports it
+    ino: int
+
+
+class DirEntries(_Message, tag="dirents"):
+    entries: list[DirEntry]
+
+
+class LinkTarget(_Message, tag="link-target"):
+    target: bytes
+
+
+class Environ(_Message, tag="environ-vars"):
+    """The target's environment, in order, as raw ``(name, value)`` pairs."""
+
+    variables: list[tuple[bytes, bytes]]
+
+
+class Addresses(_Message, tag="addresses"):
+    addresses: list[str]  # IP literals, IPv4 first when both were asked for
+    canonical_name: str
+
+
+class TcpConnected(_Message, tag="tcp-connected"):
+    """The stream is open; ``window`` is what the client may send before more credit."""
+
+    stream: int
+    local_host: str
+    local_port: int
+    peer_host: str
+    peer_port: int
+    window: int
+
+
+class UdpOpened(_Message, tag="udp-opened"):
+    socket: int
+    local_host: str
+    local_port: int
+
+
+class Sent(_Message, tag="sent"):
+    size: int
+
+
+Result = (
+    Error
+    | Done
+    | Pong
+    | FileStat
+    | FileContents
+    | Opened
+    | Data
+    | DirEntries
+    | LinkTarget
+    | Environ
+    | Addresses
+    | TcpConnected
+    | UdpOpened
+    | Sent
+)
+
+
+# --- envelopes and stream events ----------------------------------------------------
+
+
+class Request(_Message, tag="req"):
+    id: int
+    operation: Operation
+
+
+class Response(_Message, tag="res"):
+    id: int
+    result: Result
+
+
+class StreamData(_Message, tag="stream-data"):
+    """Bytes on a TCP stream, either way; counts against the receiver's window."""
+
+    stream: int
+    data: bytes
+
+
+class StreamCredit(_Message, tag="stream-credit"):
+    """The receiver consumed ``size`` more bytes: the sender may send that many more."""
+
+    stream: int
+    size: int
+
+
+class StreamShutdown(_Message, tag="stream-shutdown"):
+    """Client -> agent: no more data from the client (shutdown(SHUT_WR) on the target socket)."""
+
+    stream: int
+
+
+class StreamClose(_Message, tag="stream-close"):
+    """Client -> agent: forget the stream and close its socket."""
+
+    stream: int
+
+
+class StreamEof(_Message, tag="stream-eof"):
+    """Agent -> client: the remote peer will send nothing more."""
+
+    stream: int
+
+
+class StreamReset(_Message, tag="stream-reset"):
+    """Agent -> client: the stream failed (errno, e.g. ECONNRESET) and is gone."""
+
+    stream: int
+    errno: int
+    message: str
+
+
+class Datagram(_Message, tag="datagram"):
+    """Agent -> client: a datagram received on a UDP socket, with its source."""
+
+    socket: int
+    host: str
+    port: int
+    data: bytes
+
+
+ToAgent = ClientHello | Request | StreamData | StreamCredit | StreamShutdown | StreamClose
+FromAgent = (
+    AgentHello
+    | Welcome
+    | Goodbye
+    | Response
+    | StreamData
+    | StreamCredit
+    | StreamEof
+    | StreamReset
+    | Datagram
+)
+
+
+# --- authentication -----------------------------------------------------------------
+
+
+def client_proof(secret: bytes, agent_nonce: bytes, client_nonce: bytes) -> bytes:
+    """What the client sends to prove it knows the secret."""
+    return hmac.new(
+        secret, b"mtrace-client\0" + agent_nonce + client_nonce, hashlib.sha256
+    ).digest()
+
+
+def agent_proof(secret: bytes, agent_nonce: bytes, client_nonce: bytes) -> bytes:
+    """What the agent sends back to prove it knows the secret too."""
+    return hmac.new(secret, b"mtrace-agent\0" + client_nonce + agent_nonce, hashlib.sha256).digest()
+
+
+def proofs_match(expected: bytes, received: bytes) -> bool:
+    return hmac.compare_digest(expected, received)
+
+
+# --- framing --------------------------------------------------------------------------
+
+
+class FrameEncoder:
+    """Encodes messages as length-prefixed frames (one encoder, reused)."""
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self.max_frame_size = max_frame_size
+
+    def encode(self, message: msgspec.Struct) -> bytearray:
+        # A fresh buffer per frame: transports may keep a reference to what they
+        # were given until it is sent.
+        frame = bytearray(LENGTH_PREFIX)
+        self._encoder.encode_into(message, frame, LENGTH_PREFIX)
+        size = len(frame) - LENGTH_PREFIX
+        if size > self.max_frame_size:
+            raise ProtocolError(
+                f"refusing to send a {size}-byte frame (maximum {self.max_frame_size})"
+            )
+        frame[:LENGTH_PREFIX] = size.to_bytes(LENGTH_PREFIX, "big")
+        return frame
+
+
+def frame_length(prefix: bytes, max_frame_size: int) -> int:
+    """The body length announced by a 4-byte prefix, checked against the limit."""
+    size = int.from_bytes(prefix, "big")
+    if size > max_frame_size:
+        raise ProtocolError(f"frame of {size} bytes exceeds the maximum of {max_frame_size}")
+    return size
+
+
+to_agent_decoder: Final = msgspec.msgpack.Decoder(ToAgent)
+from_agent_decoder: Final = msgspec.msgpack.Decoder(FromAgent)
+
+
+def decode_to_agent(body: bytes | memoryview) -> ToAgent:
+    try:
+        return to_agent_decoder.decode(body)
+    except msgspec.DecodeError as error:
+        raise ProtocolError(f"malformed frame: {error}") from None
+
+
+def decode_from_agent(body: bytes | memoryview) -> FromAgent:
+    try:
+        return from_agent_decoder.decode(body)
+    except msgspec.DecodeError as error:
+        raise ProtocolError(f"malformed frame: {error}") from None
+
+
+def salvage_request(body: bytes | memoryview) -> tuple[int, object] | None:
+    """``(request id, operation tag)`` of a frame that failed to decode, if it is a Request.
+
+    Lets the agent answer an unknown operation (from a newer client) or a
+    malformed one with an error for that request, instead of dropping the
+    whole connection.
+    """
+    try:
+        raw = msgspec.msgpack.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not (isinstance(raw, list) and len(raw) >= 2 and raw[0] == "req"):
+        return None
+    request_id = raw[1]
+    if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
+        return None
+    operation = raw[2] if len(raw) > 2 else None
+    tag = operation[0] if isinstance(operation, list) and operation else None
+    return request_id, tag

@@ -1,0 +1,229 @@
+"""``mtrace agent``: command line, transports and lifecycle.
+
+``main(argv)`` is the entry point for both ``python -m mtrace.agent`` and the
+CLI's ``mtrace agent`` subcommand. Startup order matters:
+
+1. parse options, read the secret (``--secret`` or ``MTRACE_AGENT_SECRET``,
+   which is then removed from the agent's environment);
+2. with ``--listen``, bind the listening socket in the agent's own network
+   namespace, so clients on this side can reach it;
+3. with ``--target-pid``, move into the target's network namespace (before any
+   thread exists: ``setns`` only moves the calling thread, and later threads
+   inherit from it);
+4. serve until SIGTERM/SIGINT (``--listen``) or until the one client goes away
+   (``--stdio``: frames on stdin/stdout, logs on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+
+from . import logs
+from .errors import AgentError
+from .files import FileService, make_resolver
+from .protocol import (
+    CAP_DNS,
+    CAP_ENV,
+    CAP_FILES,
+    CAP_FILES_WRITE,
+    CAP_TCP,
+    CAP_UDP,
+    GOODBYE_SHUTDOWN,
+)
+from .session import AgentContext, Session
+from .target import SECRET_VARIABLE, Target
+
+logger = logs.logging.getLogger("mtrace.agent.server")
+
+READ_LIMIT = 1 << 20  # StreamReader buffer on the client connection
+SHUTDOWN_GRACE = 5.0
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, separator, port = text.rpartition(":")
+    if not separator or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtrace agent",
+        description="The remote side of mtrace: serves a target's files, environment, "
+        "network and DNS to an mtrace supervisor.",
+    )
+    parser.add_argument(
+        "--target-pid",
+        type=int,
+        metavar="PID",
+        help="serve this process's context: its network namespace, root (/proc/PID/root) "
+        "and environment; without it the agent serves its own context (targetless)",
+    )
+    transport = parser.add_mutually_exclusive_group(required=True)
+    transport.add_argument(
+        "--listen",
+        type=parse_address,
+        metavar="HOST:PORT",
+        help="accept clients on TCP (port 0: any free port); prints 'LISTENING host:port'",
+    )
+    transport.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve one client over stdin/stdout (logs go to stderr) and exit when it leaves",
+    )
+    parser.add_argument(
+        "--secret",
+        help=f"shared secret clients must prove (prefer the {SECRET_VARIABLE} environment "
+        "variable: command lines are visible to every user)",
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="allow write, truncate, mkdir, unlink and rename"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="-v: connections, -vv: every request"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.verbose)
+    try:
+        return _run(args)
+    except AgentError as error:
+        print(f"mtrace agent: error: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        return error.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get(SECRET_VARIABLE, "")
+    # Nothing the agent starts, and no environ() answer, should carry the secret.
+    os.environ.pop(SECRET_VARIABLE, None)
+    if not secret:
+        raise AgentError(
+            "no shared secret",
+            hint=f"pass --secret or set {SECRET_VARIABLE}; clients must present the same one",
+        )
+    target = Target(args.target_pid)
+    listener = _bind(*args.listen) if args.listen else None
+    target.enter_network()
+    try:
+        resolver = make_resolver(target.root)
+    except OSError as error:
+        raise AgentError(
+            f"cannot open the root of {target.describe()}: {error.strerror}",
+            hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
+        ) from error
+    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS]
+    if args.write:
+        capabilities.append(CAP_FILES_WRITE)
+    context = AgentContext(
+        secret=secret.encode(),
+        target=target,
+        files=FileService(resolver, writable=args.write),
+        capabilities=capabilities,
+    )
+    logs.event(
+        logger,
+        logs.logging.INFO,
+        "agent_started",
+        target=target.describe(),
+        resolver=resolver.name,
+        write=args.write,
+        transport="stdio" if args.stdio else "tcp",
+    )
+    try:
+        if listener is not None:
+            asyncio.run(_serve_tcp(context, listener))
+        else:
+            asyncio.run(_serve_stdio(context))
+    finally:
+        context.executor.shutdown(wait=False, cancel_futures=True)
+        resolver.close()
+    logs.event(logger, logs.logging.INFO, "agent_stopped")
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as error:
+        raise AgentError(
+            f"cannot listen on {host}:{port}: {error.strerror}",
+            hint="choose another port, or port 0 for any free one",
+        ) from error
+
+
+def _install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+
+async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
+    stop = asyncio.Event()
+    _install_stop_signals(stop)
+    sessions: set[Session] = set()
+    runs: set[asyncio.Task[None]] = set()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
+        sessions.add(session)
+        task = asyncio.current_task()
+        if task is not None:
+            runs.add(task)
+        try:
+            await session.run()
+        finally:
+            sessions.discard(session)
+            if task is not None:
+                runs.discard(task)
+
+    server = await asyncio.start_server(on_client, sock=listener, limit=READ_LIMIT)
+    host, port = listener.getsockname()[:2]
+    print(f"LISTENING {host}:{port}", flush=True)
+    await stop.wait()
+    logs.event(logger, logs.logging.INFO, "shutting_down", clients=len(sessions))
+    server.close()
+    for session in list(sessions):
+        session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")
+    if runs:
+        await asyncio.wait(list(runs), timeout=SHUTDOWN_GRACE)
+
+
+async def _serve_stdio(context: AgentContext) -> None:
+    # Frames own the real stdout; anything else printed goes to stderr.
+    frames_in = os.dup(0)
+    frames_out = os.dup(1)
+    os.dup2(2, 1)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_LIMIT)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(frames_in, "rb", buffering=0)
+    )
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+        os.fdopen(frames_out, "wb", buffering=0),
+    )
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    session = Session(context, reader, writer, "stdio")
+    stop = asyncio.Event()
+    _install_stop_signals(stop)
+    run = asyncio.create_task(session.run())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([run, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set() and not run.done():
+        session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run, SHUTDOWN_GRACE)
+    stopping.cancel()

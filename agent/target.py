@@ -1,0 +1,83 @@
+"""The process whose context the agent serves: its root, environment and network.
+
+A targetless agent serves its own context (root ``/``, its own environment and
+network namespace). With a target pid, files resolve under ``/proc/PID/root``
+(so the agent sees the target's mounts without joining its mount namespace),
+the environment is ``/proc/PID/environ``, and the whole agent process moves
+into the target's network namespace at startup (:meth:`Target.enter_network`),
+before any thread exists, so every socket it opens later lives there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from .errors import AgentError
+
+CLONE_NEWNET = 0x40000000
+SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
+
+
+class Target:
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.root = f"/proc/{pid}/root" if pid is not None else "/"
+        if pid is not None and not os.path.exists(f"/proc/{pid}"):
+            raise AgentError(
+                f"target process {pid} does not exist",
+                hint="check the pid (ps -p PID) and that the agent sees the host's /proc",
+            )
+
+    def describe(self) -> str:
+        return f"pid/{self.pid}" if self.pid is not None else "targetless"
+
+    def environ(self) -> list[tuple[bytes, bytes]]:
+        """The target's environment as raw ``(name, value)`` pairs, in order."""
+        if self.pid is None:
+            return [
+                (name, value)
+                for name, value in os.environb.items()
+                if name != SECRET_VARIABLE.encode()
+            ]
+        with open(f"/proc/{self.pid}/environ", "rb") as file:
+            raw = file.read()
+        variables = []
+        for entry in raw.split(b"\0"):
+            if entry:
+                name, _, value = entry.partition(b"=")
+                variables.append((name, value))
+        return variables
+
+    def enter_network(self) -> None:
+        """Move this process into the target's network namespace (call before threads exist)."""
+        if self.pid is None:
+            return
+        path = f"/proc/{self.pid}/ns/net"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise AgentError(
+                f"cannot open {path}: {error.strerror}",
+                hint="the agent needs root (CAP_SYS_ADMIN, CAP_SYS_PTRACE) to enter a namespace",
+            ) from error
+        try:
+            _setns(fd, CLONE_NEWNET)
+        except OSError as error:
+            raise AgentError(
+                f"cannot enter the network namespace of pid {self.pid}: {error.strerror}",
+                hint="the agent needs CAP_SYS_ADMIN to join another network namespace",
+            ) from error
+        finally:
+            os.close(fd)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    setns = getattr(os, "setns", None)  # Python 3.12+
+    if setns is not None:
+        setns(fd, nstype)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, nstype) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
