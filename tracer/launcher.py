@@ -2,13 +2,13 @@
 
 The helper (``tracer/helper/exec_helper.c``) forks a watchdog and the tracee;
 both talk to the supervisor over one SOCK_SEQPACKET pair, one fixed-size
-message each: the tracee's pid, the listener fd (SCM_RIGHTS), errors with the
-stage they happened at, and finally the tracee's wait status.
+message each: the tracee's pid, the listener's fd number in the tracee (the
+supervisor takes it with pidfd_getfd and answers GO), errors with the stage
+they happened at, and finally the tracee's wait status.
 """
 
 from __future__ import annotations
 
-import array
 import enum
 import errno
 import os
@@ -22,8 +22,9 @@ from importlib import resources
 from pathlib import Path
 
 from mtrace.tracer.errors import KernelFeatureMissing, TracerError
+from mtrace.tracer.seccomp import take_tracee_fd
 
-_MESSAGE = struct.Struct("=iiq")
+_MESSAGE = struct.Struct("=iiqii")
 
 
 class Kind(enum.IntEnum):
@@ -50,6 +51,8 @@ class ControlMessage:
     kind: Kind
     stage: Stage
     value: int
+    sender: int
+    # LISTENER: the listener, already duplicated into the supervisor.
     fd: int | None = None
 
 
@@ -122,24 +125,31 @@ class Launch:
             ready, _, _ = select.select([self.control], [], [], timeout)
             if not ready:
                 return None
-        fds = array.array("i")
         try:
-            data, ancillary, _flags, _addr = self.control.recvmsg(
-                _MESSAGE.size, socket.CMSG_SPACE(fds.itemsize)
-            )
+            data = self.control.recv(_MESSAGE.size)
         except (ConnectionResetError, BrokenPipeError):
             return None
         if len(data) != _MESSAGE.size:
             return None
+        kind, stage, value, sender, tracee_fd = _MESSAGE.unpack(data)
         received_fd = None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-                received_fd = fds[0] if fds else None
-        kind, stage, value = _MESSAGE.unpack(data)
-        message = ControlMessage(Kind(kind), Stage(stage), value, received_fd)
+        if kind == Kind.LISTENER:
+            received_fd = self._take_listener(sender, tracee_fd)
+        message = ControlMessage(Kind(kind), Stage(stage), value, sender, received_fd)
         self._note(message)
         return message
+
+    def _take_listener(self, tracee: int, tracee_fd: int) -> int:
+        """Duplicate the tracee's listener into the supervisor, then let it exec."""
+        try:
+            listener = take_tracee_fd(tracee, tracee_fd)
+        except OSError as exc:
+            raise KernelFeatureMissing(
+                f"cannot take the seccomp listener from the tracee: {exc.strerror}",
+                hint="pidfd_getfd needs Linux 5.6+ and ptrace permission; see `mtrace doctor`",
+            ) from exc
+        self.send_go()
+        return listener
 
     def _note(self, message: ControlMessage) -> None:
         if message.kind is Kind.TRACEE_PID:
@@ -150,7 +160,7 @@ class Launch:
             self.exec_error = message.value
 
     def send_go(self) -> None:
-        self.control.send(_MESSAGE.pack(Kind.GO, Stage.NONE, 0))
+        self.control.send(_MESSAGE.pack(Kind.GO, Stage.NONE, 0, os.getpid(), -1))
 
     def wait_for(self, wanted: Kind, timeout: float = 10.0) -> ControlMessage:
         """Read control messages until one of kind ``wanted``; a setup error raises."""

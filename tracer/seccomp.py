@@ -49,7 +49,6 @@ NOTIF_RESP = struct.Struct("=QqiI")
 # struct seccomp_notif_addfd { u64 id; u32 flags; u32 srcfd; u32 newfd; u32 newfd_flags; }
 NOTIF_ADDFD_STRUCT = struct.Struct("=QIIII")
 _ID = struct.Struct("=Q")
-_FLAGS = struct.Struct("=Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +122,8 @@ class Listener:
     def set_sync_wake_up(self) -> bool:
         """Ask the kernel to wake the tracee on the supervisor's CPU (5.19+)."""
         try:
-            fcntl.ioctl(self.fd, NOTIF_SET_FLAGS, _FLAGS.pack(USER_NOTIF_FD_SYNC_WAKE_UP))
+            # The flags travel in the argument itself, not behind a pointer.
+            fcntl.ioctl(self.fd, NOTIF_SET_FLAGS, USER_NOTIF_FD_SYNC_WAKE_UP)
         except OSError:
             return False
         return True

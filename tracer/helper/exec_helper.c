@@ -15,8 +15,8 @@
  *
  *   tracee: sets no_new_privs, installs the BPF filter (USER_NOTIF or TRACE for
  *       the trapped syscalls, ENOSYS for the ones libc must fall back from),
- *       hands the listener fd to the supervisor over the control socket
- *       (SCM_RIGHTS), and execs CMD. In trace mode it first waits until the
+ *       tells the supervisor the listener's fd number (the supervisor takes
+ *       it with pidfd_getfd and acknowledges), and execs CMD. In trace mode it first waits until the
  *       supervisor has attached with ptrace.
  *
  * The control socket is a SOCK_SEQPACKET pair; every message is one struct
@@ -38,7 +38,6 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -67,11 +66,11 @@
 
 enum ctl_kind {
     CTL_TRACEE_PID = 1,   /* watchdog -> supervisor: value = tracee pid */
-    CTL_LISTENER = 2,     /* tracee -> supervisor: fd attached, value = filter flags */
+    CTL_LISTENER = 2,     /* tracee -> supervisor: listener fd number, value = filter flags */
     CTL_ERROR = 3,        /* tracee -> supervisor: value = errno, stage says where */
     CTL_EXIT = 4,         /* watchdog -> supervisor: value = raw wait status */
     CTL_READY = 5,        /* tracee -> supervisor (trace mode): filter installed, about to exec */
-    CTL_GO = 6,           /* supervisor -> tracee (trace mode): attached, go on */
+    CTL_GO = 6,           /* supervisor -> tracee: attached (trace) or listener taken (notify) */
 };
 
 enum ctl_stage {
@@ -88,6 +87,8 @@ struct ctl_message {
     int32_t kind;
     int32_t stage;
     int64_t value;
+    int32_t pid;   /* the sender */
+    int32_t fd;    /* CTL_LISTENER: the listener's number in the tracee, else -1 */
 };
 
 #define MAX_NRS 512
@@ -102,30 +103,34 @@ static void die_usage(const char *why)
     exit(125);
 }
 
-static int send_message(int kind, int stage, int64_t value, int fd_to_pass)
+/*
+ * Messages go out with write(2), never sendmsg(2): once the filter is
+ * installed the tracee's own sendmsg is trapped, and the supervisor cannot
+ * answer it before it holds the listener. For the same reason the listener fd
+ * is not passed with SCM_RIGHTS: the tracee announces its number and waits;
+ * the supervisor takes it with pidfd_getfd and acknowledges.
+ */
+static int send_message(int kind, int stage, int64_t value, int fd)
 {
-    struct ctl_message msg = {.kind = kind, .stage = stage, .value = value};
-    struct iovec iov = {.iov_base = &msg, .iov_len = sizeof msg};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
-    struct msghdr hdr = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (fd_to_pass >= 0) {
-        memset(&control, 0, sizeof control);
-        hdr.msg_control = control.buf;
-        hdr.msg_controllen = sizeof control.buf;
-        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&hdr);
-        cmsg->cmsg_level = SOL_SOCKET;
-        cmsg->cmsg_type = SCM_RIGHTS;
-        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cmsg), &fd_to_pass, sizeof(int));
-    }
+    struct ctl_message msg = {.kind = kind, .stage = stage, .value = value,
+                              .pid = (int32_t)getpid(), .fd = fd};
     ssize_t n;
     do {
-        n = sendmsg(ctl_fd, &hdr, MSG_NOSIGNAL);
+        n = write(ctl_fd, &msg, sizeof msg);
     } while (n < 0 && errno == EINTR);
     return n == (ssize_t)sizeof msg ? 0 : -1;
+}
+
+static int receive_message(int wanted)
+{
+    struct ctl_message msg;
+    ssize_t n;
+    do {
+        n = read(ctl_fd, &msg, sizeof msg);
+    } while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof msg)
+        return n < 0 ? errno : EPIPE;
+    return msg.kind == wanted ? 0 : EPROTO;
 }
 
 static int parse_nrs(const char *text, unsigned *out, int max)
@@ -243,7 +248,7 @@ static int install_filter(const unsigned *trap, int ntrap, const unsigned *enosy
 }
 
 /* Dispositions the watchdog changes; the tracee puts the inherited ones back. */
-static const int watchdog_ignored[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP};
+static const int watchdog_ignored[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGPIPE};
 static struct sigaction inherited[sizeof watchdog_ignored / sizeof watchdog_ignored[0]];
 
 static void restore_tracee_signals(void)
@@ -261,13 +266,9 @@ static void restore_tracee_signals(void)
 
 static void wait_for_go(void)
 {
-    struct ctl_message msg;
-    ssize_t n;
-    do {
-        n = recv(ctl_fd, &msg, sizeof msg, 0);
-    } while (n < 0 && errno == EINTR);
-    if (n != (ssize_t)sizeof msg || msg.kind != CTL_GO) {
-        send_message(CTL_ERROR, STAGE_WAIT_GO, n < 0 ? errno : EPIPE, -1);
+    int err = receive_message(CTL_GO);
+    if (err) {
+        send_message(CTL_ERROR, STAGE_WAIT_GO, err, -1);
         _exit(125);
     }
 }
@@ -297,10 +298,11 @@ static void run_tracee(char **argv, const unsigned *trap, int ntrap, const unsig
     if (trace_mode) {
         send_message(CTL_READY, STAGE_NONE, 0, -1);
     } else {
-        if (send_message(CTL_LISTENER, STAGE_NONE, flags_used, listener) != 0) {
-            /* No supervisor to answer: running on would only see ENOSYS. */
+        /* No supervisor to answer: running on would only see ENOSYS. */
+        if (send_message(CTL_LISTENER, STAGE_NONE, flags_used, listener) != 0)
             _exit(125);
-        }
+        if (receive_message(CTL_GO) != 0)
+            _exit(125);
         close(listener);
     }
     execvp(argv[0], argv);
