@@ -14,6 +14,13 @@ interface themselves.
   tracee's fd into the supervisor (``pidfd_getfd``), calls ``action`` with it,
   and carries out the outcome ``action`` returns (connect a tracee socket to a
   relay and return exactly the kernel's answer).
+- ``RewriteArgs``: let the kernel run the call with some arguments replaced:
+  ``pointers`` maps an argument index to the bytes it should point at (a path,
+  a sockaddr), ``values`` an index to a new integer (an address length). The
+  ptrace backend places the bytes in scratch memory below the caller's stack
+  and restores memory and registers at syscall exit. Only backends that see
+  results (``call.sees_results``) carry it out; under seccomp notify the
+  handler emulates the call instead.
 - ``Defer``: the answer needs the agent; the backend runs the coroutine on the
   async side and carries out the outcome it returns, so one slow remote call
   never stalls the tracee's other threads.
@@ -21,7 +28,7 @@ interface themselves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,11 +67,17 @@ class OnTraceeFd:
 
 
 @dataclass(frozen=True, slots=True)
+class RewriteArgs:
+    pointers: Mapping[int, bytes] = field(default_factory=dict)
+    values: Mapping[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Defer:
     coroutine: Coroutine[Any, Any, Outcome] = field(compare=False)
 
 
-Outcome = Continue | ReturnValue | Errno | InjectFd | OnTraceeFd | Defer
+Outcome = Continue | ReturnValue | Errno | InjectFd | OnTraceeFd | RewriteArgs | Defer
 
 
 def errno_of(exc: OSError) -> Errno:

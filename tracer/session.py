@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mtrace.tracer import seccomp
 from mtrace.tracer.backend import AsyncSide, Handler, Handlers, Observer
-from mtrace.tracer.errors import TracerError
+from mtrace.tracer.errors import KernelFeatureMissing, TracerError
 from mtrace.tracer.launcher import Kind, Launch
 from mtrace.tracer.notify import NotifyBackend
 from mtrace.tracer.syscalls import DEFAULT_TRAPPED, ENOSYS_CALLS, table
@@ -75,19 +76,51 @@ class _SignalForwarder:
         signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
 
 
+BACKENDS = ("auto", "notify", "ptrace")
+
+
 def run(session: Session) -> int:
-    """Run the session's command under the trap; its exit code."""
+    """Run the session's command under the trap; its exit code.
+
+    ``auto`` uses seccomp notify and falls back to ptrace, with one line on
+    stderr, where the kernel lacks a feature or a listener is already installed.
+    """
+    if session.backend == "auto":
+        try:
+            return _run(session, "notify")
+        except KernelFeatureMissing as error:
+            sys.stderr.write(f"mtrace: {error.message}; using the ptrace backend\n")
+            return _run(session, "ptrace")
+    if session.backend not in BACKENDS:
+        raise TracerError(f"unknown backend {session.backend!r}",
+                          hint="use --backend auto, notify or ptrace")
+    return _run(session, session.backend)
+
+
+def _run(session: Session, backend_name: str) -> int:
     syscall_table = table()
     trap = syscall_table.numbers_for(session.trapped, strict=session.strict_names)
     enosys = syscall_table.numbers_for(ENOSYS_CALLS)
+    # The ptrace tracer reads SIGCHLD from a signalfd; no other thread may take it.
+    chld_mask = (signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+                 if backend_name == "ptrace" else None)
     forwarder = _SignalForwarder()
     launch: Launch | None = None
     try:
         # The supervisor's umask is cleared so files it creates for the tracee
         # get exactly the tracee's mode; the tracee itself keeps the user's.
         user_umask = os.umask(0)
-        launch = Launch(session.argv, mode="notify", trap=trap, enosys=enosys,
+        launch = Launch(session.argv, mode="notify" if backend_name == "notify" else "trace",
+                        trap=trap, enosys=enosys,
                         env=session.env, cwd=session.cwd, umask=user_umask)
+        if backend_name == "ptrace":
+            from mtrace.tracer.ptrace_backend import PtraceBackend
+
+            launch.wait_for(Kind.TRACEE_PID)
+            forwarder.target = launch.tracee_pid
+            PtraceBackend(launch, syscall_table, session.handlers, observer=session.observer,
+                          async_side=session.async_side).run()
+            return launch.wait_exit(timeout=None)
         message = launch.wait_for(Kind.LISTENER)
         assert message.fd is not None
         listener = seccomp.Listener(message.fd)
@@ -107,6 +140,8 @@ def run(session: Session) -> int:
         raise
     finally:
         forwarder.close()
+        if chld_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, chld_mask)
         os.umask(user_umask) if "user_umask" in locals() else None
         if launch is not None:
             launch.close()
