@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from mtrace.agent.errors import MtraceError
+from mtrace.cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mtrace.tracer.backend import Handler
+    from mtrace.tracer.call import SyscallCall
+    from mtrace.tracer.outcome import Outcome
 
 app = typer.Typer(
     name="mtrace",
@@ -43,17 +49,101 @@ def fail(error: MtraceError, verbose: int = 0) -> NoReturn:
     raise SystemExit(error.exit_code)
 
 
+Backend = Annotated[str | None, typer.Option(
+    "--backend", help="How system calls are trapped: seccomp notify, ptrace, or auto "
+                      "(notify, falling back to ptrace where the kernel lacks it).",
+    show_default=False)]
+
+
 @app.command("exec", context_settings=_COMMAND_SETTINGS)
-def exec_command(command: Command, verbose: Verbose = 0) -> None:
-    """Run COMMAND under mtrace's supervisor."""
-    from mtrace.tracer.session import Session, run
+def exec_command(
+    command: Command,
+    target: Annotated[str | None, typer.Option(
+        "--target", "-t", help="Run in this target's context: pid/N or targetless.",
+        show_default=False)] = None,
+    agent: Annotated[str | None, typer.Option(
+        "--agent", help="Use the agent listening at HOST:PORT.", show_default=False)] = None,
+    agent_secret: Annotated[str | None, typer.Option(
+        "--agent-secret", help="Shared secret of --agent (or MTRACE_AGENT_SECRET).",
+        show_default=False)] = None,
+    config_file: Annotated[str | None, typer.Option(
+        "--config-file", "-f", help="Config file (TOML, JSON or YAML).",
+        show_default=False)] = None,
+    fs_mode: Annotated[str | None, typer.Option(
+        "--fs-mode", help="read, write, local or localwithoverrides.", show_default=False)] = None,
+    local_paths: Annotated[list[str] | None, typer.Option(
+        "--fs-local", help="Regex of paths kept local (repeatable).", show_default=False)] = None,
+    env_include: Annotated[list[str] | None, typer.Option(
+        "--env-include", help="Take only target variables matching this glob (repeatable).",
+        show_default=False)] = None,
+    env_exclude: Annotated[list[str] | None, typer.Option(
+        "--env-exclude", help="Leave out target variables matching this glob (repeatable).",
+        show_default=False)] = None,
+    env_override: Annotated[list[str] | None, typer.Option(
+        "--env", "-e", help="Set NAME=VALUE over both sides (repeatable).",
+        show_default=False)] = None,
+    no_env: Annotated[bool, typer.Option(
+        "--no-remote-env", help="Keep the local environment only.")] = False,
+    ignore_localhost: Annotated[bool | None, typer.Option(
+        "--ignore-localhost/--no-ignore-localhost",
+        help="Keep connections to 127.0.0.0/8 and ::1 local.", show_default=False)] = None,
+    backend: Backend = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Run COMMAND under mtrace, in the context of a target if one is given."""
+    from mtrace.cli.config import Config, load, validate
+    from mtrace.cli.run import run_plain, run_with_target
 
     _configure_logging(verbose)
     try:
-        code = run(Session(argv=command))
+        config = load(config_file) if config_file else Config()
+        if target is not None:
+            config.target = target
+        if agent is not None:
+            config.agent.address = agent
+        if agent_secret is not None:
+            config.agent.secret = agent_secret
+        features = config.feature
+        if fs_mode is not None:
+            features.fs.mode = fs_mode  # type: ignore[assignment]
+        if local_paths:
+            features.fs.local = [*features.fs.local, *local_paths]
+        if env_include:
+            features.env.include = [*(features.env.include or []), *env_include]
+        if env_exclude:
+            features.env.exclude = [*features.env.exclude, *env_exclude]
+        for assignment in env_override or []:
+            name, separator, value = assignment.partition("=")
+            if not separator or not name:
+                raise ConfigError(f"--env {assignment}: expected NAME=VALUE")
+            features.env.override[name] = value
+        if no_env:
+            features.env.enabled = False
+        if ignore_localhost is not None:
+            features.network.outgoing.ignore_localhost = ignore_localhost
+        if backend is not None:
+            config.backend = backend  # type: ignore[assignment]
+        config = _revalidate(config)
+        validate(config, "command line")
+        if config.target or config.agent.address:
+            code = run_with_target(command, config, verbose=verbose)
+        else:
+            code = run_plain(command, config)
     except MtraceError as error:
         fail(error, verbose)
     raise SystemExit(code)
+
+
+def _revalidate(config: Any) -> Any:
+    """Flags were set as plain attributes: check them against the schema too."""
+    import msgspec
+
+    from mtrace.cli.config import Config
+
+    try:
+        return msgspec.convert(msgspec.to_builtins(config), type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"command line: {exc}".replace("$.", "")) from exc
 
 
 @app.command("trace", context_settings=_COMMAND_SETTINGS)
@@ -65,6 +155,7 @@ def trace_command(
     output: Annotated[str | None, typer.Option("-o", "--output",
                                                help="Write the trace to FILE, not stderr.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    backend: Backend = None,
     verbose: Verbose = 0,
 ) -> None:
     """Run COMMAND and show each trapped system call, strace-style."""
@@ -80,14 +171,20 @@ def trace_command(
         trapped = tuple(name.strip() for name in expression.split(",") if name.strip())
     stream = sys.stderr
     try:
+        if backend not in (None, "auto", "notify", "ptrace"):
+            raise ConfigError(f"--backend {backend}: expected auto, notify or ptrace")
         if output:
             try:
                 stream = open(output, "w", encoding="utf-8")  # noqa: SIM115
             except OSError as exc:
                 raise MtraceError(f"cannot write the trace to {output}: {exc.strerror}") from exc
         printer = TracePrinter(stream, as_json=as_json)
-        session = Session(argv=command, handlers=Handlers(RESULT_HANDLERS), trapped=trapped,
-                          observer=printer, strict_names=True)
+        # ptrace sees every call's result at syscall exit: the passthrough
+        # emulation is only needed under notify.
+        handlers = Handlers({name: _unless_results_seen(handler)
+                             for name, handler in RESULT_HANDLERS.items()})
+        session = Session(argv=command, handlers=handlers, trapped=trapped,
+                          observer=printer, strict_names=True, backend=backend or "auto")
         from mtrace.tracer.backend import AsyncSide
 
         session.async_side = AsyncSide()
@@ -101,6 +198,15 @@ def trace_command(
         if stream is not sys.stderr:
             stream.close()
     raise SystemExit(code)
+
+
+def _unless_results_seen(handler: Handler) -> Handler:
+    from mtrace.tracer.outcome import CONTINUE
+
+    def passthrough(call: SyscallCall) -> Outcome:
+        return CONTINUE if call.sees_results else handler(call)
+
+    return passthrough
 
 
 @app.command("doctor")

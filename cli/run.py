@@ -1,0 +1,95 @@
+"""``mtrace exec``: put a command under the trap, with or without a target.
+
+Without a target every trapped call passes through (the program behaves as if
+mtrace were not there). With one, the command starts only after the agent has
+answered: its environment is the target's (merged per ``feature.env``) and the
+files, network and DNS handlers route its calls to the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from mtrace.agent.client import AgentClient
+from mtrace.cli.config import Config
+from mtrace.cli.errors import ConfigError
+from mtrace.cli.target import Target, connect_agent, parse_target, progress
+from mtrace.tracer.backend import AsyncSide, Handlers
+from mtrace.tracer.env import merge_environment
+from mtrace.tracer.remote import RemoteContext
+from mtrace.tracer.session import Session, run
+from mtrace.tracer.syscalls import DEFAULT_TRAPPED
+
+# Handler modules of the remote features; each has TRAPPED and handlers(context).
+FEATURE_MODULES = ("mtrace.tracer.files", "mtrace.tracer.net")
+
+
+def resolve_executable(command: Sequence[str], env: dict[str, str]) -> str | None:
+    """The program's path as execvp will find it (kept local by the files feature)."""
+    if not command:
+        return None
+    found = shutil.which(command[0], path=env.get("PATH"))
+    return os.path.realpath(found) if found else None
+
+
+def run_plain(command: Sequence[str], config: Config) -> int:
+    return run(Session(argv=command, backend=config.backend))
+
+
+def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0) -> int:
+    target: Target | None = parse_target(config.target) if config.target else None
+    if target is None and not config.agent.address:
+        raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")
+    side = AsyncSide()
+    session_dir = Path(tempfile.mkdtemp(prefix="mtrace-session-"))
+    client: AgentClient | None = None
+    watcher = None
+    try:
+        where = config.agent.address or (target.describe() if target else "")
+        progress(f"connecting to the agent for {where}...")
+        client = side.call(connect_agent(config, target, verbose=verbose),
+                           timeout=config.agent.startup_timeout + 5)
+        latency = side.call(client.ping(), timeout=10)
+        progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
+        target_env = side.call(client.environ(), timeout=30) if config.feature.env.enabled else {}
+        env = merge_environment(os.environ, target_env, config.feature.env)
+        context = RemoteContext(client=client, async_side=side, features=config.feature,
+                                session_dir=session_dir,
+                                executable=resolve_executable(command, env))
+        handlers = Handlers()
+        trapped = list(DEFAULT_TRAPPED)
+        for module_name in FEATURE_MODULES:
+            module = importlib.import_module(module_name)
+            handlers.update(module.handlers(context))
+            trapped += [name for name in module.TRAPPED if name not in trapped]
+        watcher = side.submit(_watch_agent(client, context))
+        return run(Session(argv=command, handlers=handlers, trapped=tuple(trapped), env=env,
+                           async_side=side, backend=config.backend))
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if client is not None:
+            try:
+                side.call(client.close(), timeout=5)
+            except Exception:
+                pass
+        side.stop()
+        shutil.rmtree(session_dir, ignore_errors=True)
+
+
+async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
+    """Say once, clearly, that the agent is gone; remote calls fail from then on."""
+    while not client.closed:
+        await asyncio.sleep(0.2)
+    context.agent_lost = True
+    sys.stderr.write(
+        "mtrace: error: lost the connection to the agent; the program's remote "
+        "operations now fail (EIO, ECONNRESET)\n")
+    sys.stderr.flush()

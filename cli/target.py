@@ -1,0 +1,114 @@
+"""Targets: what ``--target`` names, checked before anything starts, and the
+agent that serves it (spawned locally for ``pid/N``, reached over TCP with
+``--agent``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from mtrace.agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
+from mtrace.agent.errors import AgentError
+from mtrace.cli.config import Config, parse_address
+from mtrace.cli.errors import TargetError
+
+SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
+_KUBERNETES_KINDS = ("pod", "deployment", "statefulset", "daemonset", "job", "cronjob",
+                     "replicaset", "rollout")
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "pid" or "targetless"
+    pid: int | None = None
+
+    def describe(self) -> str:
+        return f"pid/{self.pid}" if self.kind == "pid" else self.kind
+
+
+def parse_target(text: str) -> Target:
+    """``pid/N`` or ``targetless``; a clear error for anything else."""
+    kind, _, rest = text.partition("/")
+    if text == "targetless":
+        return Target("targetless")
+    if kind == "pid":
+        if not rest.isdigit():
+            raise TargetError(f"--target {text}: pid/N needs a process id",
+                              hint="for example --target pid/1234 (see `pgrep -f NAME`)")
+        target = Target("pid", int(rest))
+        check_pid_target(target)
+        return target
+    if kind in _KUBERNETES_KINDS:
+        raise TargetError(
+            f"--target {text}: Kubernetes targets are not available in this version",
+            hint="run `mtrace agent --listen HOST:PORT --target-pid N` next to the workload "
+                 "and use --agent HOST:PORT",
+        )
+    raise TargetError(f"--target {text}: unknown target kind {kind!r}",
+                      hint="use pid/N or targetless")
+
+
+def check_pid_target(target: Target) -> None:
+    """The process exists and its namespaces and files can be entered by us."""
+    pid = target.pid
+    if not os.path.exists(f"/proc/{pid}"):
+        raise TargetError(f"target pid/{pid} does not exist",
+                          hint="check the pid with `ps -p PID` or `pgrep -f NAME`")
+    for path in (f"/proc/{pid}/ns/net", f"/proc/{pid}/root/", f"/proc/{pid}/environ"):
+        try:
+            if path.endswith("/"):
+                os.listdir(path)
+            else:
+                os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except PermissionError:
+            raise TargetError(
+                f"target pid/{pid} cannot be entered: no permission for {path}",
+                hint="entering another process's namespaces needs root (try sudo)",
+            ) from None
+        except OSError as exc:
+            raise TargetError(f"target pid/{pid} cannot be entered: {path}: {exc.strerror}",
+                              hint="is the process still running?") from None
+
+
+def agent_secret(config: Config) -> str:
+    return config.agent.secret or os.environ.get(SECRET_VARIABLE) or secrets.token_hex(16)
+
+
+async def connect_agent(config: Config, target: Target | None, *, verbose: int = 0) -> AgentClient:
+    """The agent for this run: a TCP one if an address is configured, else a
+    local one spawned over stdio and attached to the target. A local agent
+    that fails to start is reported with the last line it logged."""
+    timeout = config.agent.startup_timeout
+    if config.agent.address:
+        host, port = parse_address(config.agent.address)
+        secret = config.agent.secret or os.environ.get(SECRET_VARIABLE)
+        if not secret:
+            raise TargetError("--agent needs the agent's shared secret",
+                              hint=f"pass --agent-secret or set {SECRET_VARIABLE}")
+        return await connect_tcp(host, port, secret, timeout=timeout)
+    pid = target.pid if target is not None and target.kind == "pid" else None
+    argv = agent_argv(target_pid=pid, write=config.agent.write, verbose=verbose)
+    if verbose:
+        return await spawn_stdio(argv, agent_secret(config), timeout=timeout)
+    # Quiet unless asked: the agent's log would mix with the program's output.
+    with tempfile.TemporaryFile() as log:
+        try:
+            return await spawn_stdio(argv, agent_secret(config), stderr=log.fileno(),
+                                     timeout=timeout)
+        except AgentError as error:
+            log.seek(0)
+            lines = [line for line in log.read().decode(errors="replace").splitlines()
+                     if line.strip()]
+            if lines:
+                error.message = f"{error.message}; the agent said: {lines[-1].strip()}"
+            raise
+
+
+def progress(message: str) -> None:
+    """Start-up progress, shown only on a terminal."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"mtrace: {message}\n")
+        sys.stderr.flush()

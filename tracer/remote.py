@@ -1,0 +1,42 @@
+"""What handlers of remote features share: the agent connection, the async
+side it lives on, the user's feature config and the session's scratch space.
+
+Handler modules (``files``, ``net``, ``dns``) each expose
+``handlers(context) -> dict[str, Handler]`` and the names they trap; the session
+merges them. A handler answers fast decisions inline (local passthrough,
+cached metadata) and returns ``Defer(coroutine)`` for anything that needs the
+agent: the coroutine runs on ``context.async_side.loop``, where
+``context.client`` lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mtrace.agent.client import AgentClient
+from mtrace.tracer.backend import AsyncSide
+from mtrace.tracer.policy import FeatureConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class RemoteContext:
+    client: AgentClient
+    async_side: AsyncSide
+    features: FeatureConfig
+    # Per-session scratch directory (shadow tree, relay sockets); removed at exit.
+    session_dir: Path
+    # The program being run, as the user named it and resolved: always local.
+    executable: str | None = None
+    # Set when the agent connection is lost; handlers then fail remote calls
+    # with a real errno (EIO, ECONNRESET) instead of waiting.
+    agent_lost: bool = field(default=False)
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
+        """Run a coroutine on the agent's loop and wait (start-up work only,
+        never from the trap loop)."""
+        return self.async_side.call(coroutine, timeout)  # type: ignore[no-any-return]
