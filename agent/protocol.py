@@ -526,6 +526,10 @@ def frame_length(prefix: bytes, max_frame_size: int) -> int:
     return size
 
 
+# msgspec raises UnicodeDecodeError (a ValueError), not DecodeError, for a str
+# that is not UTF-8.
+_DECODE_ERRORS = (msgspec.DecodeError, ValueError)
+
 to_agent_decoder: Final = msgspec.msgpack.Decoder(ToAgent)
 from_agent_decoder: Final = msgspec.msgpack.Decoder(FromAgent)
 
@@ -533,14 +537,14 @@ from_agent_decoder: Final = msgspec.msgpack.Decoder(FromAgent)
 def decode_to_agent(body: bytes | memoryview) -> ToAgent:
     try:
         return to_agent_decoder.decode(body)
-    except msgspec.DecodeError as error:
+    except _DECODE_ERRORS as error:
         raise ProtocolError(f"malformed frame: {error}") from None
 
 
 def decode_from_agent(body: bytes | memoryview) -> FromAgent:
     try:
         return from_agent_decoder.decode(body)
-    except msgspec.DecodeError as error:
+    except _DECODE_ERRORS as error:
         raise ProtocolError(f"malformed frame: {error}") from None
 
 
@@ -553,7 +557,7 @@ def salvage_request(body: bytes | memoryview) -> tuple[int, object] | None:
     """
     try:
         raw = msgspec.msgpack.decode(body)
-    except msgspec.DecodeError:
+    except _DECODE_ERRORS:
         return None
     if not (isinstance(raw, list) and len(raw) >= 2 and raw[0] == "req"):
         return None
