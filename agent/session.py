@@ -204,6 +204,10 @@ class Session:
             reason = "handshake timeout"
             event(logger, logging.WARNING, "handshake_timeout", peer=self.peer)
             self.goodbye(GOODBYE_PROTOCOL, "no handshake in time")
+        except Exception:  # a bug: lose this client, never the agent
+            reason = "internal error"
+            logger.exception("session_failed", extra={"mtrace_fields": {"peer": self.peer}})
+            self.goodbye(GOODBYE_PROTOCOL, "internal error in the agent")
         finally:
             await self._teardown()
             event(
