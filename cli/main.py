@@ -105,7 +105,7 @@ def exec_command(
             config.agent.secret = agent_secret
         features = config.feature
         if fs_mode is not None:
-            features.fs.mode = fs_mode  # type: ignore[assignment]
+            features.fs.mode = fs_mode
         if local_paths:
             features.fs.local = [*features.fs.local, *local_paths]
         if env_include:
@@ -122,7 +122,7 @@ def exec_command(
         if ignore_localhost is not None:
             features.network.outgoing.ignore_localhost = ignore_localhost
         if backend is not None:
-            config.backend = backend  # type: ignore[assignment]
+            config.backend = backend
         config = _revalidate(config)
         validate(config, "command line")
         if config.target or config.agent.address:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # --- test programs (tests/programs/, built by tests/programs_build.py) -------
 # pytest puts this directory on sys.path (rootdir conftest, no __init__.py).
+from loopback import http_server, serve, tcp_echo_server, udp_echo_server
 from programs_build import PROBE_FLAVOURS, BuildError, ProgramPaths, build_programs
 
 
@@ -34,3 +36,40 @@ def probe(request: pytest.FixtureRequest, programs: ProgramPaths) -> Path:
 
 
 # --- end of test programs -----------------------------------------------------
+
+
+# --- loopback servers (tests/loopback.py) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tcp_echo_port() -> Iterator[int]:
+    with serve(tcp_echo_server()) as port:
+        yield port
+
+
+@pytest.fixture(scope="session")
+def udp_echo_port() -> Iterator[int]:
+    with serve(udp_echo_server()) as port:
+        yield port
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("www")
+    (root / "hello.txt").write_bytes(b"hello over http\n\x00\xff binary tail")
+    return root
+
+
+@pytest.fixture(scope="session")
+def http_port(http_root: Path) -> Iterator[int]:
+    with serve(http_server(http_root)) as port:
+        yield port
+
+
+# --- backends -------------------------------------------------------------------
+
+
+@pytest.fixture(params=["notify", "ptrace"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each trap backend: integration suites run once for each, same expectations."""
+    return str(request.param)

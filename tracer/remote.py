@@ -39,4 +39,4 @@ class RemoteContext:
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
         """Run a coroutine on the agent's loop and wait (start-up work only,
         never from the trap loop)."""
-        return self.async_side.call(coroutine, timeout)  # type: ignore[no-any-return]
+        return self.async_side.call(coroutine, timeout)

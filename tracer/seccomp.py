@@ -87,7 +87,7 @@ class Listener:
                 return None
             raise
         nid, tid, _flags, nr, arch, ip, *args = NOTIF.unpack(buffer)
-        return Notification(nid, tid, nr, arch, ip, tuple(args))  # type: ignore[arg-type]
+        return Notification(nid, tid, nr, arch, ip, tuple(args))
 
     def respond(self, notification_id: int, value: int = 0, error: int = 0,
                 *, continue_: bool = False) -> bool:

@@ -8,7 +8,6 @@ These tests double as the reference for the programs' commands.
 
 from __future__ import annotations
 
-import http.server
 import os
 import re
 import signal
@@ -16,16 +15,13 @@ import socket
 import socketserver
 import struct
 import subprocess
-import threading
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pytest
+from loopback import serve
 from programs_build import ProgramPaths
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,68 +62,6 @@ def ok(text: str | bytes) -> Run:
 
 def error(name: str) -> Run:
     return Run(1, f"error: {name}\n".encode())
-
-
-# --- loopback servers ------------------------------------------------------------
-
-
-class _EchoTCPHandler(socketserver.BaseRequestHandler):
-    """Echo everything until the client shuts down its write side, then close."""
-
-    def handle(self) -> None:
-        received = b""
-        while chunk := self.request.recv(65536):
-            received += chunk
-        self.request.sendall(received)
-
-
-class _EchoUDPHandler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        data, sock = self.request
-        sock.sendto(data, self.client_address)
-
-
-class _QuietHTTPHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextmanager
-def _serve(server: socketserver.BaseServer) -> Iterator[int]:
-    """Serve in a thread for the duration of the block; yield the port."""
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture(scope="module")
-def tcp_echo_port() -> Iterator[int]:
-    with _serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), _EchoTCPHandler)) as port:
-        yield port
-
-
-@pytest.fixture(scope="module")
-def udp_echo_port() -> Iterator[int]:
-    with _serve(socketserver.ThreadingUDPServer(("127.0.0.1", 0), _EchoUDPHandler)) as port:
-        yield port
-
-
-@pytest.fixture(scope="module")
-def http_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("www")
-    (root / "hello.txt").write_bytes(b"hello over http\n\x00\xff binary tail")
-    return root
-
-
-@pytest.fixture(scope="module")
-def http_port(http_root: Path) -> Iterator[int]:
-    handler = partial(_QuietHTTPHandler, directory=str(http_root))
-    with _serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as port:
-        yield port
 
 
 def _closed_port(kind: socket.SocketKind) -> int:
@@ -349,7 +283,7 @@ class _NotHTTPHandler(socketserver.BaseRequestHandler):
 
 def test_http_malformed_response(programs: ProgramPaths) -> None:
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _NotHTTPHandler)
-    with _serve(server) as port:
+    with serve(server) as port:
         url = f"http://127.0.0.1:{port}/"
         assert run_probes(programs.probes, "http", url) == error("EPROTO")
 

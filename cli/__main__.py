@@ -1,0 +1,3 @@
+from mtrace.cli.main import main
+
+main()

@@ -1,0 +1,163 @@
+"""`mtrace exec` with no target: every program behaves exactly as it does alone.
+
+Each case runs the same command plainly and under mtrace (once per backend) and
+compares stdout and exit status byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mtrace_run import MTRACE, run_mtrace, run_plain
+from programs_build import ProgramPaths
+
+pytestmark = pytest.mark.timeout(120)
+
+ENV = {"PATH": "/usr/bin:/bin", "PROBE_VALUE": "value with spaces=and equals"}
+
+
+def assert_same(argv: list[str], backend: str, *, input: bytes | None = None) -> None:
+    plain = run_plain(argv, env=ENV, input=input)
+    traced = run_mtrace("exec", "--backend", backend, "--", *argv, env=ENV, input=input)
+    assert (traced.returncode, traced.stdout) == (plain.returncode, plain.stdout), traced.stderr
+    assert b"mtrace" not in traced.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["env", "PROBE_VALUE"],
+        ["env", "UNSET_VARIABLE"],
+        ["cat", "/etc/passwd"],
+        ["cat", "/nonexistent/file"],
+        ["stat", "/etc"],
+        ["ls", "/etc"],
+        ["readlink", "/proc/self/exe-is-not-a-link"],
+        ["exit", "7"],
+        ["resolve", "localhost"],
+    ],
+    ids=lambda command: "-".join(command)[:40],
+)
+def test_probe_matches_plain_run(probe: Path, backend: str, command: list[str]) -> None:
+    assert_same([str(probe), *command], backend)
+
+
+def test_network_calls_match_plain_run(
+    probe: Path, backend: str, tcp_echo_port: int, udp_echo_port: int, http_port: int
+) -> None:
+    for command in (
+        ["tcp", "127.0.0.1", str(tcp_echo_port), "hello"],
+        ["udp", "127.0.0.1", str(udp_echo_port), "datagram"],
+        ["udp-unconnected", "127.0.0.1", str(udp_echo_port), "datagram"],
+        ["http", f"http://127.0.0.1:{http_port}/hello.txt"],
+    ):
+        plain = run_plain([str(probe), *command], env=ENV)
+        traced = run_mtrace("exec", "--backend", backend, "--", str(probe), *command, env=ENV)
+        assert traced.returncode == plain.returncode == 0, traced.stderr
+        assert traced.stdout == plain.stdout
+
+
+def test_stdin_passes_through(backend: str) -> None:
+    data = os.urandom(200_000)
+    assert_same(["cat"], backend, input=data)
+
+
+def test_signal_death_is_128_plus_n(probe: Path, backend: str) -> None:
+    result = run_mtrace("exec", "--backend", backend, "--", str(probe), "kill", "TERM", env=ENV)
+    assert result.returncode == 128 + signal.SIGTERM
+
+
+def test_fork_exec_chain(programs: ProgramPaths, backend: str) -> None:
+    assert_same(["sh", str(programs["chain"]), "PROBE_VALUE"], backend)
+
+
+def test_missing_command_is_127(backend: str) -> None:
+    result = run_mtrace("exec", "--backend", backend, "--", "/no/such/program", env=ENV)
+    assert result.returncode == 127
+    assert b"/no/such/program" in result.stderr
+
+
+def test_terminal_passes_through(backend: str) -> None:
+    """The tracee sees the terminal mtrace was started on."""
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [*MTRACE, "exec", "--backend", backend, "--", "sh", "-c", "test -t 0 && test -t 1"],
+            stdin=follower,
+            stdout=follower,
+            stderr=follower,
+            env={**os.environ, **ENV},
+        )
+        assert process.wait(timeout=30) == 0
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+def _tracee_processes(mtrace_pid: int, name: str, timeout: float = 15) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [
+            child for child in psutil.Process(mtrace_pid).children(recursive=True) if child.name() == name
+        ]
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no {name} under mtrace")
+
+
+def test_sigterm_to_mtrace_reaches_tracee(backend: str) -> None:
+    process = subprocess.Popen(
+        [*MTRACE, "exec", "--backend", backend, "--", "sleep", "60"], env={**os.environ, **ENV}
+    )
+    _tracee_processes(process.pid, "sleep")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 128 + signal.SIGTERM
+
+
+def test_killing_supervisor_kills_whole_tracee_tree(backend: str) -> None:
+    process = subprocess.Popen(
+        [*MTRACE, "exec", "--backend", backend, "--", "sh", "-c", "sleep 300 & sleep 300; wait"],
+        env={**os.environ, **ENV},
+    )
+    sleepers = _tracee_processes(process.pid, "sleep")
+    while len(sleepers) < 2:
+        sleepers = _tracee_processes(process.pid, "sleep")
+    process.kill()
+    process.wait(timeout=10)
+    gone, alive = psutil.wait_procs(sleepers, timeout=10)
+    assert not alive, f"tracee processes survived the supervisor: {alive}"
+
+
+def test_threads_and_preemption_do_not_hang(programs: ProgramPaths, backend: str) -> None:
+    """The Go stress program: 64 goroutines preempted by SIGURG while making
+    trapped calls. 50 runs in a row, none may hang or differ."""
+    argv = [str(programs["goroutines"]), "-iterations", "1", "-work", "2000000"]
+    expected = run_plain(argv, env=ENV)
+    assert expected.returncode == 0
+    for attempt in range(50):
+        result = run_mtrace("exec", "--backend", backend, "--", *argv, env=ENV, timeout=60)
+        assert (result.returncode, result.stdout) == (0, expected.stdout), (attempt, result.stderr)
+
+
+def test_python_runs_unchanged(backend: str, tmp_path: Path) -> None:
+    """A dynamic, threaded interpreter that reads many files on start-up."""
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import threading, hashlib\n"
+        "out = []\n"
+        "def work(i):\n"
+        "    out.append(hashlib.sha256(open('/etc/passwd','rb').read() + bytes([i])).hexdigest())\n"
+        "threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(len(out), sorted(out)[0])\n"
+    )
+    assert_same([sys.executable, "-S", str(script)], backend)

@@ -1,0 +1,88 @@
+"""`mtrace trace`: what it prints for programs whose calls are known."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from mtrace_run import run_mtrace
+from programs_build import ProgramPaths
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def trace(backend: str, *args: str) -> tuple[int, bytes, list[str]]:
+    result = run_mtrace("trace", "--backend", backend, *args)
+    return result.returncode, result.stdout, result.stderr.decode().splitlines()
+
+
+def test_open_of_a_file_is_shown_with_path_flags_and_fd(probe: Path, backend: str,
+                                                        tmp_path: Path) -> None:
+    target = tmp_path / "hello.txt"
+    target.write_text("hello\n")
+    code, stdout, lines = trace(backend, "-e", "openat,open", "--", str(probe), "cat", str(target))
+    assert (code, stdout) == (0, b"hello\n")
+    opened = [line for line in lines if f'"{target}"' in line]
+    assert opened, lines
+    assert "O_RDONLY" in opened[0], opened[0]
+    assert opened[0].split(" = ")[1].split()[0].isdigit(), opened[0]
+
+
+def test_failed_open_shows_errno(probe: Path, backend: str) -> None:
+    code, _stdout, lines = trace(backend, "-e", "openat,open", "--", str(probe), "cat",
+                                 "/no/such/file")
+    assert code == 1
+    assert any('"/no/such/file"' in line and "= -1 ENOENT (No such file or directory)" in line
+               for line in lines), lines
+
+
+def test_connect_shows_sockaddr_and_result(probe: Path, backend: str, tcp_echo_port: int) -> None:
+    code, stdout, lines = trace(backend, "-e", "socket,connect", "--", str(probe), "tcp",
+                                "127.0.0.1", str(tcp_echo_port), "ping")
+    assert (code, stdout) == (0, b"ping\n")
+    connects = [line for line in lines if "connect(" in line]
+    assert any(f"{{AF_INET 127.0.0.1:{tcp_echo_port}}}" in line for line in connects), lines
+    assert any("socket(AF_INET, SOCK_STREAM" in line for line in lines), lines
+    # The result is the kernel's: 0, or EINPROGRESS for Go's non-blocking connect.
+    assert all(line.endswith(">") and (" = 0 <" in line or "EINPROGRESS" in line)
+               for line in connects), connects
+
+
+def test_refused_connect_shows_econnrefused(backend: str, programs: ProgramPaths) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, stdout, lines = trace(backend, "-e", "connect", "--", str(programs["probe-musl"]),
+                                "tcp", "127.0.0.1", str(port), "x")
+    assert stdout == b"error: ECONNREFUSED\n"
+    assert any("ECONNREFUSED" in line for line in lines), lines
+
+
+def test_filter_shows_only_named_calls(backend: str, programs: ProgramPaths) -> None:
+    code, _stdout, lines = trace(backend, "-e", "execve", "--", str(programs["probe-glibc-static"]),
+                                 "exit", "3")
+    assert code == 3
+    assert lines and all("execve(" in line for line in lines), lines
+    assert any(str(programs["probe-glibc-static"]) in line for line in lines)
+
+
+def test_json_lines_and_output_file(backend: str, programs: ProgramPaths, tmp_path: Path) -> None:
+    output = tmp_path / "trace.jsonl"
+    code, stdout, _lines = trace(backend, "--json", "-o", str(output), "-e", "openat", "--",
+                                 str(programs["probe-go"]), "cat", "/etc/hostname")
+    assert code == 0
+    assert stdout == Path("/etc/hostname").read_bytes()
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    hostname = [record for record in records if record["args"].get("path") == '"/etc/hostname"']
+    assert hostname, records
+    record = hostname[0]
+    assert record["syscall"] == "openat" and record["result"] >= 0 and record["errno"] is None
+    assert {"tid", "duration_us", "time"} <= set(record)
+
+
+def test_unknown_syscall_name_is_a_clear_error(backend: str) -> None:
+    code, _stdout, lines = trace(backend, "-e", "opneat", "--", "true")
+    assert code != 0
+    assert lines[0].startswith("mtrace: error: unknown syscall 'opneat'"), lines
