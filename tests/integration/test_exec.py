@@ -133,7 +133,7 @@ def test_killing_supervisor_kills_whole_tracee_tree(backend: str) -> None:
         sleepers = _tracee_processes(process.pid, "sleep")
     process.kill()
     process.wait(timeout=10)
-    gone, alive = psutil.wait_procs(sleepers, timeout=10)
+    _gone, alive = psutil.wait_procs(sleepers, timeout=10)
     assert not alive, f"tracee processes survived the supervisor: {alive}"
 
 

@@ -56,7 +56,7 @@ def test_refused_connect_shows_econnrefused(backend: str, programs: ProgramPaths
         port = sock.getsockname()[1]
     code, stdout, lines = trace(backend, "-e", "connect", "--", str(programs["probe-musl"]),
                                 "tcp", "127.0.0.1", str(port), "x")
-    assert stdout == b"error: ECONNREFUSED\n"
+    assert (code, stdout) == (1, b"error: ECONNREFUSED\n")
     assert any("ECONNREFUSED" in line for line in lines), lines
 
 
