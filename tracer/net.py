@@ -1,0 +1,845 @@
+"""Outgoing network: TCP and UDP that leave from the target's network namespace.
+
+What is trapped and what it becomes (see "what gets trapped" in DESIGN.md):
+
+* ``connect`` to an address the outgoing filter sends to the target:
+  TCP: the agent connects in the target first (so ``ECONNREFUSED`` and
+  timeouts are the target's), then the tracee's own socket is connected to a
+  one-shot loopback relay bound to that stream (``mtrace.tracer.relay``). The
+  answer is exactly the kernel's for that loopback connect: 0, or
+  ``EINPROGRESS`` for a non-blocking socket. Blocking and non-blocking
+  callers alike wait for the target's connect (the trap loop never does: it
+  is a ``Defer``). UDP: the socket is connected to a relay whose datagrams go
+  through an agent UDP socket.
+* ``sendto``/``sendmsg`` with a destination (unconnected UDP): the datagram is
+  read from tracee memory and sent from the target; the socket is bound first
+  if it was not (as the kernel's autobind would), and replies arrive in the
+  tracee's own socket from a loopback "peer socket" per remote peer.
+* ``recvfrom``/``recvmsg`` on a relayed UDP socket, when the caller wants the
+  source address: the datagram is received from the tracee's socket by the
+  supervisor and the source becomes the remote peer's real address (musl and
+  glibc drop replies whose source is not the nameserver they asked). Every
+  other socket continues at once.
+* ``getpeername`` on a relayed socket: the address the program connected to.
+  ``getsockname`` on a relayed TCP socket: the connection's local address in
+  the target (what the program would see running there). UDP sockets keep
+  their own (the agent's UDP socket is bound to the wildcard address, which
+  says nothing more).
+
+Which connections are relayed (``feature.network.outgoing``): unix sockets
+never; with ``tcp``/``udp`` off, none of that protocol; with
+``ignore_localhost``, nothing to 127.0.0.0/8 or ::1; then the ``filter``:
+with a ``remote`` list only matching destinations, with a ``local`` list all
+but matching ones, with none all. Entries are ``[tcp://|udp://]host[:port]``
+where host is an IP, a CIDR subnet (``10.0.0.0/8``, ``[fd00::/8]:443``), a
+name, or empty/``*`` for any. Names are resolved once at start-up, both in the
+target (through the agent) and on this machine, and match any of those
+addresses. DNS comes first: port 53 of one of the target's nameservers (its
+resolv.conf) always leaves from the target while ``feature.network.dns`` is
+enabled, even at 127.0.0.x (see ``mtrace.tracer.dns``).
+
+If the agent is lost: open TCP relays reset the tracee's socket
+(``ECONNRESET``), UDP receives fail with ``ECONNREFUSED``, and new remote
+connects and sends fail with ``ENETUNREACH``; ``context.agent_lost`` is set.
+
+Sockets are recognised by inode (``socket:[N]``): a trapped call on a socket
+mtrace never relayed costs one readlink at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import socket
+import struct
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from mtrace.agent.errors import AgentUnavailable, RemoteError
+from mtrace.tracer.backend import Handler
+from mtrace.tracer.call import SyscallCall
+from mtrace.tracer.dns import (
+    DnsSetup,
+    IPAddress,
+    NameRules,
+    local_nameservers,
+    parse_nameservers,
+)
+from mtrace.tracer.errors import TracerError
+from mtrace.tracer.outcome import (
+    CONTINUE,
+    Defer,
+    Errno,
+    OnTraceeFd,
+    Outcome,
+    ReturnValue,
+)
+from mtrace.tracer.policy import OutgoingConfig
+from mtrace.tracer.relay import (
+    MAX_DATAGRAM,
+    Endpoint,
+    UdpRelay,
+    borrowed,
+    build_sockaddr,
+    connect_to_relay,
+    endpoint_of,
+    parse_sockaddr,
+    reachable_address,
+    relay_tcp,
+)
+from mtrace.tracer.remote import RemoteContext
+
+log = logging.getLogger("mtrace.tracer.net")
+
+TRAPPED: tuple[str, ...] = (
+    "connect", "sendto", "sendmsg", "recvfrom", "recvmsg", "getpeername", "getsockname",
+)
+
+#: How long the target may take to connect when the socket sets no SO_SNDTIMEO.
+CONNECT_TIMEOUT = 60.0
+#: How often idle UDP relays are checked for a tracee socket that is gone.
+SWEEP_INTERVAL = 30.0
+#: getpeername/getsockname answers kept for sockets whose relay ended.
+MAX_REMEMBERED = 16384
+
+_SOCKADDR_MAX = 128
+_MSGHDR = struct.Struct("=QI4xQQQQi4x")  # name, namelen, iov, iovlen, control, controllen, flags
+_IOVEC = struct.Struct("=QQ")
+_TIMEVAL = struct.Struct("=qq")
+_SOCKLEN = struct.Struct("=I")
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+_MAX_IOV = 1024
+#: No datagram is larger: a bigger receive buffer is never filled.
+_MAX_RECEIVE = 1 << 17
+
+
+# -- the filter ---------------------------------------------------------------------
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_RULE = re.compile(r"^(?:(?P<protocol>[a-zA-Z]+)://)?(?P<rest>.*)$")
+_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One filter entry: protocol (None: both), host (networks; None: any), port."""
+
+    text: str
+    protocol: str | None
+    networks: tuple[Network, ...] | None
+    port: int | None
+    name: str | None = None
+
+    def matches(self, protocol: str, address: IPAddress, port: int) -> bool:
+        if self.protocol is not None and self.protocol != protocol:
+            return False
+        if self.port is not None and self.port != port:
+            return False
+        if self.networks is None:
+            return True
+        return any(address in network for network in self.networks)
+
+
+def _invalid(text: str, why: str) -> TracerError:
+    return TracerError(
+        f"invalid outgoing filter entry {text!r}: {why}",
+        hint="entries look like tcp://10.0.0.0/8:5432, udp://dns.internal:53, "
+             "[fd00::1]:80 or api.internal",
+    )
+
+
+def parse_rule(text: str) -> Rule:
+    """``[tcp://|udp://]host-or-subnet[:port]``; a name's addresses come later
+    (:meth:`OutgoingRules.resolve_names`)."""
+    match = _RULE.match(text.strip())
+    assert match is not None
+    protocol = match.group("protocol")
+    if protocol is not None:
+        protocol = protocol.lower()
+        if protocol not in ("tcp", "udp"):
+            raise _invalid(text, f"unknown protocol {protocol!r} (tcp or udp)")
+    rest = match.group("rest")
+    port_text: str | None = None
+    if rest.startswith("["):
+        host, bracket, after = rest[1:].partition("]")
+        if not bracket:
+            raise _invalid(text, "unclosed [")
+        if after.startswith("/"):
+            prefix, _, port_part = after[1:].partition(":")
+            host += "/" + prefix
+            port_text = port_part if _ else None
+        elif after.startswith(":"):
+            port_text = after[1:]
+        elif after:
+            raise _invalid(text, f"unexpected {after!r} after ]")
+    elif rest.count(":") > 1:
+        host = rest  # a bare IPv6 address or subnet: no port
+    elif ":" in rest:
+        host, port_text = rest.rsplit(":", 1)
+    else:
+        host = rest
+    port: int | None = None
+    if port_text not in (None, "", "*"):
+        assert port_text is not None
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise _invalid(text, f"bad port {port_text!r}")
+        port = int(port_text)
+    if host in ("", "*"):
+        return Rule(text, protocol, None, port)
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        if not _NAME.match(host):
+            raise _invalid(text, f"{host!r} is neither an address, a subnet nor a name") from None
+        return Rule(text, protocol, (), port, name=host.rstrip(".").lower())
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 \
+            and network.network_address.ipv4_mapped is not None:
+        mapped = network.network_address.ipv4_mapped
+        network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+    return Rule(text, protocol, (network,), port)
+
+
+class OutgoingRules:
+    """``feature.network.outgoing``, compiled: which destinations leave from the target."""
+
+    def __init__(self, config: OutgoingConfig) -> None:
+        self.tcp = config.tcp
+        self.udp = config.udp
+        self.ignore_localhost = config.ignore_localhost
+        self.remote: list[Rule] | None = None
+        self.local: list[Rule] | None = None
+        if config.filter is not None:
+            if config.filter.remote is not None and config.filter.local is not None:
+                raise TracerError(
+                    "feature.network.outgoing.filter has both a remote and a local list",
+                    hint="give only one of them: the other side gets every other destination",
+                )
+            if config.filter.remote is not None:
+                self.remote = [parse_rule(entry) for entry in config.filter.remote]
+            if config.filter.local is not None:
+                self.local = [parse_rule(entry) for entry in config.filter.local]
+
+    @property
+    def names(self) -> list[str]:
+        rules = (self.remote or []) + (self.local or [])
+        return sorted({rule.name for rule in rules if rule.name is not None})
+
+    def resolve_names(self, addresses: dict[str, Sequence[IPAddress]]) -> None:
+        """Give name rules their addresses (name -> addresses found anywhere)."""
+        def resolved(rule: Rule) -> Rule:
+            if rule.name is None:
+                return rule
+            networks = tuple(ipaddress.ip_network(address)
+                             for address in addresses.get(rule.name, ()))
+            return Rule(rule.text, rule.protocol, networks, rule.port, rule.name)
+
+        if self.remote is not None:
+            self.remote = [resolved(rule) for rule in self.remote]
+        if self.local is not None:
+            self.local = [resolved(rule) for rule in self.local]
+
+    def is_remote(self, protocol: str, address: IPAddress, port: int) -> bool:
+        if (protocol == "tcp" and not self.tcp) or (protocol == "udp" and not self.udp):
+            return False
+        if self.ignore_localhost and address.is_loopback:
+            return False
+        if self.remote is not None:
+            return any(rule.matches(protocol, address, port) for rule in self.remote)
+        if self.local is not None:
+            return not any(rule.matches(protocol, address, port) for rule in self.local)
+        return True
+
+
+# -- helpers on tracee sockets ---------------------------------------------------------
+
+def socket_inode(tid: int, fd: int) -> int | None:
+    """The inode of the tracee's socket ``fd`` (None if it is not a socket)."""
+    try:
+        link = os.readlink(f"/proc/{tid}/fd/{fd}")
+    except OSError:
+        return None
+    if not link.startswith("socket:["):
+        return None
+    return int(link[8:-1])
+
+
+def _thread_group(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+
+
+def _holds_socket(tgid: int, inode: int) -> bool:
+    wanted = f"socket:[{inode}]"
+    try:
+        entries = os.listdir(f"/proc/{tgid}/fd")
+    except OSError:
+        return False
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{tgid}/fd/{entry}") == wanted:
+                return True
+    return False
+
+
+def _held_by_any(tgids: Sequence[int], inode: int) -> bool:
+    return any(_holds_socket(tgid, inode) for tgid in tgids)
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _nonblocking(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+def _timeout_option(sock: socket.socket, option: int) -> float | None:
+    seconds, microseconds = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, option,
+                                                            _TIMEVAL.size))
+    value = seconds + microseconds / 1e6
+    return value if value > 0 else None
+
+
+def _address_reply(call: SyscallCall, address_pointer: int, length_pointer: int,
+                   sockaddr: bytes) -> list[tuple[int, bytes]]:
+    """The writes that return ``sockaddr`` through (addr, addrlen) as the kernel does."""
+    if address_pointer == 0 or length_pointer == 0:
+        return []
+    (capacity,) = _SOCKLEN.unpack(call.read(length_pointer, 4))
+    writes = [(length_pointer, _SOCKLEN.pack(len(sockaddr)))]
+    if capacity:
+        writes.insert(0, (address_pointer, sockaddr[:capacity]))
+    return writes
+
+
+def _encode_ancillary(ancillary: list[tuple[int, int, bytes]], capacity: int) -> tuple[bytes, bool]:
+    """cmsghdr records for the tracee's control buffer; True if some did not fit."""
+    out = bytearray()
+    for level, kind, data in ancillary:
+        length = 16 + len(data)
+        record = struct.pack("=Qii", length, level, kind) + data
+        record += bytes((-len(record)) % 8)
+        if len(out) + length > capacity:
+            return bytes(out), True
+        out += record[: capacity - len(out)]
+    return bytes(out), False
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """What getpeername/getsockname answer for a relayed socket."""
+
+    peer: bytes
+    local: bytes | None  # None: the socket's own address
+
+
+@dataclass(frozen=True, slots=True)
+class _Receive:
+    """A trapped recvfrom/recvmsg: where the datagram, its source and the rest go."""
+
+    iov: tuple[tuple[int, int], ...]
+    flags: int
+    address_pointer: int
+    # recvfrom: a pointer to the socklen_t; recvmsg: the msghdr (namelen, controllen, flags).
+    length_pointer: int
+    capacity_of_address: int
+    msghdr: int = 0
+    control_pointer: int = 0
+    control_capacity: int = 0
+
+    @property
+    def size(self) -> int:
+        return min(sum(length for _, length in self.iov), _MAX_RECEIVE)
+
+
+# -- the handlers ----------------------------------------------------------------------------
+
+class Outgoing:
+    """The state of one session's outgoing network and its syscall handlers."""
+
+    def __init__(self, context: RemoteContext, rules: OutgoingRules, dns: DnsSetup) -> None:
+        self.context = context
+        self.rules = rules
+        self.dns = dns
+        # Written on the event loop, read by the trap loop (single dict operations).
+        self.relayed: dict[int, Relayed] = {}
+        self.udp_relays: dict[int, UdpRelay] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._lost_reported = False
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "connect": self.handle_connect,
+            "sendto": self.handle_sendto,
+            "sendmsg": self.handle_sendmsg,
+            "recvfrom": self.handle_recvfrom,
+            "recvmsg": self.handle_recvmsg,
+            "getpeername": self.handle_getpeername,
+            "getsockname": self.handle_getsockname,
+        }
+
+    # -- decisions --
+
+    def remote_for(self, protocol: str, endpoint: Endpoint) -> bool:
+        if self.dns.is_target_nameserver(endpoint.address, endpoint.port):
+            return True
+        return self.rules.is_remote(protocol, endpoint.address, endpoint.port)
+
+    def agent_gone(self) -> bool:
+        if not self.context.agent_lost and self.context.client.closed:
+            self.agent_lost()
+        return self.context.agent_lost
+
+    def agent_lost(self) -> None:
+        self.context.agent_lost = True
+        if not self._lost_reported:
+            self._lost_reported = True
+            log.warning("lost the agent: remote connections now fail "
+                        "(ECONNRESET on open ones, ENETUNREACH on new ones)")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _remember(self, inode: int, relayed: Relayed) -> None:
+        self.relayed.pop(inode, None)
+        self.relayed[inode] = relayed
+        while len(self.relayed) > MAX_REMEMBERED:
+            oldest = next(iter(self.relayed))
+            if oldest in self.udp_relays:
+                break
+            del self.relayed[oldest]
+
+    # -- connect --
+
+    def handle_connect(self, call: SyscallCall) -> Outcome:
+        length = min(call.uint_arg(2), _SOCKADDR_MAX)
+        if call.pointer_arg(1) == 0 or length < 2:
+            return CONTINUE
+        raw = call.read(call.pointer_arg(1), length)
+        parsed = parse_sockaddr(raw)
+        if parsed is None:
+            if self.relayed and struct.unpack_from("=H", raw)[0] == socket.AF_UNSPEC:
+                self._forget(call.tid, call.int_arg(0))  # UDP "disconnect"
+            return CONTINUE
+        family, endpoint = parsed
+        tcp, udp = self.remote_for("tcp", endpoint), self.remote_for("udp", endpoint)
+        if not (tcp or udp):
+            if self.relayed:
+                self._forget(call.tid, call.int_arg(0))
+            return CONTINUE
+        return OnTraceeFd(call.int_arg(0), partial(self._connect_action, call.tid, family,
+                                                   endpoint, tcp, udp))
+
+    def _forget(self, tid: int, fd: int) -> None:
+        inode = socket_inode(tid, fd)
+        if inode is not None and inode in self.relayed and inode not in self.udp_relays:
+            return  # a TCP socket: the kernel answers EISCONN and keeps it relayed
+        if inode is not None:
+            self.relayed.pop(inode, None)
+            relay = self.udp_relays.get(inode)
+            if relay is not None:
+                relay.connected_peer = None
+
+    def _connect_action(self, tid: int, family: int, endpoint: Endpoint, tcp: bool, udp: bool,
+                        fd: int) -> Outcome:
+        with borrowed(fd) as sock:
+            if sock.family != family:
+                return CONTINUE  # the kernel's EAFNOSUPPORT / EINVAL
+            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+            if kind == socket.SOCK_STREAM and tcp and protocol == socket.IPPROTO_TCP:
+                try:
+                    sock.getpeername()
+                    return CONTINUE  # already connected: the kernel says EISCONN
+                except OSError:
+                    pass
+                if self.agent_gone():
+                    return Errno(errno.ENETUNREACH)
+                timeout = _timeout_option(sock, socket.SO_SNDTIMEO) or CONNECT_TIMEOUT
+                inode = os.fstat(fd).st_ino
+                return Defer(self._connect_tcp(os.dup(fd), family, endpoint, inode, timeout))
+            if kind == socket.SOCK_DGRAM and udp and protocol in (0, socket.IPPROTO_UDP):
+                if self.agent_gone():
+                    return Errno(errno.ENETUNREACH)
+                inode = os.fstat(fd).st_ino
+                return Defer(self._connect_udp(os.dup(fd), family, endpoint, inode,
+                                               _thread_group(tid)))
+        return CONTINUE
+
+    async def _connect_tcp(self, fd: int, family: int, endpoint: Endpoint, inode: int,
+                           timeout: float) -> Outcome:
+        try:
+            try:
+                stream = await self.context.client.open_tcp(endpoint.host, endpoint.port, timeout)
+            except AgentUnavailable:
+                self.agent_lost()
+                return Errno(errno.ENETUNREACH)
+            except RemoteError as error:
+                return Errno(error.errno or errno.EIO)
+            try:
+                connection, result = await connect_to_relay(fd, family)
+            except (OSError, TimeoutError) as error:
+                stream.close()
+                return Errno(getattr(error, "errno", None) or errno.ECONNABORTED)
+            local = Endpoint.of(*stream.local_address)
+            try:
+                local_sockaddr: bytes | None = build_sockaddr(family, local)
+            except ValueError:
+                local_sockaddr = None
+            self._remember(inode, Relayed(build_sockaddr(family, endpoint), local_sockaddr))
+            self._spawn(relay_tcp(connection, stream, on_agent_lost=self.agent_lost))
+            log.debug("tcp %s relayed (inode %d)", endpoint, inode)
+            return ReturnValue(0) if result == 0 else Errno(result)
+        finally:
+            os.close(fd)
+
+    # -- UDP relays --
+
+    async def _relay_for(self, inode: int, family: int, tgid: int) -> UdpRelay:
+        relay = self.udp_relays.get(inode)
+        if relay is not None and relay.failed is not None and not self.agent_gone():
+            del self.udp_relays[inode]
+            relay = None
+        if relay is None:
+            client = self.context.client
+
+            async def open_agent_udp(destination_family: int) -> Any:
+                return await client.open_udp(destination_family)
+
+            relay = UdpRelay(family, open_agent_udp, dns=self.dns, on_agent_lost=self.agent_lost)
+            self.udp_relays[inode] = relay
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        relay.owners.add(tgid)
+        return relay
+
+    async def _connect_udp(self, fd: int, family: int, endpoint: Endpoint, inode: int,
+                           tgid: int) -> Outcome:
+        try:
+            relay = await self._relay_for(inode, family, tgid)
+            await relay.agent_socket(endpoint.family)  # the target's errors, now
+            peer_socket = relay.peer_socket(endpoint)
+            with borrowed(fd) as sock:
+                result = sock.connect_ex(peer_socket.address)
+                if result:
+                    return Errno(result)
+                relay.tracee_address = reachable_address(family, sock.getsockname())
+            relay.connected_peer = endpoint
+            self._remember(inode, Relayed(build_sockaddr(family, endpoint), None))
+            log.debug("udp %s relayed (inode %d)", endpoint, inode)
+            return ReturnValue(0)
+        except AgentUnavailable:
+            self.agent_lost()
+            return Errno(errno.ENETUNREACH)
+        except OSError as error:
+            return Errno(error.errno or errno.EIO)
+        finally:
+            os.close(fd)
+
+    async def _send_datagram(self, inode: int, family: int, tgid: int,
+                             tracee_address: tuple[Any, ...], endpoint: Endpoint,
+                             data: bytes) -> Outcome:
+        try:
+            relay = await self._relay_for(inode, family, tgid)
+            relay.tracee_address = tracee_address
+            await relay.send(data, endpoint)
+            return ReturnValue(len(data))
+        except AgentUnavailable:
+            self.agent_lost()
+            return Errno(errno.ENETUNREACH)
+        except OSError as error:
+            return Errno(error.errno or errno.EIO)
+
+    # -- sendto / sendmsg --
+
+    def handle_sendto(self, call: SyscallCall) -> Outcome:
+        address_pointer, length = call.pointer_arg(4), min(call.uint_arg(5), _SOCKADDR_MAX)
+        if address_pointer == 0 or length < 2:
+            return CONTINUE
+        parsed = parse_sockaddr(call.read(address_pointer, length))
+        if parsed is None or not self.remote_for("udp", parsed[1]):
+            return CONTINUE
+        buffer, size = call.pointer_arg(1), call.args[2]
+        return OnTraceeFd(call.int_arg(0), partial(
+            self._send_action, call, parsed[0], parsed[1], ((buffer, size),)))
+
+    def handle_sendmsg(self, call: SyscallCall) -> Outcome:
+        header = _MSGHDR.unpack(call.read(call.pointer_arg(1), _MSGHDR.size))
+        name, name_length, iov_pointer, iov_count = header[0], header[1], header[2], header[3]
+        if name == 0 or name_length < 2:
+            return CONTINUE
+        parsed = parse_sockaddr(call.read(name, min(name_length, _SOCKADDR_MAX)))
+        if parsed is None or not self.remote_for("udp", parsed[1]):
+            return CONTINUE
+        if iov_count > _MAX_IOV:
+            return Errno(errno.EMSGSIZE)
+        vectors = call.read(iov_pointer, _IOVEC.size * iov_count) if iov_count else b""
+        iov = tuple(_IOVEC.iter_unpack(vectors))
+        return OnTraceeFd(call.int_arg(0), partial(
+            self._send_action, call, parsed[0], parsed[1], iov))
+
+    def _send_action(self, call: SyscallCall, family: int, endpoint: Endpoint,
+                     iov: tuple[tuple[int, int], ...], fd: int) -> Outcome:
+        with borrowed(fd) as sock:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_DGRAM:
+                return CONTINUE  # a stream socket ignores the address
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return CONTINUE
+            if sock.family == socket.AF_INET and family != socket.AF_INET:
+                return CONTINUE  # the kernel's EAFNOSUPPORT
+            if self.agent_gone():
+                return Errno(errno.ENETUNREACH)
+            size = sum(length for _, length in iov)
+            if size > MAX_DATAGRAM:
+                return Errno(errno.EMSGSIZE)
+            data = b"".join(call.read(base, length) for base, length in iov if length)
+            bound = sock.getsockname()
+            if bound[1] == 0:
+                # What the kernel's autobind would do for the first datagram.
+                sock.bind(("0.0.0.0", 0) if sock.family == socket.AF_INET else ("::", 0))
+                bound = sock.getsockname()
+            inode = os.fstat(fd).st_ino
+            tgid = _thread_group(call.tid)
+            return Defer(self._send_datagram(inode, sock.family, tgid,
+                                             reachable_address(sock.family, bound),
+                                             endpoint, data))
+
+    # -- recvfrom / recvmsg --
+
+    def handle_recvfrom(self, call: SyscallCall) -> Outcome:
+        address_pointer = call.pointer_arg(4)
+        if not self.udp_relays or address_pointer == 0 or call.pointer_arg(5) == 0:
+            return CONTINUE
+        inode = socket_inode(call.tid, call.int_arg(0))
+        relay = self.udp_relays.get(inode) if inode is not None else None
+        if relay is None:
+            return CONTINUE
+        (capacity,) = _SOCKLEN.unpack(call.read(call.pointer_arg(5), 4))
+        receive = _Receive(((call.pointer_arg(1), min(call.args[2], _MAX_RECEIVE)),),
+                           call.int_arg(3), address_pointer, call.pointer_arg(5), capacity)
+        return OnTraceeFd(call.int_arg(0), partial(self._receive_action, call, relay, receive))
+
+    def handle_recvmsg(self, call: SyscallCall) -> Outcome:
+        if not self.udp_relays:
+            return CONTINUE
+        header_pointer = call.pointer_arg(1)
+        header = _MSGHDR.unpack(call.read(header_pointer, _MSGHDR.size))
+        name, name_length, iov_pointer, iov_count, control, control_length = header[:6]
+        if name == 0:
+            return CONTINUE
+        inode = socket_inode(call.tid, call.int_arg(0))
+        relay = self.udp_relays.get(inode) if inode is not None else None
+        if relay is None:
+            return CONTINUE
+        if iov_count > _MAX_IOV:
+            return Errno(errno.EMSGSIZE)
+        vectors = call.read(iov_pointer, _IOVEC.size * iov_count) if iov_count else b""
+        receive = _Receive(tuple(_IOVEC.iter_unpack(vectors)), call.int_arg(2), name,
+                           header_pointer + 8, name_length, msghdr=header_pointer,
+                           control_pointer=control, control_capacity=control_length)
+        return OnTraceeFd(call.int_arg(0), partial(self._receive_action, call, relay, receive))
+
+    def _receive_action(self, call: SyscallCall, relay: UdpRelay, receive: _Receive,
+                        fd: int) -> Outcome:
+        outcome = self._try_receive(call, relay, receive, fd)
+        if outcome is not None:
+            return outcome
+        if receive.flags & _MSG_DONTWAIT or _nonblocking(fd):
+            return Errno(errno.EAGAIN)
+        with borrowed(fd) as sock:
+            timeout = _timeout_option(sock, socket.SO_RCVTIMEO)
+        return Defer(self._wait_and_receive(call, relay, receive, os.dup(fd), timeout))
+
+    def _try_receive(self, call: SyscallCall, relay: UdpRelay, receive: _Receive,
+                     fd: int) -> Outcome | None:
+        """The datagram waiting in the tracee's socket, returned as the call's
+        result; None when there is none."""
+        ancillary_space = receive.control_capacity if receive.msghdr else 0
+        with borrowed(fd) as sock:
+            try:
+                data, ancillary, message_flags, source = sock.recvmsg(
+                    receive.size, ancillary_space, receive.flags | _MSG_DONTWAIT)
+            except BlockingIOError:
+                if relay.failed is not None:
+                    return Errno(errno.ECONNREFUSED)
+                return None
+        peer = relay.source_of(source)
+        if peer is not None:
+            sockaddr = build_sockaddr(relay.family, peer)
+        else:
+            found = endpoint_of(source)
+            sockaddr = build_sockaddr(relay.family, found) if found is not None else b""
+        writes: list[tuple[int, bytes]] = []
+        offset = 0
+        for base, length in receive.iov:
+            if offset >= len(data):
+                break
+            piece = data[offset: offset + length]
+            writes.append((base, piece))
+            offset += len(piece)
+        if receive.msghdr == 0:
+            writes += [(address, chunk) for address, chunk in
+                       _address_reply(call, receive.address_pointer, receive.length_pointer,
+                                      sockaddr)]
+            return ReturnValue(len(data), writes=tuple(writes))
+        if receive.capacity_of_address:
+            writes.append((receive.address_pointer, sockaddr[: receive.capacity_of_address]))
+        writes.append((receive.msghdr + 8, _SOCKLEN.pack(len(sockaddr))))
+        control, truncated = _encode_ancillary(ancillary, receive.control_capacity)
+        if control:
+            writes.append((receive.control_pointer, control))
+        if truncated:
+            message_flags |= socket.MSG_CTRUNC
+        writes.append((receive.msghdr + 40, struct.pack("=Q", len(control))))
+        writes.append((receive.msghdr + 48, struct.pack("=i", message_flags)))
+        return ReturnValue(len(data), writes=tuple(writes))
+
+    async def _wait_and_receive(self, call: SyscallCall, relay: UdpRelay, receive: _Receive,
+                                fd: int, timeout: float | None) -> Outcome:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, _set_once, readable)
+                failure = asyncio.ensure_future(relay.failure.wait())
+                try:
+                    remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                    await asyncio.wait({readable, failure}, timeout=remaining,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    loop.remove_reader(fd)
+                    failure.cancel()
+                outcome = self._try_receive(call, relay, receive, fd)
+                if outcome is not None:
+                    return outcome
+                if deadline is not None and loop.time() >= deadline:
+                    return Errno(errno.EAGAIN)
+        finally:
+            os.close(fd)
+
+    # -- getpeername / getsockname --
+
+    def _relayed(self, call: SyscallCall) -> Relayed | None:
+        if not self.relayed:
+            return None
+        inode = socket_inode(call.tid, call.int_arg(0))
+        return self.relayed.get(inode) if inode is not None else None
+
+    def handle_getpeername(self, call: SyscallCall) -> Outcome:
+        relayed = self._relayed(call)
+        if relayed is None:
+            return CONTINUE
+        writes = _address_reply(call, call.pointer_arg(1), call.pointer_arg(2), relayed.peer)
+        return ReturnValue(0, writes=tuple(writes)) if writes else Errno(errno.EFAULT)
+
+    def handle_getsockname(self, call: SyscallCall) -> Outcome:
+        relayed = self._relayed(call)
+        if relayed is None or relayed.local is None:
+            return CONTINUE
+        writes = _address_reply(call, call.pointer_arg(1), call.pointer_arg(2), relayed.local)
+        return ReturnValue(0, writes=tuple(writes)) if writes else Errno(errno.EFAULT)
+
+    # -- housekeeping --
+
+    async def _sweep(self) -> None:
+        """Close UDP relays whose tracee socket is gone (close() is not trapped)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for inode, relay in list(self.udp_relays.items()):
+                if now - relay.last_used < SWEEP_INTERVAL:
+                    continue
+                held = await asyncio.to_thread(_held_by_any, tuple(relay.owners), inode)
+                if not held:
+                    self.udp_relays.pop(inode, None)
+                    self.relayed.pop(inode, None)
+                    await relay.close()
+
+    async def close(self) -> None:
+        """Close every relay (the end of the session)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for relay in list(self.udp_relays.values()):
+            await relay.close()
+        self.udp_relays.clear()
+
+
+# -- set-up -------------------------------------------------------------------------------------
+
+async def _target_nameservers(context: RemoteContext) -> list[IPAddress]:
+    try:
+        contents = await context.client.read_file("/etc/resolv.conf")
+    except RemoteError:
+        return parse_nameservers(b"")
+    return parse_nameservers(contents.data)
+
+
+async def _resolve_in_target(context: RemoteContext, names: Sequence[str]
+                             ) -> dict[str, list[IPAddress]]:
+    found: dict[str, list[IPAddress]] = {}
+    for name in names:
+        try:
+            addresses = await context.client.resolve(name)
+        except RemoteError as error:
+            log.warning("outgoing filter: %s does not resolve in the target (%s)", name, error)
+            continue
+        found[name] = [ipaddress.ip_address(address) for address in addresses]
+    return found
+
+
+def _resolve_here(name: str) -> list[IPAddress]:
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return []
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+def setup(context: RemoteContext, *, local_resolvers: Sequence[tuple[str, int]] | None = None
+          ) -> Outgoing:
+    """The session's outgoing network state: the filter compiled (names
+    resolved), the target's nameservers read. Start-up work: it waits on the
+    agent, so it runs before the tracee does."""
+    network = context.features.network
+    rules = OutgoingRules(network.outgoing)
+    names = NameRules(network.dns)
+    nameservers: list[IPAddress] = []
+    if names.enabled:
+        nameservers = context.run(_target_nameservers(context), timeout=15)
+    if rules.names:
+        addresses = context.run(_resolve_in_target(context, rules.names), timeout=30)
+        for name in rules.names:
+            addresses.setdefault(name, []).extend(_resolve_here(name))
+        rules.resolve_names(addresses)
+    dns = DnsSetup(names, nameservers,
+                   list(local_resolvers) if local_resolvers is not None else local_nameservers())
+    log.debug("target nameservers: %s", ", ".join(map(str, nameservers)) or "none")
+    return Outgoing(context, rules, dns)
+
+
+def handlers(context: RemoteContext, *,
+             local_resolvers: Sequence[tuple[str, int]] | None = None) -> dict[str, Handler]:
+    """The outgoing network's handlers (trap ``TRAPPED``)."""
+    return setup(context, local_resolvers=local_resolvers).handlers()
