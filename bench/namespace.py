@@ -1,0 +1,188 @@
+"""The namespace target: a stand-in for a remote environment, made on this machine.
+
+``NamespaceTarget.start(...)`` creates a network namespace ``mtrace-bench-<pid>``
+with only ``lo`` (up, no veth: nothing leaves the machine), starts
+``bench/netserve`` on the namespace's loopback (a small-HTTP port and a bulk
+port) and a target process (``sleep``) inside it, whose pid is what
+``mtrace exec --target pid/N`` and the agent's ``--target-pid`` take. The
+target also has a file only it can see (``remote_file``: a tmpfs mounted, in
+its own mount namespace, over an empty directory of this host), so a
+successful open of it proves the open went to the target. ``close()``
+stops both and deletes the namespace; namespaces left by a crashed earlier run
+(whose pid is gone) are deleted at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import Unavailable, which
+
+PREFIX = "mtrace-bench"
+_STALE = re.compile(rf"^{PREFIX}-(\d+)$")
+START_TIMEOUT = 10.0
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise Unavailable(f"`ip {' '.join(args)}` failed: {result.stderr.strip()[:200]}")
+    return result
+
+
+def _remove_stale_namespaces() -> None:
+    listing = _ip("netns", "list", check=False).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = _STALE.match(name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            _ip("netns", "del", name, check=False)
+
+
+def read_line(process: subprocess.Popen[str], timeout: float) -> str:
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    if not ready:
+        raise Unavailable("netserve did not start in the namespace")
+    return process.stdout.readline().strip()
+
+
+def stop_process(process: subprocess.Popen[str] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, timeout: float = START_TIMEOUT) -> bool:
+    """Whether a socket of this network namespace listens on ``port`` (from /proc/net/tcp)."""
+    wanted = f":{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            for line in table.readlines()[1:]:
+                parts = line.split()
+                if parts[1].endswith(wanted) and parts[3] == "0A":
+                    return True
+        time.sleep(0.02)
+    return False
+
+
+@dataclass
+class NamespaceTarget:
+    name: str
+    pid: int
+    http_port: int
+    bulk_port: int
+    remote_file: Path
+    work_dir: Path
+    _processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, *, netserve: Path, work_dir: Path, bulk_bytes: int) -> NamespaceTarget:
+        if os.geteuid() != 0:
+            raise Unavailable("needs root to create a network namespace")
+        if which("ip") is None:
+            raise Unavailable("`ip` not installed: apt-get install iproute2")
+        _remove_stale_namespaces()
+        name = f"{PREFIX}-{os.getpid()}"
+        _ip("netns", "del", name, check=False)
+        _ip("netns", "add", name)
+        processes: list[subprocess.Popen[str]] = []
+        try:
+            _ip("-n", name, "link", "set", "lo", "up")
+            server = subprocess.Popen(
+                ["ip", "netns", "exec", name, str(netserve), str(bulk_bytes)],
+                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+            processes.append(server)
+            ports = dict(item.split("=") for item in read_line(server, START_TIMEOUT).split())
+            remote_dir = work_dir / "remote"
+            remote_dir.mkdir(parents=True, exist_ok=True)
+            remote_file = remote_dir / "file.txt"
+            # `ip netns exec` gives the target a private mount namespace: the
+            # tmpfs (and the 4 KiB file in it) exist only there.
+            script = (f"mount -t tmpfs mtrace-bench {remote_dir} && "
+                      f"head -c 4096 /dev/zero > {remote_file} && exec sleep 86400")
+            target = subprocess.Popen(["ip", "netns", "exec", name, "sh", "-c", script],
+                                      stdin=subprocess.DEVNULL, text=True)
+            processes.append(target)
+            _wait_for_exec(target.pid, "sleep")
+            return cls(name, target.pid, int(ports["http"]), int(ports["bulk"]), remote_file,
+                       work_dir, processes)
+        except BaseException:
+            for process in reversed(processes):
+                stop_process(process)
+            _ip("netns", "del", name, check=False)
+            raise
+
+    def inside(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run directly in the target's network and mount namespaces: the
+        reference side of every remote comparison."""
+        if which("nsenter") is None:
+            raise Unavailable("nsenter not installed: apt-get install util-linux")
+        return ["nsenter", "-t", str(self.pid), "-n", "-m", "--", *argv]
+
+    @contextlib.contextmanager
+    def socat_relay(self) -> Iterator[int]:
+        """A host-side port that socat relays into the namespace's bulk port.
+
+        The same shape as mtrace's path: a local socket, a pipe to a process in
+        the target's namespace, and that process's connection to the service.
+        """
+        if which("socat") is None:
+            raise Unavailable("socat not installed: apt-get install socat")
+        port = free_port()
+        # socat's EXEC address cannot hold the ':' of the inner address: a script can.
+        # -t 0: no half-close linger (0.5 s by default), which is not throughput.
+        script = self.work_dir / "socat-relay.sh"
+        script.write_text(f"#!/bin/sh\nexec ip netns exec {self.name} "
+                          f"socat -t 0 STDIO TCP:127.0.0.1:{self.bulk_port}\n")
+        script.chmod(0o755)
+        relay = subprocess.Popen(
+            ["socat", "-t", "0", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+             f"EXEC:{script}"],
+            stdin=subprocess.DEVNULL, text=True)
+        try:
+            if not wait_listening(port):
+                raise Unavailable("socat did not start listening")
+            yield port
+        finally:
+            stop_process(relay)
+
+    def close(self) -> None:
+        for process in reversed(self._processes):
+            stop_process(process)
+        self._processes.clear()
+        _ip("netns", "del", self.name, check=False)
+
+
+def _wait_for_exec(pid: int, command: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == command:
+                return
+        except OSError as error:
+            raise Unavailable(f"the target process exited: {error}") from error
+        time.sleep(0.01)
+    raise Unavailable("the target process did not start")
