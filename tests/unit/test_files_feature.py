@@ -1,0 +1,631 @@
+"""The files feature against a fake agent: real probes, real seccomp, no root.
+
+The fake agent (:class:`FakeAgent`) is the agent's own ``FileService`` over a
+temporary directory that plays the target's root, called in-process, plus
+typed helpers: ``calls`` records every operation (``count("read_file")``),
+``lose()`` makes every later call fail as a dead agent does, ``delay`` slows
+calls down (concurrency tests). So the tracer's side is tested end to end:
+path resolution, policy, the shadow tree, struct packing, virtual cwd, write
+mode, with each probe flavour (static Go, static glibc, static musl, dynamic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import stat
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mtrace.agent.errors import AgentUnavailable, RemoteError
+from mtrace.agent.files import FileService, HandleTable, make_resolver
+from mtrace.agent.protocol import Data, DirEntry, FileContents, FileStat, Opened
+from mtrace.tracer import files
+from mtrace.tracer.backend import AsyncSide, Handlers
+from mtrace.tracer.policy import FeatureConfig, FsConfig
+from mtrace.tracer.remote import RemoteContext
+from mtrace.tracer.session import Session, run
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- the fake agent ----------------------------------------------------------------
+
+
+@dataclass
+class FakeAgent:
+    """An in-process stand-in for ``AgentClient`` serving ``root`` as the target's /."""
+
+    root: Path
+    writable: bool = False
+    delay: float = 0.0
+    calls: list[tuple[str, bytes]] = field(default_factory=list)
+    lost: bool = False
+
+    def __post_init__(self) -> None:
+        self.service = FileService(make_resolver(str(self.root)), writable=self.writable)
+        self.handles = HandleTable()
+        self._lock = threading.Lock()
+
+    # typed helpers for tests
+    def count(self, operation: str, path: bytes | None = None) -> int:
+        return sum(1 for name, argument in self.calls
+                   if name == operation and (path is None or argument == path))
+
+    def lose(self) -> None:
+        self.lost = True
+
+    @property
+    def closed(self) -> bool:
+        return self.lost
+
+    async def _enter(self, operation: str, path: bytes = b"") -> None:
+        with self._lock:
+            self.calls.append((operation, path))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.lost:
+            raise AgentUnavailable("the fake agent is gone")
+
+    @staticmethod
+    def _call(function: Any, *args: Any) -> Any:
+        try:
+            return function(*args)
+        except OSError as error:
+            raise RemoteError(error.errno or errno.EIO, str(error)) from None
+
+    # the AgentClient API the tracer uses
+    async def stat(self, path: bytes, *, follow_symlinks: bool = True) -> FileStat:
+        await self._enter("stat" if follow_symlinks else "lstat", path)
+        return self._call(self.service.stat, path, follow_symlinks)  # type: ignore[no-any-return]
+
+    async def lstat(self, path: bytes) -> FileStat:
+        return await self.stat(path, follow_symlinks=False)
+
+    async def access(self, path: bytes, mode: int = os.F_OK) -> None:
+        await self._enter("access", path)
+        self._call(self.service.access, path, mode)
+
+    async def read_file(self, path: bytes) -> FileContents:
+        await self._enter("read_file", path)
+        return self._call(self.service.read_file, path, 1 << 30)  # type: ignore[no-any-return]
+
+    async def open(self, path: bytes, flags: int = os.O_RDONLY, mode: int = 0o666) -> Opened:
+        await self._enter("open", path)
+        fd, info = self._call(self.service.open, path, flags, mode)
+        return Opened(handle=self.handles.add(fd), stat=info)
+
+    async def read(self, handle: int, size: int, offset: int | None = None) -> Data:
+        await self._enter("read")
+        with self.handles.use(handle) as fd:
+            return self._call(self.service.read, fd, size, offset)  # type: ignore[no-any-return]
+
+    async def write(self, handle: int, data: bytes, offset: int | None = None) -> int:
+        await self._enter("write")
+        with self.handles.use(handle) as fd:
+            return self._call(self.service.write, fd, data, offset)  # type: ignore[no-any-return]
+
+    async def close_file(self, handle: int) -> None:
+        await self._enter("close")
+        self.handles.close(handle)
+
+    async def readdir(self, path: bytes) -> list[DirEntry]:
+        await self._enter("readdir", path)
+        return self._call(self.service.readdir, path).entries  # type: ignore[no-any-return]
+
+    async def readlink(self, path: bytes) -> bytes:
+        await self._enter("readlink", path)
+        return self._call(self.service.readlink, path)  # type: ignore[no-any-return]
+
+    async def truncate(self, path: bytes, length: int) -> None:
+        await self._enter("truncate", path)
+        self._call(self.service.truncate, path, length)
+
+    async def mkdir(self, path: bytes, mode: int = 0o777) -> None:
+        await self._enter("mkdir", path)
+        self._call(self.service.mkdir, path, mode)
+
+    async def unlink(self, path: bytes) -> None:
+        await self._enter("unlink", path)
+        self._call(self.service.unlink, path, False)
+
+    async def rmdir(self, path: bytes) -> None:
+        await self._enter("rmdir", path)
+        self._call(self.service.unlink, path, True)
+
+    async def rename(self, source: bytes, destination: bytes) -> None:
+        await self._enter("rename", source)
+        self._call(self.service.rename, source, destination)
+
+
+# --- running a program under the files feature --------------------------------------
+
+
+@dataclass
+class Traced:
+    returncode: int
+    stdout: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+@dataclass
+class Harness:
+    """A target root, a fake agent on it, and a way to run programs against it."""
+
+    target_root: Path
+    session_dir: Path
+    agent: FakeAgent
+    async_side: AsyncSide
+
+    def context(self, config: FsConfig, executable: str | None = None) -> RemoteContext:
+        return RemoteContext(
+            client=self.agent,  # type: ignore[arg-type]
+            async_side=self.async_side,
+            features=FeatureConfig(fs=config),
+            session_dir=self.session_dir,
+            executable=executable,
+        )
+
+    def run(self, argv: list[str], config: FsConfig | None = None, *,
+            cwd: str | None = None) -> Traced:
+        config = config or FsConfig()
+        context = self.context(config, executable=argv[0])
+        feature = files.FilesFeature(context)
+        session = Session(
+            argv,
+            handlers=Handlers(feature.handlers()),
+            trapped=files.trapped_for(config),
+            async_side=self.async_side,
+            env={"PATH": "/usr/bin:/bin"},
+            cwd=cwd,
+        )
+        with tempfile.TemporaryFile() as output:
+            saved = os.dup(1)
+            try:
+                os.dup2(output.fileno(), 1)
+                returncode = run(session)
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+                feature.close()
+            output.seek(0)
+            return Traced(returncode, output.read())
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644) -> Path:
+        """Create a file in the target's root (``path`` absolute as the target sees it)."""
+        local = self.target_root / path.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(data.encode() if isinstance(data, str) else data)
+        local.chmod(mode)
+        return local
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    target_root = tmp_path / "target"
+    target_root.mkdir()
+    # Not under /tmp: the session dir is local anyway, the target paths the
+    # tests use live in /srv-like places that are remote by default.
+    session_dir = Path(tempfile.mkdtemp(prefix="mtrace-files-session-"))
+    side = AsyncSide()
+    side.start()
+    try:
+        yield Harness(target_root, session_dir, FakeAgent(target_root, writable=True), side)
+    finally:
+        side.stop()
+        import shutil
+
+        shutil.rmtree(session_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_absent(*paths: str) -> Iterator[None]:
+    for path in paths:
+        assert not os.path.lexists(path), f"{path} must not exist on this machine"
+    yield
+
+
+REMOTE = "/srv/mtrace-files-test"
+
+
+# --- reads -----------------------------------------------------------------------
+
+
+def test_cat_of_a_target_only_file(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/config.txt", "from the target\n")
+    with local_absent(REMOTE):
+        result = harness.run([str(probe), "cat", f"{REMOTE}/config.txt"])
+    assert (result.returncode, result.text) == (0, "from the target\n")
+
+
+def test_stat_reports_the_target_metadata(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/data.bin", b"x" * 1234, mode=0o640)
+    result = harness.run([str(probe), "stat", f"{REMOTE}/data.bin"])
+    assert result.text == "size=1234 mode=0640 type=file\n"
+
+
+def test_ls_of_a_target_only_directory(harness: Harness, probe: Path) -> None:
+    for name in ("b.txt", "a.txt", "c.conf"):
+        harness.write(f"{REMOTE}/dir/{name}", name)
+    (harness.target_root / REMOTE.lstrip("/") / "dir" / "sub").mkdir()
+    (harness.target_root / REMOTE.lstrip("/") / "dir" / "link").symlink_to("a.txt")
+    result = harness.run([str(probe), "ls", f"{REMOTE}/dir"])
+    assert result.text == "a.txt\nb.txt\nc.conf\nlink\nsub\n"
+
+
+def test_readlink_and_symlink_stat(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/real.txt", "real\n")
+    (harness.target_root / REMOTE.lstrip("/") / "alias").symlink_to("/srv/elsewhere/x")
+    assert harness.run([str(probe), "readlink", f"{REMOTE}/alias"]).text == "/srv/elsewhere/x\n"
+    result = harness.run([str(probe), "stat", f"{REMOTE}/alias"])
+    assert result.text == f"size={len('/srv/elsewhere/x')} mode=0777 type=symlink\n"
+
+
+def test_missing_target_file_is_the_target_errno(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/present", "x")
+    assert harness.run([str(probe), "cat", f"{REMOTE}/absent"]).text == "error: ENOENT\n"
+    assert harness.run([str(probe), "cat", f"{REMOTE}/present/x"]).text == "error: ENOTDIR\n"
+    assert harness.run([str(probe), "ls", f"{REMOTE}/present"]).text == "error: ENOTDIR\n"
+
+
+def test_symlink_loop_is_eloop(harness: Harness, probe: Path) -> None:
+    base = harness.target_root / REMOTE.lstrip("/")
+    base.mkdir(parents=True)
+    (base / "loop1").symlink_to("loop2")
+    (base / "loop2").symlink_to("loop1")
+    assert harness.run([str(probe), "cat", f"{REMOTE}/loop1"]).text == "error: ELOOP\n"
+
+
+def test_files_through_target_symlinks(harness: Harness, probe: Path) -> None:
+    harness.write("/srv/real/conf", "through a link\n")
+    base = harness.target_root / REMOTE.lstrip("/")
+    base.mkdir(parents=True)
+    (base / "linked").symlink_to("/srv/real")
+    assert harness.run([str(probe), "cat", f"{REMOTE}/linked/conf"]).text == "through a link\n"
+    assert harness.run([str(probe), "ls", f"{REMOTE}/linked"]).text == "conf\n"
+
+
+def test_big_file_is_fetched_in_chunks(harness: Harness) -> None:
+    data = bytes(range(256)) * (3 * 4096 + 17)  # ~3 MiB
+    harness.write(f"{REMOTE}/big.bin", data)
+    result = harness.run(["/bin/cat", f"{REMOTE}/big.bin"])
+    assert result.stdout == data
+    assert harness.agent.count("read") >= 3
+    assert harness.agent.count("read_file") == 0
+
+
+def test_cache_reuses_an_unchanged_file_and_refetches_a_changed_one(harness: Harness) -> None:
+    path = f"{REMOTE}/cached.txt"
+    local = harness.write(path, "one\n")
+    script = f"cat {path}; cat {path}"
+    assert harness.run(["/bin/sh", "-c", script]).text == "one\none\n"
+    assert harness.agent.count("read_file", path.encode()) == 1
+    local.write_text("two, longer\n")
+    import time
+
+    time.sleep(files.STAT_TTL + 0.1)
+    assert harness.run(["/bin/sh", "-c", f"cat {path}"]).text == "two, longer\n"
+    assert harness.agent.count("read_file", path.encode()) == 2
+
+
+def test_concurrent_opens_fetch_once(harness: Harness) -> None:
+    path = f"{REMOTE}/shared.txt"
+    harness.write(path, "shared\n")
+    harness.agent.delay = 0.05
+    script = " ".join(f"cat {path} &" for _ in range(6)) + " wait"
+    assert harness.run(["/bin/sh", "-c", script]).text == "shared\n" * 6
+    assert harness.agent.count("read_file", path.encode()) == 1
+
+
+def test_python_sees_target_metadata_through_fstat(harness: Harness) -> None:
+    """fstat of an injected fd (glibc: newfstatat AT_EMPTY_PATH) is the target's."""
+    path = f"{REMOTE}/owned.txt"
+    local = harness.write(path, "abc", mode=0o604)
+    os.chown(local, 4321, 8765) if os.geteuid() == 0 else None
+    code = (
+        "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); s=os.fstat(fd); "
+        "t=os.stat(sys.argv[1]); "
+        "print(oct(s.st_mode), s.st_size, s.st_uid, s.st_gid, s.st_ino == t.st_ino, "
+        "s.st_mtime_ns == t.st_mtime_ns)"
+    )
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, path])
+    uid, gid = (4321, 8765) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    assert result.text == f"0o100604 3 {uid} {gid} True True\n"
+    assert os.stat(local).st_ino != 0
+
+
+def test_statx_reports_target_metadata(harness: Harness) -> None:
+    harness.write(f"{REMOTE}/x.txt", "12345", mode=0o600)
+    # GNU stat uses statx.
+    result = harness.run(["/usr/bin/stat", "-c", "%s %a %F", f"{REMOTE}/x.txt"])
+    assert result.text == "5 600 regular file\n"
+
+
+def test_access_asks_the_target(harness: Harness) -> None:
+    harness.write(f"{REMOTE}/here", "x")
+    script = f"test -e {REMOTE}/here && echo yes; test -e {REMOTE}/nothere || echo no"
+    assert harness.run(["/bin/sh", "-c", script]).text == "yes\nno\n"
+
+
+# --- relative paths and chdir ------------------------------------------------------
+
+
+def test_chdir_into_a_target_only_directory(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/work/notes.txt", "relative\n")
+    harness.write(f"{REMOTE}/work/sub/deeper.txt", "deeper\n")
+    script = (
+        f"cd {REMOTE}/work && pwd && {probe} cat notes.txt && {probe} ls . && "
+        f"cd sub && {probe} cat ../sub/deeper.txt && {probe} stat deeper.txt && pwd"
+    )
+    result = harness.run(["/bin/sh", "-c", script])
+    assert result.text == (
+        f"{REMOTE}/work\nrelative\nnotes.txt\nsub\ndeeper\n"
+        f"size=7 mode=0644 type=file\n{REMOTE}/work/sub\n"
+    )
+
+
+def test_chdir_to_a_missing_target_directory_fails(harness: Harness) -> None:
+    harness.write(f"{REMOTE}/file", "x")
+    script = f"cd {REMOTE}/nope 2>/dev/null || echo nope; cd {REMOTE}/file 2>/dev/null || echo file"
+    assert harness.run(["/bin/sh", "-c", script]).text == "nope\nfile\n"
+
+
+def test_relative_paths_from_a_shadow_dirfd(harness: Harness) -> None:
+    """openat/fstatat relative to an fd of a remote directory (find, ls -l)."""
+    harness.write(f"{REMOTE}/tree/a/one.txt", "1")
+    harness.write(f"{REMOTE}/tree/b/two.txt", "22")
+    result = harness.run(["/usr/bin/find", f"{REMOTE}/tree", "-type", "f", "-size", "-3c"])
+    assert sorted(result.text.split()) == [f"{REMOTE}/tree/a/one.txt", f"{REMOTE}/tree/b/two.txt"]
+    python = (
+        "import os,sys; d=os.open(sys.argv[1], os.O_RDONLY|os.O_DIRECTORY); "
+        "print(os.stat('two.txt', dir_fd=d).st_size, open(os.open('two.txt', os.O_RDONLY, "
+        "dir_fd=d)).read(), os.readlink(f'/proc/self/fd/{d}'))"
+    )
+    result = harness.run(["/usr/bin/python3", "-S", "-c", python, f"{REMOTE}/tree/b"])
+    assert result.text == f"2 22 {REMOTE}/tree/b\n"
+
+
+def test_go_getwd_after_chdir(harness: Harness, tmp_path: Path) -> None:
+    harness.write(f"{REMOTE}/gowd/x", "x")
+    python = "import os; os.chdir('/srv/mtrace-files-test/gowd'); print(os.getcwd()); " \
+             "print(open('x').read())"
+    result = harness.run(["/usr/bin/python3", "-S", "-c", python])
+    assert result.text == f"{REMOTE}/gowd\nx\n"
+
+
+# --- policy: modes and lists ----------------------------------------------------------
+
+
+def test_local_mode_sees_local_files_only(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/config.txt", "remote\n")
+    result = harness.run([str(probe), "cat", f"{REMOTE}/config.txt"], FsConfig(mode="local"))
+    assert result.text == "error: ENOENT\n"
+    assert harness.agent.calls == []
+
+
+def test_localwithoverrides_reads_only_listed_paths(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/listed.txt", "listed\n")
+    harness.write(f"{REMOTE}/unlisted.txt", "unlisted\n")
+    config = FsConfig(mode="localwithoverrides", read_only=[r"/listed\.txt$"])
+    assert harness.run([str(probe), "cat", f"{REMOTE}/listed.txt"], config).text == "listed\n"
+    result = harness.run([str(probe), "cat", f"{REMOTE}/unlisted.txt"], config)
+    assert result.text == "error: ENOENT\n"
+
+
+def test_not_found_list(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/secret.txt", "secret\n")
+    config = FsConfig(not_found=[r"secret"])
+    assert harness.run([str(probe), "cat", f"{REMOTE}/secret.txt"], config).text == \
+        "error: ENOENT\n"
+    harness.write(f"{REMOTE}/public.txt", "public\n")
+    assert harness.run([str(probe), "cat", f"{REMOTE}/public.txt"], config).text == "public\n"
+
+
+def test_local_list_and_default_local(harness: Harness, probe: Path, tmp_path: Path) -> None:
+    # /tmp is local by default: the target's /tmp/x is not seen...
+    local_file = tmp_path / "here.txt"
+    local_file.write_text("local\n")
+    harness.write(str(local_file), "target copy\n")
+    assert harness.run([str(probe), "cat", str(local_file)]).text == "local\n"
+    # ...unless a user list says otherwise.
+    config = FsConfig(read_only=[str(tmp_path)])
+    assert harness.run([str(probe), "cat", str(local_file)], config).text == "target copy\n"
+    # And a user `local` entry keeps a remote path local.
+    harness.write(f"{REMOTE}/x.txt", "remote\n")
+    config = FsConfig(local=[r"^/srv/"])
+    assert harness.run([str(probe), "cat", f"{REMOTE}/x.txt"], config).text == "error: ENOENT\n"
+
+
+def test_policy_order() -> None:
+    policy = files.PathPolicy(
+        FsConfig(mode="read", not_found=["/nf$"], local=["^/srv/loc"], read_only=["^/tmp/ro"],
+                 read_write=["^/srv/rw"]),
+        session_dir="/tmp/session", executable="/home/me/app", home="/home/me",
+        start_directory="/home/me/project",
+    )
+    route = policy.route
+    assert route(b"/tmp/session/shadow/etc") is files.Route.LOCAL
+    assert route(b"/srv/loc/nf") is files.Route.NOT_FOUND
+    assert route(b"/srv/loc/x") is files.Route.LOCAL
+    assert route(b"/tmp/ro/x") is files.Route.READ
+    assert route(b"/srv/rw/x") is files.Route.WRITE
+    assert route(b"/tmp/other") is files.Route.LOCAL
+    assert route(b"/usr/lib/x86_64-linux-gnu/libc.so.6") is files.Route.LOCAL
+    assert route(b"/app/plugin.so.1") is files.Route.LOCAL
+    assert route(b"/proc/self/status") is files.Route.LOCAL
+    assert route(b"/home/me/project/config.yaml") is files.Route.LOCAL
+    assert route(b"/etc/hosts") is files.Route.READ
+    assert route(b"/etc/app.conf") is files.Route.READ
+    assert route(b"/var/lib/app") is files.Route.READ
+    local = files.PathPolicy(FsConfig(mode="local", read_only=["^/srv"]))
+    assert local.route(b"/srv/x") is files.Route.LOCAL
+    assert local.route(b"/etc/resolv.conf") is files.Route.READ
+    write = files.PathPolicy(FsConfig(mode="write", default_local=False))
+    assert write.route(b"/tmp/x") is files.Route.WRITE
+    assert files.trapped_for(FsConfig(mode="write"))[-1] == "exit_group"
+    assert "close" not in files.trapped_for(FsConfig())
+
+
+# --- writes ---------------------------------------------------------------------------
+
+
+def test_read_mode_writes_stay_local(harness: Harness, tmp_path: Path) -> None:
+    harness.write(f"{REMOTE}/conf", "remote\n")
+    local_dir = tmp_path / "out"
+    local_dir.mkdir()
+    # Writing a remote path in read mode creates it locally; it reads back locally.
+    target = local_dir / "new.txt"
+    config = FsConfig(read_only=[str(local_dir)])
+    script = f"echo written > {target} && cat {target}"
+    assert harness.run(["/bin/sh", "-c", script], config).text == "written\n"
+    assert target.read_text() == "written\n"
+    assert not (harness.target_root / str(target).lstrip("/")).exists()
+
+
+def test_read_mode_never_changes_the_target(harness: Harness) -> None:
+    remote = harness.write(f"{REMOTE}/keep.txt", "keep\n")
+    script = (
+        f"rm {REMOTE}/keep.txt 2>&1 | grep -o 'Read-only' ; "
+        f"mkdir {REMOTE}/newdir 2>&1 | grep -o 'Read-only' ; "
+        f"mv {REMOTE}/keep.txt {REMOTE}/moved.txt 2>&1 | grep -o 'Read-only'; cat {REMOTE}/keep.txt"
+    )
+    result = harness.run(["/bin/sh", "-c", script])
+    assert result.text == "Read-only\nRead-only\nRead-only\nkeep\n"
+    assert remote.read_text() == "keep\n"
+
+
+def test_write_mode_creates_and_writes_target_files(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/existing.txt", "line one\n")
+    config = FsConfig(mode="write")
+    script = (
+        f"echo created > {REMOTE}/created.txt && echo appended >> {REMOTE}/existing.txt && "
+        f"cat {REMOTE}/existing.txt && mkdir {REMOTE}/made && mv {REMOTE}/created.txt "
+        f"{REMOTE}/made/moved.txt && {probe} ls {REMOTE}/made"
+    )
+    result = harness.run(["/bin/sh", "-c", script], config)
+    assert result.text == "line one\nappended\nmoved.txt\n"
+    base = harness.target_root / REMOTE.lstrip("/")
+    assert (base / "existing.txt").read_text() == "line one\nappended\n"
+    assert (base / "made" / "moved.txt").read_text() == "created\n"
+    assert not os.path.lexists(REMOTE)
+
+
+def test_write_mode_uploads_at_exit_without_close(harness: Harness) -> None:
+    """A process that exits without closing its file still reaches the target."""
+    harness.write(f"{REMOTE}/unclosed.txt", "")
+    code = (
+        "import os; fd=os.open('/srv/mtrace-files-test/unclosed.txt', os.O_WRONLY|os.O_TRUNC); "
+        "os.write(fd, b'not closed'); os._exit(0)"
+    )
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.returncode == 0
+    assert (harness.target_root / REMOTE.lstrip("/") / "unclosed.txt").read_text() == "not closed"
+
+
+def test_write_mode_unlink_truncate_and_errors(harness: Harness) -> None:
+    harness.write(f"{REMOTE}/gone.txt", "x")
+    harness.write(f"{REMOTE}/long.txt", "0123456789")
+    config = FsConfig(mode="write")
+    code = (
+        "import os,errno\n"
+        "os.unlink('/srv/mtrace-files-test/gone.txt')\n"
+        "os.truncate('/srv/mtrace-files-test/long.txt', 4)\n"
+        "try: os.open('/srv/mtrace-files-test/long.txt', os.O_WRONLY|os.O_CREAT|os.O_EXCL)\n"
+        "except OSError as e: print(errno.errorcode[e.errno])\n"
+        "try: os.rmdir('/srv/mtrace-files-test/nope')\n"
+        "except OSError as e: print(errno.errorcode[e.errno])\n"
+        "print(os.path.exists('/srv/mtrace-files-test/gone.txt'), "
+        "os.stat('/srv/mtrace-files-test/long.txt').st_size)\n"
+    )
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], config)
+    assert result.text == "EEXIST\nENOENT\nFalse 4\n"
+    base = harness.target_root / REMOTE.lstrip("/")
+    assert not (base / "gone.txt").exists()
+    assert (base / "long.txt").read_text() == "0123"
+
+
+def test_write_mode_needs_a_writable_agent(harness: Harness) -> None:
+    harness.agent.service.writable = False
+    harness.write(f"{REMOTE}/ro.txt", "x")
+    code = (
+        "import os,errno\n"
+        "try: os.open('/srv/mtrace-files-test/ro.txt', os.O_WRONLY)\n"
+        "except OSError as e: print(errno.errorcode[e.errno])\n"
+    )
+    assert harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write")).text == \
+        "EROFS\n"
+
+
+# --- agent loss ------------------------------------------------------------------------
+
+
+def test_lost_agent_gives_eio_and_never_hangs(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/x.txt", "x")
+    harness.agent.lose()
+    context_flag: list[bool] = []
+    result = harness.run([str(probe), "cat", f"{REMOTE}/x.txt"])
+    assert result.text == "error: EIO\n"
+    result = harness.run([str(probe), "stat", f"{REMOTE}/x.txt"])
+    assert result.text == "error: EIO\n"
+    assert context_flag == []
+
+
+def test_lost_agent_sets_the_context_flag(harness: Harness) -> None:
+    harness.agent.lose()
+    context = harness.context(FsConfig())
+    feature = files.FilesFeature(context)
+
+    async def attempt() -> object:
+        return await feature._guarded(feature._open_for_reading(
+            files.Target(b"/srv/x", b"/srv/x", True), os.O_RDONLY, False))
+
+    outcome = harness.async_side.call(attempt(), timeout=10)
+    assert outcome == files.Errno(errno.EIO)
+    assert context.agent_lost
+    # Later calls fail at once, without deferring.
+    assert feature._defer(attempt()) == files.Errno(errno.EIO)
+
+
+def test_shadow_symlinks_never_point_outside_the_tree(harness: Harness) -> None:
+    base = harness.target_root / REMOTE.lstrip("/")
+    base.mkdir(parents=True)
+    (base / "abs").symlink_to("/etc/passwd")
+    (base / "climb").symlink_to("../../../../../../etc/passwd")
+    harness.run(["/bin/ls", REMOTE])
+    shadow = harness.session_dir / "shadow" / REMOTE.lstrip("/")
+    for name in ("abs", "climb"):
+        link = os.readlink(shadow / name)
+        assert link.startswith(str(harness.session_dir / "shadow") + "/"), link
+    assert stat.S_ISLNK(os.lstat(shadow / "abs").st_mode)
+
+
+def test_abi_struct_sizes() -> None:
+    from mtrace.tracer import abi
+
+    info = FileStat(mode=0o100644, ino=7, dev=os.makedev(8, 1), nlink=1, uid=1, gid=2, size=3,
+                    atime_ns=1_500_000_001, mtime_ns=2_000_000_002, ctime_ns=3_000_000_003,
+                    blksize=4096, blocks=8, rdev=0)
+    assert len(abi.pack_stat(info, "x86_64")) == 144
+    assert len(abi.pack_stat(info, "aarch64")) == 128
+    assert len(abi.pack_statx(info)) == 256
+    for arch in ("x86_64", "aarch64"):
+        fields = abi.unpack_stat(abi.pack_stat(info, arch), arch)
+        assert fields["mtime_ns"] == 2_000_000_002 and fields["mode"] == 0o100644
+        assert fields["dev"] == os.makedev(8, 1) and fields["blocks"] == 8
+
+
+def test_subprocess_unaffected_helpers() -> None:
+    # Keeps the module importable on machines without python3 at /usr/bin.
+    assert subprocess.run(["/usr/bin/python3", "-c", "pass"], check=False).returncode == 0

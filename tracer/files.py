@@ -1,0 +1,1012 @@
+"""The files feature: the tracee sees the target's files.
+
+Every path a trapped call names is made absolute (against the tracee's cwd,
+its virtual cwd, or the dirfd; a dirfd or cwd inside the shadow tree stands for
+the remote directory it mirrors) and routed by :class:`PathPolicy`:
+
+``LOCAL``
+    the kernel runs the call (``CONTINUE``). Where the kernel would resolve a
+    relative path differently from mtrace (the process has a virtual cwd, or
+    the dirfd is a shadow directory) the supervisor makes the call itself on
+    the absolute path and hands back the result.
+``READ`` (mode ``read``, the ``read_only`` list)
+    reads come from the target: opens get an fd of a shadow copy
+    (``mtrace.tracer.shadow``), the stat family writes the target's metadata
+    into the caller's buffer, readlink/access ask the target. An open that
+    writes or creates goes local, and the path stays local for the session
+    while it exists locally (a program that writes a file reads it back).
+    unlink/rmdir/rename/truncate/mkdir act locally when their object (for
+    mkdir: its parent) exists locally; when it exists only in the target they
+    fail with ``EROFS``, so read mode never changes the target *and* never
+    turns "delete the target's file" into "delete this machine's file".
+``WRITE`` (mode ``write``, the ``read_write`` list)
+    as READ, plus: an open for writing is made in the target first (so
+    ``O_CREAT``/``O_EXCL``/``O_TRUNC`` and ``EACCES``/``EISDIR`` are the
+    target's), the shadow copy is fetched (unless new or truncated) and
+    injected writable, and its changes are uploaded when the tracee closes
+    or fsyncs an fd of it, when a process exits (``exit_group``), and by a
+    sweep every second. unlink/rmdir/rename/truncate/mkdir go to the target.
+    Limits: uploads rewrite the whole file (not atomic for the target's
+    readers); a file changed in the target while the tracee has it open for
+    writing is overwritten by the tracee's copy; writes through a shared
+    mmap reach the target on the next close/fsync/exit/sweep. The agent must
+    run with ``--write`` (else the target answers ``EROFS``).
+``NOT_FOUND``
+    ``ENOENT``.
+
+Order (first match wins): the session directory (always local); the user's
+``not_found``, ``local``, ``read_only``, ``read_write`` lists; the DNS files
+(``/etc/resolv.conf``, ``/etc/hosts``, ``/etc/nsswitch.conf``,
+``/etc/hostname``: read from the target whenever DNS is enabled, in every
+mode); the default local list (``default_local``); the mode. ``local`` mode
+ignores ``read_only``/``read_write``; ``localwithoverrides`` honours them.
+
+The **default local list** (``DEFAULT_LOCAL`` plus the session's own paths):
+the program itself (``context.executable``); loader and libraries (``/lib*``,
+``/usr`` (libraries, /usr/share data, interpreters), ``/etc/ld.so.*``, any
+``*.so``/``*.so.N``); ``/opt``, ``/nix``, ``/snap``, ``/gnu`` (locally
+installed software); ``/bin``, ``/sbin``; kernel interfaces ``/proc``,
+``/sys``, ``/dev``, ``/run/user``; temporary directories ``/tmp``,
+``/var/tmp``; the session directory; the user's ``$HOME`` (not ``/``) and the
+directory mtrace was started in when it lies inside ``$HOME`` (the local
+project: sources, configs, virtualenvs).
+
+**chdir**: the kernel cannot enter a directory that exists only in the
+target, so ``chdir`` into a remote directory is answered by the supervisor
+(after the target confirms it is a directory) and remembered as the
+process's *virtual cwd*: later relative paths resolve against it, ``getcwd``
+and ``readlink /proc/self/cwd`` report it, ``fchdir`` and a chdir to an
+absolute local path end it. A process started by one with a virtual cwd
+inherits it (found by walking parent pids). Calls mtrace does not trap (e.g.
+``execve("./x")``, ``chmod("x")``) still resolve against the kernel's cwd.
+The virtual cwd is the lexically normalised path (``..`` is not resolved
+through symlinks).
+
+Every remote call runs on the async side (``Defer``); the trap loop never
+waits on the agent. A lost agent makes remote file calls fail with ``EIO``
+and sets ``context.agent_lost``; a remote call taking longer than
+``REMOTE_TIMEOUT`` fails with ``EIO``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from mtrace.agent.errors import AgentError, AgentUnavailable, RemoteError
+from mtrace.agent.protocol import FileStat
+from mtrace.tracer import abi
+from mtrace.tracer.backend import Handler
+from mtrace.tracer.call import AT_FDCWD, SyscallCall
+from mtrace.tracer.outcome import CONTINUE, Continue, Defer, Errno, InjectFd, Outcome, ReturnValue
+from mtrace.tracer.policy import FsConfig
+from mtrace.tracer.remote import RemoteContext
+from mtrace.tracer.shadow import Node, ShadowTree, normalize
+
+log = logging.getLogger("mtrace.tracer.files")
+
+#: What the files feature needs trapped in every mode.
+TRAPPED: tuple[str, ...] = (
+    "open", "openat", "creat",
+    "stat", "lstat", "fstat", "newfstatat", "statx",
+    "access", "faccessat", "faccessat2",
+    "readlink", "readlinkat",
+    "chdir", "fchdir", "getcwd",
+    "truncate",
+    "mkdir", "mkdirat", "unlink", "unlinkat", "rmdir",
+    "rename", "renameat", "renameat2",
+)
+#: Also trapped when something can be written to the target: the moments a
+#: written shadow copy is uploaded. Trapping close costs every close a round
+#: trip to the supervisor, so read-only sessions leave them out.
+WRITE_BACK_TRAPPED: tuple[str, ...] = ("close", "fsync", "fdatasync", "exit_group")
+
+#: Paths kept local by default (regular expressions, ``re.search`` on the path).
+DEFAULT_LOCAL: tuple[str, ...] = (
+    r"^/(lib|lib32|lib64|libx32|usr|bin|sbin|opt|nix|snap|gnu)(/|$)",
+    r"^/etc/ld\.so\.",
+    r"\.so(\.[0-9]+)*$",
+    r"^/(proc|sys|dev)(/|$)",
+    r"^/run/user(/|$)",
+    r"^/(tmp|var/tmp)(/|$)",
+)
+#: The files name resolution reads: the target's whenever DNS is enabled.
+DNS_FILES: tuple[str, ...] = (
+    r"^/etc/(resolv\.conf|hosts|nsswitch\.conf|hostname)$",
+)
+
+#: A remote file call taking longer than this fails with EIO (never a hang).
+REMOTE_TIMEOUT = 60.0
+#: How long a remote stat answer is reused.
+STAT_TTL = 1.0
+#: Write mode: how often changed shadow copies are uploaded without a close.
+SWEEP_INTERVAL = 1.0
+
+_WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_REMOTE_OPEN_FLAGS = (
+    os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECTORY
+    | os.O_NOFOLLOW
+)
+_LOCAL_WRITE_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
+_RENAME_NOREPLACE = 1
+
+
+class Route(enum.Enum):
+    LOCAL = "local"
+    READ = "read"
+    WRITE = "write"
+    NOT_FOUND = "not_found"
+
+
+def trapped_for(config: FsConfig) -> tuple[str, ...]:
+    """The calls to trap for this config: ``TRAPPED``, plus the write-back
+    moments when anything may be written to the target."""
+    if config.mode == "write" or (config.read_write and config.mode != "local"):
+        return TRAPPED + WRITE_BACK_TRAPPED
+    return TRAPPED
+
+
+# --- policy ------------------------------------------------------------------
+
+
+def _compile(patterns: list[str] | tuple[str, ...]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
+
+
+class PathPolicy:
+    """Which side serves a path (see the module docstring for the order)."""
+
+    def __init__(
+        self,
+        config: FsConfig,
+        *,
+        session_dir: str | os.PathLike[str] | None = None,
+        executable: str | None = None,
+        dns_remote: bool = True,
+        home: str | None = None,
+        start_directory: str | None = None,
+    ) -> None:
+        self.mode = config.mode
+        self._not_found = _compile(config.not_found)
+        self._local = _compile(config.local)
+        use_lists = config.mode != "local"
+        self._read_only = _compile(config.read_only) if use_lists else None
+        self._read_write = _compile(config.read_write) if use_lists else None
+        self._dns = _compile(DNS_FILES) if dns_remote else None
+        self._always_local: list[str] = []
+        if session_dir is not None:
+            self._always_local.append(os.fsdecode(normalize(os.fsencode(session_dir))))
+        defaults: list[str] = []
+        if config.default_local:
+            defaults.extend(DEFAULT_LOCAL)
+            for program in {executable, os.path.realpath(executable) if executable else None}:
+                if program:
+                    defaults.append("^" + re.escape(program) + "$")
+            home = home.rstrip("/") if home else None
+            if home:
+                defaults.append("^" + re.escape(home) + "(/|$)")
+                if start_directory and start_directory.startswith(home + "/"):
+                    defaults.append("^" + re.escape(start_directory.rstrip("/")) + "(/|$)")
+        self._default_local = _compile(defaults)
+
+    def route(self, path: bytes) -> Route:
+        text = os.fsdecode(path)
+        for directory in self._always_local:
+            if text == directory or text.startswith(directory + "/"):
+                return Route.LOCAL
+        if self._not_found is not None and self._not_found.search(text):
+            return Route.NOT_FOUND
+        if self._local is not None and self._local.search(text):
+            return Route.LOCAL
+        if self._read_only is not None and self._read_only.search(text):
+            return Route.READ
+        if self._read_write is not None and self._read_write.search(text):
+            return Route.WRITE
+        if self._dns is not None and self._dns.search(text):
+            return Route.READ
+        if self._default_local is not None and self._default_local.search(text):
+            return Route.LOCAL
+        if self.mode == "read":
+            return Route.READ
+        if self.mode == "write":
+            return Route.WRITE
+        return Route.LOCAL
+
+
+# --- processes: tgid, start time, parent, virtual cwd ------------------------------
+
+
+def _process_of(tid: int) -> tuple[int, int, int]:
+    """(tgid, start time, parent pid) of the thread ``tid``'s process."""
+    tgid = tid
+    with open(f"/proc/{tid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Tgid:"):
+                tgid = int(line.split()[1])
+                break
+    with open(f"/proc/{tgid}/stat", "rb") as stat_file:
+        fields = stat_file.read().rpartition(b")")[2].split()
+    # After the command: state(0) ppid(1) ... starttime is field 22 of the line (index 19).
+    return tgid, int(fields[19]), int(fields[1])
+
+
+class WorkingDirectories:
+    """Virtual cwds by process (tgid + start time, so a reused pid starts clean)."""
+
+    def __init__(self) -> None:
+        self._by_process: dict[int, tuple[int, bytes | None]] = {}
+        self.active = False
+
+    def get(self, tid: int) -> bytes | None:
+        if not self.active:
+            return None
+        try:
+            tgid, started, parent = _process_of(tid)
+        except (OSError, ValueError, IndexError):
+            return None
+        entry = self._by_process.get(tgid)
+        if entry is not None and entry[0] == started:
+            return entry[1]
+        inherited = self._inherited(parent)
+        self._by_process[tgid] = (started, inherited)
+        return inherited
+
+    def _inherited(self, pid: int) -> bytes | None:
+        for _ in range(64):
+            if pid <= 1:
+                return None
+            try:
+                tgid, started, parent = _process_of(pid)
+            except (OSError, ValueError, IndexError):
+                return None
+            entry = self._by_process.get(tgid)
+            if entry is not None and entry[0] == started:
+                return entry[1]
+            pid = parent
+        return None
+
+    def set(self, tid: int, directory: bytes | None) -> None:
+        try:
+            tgid, started, _ = _process_of(tid)
+        except (OSError, ValueError, IndexError):
+            return
+        if directory is not None:
+            self.active = True
+        if self.active:
+            self._by_process[tgid] = (started, directory)
+
+
+# --- resolved paths ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A path a tracee named, made absolute."""
+
+    # Absolute, as the tracee wrote it after the base (the agent resolves
+    # symlinks and ``..`` itself, as the target would).
+    path: bytes
+    # Lexically normalised: what the policy and the shadow tree use.
+    clean: bytes
+    # CONTINUE would make the kernel resolve the same path.
+    kernel_agrees: bool
+
+
+def _writes(flags: int) -> bool:
+    return bool(flags & _WRITE_INTENT) or (flags & abi.O_TMPFILE) == abi.O_TMPFILE
+
+
+def _thread_umask(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _local_stat(result: os.stat_result) -> FileStat:
+    return FileStat(
+        mode=result.st_mode, ino=result.st_ino, dev=result.st_dev, nlink=result.st_nlink,
+        uid=result.st_uid, gid=result.st_gid, size=result.st_size,
+        atime_ns=result.st_atime_ns, mtime_ns=result.st_mtime_ns, ctime_ns=result.st_ctime_ns,
+        blksize=result.st_blksize, blocks=result.st_blocks, rdev=result.st_rdev,
+    )
+
+
+_PROC_LINK = re.compile(rb"^/proc/(self|thread-self|[0-9]+)(/task/[0-9]+)?/(cwd|fd/[0-9]+)$")
+
+
+class FilesFeature:
+    """The state of the files feature for one session, and its handlers."""
+
+    def __init__(self, context: RemoteContext, policy: PathPolicy | None = None) -> None:
+        self.context = context
+        self.config = context.features.fs
+        self.policy = policy or PathPolicy(
+            self.config,
+            session_dir=context.session_dir,
+            executable=context.executable,
+            dns_remote=context.features.network.dns.enabled,
+            home=os.environ.get("HOME"),
+            start_directory=os.getcwd(),
+        )
+        self.shadow = ShadowTree(os.fsencode(context.session_dir / "shadow"))
+        self.cwds = WorkingDirectories()
+        # Read mode: paths the tracee opened for writing (locally).
+        self._written_locally: set[bytes] = set()
+        self._stats: dict[tuple[bytes, bool], tuple[float, FileStat]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._sweeper: Any = None
+
+    # --- the handler table -------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        table: dict[str, Handler] = {
+            "open": lambda call: self._open(call, AT_FDCWD, call.read_string(0),
+                                            call.int_arg(1), call.uint_arg(2)),
+            "openat": lambda call: self._open(call, call.int_arg(0), call.read_string(1),
+                                              call.int_arg(2), call.uint_arg(3)),
+            "creat": lambda call: self._open(call, AT_FDCWD, call.read_string(0),
+                                             os.O_CREAT | os.O_WRONLY | os.O_TRUNC,
+                                             call.uint_arg(1)),
+            "stat": lambda call: self._stat(call, AT_FDCWD, call.read_string(0), 0,
+                                            call.pointer_arg(1)),
+            "lstat": lambda call: self._stat(call, AT_FDCWD, call.read_string(0),
+                                             abi.AT_SYMLINK_NOFOLLOW, call.pointer_arg(1)),
+            "fstat": lambda call: self._fd_stat(call, call.int_arg(0), call.pointer_arg(1)),
+            "newfstatat": lambda call: self._stat(call, call.int_arg(0), call.read_string(1),
+                                                  call.int_arg(3), call.pointer_arg(2)),
+            "statx": lambda call: self._stat(call, call.int_arg(0), call.read_string(1),
+                                             call.int_arg(2), call.pointer_arg(4),
+                                             statx_mask=call.uint_arg(3)),
+            "access": lambda call: self._access(call, AT_FDCWD, call.read_string(0),
+                                                call.int_arg(1), 0),
+            "faccessat": lambda call: self._access(call, call.int_arg(0), call.read_string(1),
+                                                   call.int_arg(2), 0),
+            "faccessat2": lambda call: self._access(call, call.int_arg(0), call.read_string(1),
+                                                    call.int_arg(2), call.int_arg(3)),
+            "readlink": lambda call: self._readlink(call, AT_FDCWD, call.read_string(0),
+                                                    call.pointer_arg(1), call.int_arg(2)),
+            "readlinkat": lambda call: self._readlink(call, call.int_arg(0),
+                                                      call.read_string(1),
+                                                      call.pointer_arg(2), call.int_arg(3)),
+            "chdir": lambda call: self._chdir(call, call.read_string(0)),
+            "fchdir": self._fchdir,
+            "getcwd": lambda call: self._getcwd(call, call.pointer_arg(0), call.uint_arg(1)),
+            "truncate": lambda call: self._truncate(call, call.read_string(0),
+                                                    call.long_arg(1)),
+            "mkdir": lambda call: self._mkdir(call, AT_FDCWD, call.read_string(0),
+                                              call.uint_arg(1)),
+            "mkdirat": lambda call: self._mkdir(call, call.int_arg(0), call.read_string(1),
+                                                call.uint_arg(2)),
+            "unlink": lambda call: self._unlink(call, AT_FDCWD, call.read_string(0), 0),
+            "rmdir": lambda call: self._unlink(call, AT_FDCWD, call.read_string(0),
+                                               abi.AT_REMOVEDIR),
+            "unlinkat": lambda call: self._unlink(call, call.int_arg(0), call.read_string(1),
+                                                  call.int_arg(2)),
+            "rename": lambda call: self._rename(call, AT_FDCWD, call.read_string(0),
+                                                AT_FDCWD, call.read_string(1), 0),
+            "renameat": lambda call: self._rename(call, call.int_arg(0), call.read_string(1),
+                                                  call.int_arg(2), call.read_string(3), 0),
+            "renameat2": lambda call: self._rename(call, call.int_arg(0), call.read_string(1),
+                                                   call.int_arg(2), call.read_string(3),
+                                                   call.uint_arg(4)),
+        }
+        if trapped_for(self.config) != TRAPPED:
+            table.update({
+                "close": lambda call: self._write_back_fd(call, call.int_arg(0), fsync=False),
+                "fsync": lambda call: self._write_back_fd(call, call.int_arg(0), fsync=True),
+                "fdatasync": lambda call: self._write_back_fd(call, call.int_arg(0),
+                                                              fsync=True),
+                "exit_group": self._exit_group,
+            })
+            self._start_sweeper()
+        return table
+
+    # --- resolving and routing -------------------------------------------------
+
+    def _base(self, call: SyscallCall, dirfd: int) -> tuple[bytes, bool] | None:
+        """The directory a relative path starts from, and whether the kernel agrees."""
+        if dirfd == AT_FDCWD:
+            virtual = self.cwds.get(call.tid)
+            if virtual is not None:
+                return virtual, False
+            link = f"/proc/{call.tid}/cwd"
+        else:
+            link = f"/proc/{call.tid}/fd/{dirfd}"
+        try:
+            base = os.fsencode(os.readlink(link))
+        except OSError:
+            return None  # a bad dirfd: the kernel reports it
+        if not base.startswith(b"/"):
+            return None  # not a directory (a socket, a pipe): ENOTDIR from the kernel
+        remote = self.shadow.remote_path(base)
+        if remote is not None:
+            return remote, False
+        return base, True
+
+    def _resolve(self, call: SyscallCall, dirfd: int, path: bytes) -> Target | None:
+        if not path:
+            return None
+        if path.startswith(b"/"):
+            return Target(path, normalize(path), True)
+        base = self._base(call, dirfd)
+        if base is None:
+            return None
+        directory, agrees = base
+        joined = directory.rstrip(b"/") + b"/" + path
+        return Target(joined, normalize(joined), agrees)
+
+    def _route(self, target: Target) -> Route:
+        route = self.policy.route(target.clean)
+        if (route is Route.READ and target.clean in self._written_locally
+                and os.path.lexists(target.clean)):
+            return Route.LOCAL
+        return route
+
+    def _local(self, target: Target, emulate: Callable[[], Outcome]) -> Outcome:
+        """A local call: the kernel's, unless it would resolve another path."""
+        if target.kernel_agrees:
+            return CONTINUE
+        try:
+            return emulate()
+        except OSError as error:
+            return Errno(error.errno or errno.EIO)
+
+    # --- remote calls ------------------------------------------------------------
+
+    def _defer(self, work: Coroutine[Any, Any, Outcome]) -> Outcome:
+        if self.context.agent_lost:
+            work.close()
+            return Errno(errno.EIO)
+        return Defer(self._guarded(work))
+
+    async def _guarded(self, work: Coroutine[Any, Any, Outcome]) -> Outcome:
+        try:
+            async with asyncio.timeout(REMOTE_TIMEOUT):
+                return await work
+        except RemoteError as error:
+            return Errno(error.errno or errno.EIO)
+        except AgentUnavailable:
+            self.context.agent_lost = True
+            return Errno(errno.EIO)
+        except AgentError as error:
+            log.warning("file call failed: %s", error)
+            if self.context.client.closed:
+                self.context.agent_lost = True
+            return Errno(errno.EIO)
+        except TimeoutError:
+            log.warning("a remote file call took longer than %gs", REMOTE_TIMEOUT)
+            return Errno(errno.EIO)
+        except OSError as error:  # the shadow tree (disk full, ...)
+            return Errno(error.errno or errno.EIO)
+
+    async def _remote_stat(self, path: bytes, follow: bool) -> FileStat:
+        key = (path, follow)
+        cached = self._stats.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < STAT_TTL:
+            return cached[1]
+        info = await self.context.client.stat(path, follow_symlinks=follow)
+        self._stats[key] = (now, info)
+        return info
+
+    def _changed(self) -> None:
+        """The target changed (write mode): cached stats may be stale."""
+        self._stats.clear()
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_quietly(self, handle: int) -> None:
+        with contextlib.suppress(OSError, AgentError):
+            await self.context.client.close_file(handle)
+
+    # --- open --------------------------------------------------------------------
+
+    def _open(self, call: SyscallCall, dirfd: int, path: bytes, flags: int, mode: int) -> Outcome:
+        target = self._resolve(call, dirfd, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        writing = _writes(flags)
+        cloexec = bool(flags & os.O_CLOEXEC)
+        if route is Route.LOCAL or (route is Route.READ and writing):
+            if route is Route.READ:
+                self._written_locally.add(target.clean)
+            return self._local(target, lambda: self._local_open(call.tid, target, flags, mode))
+        if flags & abi.O_TMPFILE == abi.O_TMPFILE:
+            return Errno(errno.EOPNOTSUPP)
+        if writing:
+            umask = _thread_umask(call.tid)
+            return self._defer(self._open_for_writing(target, flags, mode & ~umask, cloexec))
+        return self._defer(self._open_for_reading(target, flags, cloexec))
+
+    def _local_open(self, tid: int, target: Target, flags: int, mode: int) -> Outcome:
+        if flags & os.O_CREAT or (flags & abi.O_TMPFILE) == abi.O_TMPFILE:
+            mode &= ~_thread_umask(tid)
+        fd = os.open(target.path, flags | os.O_CLOEXEC, mode)
+        return InjectFd(fd, cloexec=bool(flags & os.O_CLOEXEC))
+
+    async def _open_for_reading(self, target: Target, flags: int, cloexec: bool) -> Outcome:
+        client = self.context.client
+        info = await self._remote_stat(target.path, not flags & os.O_NOFOLLOW)
+        if stat.S_ISLNK(info.mode):
+            return Errno(errno.ELOOP)
+        if flags & os.O_DIRECTORY and not stat.S_ISDIR(info.mode):
+            return Errno(errno.ENOTDIR)
+        if stat.S_ISSOCK(info.mode):
+            return Errno(errno.ENXIO)
+        extra = flags & (abi.O_PATH | os.O_NONBLOCK)
+        if stat.S_ISDIR(info.mode):
+            local = await self.shadow.directory(client, target.path)
+            fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+                         | extra)
+        else:
+            local = await self.shadow.file(client, target.path, info)
+            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | extra)
+        try:
+            self.shadow.remember(fd, target.path, info)
+        except BaseException:
+            os.close(fd)
+            raise
+        return InjectFd(fd, cloexec=cloexec)
+
+    async def _open_for_writing(self, target: Target, flags: int, mode: int,
+                                cloexec: bool) -> Outcome:
+        client = self.context.client
+        opened = await client.open(target.path, flags & _REMOTE_OPEN_FLAGS, mode)
+        self._in_background(self._close_quietly(opened.handle))
+        self._changed()
+        info = opened.stat
+        if stat.S_ISDIR(info.mode):
+            return Errno(errno.EISDIR)
+        if flags & os.O_TRUNC or (info.size == 0 and not self.shadow.is_pinned(target.path)):
+            local = self.shadow.empty_file(target.path, info, truncate=True)
+            self.shadow.invalidate_listing(normalize(target.path + b"/.."))
+        else:
+            local = await self.shadow.file(client, target.path, info)
+        fd = os.open(local, (flags & _LOCAL_WRITE_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            node = self.shadow.remember(fd, target.path, info)
+            self.shadow.track(node, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return InjectFd(fd, cloexec=cloexec)
+
+    # --- the stat family -------------------------------------------------------------
+
+    def _stat(self, call: SyscallCall, dirfd: int, path: bytes, flags: int, buffer: int,
+              *, statx_mask: int | None = None) -> Outcome:
+        def pack(info: FileStat) -> bytes:
+            if statx_mask is not None:
+                return abi.pack_statx(info)
+            return abi.pack_stat(info)
+
+        if not path and flags & abi.AT_EMPTY_PATH:
+            if dirfd != AT_FDCWD:
+                return self._fd_stat(call, dirfd, buffer, pack)
+            path = b"."
+        target = self._resolve(call, dirfd, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        follow = not flags & abi.AT_SYMLINK_NOFOLLOW
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if route is Route.LOCAL:
+            return self._local(target, lambda: ReturnValue(0, writes=(
+                (buffer, pack(_local_stat(os.stat(target.path, follow_symlinks=follow)))),)))
+
+        async def remote() -> Outcome:
+            info = await self._remote_stat(target.path, follow)
+            return ReturnValue(0, writes=((buffer, pack(info)),))
+
+        return self._defer(remote())
+
+    def _node_of_fd(self, tid: int, fd: int) -> tuple[Node, os.stat_result] | None:
+        """The shadow inode behind the tracee's ``fd``, if it is one."""
+        if fd < 0:
+            return None
+        try:
+            local = os.stat(f"/proc/{tid}/fd/{fd}")
+        except OSError:
+            return None
+        node = self.shadow.node_of(local.st_dev, local.st_ino)
+        if node is None:
+            return None
+        try:
+            link = os.fsencode(os.readlink(f"/proc/{tid}/fd/{fd}"))
+        except OSError:
+            return None
+        if self.shadow.remote_path(link) is None:
+            return None  # an inode number reused outside the tree
+        return node, local
+
+    def _fd_stat(self, call: SyscallCall, fd: int, buffer: int,
+                 pack: Callable[[FileStat], bytes] = abi.pack_stat) -> Outcome:
+        found = self._node_of_fd(call.tid, fd)
+        if found is None:
+            return CONTINUE
+        node, local = found
+        info = node.stat
+        if stat.S_ISREG(info.mode) and local.st_size != info.size:
+            # Written here (write mode): the size the tracee's own writes made.
+            info = msgspec.structs.replace(
+                info, size=local.st_size, blocks=local.st_blocks, mtime_ns=local.st_mtime_ns)
+        return ReturnValue(0, writes=((buffer, pack(info)),))
+
+    # --- access, readlink ----------------------------------------------------------
+
+    def _access(self, call: SyscallCall, dirfd: int, path: bytes, mode: int,
+                flags: int) -> Outcome:
+        if not path and flags & abi.AT_EMPTY_PATH and dirfd != AT_FDCWD:
+            found = self._node_of_fd(call.tid, dirfd)
+            if found is None:
+                return CONTINUE
+            remote_path = found[0].remote_path
+            target = Target(remote_path, normalize(remote_path), False)
+        else:
+            resolved = self._resolve(call, dirfd, path)
+            if resolved is None:
+                return CONTINUE
+            target = resolved
+        route = self._route(target)
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if route is Route.LOCAL:
+            def emulate() -> Outcome:
+                ok = os.access(target.path, mode, effective_ids=bool(flags & abi.AT_EACCESS),
+                               follow_symlinks=not flags & abi.AT_SYMLINK_NOFOLLOW)
+                return ReturnValue(0) if ok else Errno(errno.EACCES)
+            return self._local(target, emulate)
+        if route is Route.READ:
+            # Writes go local in read mode: ask the target about the rest.
+            mode &= ~os.W_OK
+
+        async def remote() -> Outcome:
+            await self.context.client.access(target.path, mode)
+            return ReturnValue(0)
+
+        return self._defer(remote())
+
+    def _readlink(self, call: SyscallCall, dirfd: int, path: bytes, buffer: int,
+                  size: int) -> Outcome:
+        if size <= 0:
+            return Errno(errno.EINVAL)
+        target = self._resolve(call, dirfd, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if route is Route.LOCAL:
+            if target.clean.startswith(b"/proc/"):
+                answer = self._proc_link(call.tid, target.clean)
+                if answer is not None:
+                    data = answer[:size]
+                    return ReturnValue(len(data), writes=((buffer, data),))
+            return self._local(target, lambda: self._reply_link(
+                os.readlink(target.path), buffer, size))
+
+        async def remote() -> Outcome:
+            return self._reply_link(await self.context.client.readlink(target.path), buffer, size)
+
+        return self._defer(remote())
+
+    @staticmethod
+    def _reply_link(link: bytes | str, buffer: int, size: int) -> Outcome:
+        data = os.fsencode(link)[:size]
+        return ReturnValue(len(data), writes=((buffer, data),))
+
+    def _proc_link(self, tid: int, path: bytes) -> bytes | None:
+        """``/proc/*/fd/N`` and ``/proc/*/cwd`` as the tracee should see them: the
+        remote path of a shadow copy, the virtual cwd."""
+        match = _PROC_LINK.match(path)
+        if match is None:
+            return None
+        who, task, what = match.groups()
+        if who == b"self":
+            try:
+                who = str(_process_of(tid)[0]).encode()
+            except (OSError, ValueError, IndexError):
+                return None
+        elif who == b"thread-self":
+            who, task = str(tid).encode(), None
+        if what == b"cwd":
+            virtual = self.cwds.get(int(who))
+            if virtual is not None:
+                return virtual
+        local = b"/proc/" + who + (task or b"") + b"/" + what
+        try:
+            link = os.fsencode(os.readlink(local))
+        except OSError:
+            return None
+        return self.shadow.remote_path(link)
+
+    # --- working directory -----------------------------------------------------------
+
+    def _chdir(self, call: SyscallCall, path: bytes) -> Outcome:
+        target = self._resolve(call, AT_FDCWD, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if route is Route.LOCAL:
+            if target.kernel_agrees:
+                if self.cwds.active and os.path.isdir(target.path):
+                    self.cwds.set(call.tid, None)
+                return CONTINUE
+
+            def emulate() -> Outcome:
+                if not stat.S_ISDIR(os.stat(target.path).st_mode):
+                    return Errno(errno.ENOTDIR)
+                self.cwds.set(call.tid, target.clean)
+                return ReturnValue(0)
+            return self._local(target, emulate)
+        tid = call.tid
+
+        async def remote() -> Outcome:
+            info = await self._remote_stat(target.path, True)
+            if not stat.S_ISDIR(info.mode):
+                return Errno(errno.ENOTDIR)
+            self.cwds.set(tid, target.clean)
+            return ReturnValue(0)
+
+        return self._defer(remote())
+
+    def _fchdir(self, call: SyscallCall) -> Outcome:
+        if self.cwds.active:
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.stat(f"/proc/{call.tid}/fd/{call.int_arg(0)}").st_mode):
+                    self.cwds.set(call.tid, None)
+        return CONTINUE
+
+    def _getcwd(self, call: SyscallCall, buffer: int, size: int) -> Outcome:
+        directory = self.cwds.get(call.tid)
+        if directory is None:
+            try:
+                kernel = os.fsencode(os.readlink(f"/proc/{call.tid}/cwd"))
+            except OSError:
+                return CONTINUE
+            directory = self.shadow.remote_path(kernel)
+            if directory is None:
+                return CONTINUE
+        data = directory + b"\0"
+        if len(data) > size:
+            return Errno(errno.ERANGE)
+        return ReturnValue(len(data), writes=((buffer, data),))
+
+    # --- changes: mkdir, unlink, rename, truncate ----------------------------------
+
+    def _change(self, call: SyscallCall, targets: list[Target], *,
+                local: Callable[[], Outcome],
+                remote: Callable[[], Coroutine[Any, Any, Outcome]],
+                probe: bytes) -> Outcome:
+        """Route a call that changes the filesystem (see the module docstring).
+
+        ``probe``: the path whose existence decides read mode (the object, or
+        for mkdir its parent).
+        """
+        routes = {self._route(target) for target in targets}
+        if Route.NOT_FOUND in routes:
+            return Errno(errno.ENOENT)
+        agrees = all(target.kernel_agrees for target in targets)
+
+        def run_local() -> Outcome:
+            if agrees:
+                return CONTINUE
+            try:
+                return local()
+            except OSError as error:
+                return Errno(error.errno or errno.EIO)
+
+        if routes == {Route.LOCAL}:
+            return run_local()
+        if Route.LOCAL in routes:
+            return Errno(errno.EXDEV)
+        if routes == {Route.WRITE}:
+            async def changed() -> Outcome:
+                try:
+                    return await remote()
+                finally:
+                    self._changed()
+            return self._defer(changed())
+        # Read mode: local if it exists here, EROFS if it exists only in the target.
+        if os.path.lexists(probe):
+            return run_local()
+
+        async def check() -> Outcome:
+            try:
+                await self._remote_stat(probe, False)
+            except RemoteError as error:
+                if error.errno in (errno.ENOENT, errno.ENOTDIR):
+                    return run_local()
+                raise
+            return Errno(errno.EROFS)
+
+        return self._defer(check())
+
+    def _mkdir(self, call: SyscallCall, dirfd: int, path: bytes, mode: int) -> Outcome:
+        target = self._resolve(call, dirfd, path)
+        if target is None:
+            return CONTINUE
+        mode &= ~_thread_umask(call.tid)
+        client = self.context.client
+
+        async def remote() -> Outcome:
+            await client.mkdir(target.path, mode)
+            self.shadow.invalidate_listing(normalize(target.clean + b"/.."))
+            return ReturnValue(0)
+
+        def local() -> Outcome:
+            os.mkdir(target.path, mode)
+            return ReturnValue(0)
+
+        return self._change(call, [target], local=local, remote=remote,
+                            probe=normalize(target.clean + b"/.."))
+
+    def _unlink(self, call: SyscallCall, dirfd: int, path: bytes, flags: int) -> Outcome:
+        target = self._resolve(call, dirfd, path)
+        if target is None:
+            return CONTINUE
+        directory = bool(flags & abi.AT_REMOVEDIR)
+        client = self.context.client
+
+        async def remote() -> Outcome:
+            if directory:
+                await client.rmdir(target.path)
+            else:
+                await client.unlink(target.path)
+            self.shadow.forget(target.clean)
+            return ReturnValue(0)
+
+        def local() -> Outcome:
+            if directory:
+                os.rmdir(target.path)
+            else:
+                os.unlink(target.path)
+            return ReturnValue(0)
+
+        return self._change(call, [target], local=local, remote=remote, probe=target.clean)
+
+    def _rename(self, call: SyscallCall, source_dirfd: int, source_path: bytes,
+                destination_dirfd: int, destination_path: bytes, flags: int) -> Outcome:
+        source = self._resolve(call, source_dirfd, source_path)
+        destination = self._resolve(call, destination_dirfd, destination_path)
+        if source is None or destination is None:
+            return CONTINUE
+        client = self.context.client
+
+        async def remote() -> Outcome:
+            if flags & ~_RENAME_NOREPLACE:
+                return Errno(errno.EINVAL)
+            if flags & _RENAME_NOREPLACE:
+                try:
+                    await client.lstat(destination.path)
+                except RemoteError as error:
+                    if error.errno != errno.ENOENT:
+                        raise
+                else:
+                    return Errno(errno.EEXIST)
+            await client.rename(source.path, destination.path)
+            self.shadow.moved(source.clean, destination.clean)
+            return ReturnValue(0)
+
+        def local() -> Outcome:
+            if flags:
+                return Errno(errno.EINVAL)
+            os.rename(source.path, destination.path)
+            return ReturnValue(0)
+
+        return self._change(call, [source, destination], local=local, remote=remote,
+                            probe=source.clean)
+
+    def _truncate(self, call: SyscallCall, path: bytes, length: int) -> Outcome:
+        target = self._resolve(call, AT_FDCWD, path)
+        if target is None:
+            return CONTINUE
+        client = self.context.client
+
+        async def remote() -> Outcome:
+            await client.truncate(target.path, length)
+            self.shadow.truncated(target.clean, length)
+            return ReturnValue(0)
+
+        def local() -> Outcome:
+            os.truncate(target.path, length)
+            return ReturnValue(0)
+
+        return self._change(call, [target], local=local, remote=remote, probe=target.clean)
+
+    # --- write mode: uploads ------------------------------------------------------------
+
+    def _write_back_fd(self, call: SyscallCall, fd: int, *, fsync: bool) -> Outcome:
+        found = self._node_of_fd(call.tid, fd)
+        if found is None or not found[0].tracked:
+            return CONTINUE
+        node = found[0]
+
+        async def upload() -> Outcome:
+            try:
+                await self.shadow.write_back(self.context.client, node)
+            except (OSError, AgentError) as error:
+                log.warning("could not write %s back to the target: %s",
+                            os.fsdecode(node.remote_path), error)
+                if isinstance(error, AgentUnavailable):
+                    self.context.agent_lost = True
+                if fsync:
+                    return Errno(error.errno if isinstance(error, OSError) and error.errno
+                                 else errno.EIO)
+            return CONTINUE
+
+        if self.context.agent_lost:
+            return Errno(errno.EIO) if fsync else CONTINUE
+        return Defer(upload())
+
+    def _exit_group(self, call: SyscallCall) -> Outcome:
+        if self.context.agent_lost or not self.shadow.tracked_nodes():
+            return CONTINUE
+
+        async def flush() -> Continue:
+            await self.flush()
+            return CONTINUE
+
+        return Defer(flush())
+
+    async def flush(self) -> None:
+        """Upload every changed shadow copy (write mode); call before closing the agent."""
+        if self.context.agent_lost:
+            return
+        try:
+            await self.shadow.write_back_all(self.context.client)
+        except AgentError as error:
+            log.warning("could not write files back to the target: %s", error)
+            if isinstance(error, AgentUnavailable):
+                self.context.agent_lost = True
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is not None:
+            return
+
+        async def sweep() -> None:
+            while not self.context.agent_lost:
+                await asyncio.sleep(SWEEP_INTERVAL)
+                if self.shadow.tracked_nodes():
+                    await self.flush()
+
+        self._sweeper = self.context.async_side.submit(sweep())
+
+    def close(self) -> None:
+        """Stop the background sweep (the session is over)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+def handlers(context: RemoteContext) -> dict[str, Handler]:
+    """The files feature's handlers for a session (see the module docstring)."""
+    return FilesFeature(context).handlers()
