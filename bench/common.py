@@ -297,9 +297,10 @@ class Settings:
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
-            return cls(quick=True, runs=2, loop_seconds=0.01, startup_runs=2,
+            # One run of everything, no warm-ups: the point is the machinery.
+            return cls(quick=True, runs=1, loop_seconds=0.01, startup_runs=1,
                        http_requests=50, remote_calls=20, bulk_bytes=4 << 20,
-                       program_requests=50, program_runs=2)
+                       program_requests=50, program_runs=1)
         return cls(quick=False, runs=5, loop_seconds=0.25, startup_runs=15,
                    http_requests=2000, remote_calls=300, bulk_bytes=256 << 20,
                    program_requests=1000, program_runs=5)

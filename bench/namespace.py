@@ -46,6 +46,8 @@ def _remove_stale_namespaces() -> None:
         match = _STALE.match(name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
             _ip("netns", "del", name, check=False)
+            with contextlib.suppress(OSError):
+                Path(f"/mnt/{name}").rmdir()
 
 
 def read_line(process: subprocess.Popen[str], timeout: float) -> str:
@@ -116,7 +118,8 @@ class NamespaceTarget:
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
             processes.append(server)
             ports = dict(item.split("=") for item in read_line(server, START_TIMEOUT).split())
-            remote_dir = work_dir / "remote"
+            # Not under /tmp or $HOME: mtrace keeps those local by default.
+            remote_dir = Path(f"/mnt/{name}")
             remote_dir.mkdir(parents=True, exist_ok=True)
             remote_file = remote_dir / "file.txt"
             # `ip netns exec` gives the target a private mount namespace: the
@@ -133,6 +136,8 @@ class NamespaceTarget:
             for process in reversed(processes):
                 stop_process(process)
             _ip("netns", "del", name, check=False)
+            with contextlib.suppress(OSError):
+                Path(f"/mnt/{name}").rmdir()
             raise
 
     def inside(self, argv: Sequence[str]) -> list[str]:
@@ -174,6 +179,8 @@ class NamespaceTarget:
             stop_process(process)
         self._processes.clear()
         _ip("netns", "del", self.name, check=False)
+        with contextlib.suppress(OSError):
+            self.remote_file.parent.rmdir()  # the tmpfs went with the target's mount namespace
 
 
 def _wait_for_exec(pid: int, command: str) -> None:

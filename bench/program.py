@@ -60,8 +60,9 @@ def httpclient() -> Path:
     return Path(path)
 
 
-def _time_runs(argv: list[str], runs: int) -> list[float]:
-    time_command(argv, timeout=300)  # warm-up: page cache, Go runtime pages
+def _time_runs(argv: list[str], runs: int, warm_up: bool = True) -> list[float]:
+    if warm_up:
+        time_command(argv, timeout=300)  # page cache, Go runtime pages
     return [time_command(argv, timeout=300) * 1000 for _ in range(runs)]
 
 
@@ -86,7 +87,7 @@ def run(ctx: Context) -> list[Row]:
         ctx.log(f"program: {local}")
         for variant, command in ((PLAIN, argv), (MTRACE, [*mtrace_argv(), "exec", "--", *argv])):
             try:
-                samples = _time_runs(command, settings.program_runs)
+                samples = _time_runs(command, settings.program_runs, not settings.quick)
                 rows.append(Row(GROUP, local, variant, median(samples), UNIT, samples=samples))
             except RunFailed as error:
                 rows.append(Row.missing(GROUP, local, variant, UNIT, f"run failed: {error}"))
@@ -121,7 +122,7 @@ def _against_target(ctx: Context, client: str, name: str, requests: int) -> list
     rows = []
     for variant, command in commands.items():
         try:
-            samples = _time_runs(command, ctx.settings.program_runs)
+            samples = _time_runs(command, ctx.settings.program_runs, not ctx.settings.quick)
             rows.append(Row(GROUP, name, variant, median(samples), UNIT, samples=samples))
         except RunFailed as error:
             rows.append(Row.missing(GROUP, name, variant, UNIT, f"run failed: {error}"))

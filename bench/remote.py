@@ -87,22 +87,33 @@ def _latency_rows(variant: str, results: list[dict[str, float]], names: dict[str
 
 
 def _loop_ops(ctx: Context, wrap: Callable[[list[str]], list[str]], variant: str) -> list[Row]:
-    """The latency workloads of bench/loop, run through ``wrap`` (nsenter, mtrace...)."""
+    """The latency workloads of bench/loop, run through ``wrap`` (nsenter, mtrace...).
+
+    Each workload is guarded on its own: one failing (say, connect) leaves the
+    others' rows measured and its own rows n/a with the reason.
+    """
     settings = ctx.settings
     namespace = ctx.namespace()
     loop = str(ctx.programs()["loop"])
     calls, requests = str(settings.remote_calls), str(settings.http_requests)
-    workloads = [
-        [loop, "open-each", str(namespace.remote_file), calls],
-        [loop, "stat", str(namespace.remote_file), calls],
-        [loop, "connect", HOST, str(namespace.http_port), calls],
-        [loop, "http", HOST, str(namespace.http_port), requests],
-    ]
-    results = []
-    for workload in workloads:
-        results += _loop_samples(wrap(workload), settings.runs)
-    names = {"open-each": OPEN_CACHED, "stat": STAT, "connect": CONNECT, "http": HTTP_P50}
-    return _latency_rows(variant, results, names)
+    remote_file = str(namespace.remote_file)
+    workloads = {
+        "open-each": ([loop, "open-each", remote_file, calls], (OPEN_COLD, OPEN_CACHED)),
+        "stat": ([loop, "stat", remote_file, calls], (STAT,)),
+        "connect": ([loop, "connect", HOST, str(namespace.http_port), calls], (CONNECT,)),
+        "http": ([loop, "http", HOST, str(namespace.http_port), requests], (HTTP_P50, HTTP_P99)),
+    }
+    names = {op: row_names[-1] if op == "open-each" else row_names[0]
+             for op, (_, row_names) in workloads.items()}
+    rows = []
+    for op, (argv, row_names) in workloads.items():
+        try:
+            results = _loop_samples(wrap(argv), settings.runs)
+        except Unavailable as error:
+            rows += [Row.missing(GROUP, name, variant, US, str(error)) for name in row_names]
+            continue
+        rows += _latency_rows(variant, results, {op: names[op]})
+    return rows
 
 
 def _bulk_rate(result: dict[str, float]) -> float:
@@ -248,14 +259,14 @@ def run(ctx: Context) -> list[Row]:
         def target_wrap(argv: list[str]) -> list[str]:
             return [*mtrace_argv(), "exec", "--target", f"pid/{namespace.pid}", "--", *argv]
 
-        def mtrace_rows() -> list[Row]:
-            found = _loop_ops(ctx, target_wrap, MTRACE)
+        def mtrace_bulk_rows() -> list[Row]:
             rates, memory, root = _mtrace_bulk(ctx)
-            found.append(Row(GROUP, BULK, MTRACE, median(rates), MBPS, samples=rates))
-            found += _memory_rows(memory, root, MTRACE, "the mtrace process")
-            return found
+            found = [Row(GROUP, BULK, MTRACE, median(rates), MBPS, samples=rates)]
+            return found + _memory_rows(memory, root, MTRACE, "the mtrace process")
 
-        rows += _guard(mtrace_rows, MTRACE)
+        rows += _guard(lambda: _loop_ops(ctx, target_wrap, MTRACE), MTRACE,
+                       names=(OPEN_COLD, OPEN_CACHED, STAT, CONNECT, HTTP_P50, HTTP_P99))
+        rows += _guard(mtrace_bulk_rows, MTRACE, names=(BULK, MEMORY_SUPERVISOR, MEMORY_AGENT))
     _set_ratios(rows)
     return rows
 

@@ -60,7 +60,8 @@ def run(ctx: Context) -> list[Row]:
     samples: dict[str, list[float]] = {v: [] for v, argv in argvs.items() if isinstance(argv, list)}
     failures: dict[str, str] = {}
     ctx.log(f"startup: {ctx.settings.startup_runs} runs each")
-    for variant in samples:  # one untimed run each: page cache, bytecode cache
+    for variant in samples if not ctx.settings.quick else ():
+        # one untimed run each: page cache, bytecode cache
         try:
             time_command(argvs[variant])  # type: ignore[arg-type]
         except RunFailed as error:
