@@ -29,10 +29,388 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:  # this file also runs as a script, without tests/ on sys.path
+    from netns_target import NetnsTarget
+    from programs_build import ProgramPaths
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
 RUN_TIMEOUT = 60.0
+HERE = Path(__file__).resolve()
+
+
+def mtrace_run(target: NetnsTarget, argv: list[str], *, features: dict | None = None,
+               local_resolver: str | None = None, agent_pid_file: str | None = None,
+               input: bytes | None = None, timeout: float = RUN_TIMEOUT
+               ) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, str(HERE), "--target-pid", str(target.pid),
+               "--features", json.dumps(features or {})]
+    if local_resolver:
+        command += ["--local-resolver", local_resolver]
+    if agent_pid_file:
+        command += ["--agent-pid-file", agent_pid_file]
+    return subprocess.run([*command, "--", *argv], capture_output=True, timeout=timeout,
+                          input=input, check=False)
+
+
+def assert_like_inside(target: NetnsTarget, argv: list[str], **kwargs: object) -> bytes:
+    """Under mtrace, ``argv`` prints what it prints inside the target; that output."""
+    inside = target.run_inside(*argv)
+    traced = mtrace_run(target, argv, **kwargs)  # type: ignore[arg-type]
+    assert (traced.returncode, traced.stdout) == (inside.returncode, inside.stdout), \
+        traced.stderr.decode(errors="replace")[-3000:]
+    return traced.stdout
+
+
+# --- every probe flavour, differential ----------------------------------------------
+
+
+def test_tcp_reaches_the_targets_loopback(probe: Path, netns_target: NetnsTarget) -> None:
+    out = assert_like_inside(netns_target, [str(probe), "tcp", "127.0.0.1",
+                                            str(netns_target.tcp_port), "hello"])
+    assert out == netns_target.tcp_banner + b"hello\n"
+    assert netns_target.host_tcp_banner not in out
+
+
+def test_connected_udp_reaches_the_target(probe: Path, netns_target: NetnsTarget) -> None:
+    out = assert_like_inside(netns_target, [str(probe), "udp", "127.0.0.1",
+                                            str(netns_target.udp_port), "ping"])
+    assert out == b"target-udp:ping\n"
+
+
+def test_unconnected_udp_sees_the_real_source(probe: Path, netns_target: NetnsTarget) -> None:
+    out = assert_like_inside(netns_target, [str(probe), "udp-unconnected", "127.0.0.1",
+                                            str(netns_target.udp_port), "ping"])
+    assert out == f"target-udp:ping\nfrom 127.0.0.1:{netns_target.udp_port}\n".encode()
+
+
+@pytest.mark.parametrize("name", ["only-in-target.test", "api", "hosts-only.test"])
+def test_resolve_uses_the_targets_dns(probe: Path, netns_target: NetnsTarget, name: str) -> None:
+    out = assert_like_inside(netns_target, [str(probe), "resolve", name])
+    expected = {"only-in-target.test": b"10.99.0.7\n", "api": b"10.99.0.9\n",
+                "hosts-only.test": b"10.99.0.8\n"}[name]
+    assert out == expected
+
+
+def test_refused_is_the_targets(probe: Path, netns_target: NetnsTarget) -> None:
+    # A port open on this host and closed in the target tells the two apart.
+    with _host_listener() as port:
+        out = assert_like_inside(netns_target, [str(probe), "tcp", "127.0.0.1", str(port), "x"])
+    assert out == b"error: ECONNREFUSED\n"
+
+
+def test_http_to_a_target_only_server(probe: Path, netns_target: NetnsTarget,
+                                      programs: ProgramPaths) -> None:
+    with _httpserve_pair(netns_target, programs) as port:
+        out = assert_like_inside(netns_target, [str(probe), "http",
+                                                f"http://127.0.0.1:{port}/hello"])
+    assert out == b"status 200\nhello from target\n"
+
+
+# --- the filter ---------------------------------------------------------------------------
+
+
+def test_ignore_localhost_keeps_loopback_here(programs: ProgramPaths,
+                                              netns_target: NetnsTarget) -> None:
+    probe = str(programs["probe-glibc-static"])
+    features = {"network": {"outgoing": {"ignore_localhost": True}}}
+    tcp = mtrace_run(netns_target, [probe, "tcp", "127.0.0.1", str(netns_target.tcp_port), "x"],
+                     features=features)
+    assert tcp.stdout == netns_target.host_tcp_banner + b"x\n", tcp.stderr
+    udp = mtrace_run(netns_target, [probe, "udp", "127.0.0.1", str(netns_target.udp_port), "x"],
+                     features=features)
+    assert udp.stdout == b"host-udp:x\n", udp.stderr
+    # DNS still goes to the target's nameserver, though it is 127.0.0.1.
+    resolved = mtrace_run(netns_target, [probe, "resolve", "only-in-target.test"],
+                          features=features)
+    assert resolved.stdout == b"10.99.0.7\n", resolved.stderr
+
+
+@pytest.mark.parametrize(("filter_", "tcp_remote", "udp_remote"), [
+    ({"remote": ["udp://127.0.0.1"]}, False, True),
+    ({"local": ["tcp://127.0.0.0/8"]}, False, True),
+    ({"remote": ["127.0.0.1:{tcp}"]}, True, False),
+    ({"local": ["localhost:{udp}"]}, True, False),
+    ({"remote": ["[::ffff:127.0.0.1]"]}, True, True),
+    ({"local": ["10.0.0.0/8", ":9"]}, True, True),
+], ids=["remote-udp", "local-tcp-subnet", "remote-port", "local-name-port", "remote-mapped",
+        "local-unrelated"])
+def test_filter_lists(programs: ProgramPaths, netns_target: NetnsTarget, filter_: dict,
+                      tcp_remote: bool, udp_remote: bool) -> None:
+    ports = {"tcp": netns_target.tcp_port, "udp": netns_target.udp_port}
+    filter_ = {side: [entry.format(**ports) for entry in entries]
+               for side, entries in filter_.items()}
+    features = {"network": {"outgoing": {"filter": filter_}}}
+    probe = str(programs["probe-musl"])
+    tcp = mtrace_run(netns_target, [probe, "tcp", "127.0.0.1", str(netns_target.tcp_port), "x"],
+                     features=features)
+    banner = netns_target.tcp_banner if tcp_remote else netns_target.host_tcp_banner
+    assert tcp.stdout == banner + b"x\n", tcp.stderr
+    udp = mtrace_run(netns_target, [probe, "udp-unconnected", "127.0.0.1",
+                                    str(netns_target.udp_port), "x"], features=features)
+    prefix = b"target-udp:" if udp_remote else b"host-udp:"
+    assert udp.stdout.startswith(prefix + b"x\n"), udp.stderr
+
+
+def test_protocol_toggles(programs: ProgramPaths, netns_target: NetnsTarget) -> None:
+    probe = str(programs["probe-go"])
+    features = {"network": {"outgoing": {"tcp": False}}}
+    tcp = mtrace_run(netns_target, [probe, "tcp", "127.0.0.1", str(netns_target.tcp_port), "x"],
+                     features=features)
+    assert tcp.stdout == netns_target.host_tcp_banner + b"x\n", tcp.stderr
+    udp = mtrace_run(netns_target, [probe, "udp", "127.0.0.1", str(netns_target.udp_port), "x"],
+                     features=features)
+    assert udp.stdout == b"target-udp:x\n", udp.stderr
+    features = {"network": {"outgoing": {"udp": False}}}
+    udp = mtrace_run(netns_target, [probe, "udp", "127.0.0.1", str(netns_target.udp_port), "x"],
+                     features=features)
+    assert udp.stdout == b"host-udp:x\n", udp.stderr
+    # DNS is not "udp": the target's nameserver still answers.
+    resolved = mtrace_run(netns_target, [probe, "resolve", "only-in-target.test"],
+                          features=features)
+    assert resolved.stdout == b"10.99.0.7\n", resolved.stderr
+
+
+# --- the DNS filter -----------------------------------------------------------------------
+
+
+def test_dns_filter_sends_local_names_to_this_machines_resolver(
+        probe: Path, netns_target: NetnsTarget) -> None:
+    features = {"network": {"dns": {"filter": {"local": ["*.here.test"]}}}}
+    with _host_dns({"box.here.test": "10.55.0.1"}) as resolver:
+        local = mtrace_run(netns_target, [str(probe), "resolve", "box.here.test"],
+                           features=features, local_resolver=resolver)
+        assert local.stdout == b"10.55.0.1\n", local.stderr
+        remote = mtrace_run(netns_target, [str(probe), "resolve", "only-in-target.test"],
+                            features=features, local_resolver=resolver)
+        assert remote.stdout == b"10.99.0.7\n", remote.stderr
+
+
+# --- sockets from Python: addresses, non-blocking, IPv6, bulk data, a lost agent ----------
+
+
+def _python(script: str) -> list[str]:
+    return [sys.executable, "-S", "-c", script]
+
+
+PEER_NAMES = r"""
+import socket, sys
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", port))
+print("peer", s.getpeername())
+print("local-host", s.getsockname()[0])
+print("banner", s.recv(100))
+s.close()
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.connect(("::ffff:127.0.0.1", port))
+print("peer6", s.getpeername()[:2])
+print("banner6", s.recv(100))
+s.close()
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(b"six", ("::ffff:127.0.0.1", int(sys.argv[2])))
+data, source = u.recvfrom(100)
+print("udp6", data, source[:2])
+u.sendto(b"msg", ("::ffff:127.0.0.1", int(sys.argv[2])))
+data, ancillary, flags, source = u.recvmsg(100)
+print("recvmsg", data, source[:2])
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.connect(("127.0.0.1", int(sys.argv[2])))
+print("udp-peer", c.getpeername())
+c.send(b"connected")
+c.settimeout(5)
+print("udp-connected", c.recvfrom(100))
+"""
+
+
+def test_addresses_seen_by_the_program(netns_target: NetnsTarget) -> None:
+    argv = [*_python(PEER_NAMES), str(netns_target.tcp_port), str(netns_target.udp_port)]
+    out = assert_like_inside(netns_target, argv)
+    port, udp = netns_target.tcp_port, netns_target.udp_port
+    assert out.decode().splitlines() == [
+        f"peer ('127.0.0.1', {port})",
+        "local-host 127.0.0.1",
+        f"banner {netns_target.tcp_banner!r}",
+        f"peer6 ('::ffff:127.0.0.1', {port})",
+        f"banner6 {netns_target.tcp_banner!r}",
+        f"udp6 b'target-udp:six' ('::ffff:127.0.0.1', {udp})",
+        f"recvmsg b'target-udp:msg' ('::ffff:127.0.0.1', {udp})",
+        f"udp-peer ('127.0.0.1', {udp})",
+        f"udp-connected (b'target-udp:connected', ('127.0.0.1', {udp}))",
+    ]
+
+
+NONBLOCKING = r"""
+import errno, select, socket, sys
+for port in (int(sys.argv[1]), int(sys.argv[2])):
+    s = socket.socket()
+    s.setblocking(False)
+    result = s.connect_ex(("127.0.0.1", port))
+    if result == errno.EINPROGRESS:
+        select.select([], [s], [], 10)
+        result = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    print(port == int(sys.argv[1]), errno.errorcode.get(result, result))
+    if result == 0:
+        select.select([s], [], [], 10)
+        print(s.recv(100))
+"""
+
+
+def test_nonblocking_connect(netns_target: NetnsTarget) -> None:
+    with _host_listener() as closed_in_target:
+        argv = [*_python(NONBLOCKING), str(netns_target.tcp_port), str(closed_in_target)]
+        out = mtrace_run(netns_target, argv)
+    assert out.stdout.decode().splitlines() == [
+        "True 0", repr(netns_target.tcp_banner), "False ECONNREFUSED"], out.stderr
+
+
+BULK = r"""
+import hashlib, socket, sys, threading
+size = 8 << 20
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+banner = s.recv(len(sys.argv[2]) + 1)
+payload = bytes(range(256)) * (size // 256)
+def send():
+    view = memoryview(payload)
+    while view:
+        sent = s.send(view[:1 << 16])
+        view = view[sent:]
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=send).start()
+received = hashlib.sha256()
+total = 0
+while chunk := s.recv(1 << 16):
+    received.update(chunk)
+    total += len(chunk)
+print(total == size, received.hexdigest() == hashlib.sha256(payload).hexdigest())
+"""
+
+
+def test_bulk_data_both_ways_with_half_close(netns_target: NetnsTarget) -> None:
+    argv = [*_python(BULK), str(netns_target.tcp_port), netns_target.tcp_banner.decode()[:-1]]
+    started = time.monotonic()
+    out = mtrace_run(netns_target, argv)
+    assert out.stdout == b"True True\n", out.stderr
+    assert time.monotonic() - started < 30
+
+
+AGENT_LOSS = r"""
+import errno, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.recv(100)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect(("127.0.0.1", int(sys.argv[2])))
+print("ready", flush=True)
+sys.stdin.readline()
+def outcome(function):
+    try:
+        return repr(function())
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error))
+print("recv", outcome(lambda: s.recv(100)))
+print("connect", outcome(lambda: socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5)))
+v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("sendto", outcome(lambda: v.sendto(b"x", ("127.0.0.1", int(sys.argv[2])))))
+"""
+
+
+def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget,
+                                                      tmp_path: Path) -> None:
+    pid_file = tmp_path / "agent.pid"
+    command = [sys.executable, str(HERE), "--target-pid", str(netns_target.pid),
+               "--agent-pid-file", str(pid_file), "--",
+               *_python(AGENT_LOSS), str(netns_target.tcp_port), str(netns_target.udp_port)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == b"ready\n"
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        time.sleep(0.5)
+        started = time.monotonic()
+        stdout, stderr = process.communicate(b"go\n", timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert time.monotonic() - started < 10
+    assert stdout.decode().splitlines() == [
+        "recv ECONNRESET", "connect ENETUNREACH", "sendto ENETUNREACH"], stderr
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _host_listener() -> Iterator[int]:
+    """A port open on this host's loopback (and, by construction, closed in the target)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _httpserve_pair(target: NetnsTarget, programs: ProgramPaths) -> Iterator[int]:
+    """httpserve inside the target and a look-alike on the host, on the same port."""
+    httpserve = str(programs["httpserve"])
+    inside = subprocess.Popen(target.nsenter_argv(httpserve, "-name", "target", "127.0.0.1:0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    host = None
+    try:
+        assert inside.stdout is not None
+        line = inside.stdout.readline().decode()
+        assert line.startswith("listening on "), line
+        port = int(line.rsplit(":", 1)[1])
+        host = subprocess.Popen([httpserve, "-name", "host", f"127.0.0.1:{port}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert host.stdout is not None
+        assert host.stdout.readline().startswith(b"listening on ")
+        yield port
+    finally:
+        for process in (inside, host):
+            if process is not None:
+                process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=10)
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+
+
+@contextlib.contextmanager
+def _host_dns(names: dict[str, str]) -> Iterator[str]:
+    """A DNS server on this host's loopback answering A queries for ``names``."""
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+    import dns.rrset
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            query = dns.message.from_wire(data)
+            response = dns.message.make_response(query)
+            question = query.question[0]
+            address = names.get(question.name.to_text(omit_final_dot=True).lower())
+            if address is None:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            elif question.rdtype == dns.rdatatype.A:
+                response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", address))
+            sock.sendto(response.to_wire(), self.client_address)
+
+    server = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- the runner (this file run as a script) ------------------------------------------
