@@ -5,7 +5,7 @@ Connecting::
     client = await connect_tcp("127.0.0.1", 7000, secret)          # an agent started with --listen
     client = await spawn_stdio(agent_argv(target_pid=1234), secret) # a local agent over pipes
     ...
-    await client.close()            # also stops a spawned agent
+    await client.close()            # also stops a spawned agent (client.process)
 
 Both return an :class:`AgentClient` that has completed the handshake (a
 wrong secret or an incompatible version raises ``AuthenticationError``; an
@@ -45,6 +45,7 @@ the target's root; every failure in the target's context raises
     stream.write(data); await stream.drain()
     stream.shutdown_write()               half-close: the remote peer reads EOF
     stream.close()                        sends what was written, then closes
+    stream.write_buffer_size              bytes written, not yet sent (no credit yet)
     stream.local_address, stream.peer_address   (host, port) as seen in the target
 
 ``UdpSocket``::
@@ -179,9 +180,7 @@ def _path(path: Path) -> bytes:
     return os.fsencode(path)
 
 
-def agent_argv(
-    *, target_pid: int | None = None, write: bool = False, verbose: int = 0
-) -> list[str]:
+def agent_argv(*, target_pid: int | None = None, write: bool = False, verbose: int = 0) -> list[str]:
     """The command line of a local agent run by this interpreter (for :func:`spawn_stdio`)."""
     argv = [sys.executable, "-m", "mtrace.agent", "--stdio"]
     if target_pid is not None:
@@ -274,7 +273,7 @@ class AgentClient:
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._process = process
+        self.process = process  # the agent subprocess, when spawn_stdio() started it
         self.description = description
         self._encoder = FrameEncoder()
         self._request_ids = itertools.count(1)
@@ -362,13 +361,13 @@ class AgentClient:
                 await self._reader_task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1)
-        if self._process is not None:
+        if self.process is not None:
             try:
-                await asyncio.wait_for(self._process.wait(), 5)
+                await asyncio.wait_for(self.process.wait(), 5)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()
-                await self._process.wait()
+                    self.process.kill()
+                await self.process.wait()
 
     async def __aenter__(self) -> AgentClient:
         return self
@@ -465,9 +464,7 @@ class AgentClient:
         if isinstance(result, Error):
             raise RemoteError(result.errno, result.message)
         if not isinstance(result, expected):
-            raise ProtocolError(
-                f"the agent answered {type(operation).__name__} with {type(result).__name__}"
-            )
+            raise ProtocolError(f"the agent answered {type(operation).__name__} with {type(result).__name__}")
         return result
 
     # --- operations ---
@@ -492,9 +489,7 @@ class AgentClient:
     async def read_file(self, path: Path) -> FileContents:
         """The whole file and its stat: one round trip up to 4 MiB, chunked reads above."""
         try:
-            return await self._call(
-                ReadFile(path=_path(path), limit=MAX_WHOLE_FILE_SIZE), FileContents
-            )
+            return await self._call(ReadFile(path=_path(path), limit=MAX_WHOLE_FILE_SIZE), FileContents)
         except RemoteError as error:
             if error.errno != errno.EFBIG:
                 raise
@@ -585,9 +580,7 @@ class AgentClient:
         self._udp[socket_id] = udp
         try:
             opened = await self._call(
-                UdpOpen(
-                    socket=socket_id, family=int(family), bind_host=bind_host, bind_port=bind_port
-                ),
+                UdpOpen(socket=socket_id, family=int(family), bind_host=bind_host, bind_port=bind_port),
                 UdpOpened,
             )
         except BaseException:
@@ -727,6 +720,11 @@ class TcpStream:
     def at_eof(self) -> bool:
         return self._eof and not self._inbox
 
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet sent (waiting for credit from the agent)."""
+        return len(self._outbox)
+
     def _pump(self) -> None:
         if self._failure is not None or not self.local_address[1]:
             return  # not connected yet, or gone
@@ -776,9 +774,7 @@ class UdpSocket:
 
     async def sendto(self, data: bytes, address: tuple[str, int]) -> int:
         host, port = address
-        return (
-            await self._client._call(UdpSend(socket=self.id, host=host, port=port, data=data), Sent)
-        ).size
+        return (await self._client._call(UdpSend(socket=self.id, host=host, port=port, data=data), Sent)).size
 
     async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
         while not self._queue:

@@ -53,6 +53,8 @@ STREAM_CHUNK = 256 * 1024
 MAX_DATAGRAM = 65535
 MAX_STREAMS = 4096
 MAX_UDP_SOCKETS = 1024
+#: After the client closes a stream, how long the agent keeps flushing its data.
+CLOSE_FLUSH_TIMEOUT = 30.0
 
 Send = Callable[[_Message], Awaitable[None]]
 SendNowait = Callable[[_Message], None]
@@ -95,16 +97,15 @@ class TcpStream:
         self._unacknowledged = 0  # bytes received from the client, not yet in flight to it
         self._inbound_changed = asyncio.Event()
         self._shutdown_requested = False
+        self._close_requested = False
         self._done = False
-        self._to_client = asyncio.create_task(
-            self._pump_to_client(), name=f"stream-{stream_id}-out"
-        )
+        self._to_client = asyncio.create_task(self._pump_to_client(), name=f"stream-{stream_id}-out")
         self._to_target = asyncio.create_task(self._pump_to_target(), name=f"stream-{stream_id}-in")
 
     # --- events from the client ---
 
     def on_data(self, data: bytes) -> None:
-        if self._shutdown_requested:
+        if self._shutdown_requested or self._close_requested:
             self._fail(errno.EPIPE, "data after shutdown")
             return
         if self._queued_bytes + self._unacknowledged + len(data) > self._receive_window:
@@ -124,6 +125,19 @@ class TcpStream:
     def on_shutdown(self) -> None:
         self._shutdown_requested = True
         self._inbound_changed.set()
+
+    def on_close(self) -> None:
+        """The client is done: stop sending to it, flush what it sent, then close."""
+        self._close_requested = True
+        self._to_client.cancel()
+        self._inbound_changed.set()
+        # A peer that never reads must not keep the socket forever.
+        asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, self._abort)
+
+    def _abort(self) -> None:
+        if not self._done:
+            self._writer.transport.abort()
+            self.close()
 
     def close(self) -> None:
         """Forget the stream: stop both pumps and close the socket."""
@@ -158,7 +172,7 @@ class TcpStream:
     async def _pump_to_target(self) -> None:
         try:
             while True:
-                while not self._queued and not self._shutdown_requested:
+                while not (self._queued or self._shutdown_requested or self._close_requested):
                     self._inbound_changed.clear()
                     await self._inbound_changed.wait()
                 if self._queued:
@@ -168,8 +182,12 @@ class TcpStream:
                     self._writer.write(data)
                     await self._writer.drain()
                     self._unacknowledged -= len(data)
-                    self._outgoing.send_nowait(StreamCredit(stream=self.id, size=len(data)))
+                    if not self._close_requested:
+                        self._outgoing.send_nowait(StreamCredit(stream=self.id, size=len(data)))
                     continue
+                if self._close_requested:
+                    self.close()
+                    return
                 if self._writer.can_write_eof():
                     self._writer.write_eof()
                 return
@@ -226,9 +244,7 @@ class UdpSocket:
             host = source[0]
             if host.startswith("::ffff:") and "." in host:
                 host = host[len("::ffff:") :]
-            await self._outgoing.send(
-                Datagram(socket=self.id, host=host, port=source[1], data=data)
-            )
+            await self._outgoing.send(Datagram(socket=self.id, host=host, port=source[1], data=data))
 
     def close(self) -> None:
         self._receiver.cancel()

@@ -194,9 +194,7 @@ class Session:
                 )
         except ProtocolError as error:
             reason = "protocol violation"
-            event(
-                logger, logging.WARNING, "protocol_violation", peer=self.peer, error=error.message
-            )
+            event(logger, logging.WARNING, "protocol_violation", peer=self.peer, error=error.message)
             self.goodbye(GOODBYE_PROTOCOL, error.message)
         except (ConnectionError, BrokenPipeError) as error:
             reason = f"connection lost: {error}"
@@ -250,15 +248,11 @@ class Session:
             return False
         expected = client_proof(self.context.secret, nonce, hello.nonce)
         if len(hello.nonce) != NONCE_SIZE or not proofs_match(expected, hello.proof):
-            event(
-                logger, logging.WARNING, "handshake_failed", peer=self.peer, reason="wrong secret"
-            )
+            event(logger, logging.WARNING, "handshake_failed", peer=self.peer, reason="wrong secret")
             self.goodbye(GOODBYE_AUTHENTICATION, "authentication failed: wrong secret")
             return False
         version = min(hello.version, PROTOCOL_VERSION)
-        await self.send(
-            Welcome(version=version, proof=agent_proof(self.context.secret, nonce, hello.nonce))
-        )
+        await self.send(Welcome(version=version, proof=agent_proof(self.context.secret, nonce, hello.nonce)))
         event(logger, logging.INFO, "client_authenticated", peer=self.peer, version=version)
         return True
 
@@ -281,9 +275,7 @@ class Session:
                     id=request_id,
                     error=error.message,
                 )
-                await self.send(
-                    Response(id=request_id, result=Error(errno=code, message=error.message))
-                )
+                await self.send(Response(id=request_id, result=Error(errno=code, message=error.message)))
                 continue
             match message:
                 case Request(id=request_id, operation=operation):
@@ -302,7 +294,7 @@ class Session:
                         stream.on_shutdown()
                 case StreamClose(stream=stream_id):
                     if stream := self._outgoing.stream(stream_id):
-                        stream.close()
+                        stream.on_close()
                 case ClientHello():
                     raise ProtocolError("client-hello after the handshake")
 

@@ -3,51 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import types
-import typing
 from typing import Any
 
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol_strategies import strategy_for
 
 import mtrace.agent.protocol as p
 from mtrace.agent.errors import ProtocolError
-
-_INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-
-
-def strategy_for(annotation: Any) -> st.SearchStrategy[Any]:
-    """A strategy for a protocol type annotation (structs, unions, containers, scalars)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return st.one_of([strategy_for(arg) for arg in typing.get_args(annotation)])
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        return st.lists(strategy_for(item), max_size=4)
-    if origin is tuple:
-        return st.tuples(*(strategy_for(arg) for arg in typing.get_args(annotation)))
-    if annotation is type(None):
-        return st.none()
-    if annotation is bool:
-        return st.booleans()
-    if annotation is int:
-        return _INT64
-    if annotation is float:
-        return st.floats(allow_nan=False)
-    if annotation is str:
-        return st.text(max_size=40)
-    if annotation is bytes:
-        return st.binary(max_size=200)
-    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
-        hints = typing.get_type_hints(annotation)
-        return st.builds(
-            annotation,
-            **{name: strategy_for(hints[name]) for name in annotation.__struct_fields__},
-        )
-    raise TypeError(f"no strategy for {annotation!r}")
-
 
 to_agent_messages = strategy_for(p.ToAgent)
 from_agent_messages = strategy_for(p.FromAgent)
