@@ -133,9 +133,7 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def _openat2(directory: int, path: bytes, flags: int, mode: int, resolve: int) -> int:
-    how = _OpenHow(
-        flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve
-    )
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
     for _ in range(8):
         fd = _libc.syscall(
             ctypes.c_long(_SYS_OPENAT2),
@@ -395,9 +393,7 @@ class FileService:
         with self.resolver.opened(path, os.O_RDONLY | os.O_DIRECTORY) as fd, os.scandir(fd) as it:
             return DirEntries(
                 entries=[
-                    DirEntry(
-                        name=os.fsencode(entry.name), type=_entry_type(entry), ino=entry.inode()
-                    )
+                    DirEntry(name=os.fsencode(entry.name), type=_entry_type(entry), ino=entry.inode())
                     for entry in it
                 ]
             )

@@ -16,9 +16,7 @@ _FIELDS = "mtrace_fields"
 
 
 def _quote(value: object) -> str:
-    text = (
-        value if isinstance(value, str) else repr(value) if isinstance(value, bytes) else str(value)
-    )
+    text = value if isinstance(value, str) else repr(value) if isinstance(value, bytes) else str(value)
     if not text or any(c in text for c in ' ="\\\n\t'):
         escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'
@@ -54,6 +52,4 @@ def configure(verbosity: int) -> None:
     root = logging.getLogger("mtrace.agent")
     root.handlers[:] = [handler]
     root.propagate = False
-    root.setLevel(
-        logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    )
+    root.setLevel(logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG)

@@ -111,9 +111,7 @@ class TargetNameResolver:
 
     async def _query_dns(self, name: str, family: int) -> Addresses:
         resolver = await self._resolver()
-        record_types = {int(socket.AF_INET): ["A"], int(socket.AF_INET6): ["AAAA"]}.get(
-            family, ["A", "AAAA"]
-        )
+        record_types = {int(socket.AF_INET): ["A"], int(socket.AF_INET6): ["AAAA"]}.get(family, ["A", "AAAA"])
         outcomes = await asyncio.gather(
             *(resolver.resolve(name, record_type, search=True) for record_type in record_types),
             return_exceptions=True,

@@ -463,15 +463,7 @@ class Datagram(_Message, tag="datagram"):
 
 ToAgent = ClientHello | Request | StreamData | StreamCredit | StreamShutdown | StreamClose
 FromAgent = (
-    AgentHello
-    | Welcome
-    | Goodbye
-    | Response
-    | StreamData
-    | StreamCredit
-    | StreamEof
-    | StreamReset
-    | Datagram
+    AgentHello | Welcome | Goodbye | Response | StreamData | StreamCredit | StreamEof | StreamReset | Datagram
 )
 
 
@@ -480,9 +472,7 @@ FromAgent = (
 
 def client_proof(secret: bytes, agent_nonce: bytes, client_nonce: bytes) -> bytes:
     """What the client sends to prove it knows the secret."""
-    return hmac.new(
-        secret, b"mtrace-client\0" + agent_nonce + client_nonce, hashlib.sha256
-    ).digest()
+    return hmac.new(secret, b"mtrace-client\0" + agent_nonce + client_nonce, hashlib.sha256).digest()
 
 
 def agent_proof(secret: bytes, agent_nonce: bytes, client_nonce: bytes) -> bytes:
@@ -511,9 +501,7 @@ class FrameEncoder:
         self._encoder.encode_into(message, frame, LENGTH_PREFIX)
         size = len(frame) - LENGTH_PREFIX
         if size > self.max_frame_size:
-            raise ProtocolError(
-                f"refusing to send a {size}-byte frame (maximum {self.max_frame_size})"
-            )
+            raise ProtocolError(f"refusing to send a {size}-byte frame (maximum {self.max_frame_size})")
         frame[:LENGTH_PREFIX] = size.to_bytes(LENGTH_PREFIX, "big")
         return frame
 

@@ -35,11 +35,7 @@ class Target:
     def environ(self) -> list[tuple[bytes, bytes]]:
         """The target's environment as raw ``(name, value)`` pairs, in order."""
         if self.pid is None:
-            return [
-                (name, value)
-                for name, value in os.environb.items()
-                if name != SECRET_VARIABLE.encode()
-            ]
+            return [(name, value) for name, value in os.environb.items() if name != SECRET_VARIABLE.encode()]
         with open(f"/proc/{self.pid}/environ", "rb") as file:
             raw = file.read()
         variables = []

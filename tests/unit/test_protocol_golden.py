@@ -52,9 +52,7 @@ SAMPLES = {
         id=12,
         operation=p.TcpConnect(stream=3, host="127.0.0.1", port=80, timeout=2.5, window=65536),
     ),
-    "udp-open": p.Request(
-        id=13, operation=p.UdpOpen(socket=4, family=10, bind_host=None, bind_port=0)
-    ),
+    "udp-open": p.Request(id=13, operation=p.UdpOpen(socket=4, family=10, bind_host=None, bind_port=0)),
     "udp-send": p.Request(id=14, operation=p.UdpSend(socket=4, host="::1", port=53, data=b"q")),
     "udp-close": p.Request(id=15, operation=p.UdpClose(socket=4)),
     "write": p.Request(id=16, operation=p.Write(handle=7, data=b"abc", offset=10)),
@@ -69,9 +67,7 @@ SAMPLES = {
     "file-contents": p.Response(id=5, result=p.FileContents(stat=STAT, data=b"x")),
     "opened": p.Response(id=6, result=p.Opened(handle=7, stat=STAT)),
     "data": p.Response(id=7, result=p.Data(data=b"abc", eof=True)),
-    "dirents": p.Response(
-        id=8, result=p.DirEntries(entries=[p.DirEntry(name=b"etc", type=4, ino=12)])
-    ),
+    "dirents": p.Response(id=8, result=p.DirEntries(entries=[p.DirEntry(name=b"etc", type=4, ino=12)])),
     "link-target": p.Response(id=9, result=p.LinkTarget(target=b"../lib")),
     "environ-vars": p.Response(id=10, result=p.Environ(variables=[(b"FOO", b"bar")])),
     "addresses": p.Response(
