@@ -340,6 +340,12 @@ def test_sigterm_says_goodbye_to_clients_and_exits_cleanly(listening_agent: Any)
         assert "event=agent_stopped" in agent.log()
 
 
+def test_a_targetless_agent_reports_its_environment_without_the_secret(with_agent: Any) -> None:
+    environment = with_agent(lambda client: client.environ())
+    assert "MTRACE_AGENT_SECRET" not in environment
+    assert environment.get("PATH") == os.environ.get("PATH")
+
+
 def test_a_stdio_agent_exits_when_its_client_leaves(agent_secret: str) -> None:
     async def main() -> int | None:
         client = await spawn_stdio(agent_argv(), agent_secret)
