@@ -107,11 +107,14 @@ TRAPPED: tuple[str, ...] = (
     "truncate",
     "mkdir", "mkdirat", "unlink", "unlinkat", "rmdir",
     "rename", "renameat", "renameat2",
+    # Write mode uploads changed copies when a process exits (once per process).
+    "exit_group",
 )
-#: Also trapped when something can be written to the target: the moments a
+#: Also trapped when something can be written to the target: more moments a
 #: written shadow copy is uploaded. Trapping close costs every close a round
-#: trip to the supervisor, so read-only sessions leave them out.
-WRITE_BACK_TRAPPED: tuple[str, ...] = ("close", "fsync", "fdatasync", "exit_group")
+#: trip to the supervisor, so sessions that cannot write leave them out; without
+#: them, uploads happen at exit_group and every ``SWEEP_INTERVAL``.
+WRITE_BACK_TRAPPED: tuple[str, ...] = ("close", "fsync", "fdatasync")
 
 #: Paths kept local by default (regular expressions, ``re.search`` on the path).
 DEFAULT_LOCAL: tuple[str, ...] = (
@@ -408,6 +411,7 @@ class FilesFeature:
             "renameat2": lambda call: self._rename(call, call.int_arg(0), call.read_string(1),
                                                    call.int_arg(2), call.read_string(3),
                                                    call.uint_arg(4)),
+            "exit_group": self._exit_group,
         }
         if trapped_for(self.config) != TRAPPED:
             table.update({
@@ -415,7 +419,6 @@ class FilesFeature:
                 "fsync": lambda call: self._write_back_fd(call, call.int_arg(0), fsync=True),
                 "fdatasync": lambda call: self._write_back_fd(call, call.int_arg(0),
                                                               fsync=True),
-                "exit_group": self._exit_group,
             })
             self._start_sweeper()
         return table
@@ -546,6 +549,8 @@ class FilesFeature:
     def _local_open(self, tid: int, target: Target, flags: int, mode: int) -> Outcome:
         if flags & os.O_CREAT or (flags & abi.O_TMPFILE) == abi.O_TMPFILE:
             mode &= ~_thread_umask(tid)
+        if flags & abi.O_PATH:  # not injectable: see _open_for_reading
+            flags = (flags & ~(abi.O_PATH | os.O_ACCMODE)) | os.O_RDONLY
         fd = os.open(target.path, flags | os.O_CLOEXEC, mode)
         return InjectFd(fd, cloexec=bool(flags & os.O_CLOEXEC))
 
@@ -558,7 +563,9 @@ class FilesFeature:
             return Errno(errno.ENOTDIR)
         if stat.S_ISSOCK(info.mode):
             return Errno(errno.ENXIO)
-        extra = flags & (abi.O_PATH | os.O_NONBLOCK)
+        # O_PATH fds cannot be injected (SECCOMP_IOCTL_NOTIF_ADDFD's fget skips
+        # them): an O_PATH open gets a plain read-only fd of the copy instead.
+        extra = flags & os.O_NONBLOCK
         if stat.S_ISDIR(info.mode):
             local = await self.shadow.directory(client, target.path)
             fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -989,22 +996,28 @@ class FilesFeature:
                 self.context.agent_lost = True
 
     def _start_sweeper(self) -> None:
+        """Upload changed copies every SWEEP_INTERVAL (a timer, not a task, so a
+        loop stopped at the end of the session leaves nothing pending)."""
         if self._sweeper is not None:
             return
+        loop = self.context.async_side.loop
 
-        async def sweep() -> None:
-            while not self.context.agent_lost:
-                await asyncio.sleep(SWEEP_INTERVAL)
-                if self.shadow.tracked_nodes():
-                    await self.flush()
+        def tick() -> None:
+            if self._sweeper is None or self.context.agent_lost or self.context.client.closed:
+                return
+            if self.shadow.tracked_nodes():
+                self._in_background(self.flush())
+            self._sweeper = loop.call_later(SWEEP_INTERVAL, tick)
 
-        self._sweeper = self.context.async_side.submit(sweep())
+        self.context.async_side.start()
+        self._sweeper = True
+        loop.call_soon_threadsafe(tick)
 
     def close(self) -> None:
         """Stop the background sweep (the session is over)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        sweeper, self._sweeper = self._sweeper, None
+        if isinstance(sweeper, asyncio.TimerHandle):
+            self.context.async_side.loop.call_soon_threadsafe(sweeper.cancel)
 
 
 def handlers(context: RemoteContext) -> dict[str, Handler]:

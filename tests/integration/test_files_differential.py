@@ -1,0 +1,175 @@
+"""The files feature against a real target: differential tests through the CLI.
+
+Each probe flavour (static Go, static glibc, static musl, dynamic glibc) run
+with ``mtrace exec --target pid/N`` must print what it prints when run inside
+the target's namespaces (``nsenter``): cat of a file only the target has,
+stat, ls of a target-only directory, readlink, relative paths after chdir.
+Then the modes and path lists.
+
+The target's private files live on a tmpfs only its mount namespace sees
+(``netns_target.private_file``'s directory, under /tmp on this machine). /tmp
+is local by default, so the tests put that directory on the ``read_only`` or
+``read_write`` list, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from netns_target import NetnsTarget
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+
+RUN_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def tree(netns_target: NetnsTarget) -> Iterator[str]:
+    """A directory tree only the target sees; its path (as the target sees it)."""
+    private = os.path.dirname(netns_target.private_file)
+    top = os.path.join(private, "files-tree")
+    host_view = f"/proc/{netns_target.pid}/root{top}"
+    os.makedirs(f"{host_view}/sub/deeper")
+    Path(f"{host_view}/config.yaml").write_text("key: value from the target\n")
+    Path(f"{host_view}/sub/notes.txt").write_text("notes in a subdirectory\n")
+    Path(f"{host_view}/sub/deeper/leaf").write_text("leaf\n")
+    Path(f"{host_view}/data.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    os.chmod(f"{host_view}/config.yaml", 0o640)
+    os.symlink("sub/notes.txt", f"{host_view}/link-to-notes")
+    os.symlink("/etc/hosts", f"{host_view}/abs-link")
+    assert not os.path.exists(top), "the tree must be invisible on this machine"
+    yield top
+    shutil.rmtree(host_view, ignore_errors=True)
+
+
+def mtrace(target: NetnsTarget, argv: list[str], fs: dict[str, Any] | None = None,
+           timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+    config = {"feature": {"fs": fs or {}}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{target.pid}",
+             "-f", file.name, "--", *argv],
+            capture_output=True, timeout=timeout, check=False,
+        )
+    finally:
+        os.unlink(file.name)
+
+
+def visible(tree: str, mode: str = "read_only") -> dict[str, Any]:
+    return {mode: ["^" + re.escape(os.path.dirname(tree)) + "(/|$)"]}
+
+
+def assert_like_inside(target: NetnsTarget, argv: list[str], fs: dict[str, Any]) -> bytes:
+    inside = target.run_inside(*argv)
+    traced = mtrace(target, argv, fs)
+    assert (traced.returncode, traced.stdout) == (inside.returncode, inside.stdout), \
+        traced.stderr.decode(errors="replace")[-3000:]
+    return traced.stdout
+
+
+# --- every probe flavour, differential -------------------------------------------------
+
+
+def test_cat_of_a_target_only_file(probe: Path, netns_target: NetnsTarget, tree: str) -> None:
+    out = assert_like_inside(netns_target, [str(probe), "cat", f"{tree}/config.yaml"],
+                             visible(tree))
+    assert out == b"key: value from the target\n"
+
+
+def test_cat_of_the_targets_hosts_file(probe: Path, netns_target: NetnsTarget,
+                                       tree: str) -> None:
+    out = assert_like_inside(netns_target, [str(probe), "cat", "/etc/hosts"], {})
+    assert out == netns_target.hosts_file_content
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "sub", "link-to-notes", "missing"])
+def test_stat(probe: Path, netns_target: NetnsTarget, tree: str, name: str) -> None:
+    assert_like_inside(netns_target, [str(probe), "stat", f"{tree}/{name}"], visible(tree))
+
+
+@pytest.mark.parametrize("name", ["", "/sub", "/config.yaml"])
+def test_ls(probe: Path, netns_target: NetnsTarget, tree: str, name: str) -> None:
+    assert_like_inside(netns_target, [str(probe), "ls", f"{tree}{name}"], visible(tree))
+
+
+@pytest.mark.parametrize("name", ["link-to-notes", "abs-link", "config.yaml"])
+def test_readlink(probe: Path, netns_target: NetnsTarget, tree: str, name: str) -> None:
+    assert_like_inside(netns_target, [str(probe), "readlink", f"{tree}/{name}"], visible(tree))
+
+
+def test_relative_paths_after_chdir(probe: Path, netns_target: NetnsTarget, tree: str) -> None:
+    script = (f"cd {tree}/sub && {probe} cat notes.txt && {probe} ls deeper && "
+              f"{probe} stat ../config.yaml && cd deeper && {probe} cat ./leaf && "
+              f"{probe} readlink ../../link-to-notes && pwd")
+    out = assert_like_inside(netns_target, ["/bin/sh", "-c", script], visible(tree))
+    assert out.endswith(f"{tree}/sub/deeper\n".encode())
+
+
+# --- more than one flavour needs -------------------------------------------------------
+
+
+def test_big_file_and_symlinked_file(netns_target: NetnsTarget, tree: str) -> None:
+    for argv in (["sha256sum", f"{tree}/data.bin"], ["cat", f"{tree}/link-to-notes"],
+                 ["cat", f"{tree}/abs-link"]):
+        assert_like_inside(netns_target, argv, visible(tree))
+
+
+def test_default_local_keeps_tmp_here(probe: Path, netns_target: NetnsTarget,
+                                      tree: str) -> None:
+    """Without a list entry the target's /tmp is not seen: /tmp is local by default."""
+    traced = mtrace(netns_target, [str(probe), "cat", f"{tree}/config.yaml"])
+    assert traced.stdout == b"error: ENOENT\n"
+
+
+def test_local_mode_and_not_found(probe: Path, netns_target: NetnsTarget, tree: str) -> None:
+    local = mtrace(netns_target, [str(probe), "cat", f"{tree}/config.yaml"],
+                   {"mode": "local", **visible(tree)})
+    assert local.stdout == b"error: ENOENT\n"
+    hidden = mtrace(netns_target, [str(probe), "cat", f"{tree}/config.yaml"],
+                    {**visible(tree), "not_found": [r"config\.yaml$"]})
+    assert hidden.stdout == b"error: ENOENT\n"
+    overrides = mtrace(netns_target, [str(probe), "cat", f"{tree}/config.yaml"],
+                       {"mode": "localwithoverrides", **visible(tree)})
+    assert overrides.stdout == b"key: value from the target\n"
+
+
+def test_write_mode_changes_the_target(netns_target: NetnsTarget, tree: str) -> None:
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    script = (f"echo new > {tree}/written.txt && echo more >> {tree}/sub/notes.txt && "
+              f"mkdir {tree}/made && mv {tree}/written.txt {tree}/made/ && "
+              f"cat {tree}/made/written.txt")
+    try:
+        # Write mode (the agent gets --write), the tree on the read_write list.
+        traced = mtrace(netns_target, ["/bin/sh", "-c", script],
+                        {"mode": "write", **visible(tree, "read_write")})
+        assert traced.stdout == b"new\n", traced.stderr.decode(errors="replace")[-3000:]
+        assert Path(f"{host_view}/made/written.txt").read_text() == "new\n"
+        assert Path(f"{host_view}/sub/notes.txt").read_text() == \
+            "notes in a subdirectory\nmore\n"
+        assert not os.path.exists(f"{tree}/made")
+    finally:
+        shutil.rmtree(f"{host_view}/made", ignore_errors=True)
+        Path(f"{host_view}/sub/notes.txt").write_text("notes in a subdirectory\n")
+
+
+def test_read_mode_leaves_the_target_alone(netns_target: NetnsTarget, tree: str) -> None:
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    traced = mtrace(netns_target, ["/bin/sh", "-c", f"rm {tree}/config.yaml; echo $?"],
+                    visible(tree))
+    assert traced.stdout == b"1\n"
+    assert b"Read-only file system" in traced.stderr
+    assert os.path.exists(f"{host_view}/config.yaml")
