@@ -45,6 +45,7 @@ the target's root; every failure in the target's context raises
     stream.write(data); await stream.drain()
     stream.shutdown_write()               half-close: the remote peer reads EOF
     stream.close()                        sends what was written, then closes
+    stream.abort()                        closes now, dropping what was not sent yet
     stream.write_buffer_size              bytes written, not yet sent (no credit yet)
     stream.local_address, stream.peer_address   (host, port) as seen in the target
 
@@ -406,13 +407,9 @@ class AgentClient:
                     case _:
                         raise ProtocolError(f"unexpected {type(message).__name__} from the agent")
         except (asyncio.IncompleteReadError, ConnectionError) as error:
+            truncated = isinstance(error, asyncio.IncompleteReadError) and error.partial
             failure = AgentUnavailable(
-                f"lost the connection to {self.description}"
-                + (
-                    f" (truncated frame: {error})"
-                    if isinstance(error, asyncio.IncompleteReadError) and error.partial
-                    else ""
-                ),
+                f"lost the connection to {self.description}" + (" (mid-frame)" if truncated else ""),
                 hint="the agent exited or the network dropped; run the agent with -v to see why",
             )
         except ProtocolError as error:
@@ -605,6 +602,7 @@ class TcpStream:
         self.local_address: tuple[str, int] = ("", 0)
         self.peer_address: tuple[str, int] = ("", 0)
         self._receive_window = window
+        self._connected = False
         self._send_credit = 0
         self._inbox = bytearray()
         self._consumed = 0  # bytes read by the application, credit not yet returned
@@ -623,6 +621,7 @@ class TcpStream:
     def _on_connected(self, connected: TcpConnected) -> None:
         self.local_address = (connected.local_host, connected.local_port)
         self.peer_address = (connected.peer_host, connected.peer_port)
+        self._connected = True
         self._send_credit += connected.window
         self._pump()
 
@@ -716,6 +715,14 @@ class TcpStream:
         self._inbox.clear()
         self._pump()
 
+    def abort(self) -> None:
+        """Close now: written data not yet sent is dropped (the agent still delivers
+        what it already received)."""
+        self._outbox.clear()
+        self._close_requested = True
+        self._inbox.clear()
+        self._pump()
+
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._inbox
@@ -726,8 +733,8 @@ class TcpStream:
         return len(self._outbox)
 
     def _pump(self) -> None:
-        if self._failure is not None or not self.local_address[1]:
-            return  # not connected yet, or gone
+        if self._failure is not None or not self._connected:
+            return  # gone, or not connected yet (_on_connected pumps)
         try:
             while self._outbox and self._send_credit > 0:
                 size = min(len(self._outbox), self._send_credit, STREAM_CHUNK)

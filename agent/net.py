@@ -244,7 +244,10 @@ class UdpSocket:
             host = source[0]
             if host.startswith("::ffff:") and "." in host:
                 host = host[len("::ffff:") :]
-            await self._outgoing.send(Datagram(socket=self.id, host=host, port=source[1], data=data))
+            try:
+                await self._outgoing.send(Datagram(socket=self.id, host=host, port=source[1], data=data))
+            except ConnectionError:
+                return  # the client is gone; the session tears this socket down
 
     def close(self) -> None:
         self._receiver.cancel()

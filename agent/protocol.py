@@ -47,8 +47,10 @@ Compatibility rules (read before changing anything here):
    agent accepts any client version in ``[MIN_PROTOCOL_VERSION,
    PROTOCOL_VERSION]`` and both sides speak the lower of the two.
 5. The golden-bytes tests (``tests/unit/test_protocol_golden.py``) pin the
-   encoding of every message; if one fails, the wire changed: follow the rules
-   above and add a new golden, never edit an old one.
+   encoding of every message; a failing golden means the wire changed. Adding
+   a field at the end makes its message one element longer (msgspec writes
+   defaults too): extend that golden by exactly the encoded default and add a
+   golden with the new field set. Any other edit to a golden is a break.
 """
 
 from __future__ import annotations

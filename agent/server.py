@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ from .protocol import (
 from .session import AgentContext, Session
 from .target import SECRET_VARIABLE, Target
 
-logger = logs.logging.getLogger("mtrace.agent.server")
+logger = logging.getLogger("mtrace.agent.server")
 
 READ_LIMIT = 1 << 20  # StreamReader buffer on the client connection
 SHUTDOWN_GRACE = 5.0
@@ -133,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     logs.event(
         logger,
-        logs.logging.INFO,
+        logging.INFO,
         "agent_started",
         target=target.describe(),
         resolver=resolver.name,
@@ -148,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         context.executor.shutdown(wait=False, cancel_futures=True)
         resolver.close()
-    logs.event(logger, logs.logging.INFO, "agent_stopped")
+    logs.event(logger, logging.INFO, "agent_stopped")
     return 0
 
 
@@ -193,7 +194,7 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
     host, port = listener.getsockname()[:2]
     print(f"LISTENING {host}:{port}", flush=True)
     await stop.wait()
-    logs.event(logger, logs.logging.INFO, "shutting_down", clients=len(sessions))
+    logs.event(logger, logging.INFO, "shutting_down", clients=len(sessions))
     server.close()
     for session in list(sessions):
         session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")

@@ -461,6 +461,58 @@ def test_data_beyond_the_granted_window_resets_the_stream(shared_agent: Any) -> 
     listener.close()
 
 
+class SinkServer:
+    """Counts the bytes of one connection until EOF."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = 0
+        self.finished = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            while data := connection.recv(1 << 20):
+                self.received += len(data)
+        self.finished.set()
+        self.listener.close()
+
+
+def test_close_right_after_write_still_delivers_everything(with_agent: Any) -> None:
+    # Regression: StreamClose used to drop data the agent had queued but not written.
+    sink = SinkServer()
+    size = 24 * 1024 * 1024
+
+    async def body(client: AgentClient) -> None:
+        stream = await client.open_tcp("127.0.0.1", sink.port)
+        stream.write(b"d" * size)
+        stream.close()  # no drain
+        await asyncio.to_thread(sink.finished.wait, 20)
+
+    with_agent(body)
+    assert sink.finished.is_set()
+    assert sink.received == size
+
+
+def test_abort_drops_unsent_data_and_closes_promptly(with_agent: Any) -> None:
+    sink = SinkServer()
+    size = 256 * 1024 * 1024
+
+    async def body(client: AgentClient) -> None:
+        stream = await client.open_tcp("127.0.0.1", sink.port)
+        stream.write(b"d" * size)
+        stream.abort()
+        assert stream.write_buffer_size == 0
+        await asyncio.to_thread(sink.finished.wait, 10)
+        await client.ping()
+
+    with_agent(body)
+    assert sink.finished.is_set()
+    assert sink.received < size
+
+
 # --- fuzzing the agent's dispatch ----------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 """Golden bytes: the exact frame of every message type.
 
 If one of these fails, the wire format changed. Read the compatibility rules at
-the top of ``mtrace.agent.protocol``: never edit an existing golden to make the
-test pass; a new field or message gets a NEW golden entry.
+the top of ``mtrace.agent.protocol``: an existing golden may only grow by the
+encoded default of a field added at the end; a new field value or a new
+message gets a NEW golden entry.
 """
 
 from __future__ import annotations
