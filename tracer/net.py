@@ -381,7 +381,7 @@ class Outgoing:
         self.relayed: dict[int, Relayed] = {}
         self.udp_relays: dict[int, UdpRelay] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self._lost_reported = False
 
     def handlers(self) -> dict[str, Handler]:
@@ -410,9 +410,10 @@ class Outgoing:
     def agent_lost(self) -> None:
         self.context.agent_lost = True
         if not self._lost_reported:
+            # The CLI tells the user (its watcher); this is the detail for -v.
             self._lost_reported = True
-            log.warning("lost the agent: remote connections now fail "
-                        "(ECONNRESET on open ones, ENETUNREACH on new ones)")
+            log.info("the agent is gone: remote connections now fail "
+                     "(ECONNRESET on open ones, ENETUNREACH on new ones)")
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -528,7 +529,7 @@ class Outgoing:
             relay = UdpRelay(family, open_agent_udp, dns=self.dns, on_agent_lost=self.agent_lost)
             self.udp_relays[inode] = relay
             if self._sweeper is None:
-                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+                self._schedule_sweep()
         relay.owners.add(tgid)
         return relay
 
@@ -761,19 +762,27 @@ class Outgoing:
 
     # -- housekeeping --
 
+    def _schedule_sweep(self) -> None:
+        # A timer, not a sleeping task: nothing is left pending when the
+        # session's loop stops.
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, lambda: self._spawn(self._sweep()))
+
     async def _sweep(self) -> None:
         """Close UDP relays whose tracee socket is gone (close() is not trapped)."""
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            now = time.monotonic()
-            for inode, relay in list(self.udp_relays.items()):
-                if now - relay.last_used < SWEEP_INTERVAL:
-                    continue
-                held = await asyncio.to_thread(_held_by_any, tuple(relay.owners), inode)
-                if not held:
-                    self.udp_relays.pop(inode, None)
-                    self.relayed.pop(inode, None)
-                    await relay.close()
+        now = time.monotonic()
+        for inode, relay in list(self.udp_relays.items()):
+            if relay.failed is None and now - relay.last_used < SWEEP_INTERVAL:
+                continue
+            held = relay.failed is None and await asyncio.to_thread(
+                _held_by_any, tuple(relay.owners), inode)
+            if not held:
+                self.udp_relays.pop(inode, None)
+                self.relayed.pop(inode, None)
+                await relay.close()
+        self._sweeper = None
+        if self.udp_relays:
+            self._schedule_sweep()
 
     async def close(self) -> None:
         """Close every relay (the end of the session)."""

@@ -1,15 +1,15 @@
 """Outgoing TCP/UDP and DNS under mtrace, against a real target namespace.
 
-Differential: each probe flavour run under mtrace with the netns target must
-print what it prints when run inside the target's namespaces (nsenter), and
-never what the host's look-alike services answer.
+Differential: each probe flavour run under ``mtrace exec --target pid/N``
+must print what it prints when run inside the target's namespaces (nsenter),
+and never what the host's look-alike services answer.
 
-The session is driven from Python by this file run as a script (``run_session``
-below): the net handlers (and the files handlers, once ``mtrace.tracer.files``
-exists) with a local agent attached to the target. Until the files feature
-serves the target's resolv.conf/hosts, the runner bind-mounts the target's
-copies over /etc in a private mount namespace of its own, so the tracee's
-resolver reads the target's.
+The DNS filter test needs a resolver for "this machine" that the test controls,
+which the CLI cannot be pointed at: it runs under this file run as a script
+(``run_session`` below), which builds the same session from Python with the
+resolver given. Without ``mtrace.tracer.files`` (the feature that serves the
+target's resolv.conf and hosts), that runner bind-mounts the target's copies
+over /etc in a private mount namespace of its own instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import socket
 import socketserver
 import subprocess
@@ -44,17 +43,40 @@ HERE = Path(__file__).resolve()
 
 
 def mtrace_run(target: NetnsTarget, argv: list[str], *, features: dict | None = None,
-               local_resolver: str | None = None, agent_pid_file: str | None = None,
-               input: bytes | None = None, timeout: float = RUN_TIMEOUT
-               ) -> subprocess.CompletedProcess[bytes]:
-    command = [sys.executable, str(HERE), "--target-pid", str(target.pid),
-               "--features", json.dumps(features or {})]
-    if local_resolver:
-        command += ["--local-resolver", local_resolver]
-    if agent_pid_file:
-        command += ["--agent-pid-file", agent_pid_file]
-    return subprocess.run([*command, "--", *argv], capture_output=True, timeout=timeout,
-                          input=input, check=False)
+               local_resolver: str | None = None, input: bytes | None = None,
+               timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+    """``argv`` under ``mtrace exec --target pid/N``; with ``local_resolver``
+    (which the CLI cannot set) under this file's own runner instead."""
+    return subprocess.run(mtrace_argv(target, argv, features=features,
+                                      local_resolver=local_resolver),
+                          capture_output=True, timeout=timeout, input=input, check=False)
+
+
+def mtrace_argv(target: NetnsTarget, argv: list[str], *, features: dict | None = None,
+                local_resolver: str | None = None) -> list[str]:
+    if local_resolver is None:
+        config = {"feature": features or {}}
+        config_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (removed with the session)
+            "w", prefix="mtrace-net-", suffix=".json", delete=False)
+        with config_file:
+            json.dump(config, config_file)
+        _config_files.append(config_file.name)
+        return [sys.executable, "-m", "mtrace.cli.main", "exec", "--target",
+                f"pid/{target.pid}", "-f", config_file.name, "--", *argv]
+    return [sys.executable, str(HERE), "--target-pid", str(target.pid),
+            "--features", json.dumps(features or {}), "--local-resolver", local_resolver,
+            "--", *argv]
+
+
+_config_files: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_config_files() -> Iterator[None]:
+    yield
+    for name in _config_files:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def assert_like_inside(target: NetnsTarget, argv: list[str], **kwargs: object) -> bytes:
@@ -318,19 +340,21 @@ print("sendto", outcome(lambda: v.sendto(b"x", ("127.0.0.1", int(sys.argv[2]))))
 """
 
 
-def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget,
-                                                      tmp_path: Path) -> None:
-    pid_file = tmp_path / "agent.pid"
-    command = [sys.executable, str(HERE), "--target-pid", str(netns_target.pid),
-               "--agent-pid-file", str(pid_file), "--",
-               *_python(AGENT_LOSS), str(netns_target.tcp_port), str(netns_target.udp_port)]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget) -> None:
+    import psutil
+
+    argv = mtrace_argv(netns_target, [*_python(AGENT_LOSS), str(netns_target.tcp_port),
+                                      str(netns_target.udp_port)])
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     try:
         assert process.stdout is not None and process.stdin is not None
         assert process.stdout.readline() == b"ready\n"
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        time.sleep(0.5)
+        agents = [child for child in psutil.Process(process.pid).children(recursive=True)
+                  if "mtrace.agent" in " ".join(child.cmdline())]
+        assert len(agents) == 1
+        agents[0].kill()
+        agents[0].wait(10)
         started = time.monotonic()
         stdout, stderr = process.communicate(b"go\n", timeout=30)
     finally:
@@ -449,8 +473,6 @@ def run_session(arguments: argparse.Namespace) -> int:
     side = AsyncSide()
     client = side.call(spawn_stdio(agent_argv(target_pid=arguments.target_pid), "secret-net"),
                        timeout=20)
-    if arguments.agent_pid_file and client.process is not None:
-        Path(arguments.agent_pid_file).write_text(str(client.process.pid))
     session_dir = Path(tempfile.mkdtemp(prefix="mtrace-net-test-"))
     context = RemoteContext(client=client, async_side=side, features=features,
                             session_dir=session_dir, executable=arguments.command[0])
@@ -481,7 +503,6 @@ def main() -> None:
     parser.add_argument("--target-pid", type=int, required=True)
     parser.add_argument("--features", default="{}")
     parser.add_argument("--local-resolver")
-    parser.add_argument("--agent-pid-file")
     parser.add_argument("command", nargs="+")
     raise SystemExit(run_session(parser.parse_args()))
 
