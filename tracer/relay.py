@@ -181,6 +181,8 @@ class RemoteStream(Protocol):
 
     def close(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 async def connect_to_relay(fd: int, family: int) -> tuple[socket.socket, int]:
     """Connect the tracee's socket ``fd`` (a supervisor duplicate) to a fresh
@@ -268,11 +270,15 @@ async def relay_tcp(sock: socket.socket, stream: RemoteStream, *,
         for task in tasks:
             if not task.done():
                 task.cancel()
-        if outcome.get("failed") == "remote":
+        failed = outcome.get("failed")
+        if failed == "remote":
             reset(sock)
         else:
             sock.close()
-        stream.close()
+        if failed == "tracee":
+            stream.abort()  # the tracee reset or vanished: what it wrote last is moot
+        else:
+            stream.close()
 
 
 # -- UDP ----------------------------------------------------------------------------------

@@ -125,12 +125,25 @@ def test_refused_is_the_targets(probe: Path, netns_target: NetnsTarget) -> None:
     assert out == b"error: ECONNREFUSED\n"
 
 
+def test_unreachable_is_the_targets(probe: Path, netns_target: NetnsTarget) -> None:
+    # The target has no route beyond its loopback.
+    out = assert_like_inside(netns_target, [str(probe), "tcp", "10.99.0.7", "80", "x"])
+    assert out == b"error: ENETUNREACH\n"
+
+
 def test_http_to_a_target_only_server(probe: Path, netns_target: NetnsTarget,
                                       programs: ProgramPaths) -> None:
     with _httpserve_pair(netns_target, programs) as port:
         out = assert_like_inside(netns_target, [str(probe), "http",
                                                 f"http://127.0.0.1:{port}/hello"])
     assert out == b"status 200\nhello from target\n"
+
+
+def test_keep_alive_requests(netns_target: NetnsTarget, programs: ProgramPaths) -> None:
+    with _httpserve_pair(netns_target, programs) as port:
+        argv = [str(programs["httpclient"]), f"http://127.0.0.1:{port}/hello", "200"]
+        out = assert_like_inside(netns_target, argv)
+    assert out == b"ok 200\n"
 
 
 # --- the filter ---------------------------------------------------------------------------
@@ -240,6 +253,9 @@ print("udp6", data, source[:2])
 u.sendto(b"msg", ("::ffff:127.0.0.1", int(sys.argv[2])))
 data, ancillary, flags, source = u.recvmsg(100)
 print("recvmsg", data, source[:2])
+u.sendmsg([b"ms", b"g2"], [], 0, ("::ffff:127.0.0.1", int(sys.argv[2])))
+data, source = u.recvfrom(100)
+print("sendmsg", data, source[:2])
 c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 c.connect(("127.0.0.1", int(sys.argv[2])))
 print("udp-peer", c.getpeername())
@@ -261,6 +277,7 @@ def test_addresses_seen_by_the_program(netns_target: NetnsTarget) -> None:
         f"banner6 {netns_target.tcp_banner!r}",
         f"udp6 b'target-udp:six' ('::ffff:127.0.0.1', {udp})",
         f"recvmsg b'target-udp:msg' ('::ffff:127.0.0.1', {udp})",
+        f"sendmsg b'target-udp:msg2' ('::ffff:127.0.0.1', {udp})",
         f"udp-peer ('127.0.0.1', {udp})",
         f"udp-connected (b'target-udp:connected', ('127.0.0.1', {udp}))",
     ]
@@ -318,6 +335,35 @@ def test_bulk_data_both_ways_with_half_close(netns_target: NetnsTarget) -> None:
     out = mtrace_run(netns_target, argv)
     assert out.stdout == b"True True\n", out.stderr
     assert time.monotonic() - started < 30
+
+
+PARALLEL = r"""
+import socket, sys, threading
+port, banner = int(sys.argv[1]), sys.argv[2].encode() + b"\n"
+results = []
+def one(index):
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        message = f"connection {index}\n".encode() * 1000
+        s.sendall(message)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        results.append(data == banner + message)
+threads = [threading.Thread(target=one, args=(index,)) for index in range(32)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(len(results), all(results))
+"""
+
+
+def test_parallel_connections(netns_target: NetnsTarget) -> None:
+    argv = [*_python(PARALLEL), str(netns_target.tcp_port),
+            netns_target.tcp_banner.decode()[:-1]]
+    out = mtrace_run(netns_target, argv)
+    assert out.stdout == b"32 True\n", out.stderr
 
 
 AGENT_LOSS = r"""

@@ -34,6 +34,7 @@ class FakeStream:
         self.credit.set()
         self.shut_down = False
         self.closed = False
+        self.aborted = False
 
     async def read(self, n: int = -1) -> bytes:
         item = await self.incoming.get()
@@ -52,6 +53,9 @@ class FakeStream:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -180,7 +184,7 @@ def test_tracee_reset_closes_the_stream() -> None:
         tracee.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         tracee.close()
         await task
-        assert stream.closed
+        assert stream.aborted and not stream.closed
 
     run(body)
 
