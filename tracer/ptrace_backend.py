@@ -197,10 +197,14 @@ class PtraceBackend:
                     break
                 self._dispatch(tid, status)
 
-    def _wait_for_wake_or_stop(self) -> None:
+    def _open_wake_fds(self) -> None:
+        if self._sigchld_fd < 0:
+            self._sigchld_fd = _signalfd(signal.SIGCHLD)
         if self._wake_fd < 0:
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._sigchld_fd = _signalfd(signal.SIGCHLD)
+
+    def _wait_for_wake_or_stop(self) -> None:
+        self._open_wake_fds()
         poller = select.poll()
         poller.register(self._wake_fd, select.POLLIN)
         poller.register(self._sigchld_fd, select.POLLIN)
@@ -288,8 +292,11 @@ class PtraceBackend:
                     address, data = restore.saved_memory
                     self._write_quietly(tid, address, data)
                 # The result stays; the argument registers (which the kernel
-                # preserves across a call) get their values back.
+                # preserves across a call) get their values back, and so does
+                # the number: a call interrupted by a signal (-ERESTARTSYS) is
+                # restarted from them, and is then trapped and decided afresh.
                 self.abi.set_arguments(registers, restore.arguments)
+                self.abi.set_number(registers, restore.number)
                 ptrace_abi.set_registers(tid, registers)
         finally:
             if restore is not None and restore.close_fd is not None:
@@ -459,10 +466,7 @@ class PtraceBackend:
             if self._wake_fd >= 0:
                 os.eventfd_write(self._wake_fd, 1)
 
-        # The wake fd must exist before the coroutine can finish.
-        if self._wake_fd < 0:
-            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._sigchld_fd = _signalfd(signal.SIGCHLD)
+        self._open_wake_fds()  # before the coroutine can finish
         self.async_side.submit(finish())
 
     def _deferred_arrived(self, tid: int, marker: object, outcome: Outcome) -> None:
@@ -509,7 +513,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def _signalfd(signal_number: int) -> int:
     mask = (ctypes.c_ulong * 16)()
     mask[(signal_number - 1) // 64] |= 1 << ((signal_number - 1) % 64)
-    fd = _libc.signalfd(-1, ctypes.byref(mask), 8, _SFD_NONBLOCK | _SFD_CLOEXEC)
+    fd = _libc.signalfd(-1, ctypes.byref(mask), _SFD_NONBLOCK | _SFD_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
