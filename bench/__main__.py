@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    load_at_start = [round(value, 2) for value in os.getloadavg()]
 
     def log(message: str) -> None:
         print(f"[bench {time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     targets = report.evaluate_targets(rows)
     info = report.run_info()
+    info["machine"]["load_average_at_start"] = load_at_start
     chart = report.draw_chart(out_dir / "latest.png", rows, info)
     if chart is None:
         log("chart skipped: matplotlib is not installed (pip install -e '.[bench]')")

@@ -115,6 +115,8 @@ def machine() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "arch": platform.machine(),
         "python": platform.python_version(),
+        # Other work on the machine skews everything: keep the load next to the numbers.
+        "load_average": [round(value, 2) for value in os.getloadavg()],
         "commit": _first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]),
         "tools": {
             "strace": _first_line(["strace", "-V"]),
@@ -155,7 +157,9 @@ def markdown(rows: Sequence[Row], targets: Sequence[Target], info: dict[str, Any
              settings: Settings) -> str:
     lines = [
         f"Benchmarks of {info['date']} on Linux {info['machine']['kernel']}, "
-        f"{info['machine']['nproc']} CPUs, {info['machine']['cpu']}"
+        f"{info['machine']['nproc']} CPUs, {info['machine']['cpu']}, "
+        f"1-min load average {info['machine'].get('load_average_at_start', ['?'])[0]} at start, "
+        f"{info['machine']['load_average'][0]} at end"
         f" (commit {info['machine']['commit']}{', --quick: numbers are noise' if settings.quick else ''})",
         "",
     ]
@@ -210,6 +214,7 @@ def _bars(axis: Any, rows: Sequence[Row], group: str, names: Sequence[str],
           title: str, log: bool = True) -> None:
     width = 0.8 / max(1, len(names))
     positions = range(len(variants))
+    drawn = False
     for index, (name, label) in enumerate(zip(names, labels, strict=True)):
         heights = []
         for variant in variants:
@@ -217,6 +222,7 @@ def _bars(axis: Any, rows: Sequence[Row], group: str, names: Sequence[str],
             heights.append(row.value * scale if row is not None and row.value else 0.0)
         offsets = [p + (index - (len(names) - 1) / 2) * width for p in positions]
         axis.bar(offsets, heights, width, label=label)
+        drawn = drawn or any(heights)
         for x, height in zip(offsets, heights, strict=True):
             if height == 0.0:
                 axis.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom",
@@ -226,7 +232,7 @@ def _bars(axis: Any, rows: Sequence[Row], group: str, names: Sequence[str],
                           for variant in variants], fontsize=7, rotation=30, ha="right")
     axis.set_ylabel(unit)
     axis.set_title(title, fontsize=9)
-    if log:
+    if log and drawn:
         axis.set_yscale("log")
     if len(names) > 1:
         axis.legend(fontsize=7)
