@@ -179,14 +179,14 @@ class Harness:
         )
 
     def run(self, argv: list[str], config: FsConfig | None = None, *,
-            cwd: str | None = None) -> Traced:
+            cwd: str | None = None, trapped: tuple[str, ...] | None = None) -> Traced:
         config = config or FsConfig()
         context = self.context(config, executable=argv[0])
         feature = files.FilesFeature(context)
         session = Session(
             argv,
             handlers=Handlers(feature.handlers()),
-            trapped=files.trapped_for(config),
+            trapped=trapped or files.trapped_for(config),
             async_side=self.async_side,
             env={"PATH": "/usr/bin:/bin"},
             cwd=cwd,
@@ -637,3 +637,23 @@ def test_o_path_open_of_a_remote_directory_is_injectable(harness: Harness) -> No
     script = f"cd {REMOTE} && mv f made/ && ls made"
     assert harness.run(["/bin/sh", "-c", script], FsConfig(mode="write")).text == "f\n"
     assert (harness.target_root / REMOTE.lstrip("/") / "made" / "f").read_text() == "x\n"
+
+
+def test_write_mode_with_only_the_base_calls_trapped(harness: Harness) -> None:
+    """A session that traps only ``files.TRAPPED`` (no close) still uploads at exit."""
+    harness.write(f"{REMOTE}/notes.txt", "one\n")
+    script = f"echo two >> {REMOTE}/notes.txt; echo three > {REMOTE}/fresh.txt"
+    result = harness.run(["/bin/sh", "-c", script], FsConfig(mode="write"),
+                         trapped=files.TRAPPED)
+    assert result.returncode == 0
+    base = harness.target_root / REMOTE.lstrip("/")
+    assert (base / "notes.txt").read_text() == "one\ntwo\n"
+    assert (base / "fresh.txt").read_text() == "three\n"
+
+
+def test_getcwd_syscall_and_proc_self_cwd_after_chdir(harness: Harness, probe: Path) -> None:
+    harness.write(f"{REMOTE}/wd/f", "f\n")
+    script = (f"cd {REMOTE}/wd && /bin/pwd -P && readlink /proc/self/cwd && "
+              f"{probe} readlink /proc/self/cwd")
+    result = harness.run(["/bin/sh", "-c", script])
+    assert result.text == f"{REMOTE}/wd\n" * 3
