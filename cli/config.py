@@ -119,7 +119,7 @@ def validate(config: Config, origin: str = "config") -> None:
     if dns.filter and dns.filter.remote is not None and dns.filter.local is not None:
         raise ConfigError(f"{origin} at `feature.network.dns.filter`: give either `remote` or "
                           "`local`, not both")
-    if config.feature.fs.mode == "write":
+    if fs.mode == "write" or (fs.read_write and fs.mode != "local"):
         config.agent.write = True
     if config.agent.address:
         parse_address(config.agent.address, origin=f"{origin} at `agent.address`")

@@ -9,7 +9,7 @@ files, network and DNS handlers route its calls to the target.
 from __future__ import annotations
 
 import asyncio
-import importlib
+import contextlib
 import os
 import shutil
 import sys
@@ -26,9 +26,6 @@ from mtrace.tracer.env import merge_environment
 from mtrace.tracer.remote import RemoteContext
 from mtrace.tracer.session import Session, run
 from mtrace.tracer.syscalls import DEFAULT_TRAPPED
-
-# Handler modules of the remote features; each has TRAPPED and handlers(context).
-FEATURE_MODULES = ("mtrace.tracer.files", "mtrace.tracer.net")
 
 
 def resolve_executable(command: Sequence[str], env: dict[str, str]) -> str | None:
@@ -50,7 +47,6 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0)
     side = AsyncSide()
     session_dir = Path(tempfile.mkdtemp(prefix="mtrace-session-"))
     client: AgentClient | None = None
-    watcher = None
     try:
         where = config.agent.address or (target.describe() if target else "")
         progress(f"connecting to the agent for {where}...")
@@ -63,31 +59,48 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0)
         context = RemoteContext(client=client, async_side=side, features=config.feature,
                                 session_dir=session_dir,
                                 executable=resolve_executable(command, env))
-        handlers = Handlers()
-        trapped = list(DEFAULT_TRAPPED)
-        for module_name in FEATURE_MODULES:
-            module = importlib.import_module(module_name)
-            handlers.update(module.handlers(context))
-            trapped += [name for name in module.TRAPPED if name not in trapped]
-        watcher = side.submit(_watch_agent(client, context))
-        return run(Session(argv=command, handlers=handlers, trapped=tuple(trapped), env=env,
-                           async_side=side, backend=config.backend))
+        return _serve_remote(command, config, context, env)
     finally:
-        if watcher is not None:
-            watcher.cancel()
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):
                 side.call(client.close(), timeout=5)
-            except Exception:
-                pass
         side.stop()
         shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext,
+                  env: dict[str, str]) -> int:
+    # Imported here: a run without a target should not pay for them at start-up.
+    from mtrace.tracer import files, net
+
+    side = context.async_side
+    files_feature = files.FilesFeature(context)
+    outgoing = net.setup(context)
+    handlers = Handlers({**files_feature.handlers(), **outgoing.handlers()})
+    trapped = tuple(dict.fromkeys([*DEFAULT_TRAPPED, *files.trapped_for(config.feature.fs),
+                                   *net.TRAPPED]))
+    watcher = side.submit(_watch_agent(context.client, context))
+    try:
+        return run(Session(argv=command, handlers=handlers, trapped=trapped, env=env,
+                           async_side=side, backend=config.backend))
+    finally:
+        # The program is gone: write changed files back, then close the relays;
+        # the agent closing after this is not a failure to report.
+        context.closing = True
+        watcher.cancel()
+        with contextlib.suppress(Exception):
+            side.call(files_feature.flush(), timeout=30)
+        files_feature.close()
+        with contextlib.suppress(Exception):
+            side.call(outgoing.close(), timeout=5)
 
 
 async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     """Say once, clearly, that the agent is gone; remote calls fail from then on."""
     while not client.closed:
         await asyncio.sleep(0.2)
+    if context.closing:
+        return
     context.agent_lost = True
     sys.stderr.write(
         "mtrace: error: lost the connection to the agent; the program's remote "

@@ -35,6 +35,8 @@ class RemoteContext:
     # Set when the agent connection is lost; handlers then fail remote calls
     # with a real errno (EIO, ECONNRESET) instead of waiting.
     agent_lost: bool = field(default=False)
+    # Set when the session is ending: the agent closing then is not a failure.
+    closing: bool = field(default=False)
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
         """Run a coroutine on the agent's loop and wait (start-up work only,
