@@ -133,6 +133,8 @@ class PtraceBackend:
         self._wake_fd = -1
         self._sigchld_fd = -1
         self._error: BaseException | None = None
+        # Guards the wake fd against the async side writing to it after close.
+        self._wake_lock = threading.Lock()
         self._openat = table.numbers.get("openat", -1)
         self._supervisor_pid = os.getpid()
 
@@ -154,6 +156,10 @@ class PtraceBackend:
         # threads this one starts (the async side) inherit the mask.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
+            if self.abi.arch != "x86_64":
+                # aarch64 skips a call through NT_ARM_SYSTEM_CALL: not written yet.
+                raise KernelFeatureMissing(f"the ptrace backend does not run on {self.abi.arch} "
+                                           "yet", hint="use --backend notify")
             pid = self.launch.tracee_pid
             if pid is None:
                 raise TracerError("the exec helper did not report the tracee's pid")
@@ -168,9 +174,11 @@ class PtraceBackend:
             self._error = exc
         finally:
             self.memory.close()
-            for fd in (self._wake_fd, self._sigchld_fd):
-                if fd >= 0:
-                    os.close(fd)
+            with self._wake_lock:
+                for fd in (self._wake_fd, self._sigchld_fd):
+                    if fd >= 0:
+                        os.close(fd)
+                self._wake_fd = self._sigchld_fd = -1
 
     def _serve(self) -> None:
         flags = ptrace_abi.WALL | ptrace_abi.WNOTHREAD
@@ -462,9 +470,10 @@ class PtraceBackend:
             except Exception:
                 log.exception("deferred handler for %s failed", call.name)
                 outcome = Errno(errno.EIO)
-            completions.append((tid, marker, outcome))
-            if self._wake_fd >= 0:
-                os.eventfd_write(self._wake_fd, 1)
+            with self._wake_lock:
+                if self._wake_fd >= 0:  # else the tracer is gone: nobody to answer
+                    completions.append((tid, marker, outcome))
+                    os.eventfd_write(self._wake_fd, 1)
 
         self._open_wake_fds()  # before the coroutine can finish
         self.async_side.submit(finish())
