@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mtrace.tracer.call import signed64
 from ptrace import PtraceError
 from ptrace.binding import func as _binding
+
+from mtrace.tracer.call import signed64
 
 # Requests and options python-ptrace does not define (linux/ptrace.h).
 PTRACE_SEIZE = 0x4206
