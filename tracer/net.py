@@ -49,7 +49,6 @@ mtrace never relayed costs one readlink at most.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -106,8 +105,12 @@ TRAPPED: tuple[str, ...] = (
 
 #: How long the target may take to connect when the socket sets no SO_SNDTIMEO.
 CONNECT_TIMEOUT = 60.0
-#: How often idle UDP relays are checked for a tracee socket that is gone.
-SWEEP_INTERVAL = 30.0
+#: How often UDP relays are checked for a tracee socket that is gone (each
+#: holds an agent socket; glibc opens a UDP socket per lookup).
+SWEEP_INTERVAL = 5.0
+#: Past this many UDP relays, sweeps run every SWEEP_EARLY_DELAY.
+SWEEP_EARLY = 64
+SWEEP_EARLY_DELAY = 0.5
 #: getpeername/getsockname answers kept for sockets whose relay ended.
 MAX_REMEMBERED = 16384
 
@@ -272,32 +275,35 @@ def socket_inode(tid: int, fd: int) -> int | None:
     return int(link[8:-1])
 
 
-def _thread_group(tid: int) -> int:
+def live_udp_inodes() -> set[int]:
+    """Inodes of every UDP socket in this network namespace (the tracee's):
+    a relayed socket missing here was closed by the tracee."""
+    inodes: set[int] = set()
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        try:
+            with open(table, "rb") as lines:
+                next(lines, None)
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) > 9:
+                        inodes.add(int(fields[9]))
+        except OSError:
+            continue
+    return inodes
+
+
+def _take_socket(tid: int, fd: int, inode: int) -> int | None:
+    """The tracee's socket again (its fd ``fd`` of thread ``tid``), if it still is that one."""
+    from mtrace.tracer.seccomp import take_tracee_fd
+
     try:
-        with open(f"/proc/{tid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
+        local = take_tracee_fd(tid, fd)
     except OSError:
-        pass
-    return tid
-
-
-def _holds_socket(tgid: int, inode: int) -> bool:
-    wanted = f"socket:[{inode}]"
-    try:
-        entries = os.listdir(f"/proc/{tgid}/fd")
-    except OSError:
-        return False
-    for entry in entries:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{tgid}/fd/{entry}") == wanted:
-                return True
-    return False
-
-
-def _held_by_any(tgids: Sequence[int], inode: int) -> bool:
-    return any(_holds_socket(tgid, inode) for tgid in tgids)
+        return None
+    if os.fstat(local).st_ino != inode:
+        os.close(local)
+        return None
+    return local
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -382,6 +388,7 @@ class Outgoing:
         self.udp_relays: dict[int, UdpRelay] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeping = False
         self._lost_reported = False
 
     def handlers(self) -> dict[str, Handler]:
@@ -447,8 +454,8 @@ class Outgoing:
             if self.relayed:
                 self._forget(call.tid, call.int_arg(0))
             return CONTINUE
-        return OnTraceeFd(call.int_arg(0), partial(self._connect_action, call.tid, family,
-                                                   endpoint, tcp, udp))
+        return OnTraceeFd(call.int_arg(0), partial(self._connect_action, call.tid,
+                                                   call.int_arg(0), family, endpoint, tcp, udp))
 
     def _forget(self, tid: int, fd: int) -> None:
         inode = socket_inode(tid, fd)
@@ -460,8 +467,8 @@ class Outgoing:
             if relay is not None:
                 relay.connected_peer = None
 
-    def _connect_action(self, tid: int, family: int, endpoint: Endpoint, tcp: bool, udp: bool,
-                        fd: int) -> Outcome:
+    def _connect_action(self, tid: int, tracee_fd: int, family: int, endpoint: Endpoint,
+                        tcp: bool, udp: bool, fd: int) -> Outcome:
         with borrowed(fd) as sock:
             if sock.family != family:
                 return CONTINUE  # the kernel's EAFNOSUPPORT / EINVAL
@@ -483,7 +490,7 @@ class Outgoing:
                     return Errno(errno.ENETUNREACH)
                 inode = os.fstat(fd).st_ino
                 return Defer(self._connect_udp(os.dup(fd), family, endpoint, inode,
-                                               _thread_group(tid)))
+                                               tid, tracee_fd))
         return CONTINUE
 
     async def _connect_tcp(self, fd: int, family: int, endpoint: Endpoint, inode: int,
@@ -515,7 +522,7 @@ class Outgoing:
 
     # -- UDP relays --
 
-    async def _relay_for(self, inode: int, family: int, tgid: int) -> UdpRelay:
+    def _relay_for(self, inode: int, family: int, tid: int, fd: int) -> UdpRelay:
         relay = self.udp_relays.get(inode)
         if relay is not None and relay.failed is not None and not self.agent_gone():
             del self.udp_relays[inode]
@@ -526,17 +533,20 @@ class Outgoing:
             async def open_agent_udp(destination_family: int) -> Any:
                 return await client.open_udp(destination_family)
 
-            relay = UdpRelay(family, open_agent_udp, dns=self.dns, on_agent_lost=self.agent_lost)
+            relay = UdpRelay(family, open_agent_udp, dns=self.dns, on_agent_lost=self.agent_lost,
+                             take_tracee_socket=partial(_take_socket, tid, fd, inode))
             self.udp_relays[inode] = relay
-            if self._sweeper is None:
-                self._schedule_sweep()
-        relay.owners.add(tgid)
+            if len(self.udp_relays) > SWEEP_EARLY:
+                self._schedule_sweep(SWEEP_EARLY_DELAY)
+            else:
+                self._schedule_sweep(SWEEP_INTERVAL)
         return relay
 
     async def _connect_udp(self, fd: int, family: int, endpoint: Endpoint, inode: int,
-                           tgid: int) -> Outcome:
+                           tid: int, tracee_fd: int) -> Outcome:
+        relay = self._relay_for(inode, family, tid, tracee_fd)
+        relay.settling += 1
         try:
-            relay = await self._relay_for(inode, family, tgid)
             await relay.agent_socket(endpoint.family)  # the target's errors, now
             peer_socket = relay.peer_socket(endpoint)
             with borrowed(fd) as sock:
@@ -554,14 +564,16 @@ class Outgoing:
         except OSError as error:
             return Errno(error.errno or errno.EIO)
         finally:
+            relay.settling -= 1
             os.close(fd)
 
-    async def _send_datagram(self, inode: int, family: int, tgid: int,
+    async def _send_datagram(self, inode: int, family: int, tid: int, tracee_fd: int,
                              tracee_address: tuple[Any, ...], endpoint: Endpoint,
                              data: bytes) -> Outcome:
+        relay = self._relay_for(inode, family, tid, tracee_fd)
+        relay.tracee_address = tracee_address
+        relay.settling += 1
         try:
-            relay = await self._relay_for(inode, family, tgid)
-            relay.tracee_address = tracee_address
             await relay.send(data, endpoint)
             return ReturnValue(len(data))
         except AgentUnavailable:
@@ -569,6 +581,8 @@ class Outgoing:
             return Errno(errno.ENETUNREACH)
         except OSError as error:
             return Errno(error.errno or errno.EIO)
+        finally:
+            relay.settling -= 1
 
     # -- sendto / sendmsg --
 
@@ -581,7 +595,7 @@ class Outgoing:
             return CONTINUE
         buffer, size = call.pointer_arg(1), call.args[2]
         return OnTraceeFd(call.int_arg(0), partial(
-            self._send_action, call, parsed[0], parsed[1], ((buffer, size),)))
+            self._send_action, call, call.int_arg(0), parsed[0], parsed[1], ((buffer, size),)))
 
     def handle_sendmsg(self, call: SyscallCall) -> Outcome:
         header = _MSGHDR.unpack(call.read(call.pointer_arg(1), _MSGHDR.size))
@@ -596,9 +610,9 @@ class Outgoing:
         vectors = call.read(iov_pointer, _IOVEC.size * iov_count) if iov_count else b""
         iov = tuple(_IOVEC.iter_unpack(vectors))
         return OnTraceeFd(call.int_arg(0), partial(
-            self._send_action, call, parsed[0], parsed[1], iov))
+            self._send_action, call, call.int_arg(0), parsed[0], parsed[1], iov))
 
-    def _send_action(self, call: SyscallCall, family: int, endpoint: Endpoint,
+    def _send_action(self, call: SyscallCall, tracee_fd: int, family: int, endpoint: Endpoint,
                      iov: tuple[tuple[int, int], ...], fd: int) -> Outcome:
         with borrowed(fd) as sock:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_DGRAM:
@@ -619,8 +633,7 @@ class Outgoing:
                 sock.bind(("0.0.0.0", 0) if sock.family == socket.AF_INET else ("::", 0))
                 bound = sock.getsockname()
             inode = os.fstat(fd).st_ino
-            tgid = _thread_group(call.tid)
-            return Defer(self._send_datagram(inode, sock.family, tgid,
+            return Defer(self._send_datagram(inode, sock.family, call.tid, tracee_fd,
                                              reachable_address(sock.family, bound),
                                              endpoint, data))
 
@@ -762,27 +775,39 @@ class Outgoing:
 
     # -- housekeeping --
 
-    def _schedule_sweep(self) -> None:
+    def _schedule_sweep(self, delay: float) -> None:
+        """Sweep within ``delay`` (an earlier sweep already due stays)."""
+        if self._sweeping:
+            return  # it reschedules itself when done
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        if self._sweeper is not None:
+            if self._sweeper.when() <= when:
+                return
+            self._sweeper.cancel()
         # A timer, not a sleeping task: nothing is left pending when the
         # session's loop stops.
-        loop = asyncio.get_running_loop()
-        self._sweeper = loop.call_later(SWEEP_INTERVAL, lambda: self._spawn(self._sweep()))
+        self._sweeper = loop.call_at(when, lambda: self._spawn(self._sweep()))
 
     async def _sweep(self) -> None:
         """Close UDP relays whose tracee socket is gone (close() is not trapped)."""
-        now = time.monotonic()
-        for inode, relay in list(self.udp_relays.items()):
-            if relay.failed is None and now - relay.last_used < SWEEP_INTERVAL:
-                continue
-            held = relay.failed is None and await asyncio.to_thread(
-                _held_by_any, tuple(relay.owners), inode)
-            if not held:
-                self.udp_relays.pop(inode, None)
-                self.relayed.pop(inode, None)
-                await relay.close()
-        self._sweeper = None
-        if self.udp_relays:
-            self._schedule_sweep()
+        self._sweeping = True
+        try:
+            started = time.monotonic()
+            live = await asyncio.to_thread(live_udp_inodes)
+            for inode, relay in list(self.udp_relays.items()):
+                if relay.settling or relay.created >= started:
+                    continue  # the tracee's socket may not be bound yet
+                if relay.failed is not None or inode not in live:
+                    self.udp_relays.pop(inode, None)
+                    self.relayed.pop(inode, None)
+                    await relay.close()
+        finally:
+            self._sweeping = False
+            self._sweeper = None
+            if self.udp_relays:
+                self._schedule_sweep(SWEEP_EARLY_DELAY if len(self.udp_relays) > SWEEP_EARLY
+                                     else SWEEP_INTERVAL)
 
     async def close(self) -> None:
         """Close every relay (the end of the session)."""

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -348,8 +349,11 @@ class UdpRelay:
 
     def __init__(self, family: int, open_agent_udp: OpenAgentUdp, *,
                  dns: DnsSetup | None = None,
-                 on_agent_lost: Callable[[], None] = lambda: None) -> None:
+                 on_agent_lost: Callable[[], None] = lambda: None,
+                 take_tracee_socket: Callable[[], int | None] | None = None) -> None:
         self.family = family
+        # A duplicate of the tracee's socket, on demand (see _wake_connected_readers).
+        self._take_tracee_socket = take_tracee_socket
         self._open_agent_udp = open_agent_udp
         self._dns = dns
         self._on_agent_lost = on_agent_lost
@@ -361,9 +365,12 @@ class UdpRelay:
         self._agent: dict[int, asyncio.Future[AgentUdp]] = {}
         self._agent_tasks: list[asyncio.Task[None]] = []
         self._local_forwarders: dict[Endpoint, tuple[socket.socket, asyncio.Task[None]]] = {}
+        # Calls setting the relay up (connect, a first sendto) still running:
+        # until they end the tracee's socket may be unbound, so not swept.
+        self.settling = 0
+        self.created = time.monotonic()
         self.failed: OSError | None = None
         self.failure = asyncio.Event()
-        self.owners: set[int] = set()
         self.last_used = time.monotonic()
 
     # -- trap-loop side (thread-safe reads) --
@@ -475,7 +482,25 @@ class UdpRelay:
 
     def _agent_lost(self) -> None:
         self._on_agent_lost()
-        self.fail(OSError(errno.ENETUNREACH, "the agent is gone"))
+        if self.failed is None:
+            self.fail(OSError(errno.ENETUNREACH, "the agent is gone"))
+            self._wake_connected_readers()
+
+    def _wake_connected_readers(self) -> None:
+        """Make a connected tracee socket fail with ECONNREFUSED, as it would
+        if its peer were gone: its own empty datagram to the (now closed) peer
+        socket brings back an ICMP port unreachable, which wakes a ``read``
+        blocked on it (those are not trapped)."""
+        if self.connected_peer is None or self._take_tracee_socket is None:
+            return
+        fd = self._take_tracee_socket()
+        if fd is None:
+            return
+        try:
+            with borrowed(fd) as sock, contextlib.suppress(OSError):
+                sock.send(b"", socket.MSG_DONTWAIT)
+        finally:
+            os.close(fd)
 
     def fail(self, error: OSError) -> None:
         """Stop relaying: later sends fail with ``error``, receivers stop waiting."""

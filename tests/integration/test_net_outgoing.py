@@ -366,20 +366,49 @@ def test_parallel_connections(netns_target: NetnsTarget) -> None:
     assert out.stdout == b"32 True\n", out.stderr
 
 
+MANY_SOCKETS = r"""
+import socket, sys
+port, count, answered = int(sys.argv[1]), int(sys.argv[2]), 0
+for index in range(count):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(5)
+        if index % 2:
+            u.connect(("127.0.0.1", port))
+            u.send(b"%d" % index)
+        else:
+            u.sendto(b"%d" % index, ("127.0.0.1", port))
+        answered += u.recvfrom(100)[0] == b"target-udp:%d" % index
+print(answered)
+"""
+
+
+def test_closed_udp_sockets_release_their_relays(netns_target: NetnsTarget) -> None:
+    # More sockets, one after the other, than the agent keeps open at once
+    # (glibc opens one per lookup): closed ones must be swept as it goes.
+    argv = [*_python(MANY_SOCKETS), str(netns_target.udp_port), "1500"]
+    out = mtrace_run(netns_target, argv, timeout=120)
+    assert out.stdout == b"1500\n", out.stderr[-2000:]
+
+
 AGENT_LOSS = r"""
-import errno, socket, sys
+import errno, socket, sys, threading
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 s.recv(100)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.connect(("127.0.0.1", int(sys.argv[2])))
-print("ready", flush=True)
-sys.stdin.readline()
 def outcome(function):
     try:
         return repr(function())
     except OSError as error:
         return errno.errorcode.get(error.errno, str(error))
+blocked = []
+reader = threading.Thread(target=lambda: blocked.append(outcome(lambda: u.recv(100))))
+reader.start()
+print("ready", flush=True)
+sys.stdin.readline()
 print("recv", outcome(lambda: s.recv(100)))
+reader.join(10)
+print("udp-read", blocked)
 print("connect", outcome(lambda: socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5)))
 v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 print("sendto", outcome(lambda: v.sendto(b"x", ("127.0.0.1", int(sys.argv[2])))))
@@ -409,7 +438,8 @@ def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget)
             process.wait()
     assert time.monotonic() - started < 10
     assert stdout.decode().splitlines() == [
-        "recv ECONNRESET", "connect ENETUNREACH", "sendto ENETUNREACH"], stderr
+        "recv ECONNRESET", "udp-read ['ECONNREFUSED']", "connect ENETUNREACH",
+        "sendto ENETUNREACH"], stderr
 
 
 # --- helpers --------------------------------------------------------------------------
