@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from mtrace.agent.errors import MtraceError
 from mtrace.cli.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mtrace.tracer.backend import Handler
-    from mtrace.tracer.call import SyscallCall
-    from mtrace.tracer.outcome import Outcome
 
 app = typer.Typer(
     name="mtrace",
@@ -179,10 +174,7 @@ def trace_command(
             except OSError as exc:
                 raise MtraceError(f"cannot write the trace to {output}: {exc.strerror}") from exc
         printer = TracePrinter(stream, as_json=as_json)
-        # ptrace sees every call's result at syscall exit: the passthrough
-        # emulation is only needed under notify.
-        handlers = Handlers({name: _unless_results_seen(handler)
-                             for name, handler in RESULT_HANDLERS.items()})
+        handlers = Handlers(RESULT_HANDLERS)
         session = Session(argv=command, handlers=handlers, trapped=trapped,
                           observer=printer, strict_names=True, backend=backend or "auto")
         from mtrace.tracer.backend import AsyncSide
@@ -198,15 +190,6 @@ def trace_command(
         if stream is not sys.stderr:
             stream.close()
     raise SystemExit(code)
-
-
-def _unless_results_seen(handler: Handler) -> Handler:
-    from mtrace.tracer.outcome import CONTINUE
-
-    def passthrough(call: SyscallCall) -> Outcome:
-        return CONTINUE if call.sees_results else handler(call)
-
-    return passthrough
 
 
 @app.command("demo")

@@ -29,6 +29,7 @@ from mtrace.tracer.outcome import (
     OnTraceeFd,
     Outcome,
     ReturnValue,
+    RewriteArgs,
 )
 from mtrace.tracer.syscalls import SyscallTable
 
@@ -132,6 +133,12 @@ class NotifyBackend:
                 case Defer(coroutine=coroutine):
                     self._defer(notification, call, coroutine, started, token)
                     return
+                case RewriteArgs():
+                    # Notify cannot change a waiting call's arguments; handlers
+                    # offer it only where call.sees_results (ptrace).
+                    log.error("handler for %s asked notify to rewrite arguments", call.name)
+                    listener.respond(nid, error=errno.ENOSYS)
+                    result = -errno.ENOSYS
         except TraceeGone:
             result = None
         except OSError as exc:

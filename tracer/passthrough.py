@@ -241,14 +241,26 @@ def handle_getpeername(call: SyscallCall) -> Outcome:
     return OnTraceeFd(call.int_arg(0), partial(_name_action, "getpeername", call))
 
 
+def _only_without_results(handler: Handler) -> Handler:
+    """A backend that sees results (ptrace) needs no emulation: continue."""
+
+    def passthrough(call: SyscallCall) -> Outcome:
+        return CONTINUE if call.sees_results else handler(call)
+
+    return passthrough
+
+
 RESULT_HANDLERS: dict[str, Handler] = {
-    "open": handle_open,
-    "openat": handle_openat,
-    "creat": handle_creat,
-    "socket": handle_socket,
-    "connect": handle_connect,
-    "bind": handle_bind,
-    "listen": handle_listen,
-    "getsockname": handle_getsockname,
-    "getpeername": handle_getpeername,
+    name: _only_without_results(handler)
+    for name, handler in {
+        "open": handle_open,
+        "openat": handle_openat,
+        "creat": handle_creat,
+        "socket": handle_socket,
+        "connect": handle_connect,
+        "bind": handle_bind,
+        "listen": handle_listen,
+        "getsockname": handle_getsockname,
+        "getpeername": handle_getpeername,
+    }.items()
 }
