@@ -125,10 +125,13 @@ def test_refused_is_the_targets(probe: Path, netns_target: NetnsTarget) -> None:
     assert out == b"error: ECONNREFUSED\n"
 
 
-def test_unreachable_is_the_targets(probe: Path, netns_target: NetnsTarget) -> None:
-    # The target has no route beyond its loopback.
-    out = assert_like_inside(netns_target, [str(probe), "tcp", "10.99.0.7", "80", "x"])
-    assert out == b"error: ENETUNREACH\n"
+@pytest.mark.parametrize(("host", "expected"), [("unreachable_host", b"EHOSTUNREACH"),
+                                              ("no_route_host", b"ENETUNREACH")])
+def test_routing_errors_are_the_targets(probe: Path, netns_target: NetnsTarget, host: str,
+                                        expected: bytes) -> None:
+    out = assert_like_inside(netns_target, [str(probe), "tcp", getattr(netns_target, host),
+                                            "80", "x"])
+    assert out == b"error: " + expected + b"\n"
 
 
 def test_http_to_a_target_only_server(probe: Path, netns_target: NetnsTarget,
