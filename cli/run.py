@@ -8,7 +8,6 @@ files, network and DNS handlers route its calls to the target.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -16,16 +15,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mtrace.agent.client import AgentClient
 from mtrace.cli.config import Config
 from mtrace.cli.errors import ConfigError
-from mtrace.cli.target import Target, connect_agent, parse_target, progress
-from mtrace.tracer.backend import AsyncSide, Handlers
-from mtrace.tracer.env import merge_environment
-from mtrace.tracer.remote import RemoteContext
 from mtrace.tracer.session import Session, run
-from mtrace.tracer.syscalls import DEFAULT_TRAPPED
+
+if TYPE_CHECKING:
+    from mtrace.agent.client import AgentClient
+    from mtrace.tracer.remote import RemoteContext
 
 
 def resolve_executable(command: Sequence[str], env: dict[str, str]) -> str | None:
@@ -41,6 +39,13 @@ def run_plain(command: Sequence[str], config: Config) -> int:
 
 
 def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0) -> int:
+    # Imported here: a run without a target should not pay for asyncio and the
+    # agent client at start-up.
+    from mtrace.cli.target import Target, connect_agent, parse_target, progress
+    from mtrace.tracer.backend import AsyncSide
+    from mtrace.tracer.env import merge_environment
+    from mtrace.tracer.remote import RemoteContext
+
     target: Target | None = parse_target(config.target) if config.target else None
     if target is None and not config.agent.address:
         raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")
@@ -70,8 +75,9 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0)
 
 def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext,
                   env: dict[str, str]) -> int:
-    # Imported here: a run without a target should not pay for them at start-up.
     from mtrace.tracer import files, net
+    from mtrace.tracer.backend import Handlers
+    from mtrace.tracer.syscalls import DEFAULT_TRAPPED
 
     side = context.async_side
     files_feature = files.FilesFeature(context)
@@ -97,6 +103,8 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
 
 async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     """Say once, clearly, that the agent is gone; remote calls fail from then on."""
+    import asyncio
+
     while not client.closed:
         await asyncio.sleep(0.2)
     if context.closing:
