@@ -216,15 +216,16 @@ def _bars(axis: Any, rows: Sequence[Row], group: str, names: Sequence[str],
     positions = range(len(variants))
     drawn = False
     for index, (name, label) in enumerate(zip(names, labels, strict=True)):
-        heights = []
+        heights, missing = [], []
         for variant in variants:
             row = find_row(rows, group, name, variant)
             heights.append(row.value * scale if row is not None and row.value else 0.0)
+            missing.append(row is not None and row.value is None)  # absent: not applicable
         offsets = [p + (index - (len(names) - 1) / 2) * width for p in positions]
         axis.bar(offsets, heights, width, label=label)
         drawn = drawn or any(heights)
-        for x, height in zip(offsets, heights, strict=True):
-            if height == 0.0:
+        for x, is_missing in zip(offsets, missing, strict=True):
+            if is_missing:
                 axis.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom",
                           transform=axis.get_xaxis_transform(), fontsize=7)
     axis.set_xticks(list(positions))
