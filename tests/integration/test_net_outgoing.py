@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -44,16 +44,17 @@ HERE = Path(__file__).resolve()
 
 def mtrace_run(target: NetnsTarget, argv: list[str], *, features: dict | None = None,
                local_resolver: str | None = None, input: bytes | None = None,
-               timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+               timeout: float = RUN_TIMEOUT, backend: str = "notify"
+               ) -> subprocess.CompletedProcess[bytes]:
     """``argv`` under ``mtrace exec --target pid/N``; with ``local_resolver``
     (which the CLI cannot set) under this file's own runner instead."""
     return subprocess.run(mtrace_argv(target, argv, features=features,
-                                      local_resolver=local_resolver),
+                                      local_resolver=local_resolver, backend=backend),
                           capture_output=True, timeout=timeout, input=input, check=False)
 
 
 def mtrace_argv(target: NetnsTarget, argv: list[str], *, features: dict | None = None,
-                local_resolver: str | None = None) -> list[str]:
+                local_resolver: str | None = None, backend: str = "notify") -> list[str]:
     if local_resolver is None:
         config = {"feature": features or {}}
         config_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (removed with the session)
@@ -61,8 +62,8 @@ def mtrace_argv(target: NetnsTarget, argv: list[str], *, features: dict | None =
         with config_file:
             json.dump(config, config_file)
         _config_files.append(config_file.name)
-        return [sys.executable, "-m", "mtrace.cli.main", "exec", "--target",
-                f"pid/{target.pid}", "-f", config_file.name, "--", *argv]
+        return [sys.executable, "-m", "mtrace.cli.main", "exec", "--backend", backend,
+                "--target", f"pid/{target.pid}", "-f", config_file.name, "--", *argv]
     return [sys.executable, str(HERE), "--target-pid", str(target.pid),
             "--features", json.dumps(features or {}), "--local-resolver", local_resolver,
             "--", *argv]
@@ -79,10 +80,10 @@ def _remove_config_files() -> Iterator[None]:
             os.unlink(name)
 
 
-def assert_like_inside(target: NetnsTarget, argv: list[str], **kwargs: object) -> bytes:
+def assert_like_inside(target: NetnsTarget, argv: list[str], **kwargs: Any) -> bytes:
     """Under mtrace, ``argv`` prints what it prints inside the target; that output."""
     inside = target.run_inside(*argv)
-    traced = mtrace_run(target, argv, **kwargs)  # type: ignore[arg-type]
+    traced = mtrace_run(target, argv, **kwargs)
     assert (traced.returncode, traced.stdout) == (inside.returncode, inside.stdout), \
         traced.stderr.decode(errors="replace")[-3000:]
     return traced.stdout
@@ -147,6 +148,15 @@ def test_keep_alive_requests(netns_target: NetnsTarget, programs: ProgramPaths) 
         argv = [str(programs["httpclient"]), f"http://127.0.0.1:{port}/hello", "200"]
         out = assert_like_inside(netns_target, argv)
     assert out == b"ok 200\n"
+
+
+@pytest.mark.parametrize("command", ["tcp", "udp", "udp-unconnected", "resolve"])
+def test_ptrace_backend(probe: Path, netns_target: NetnsTarget, command: str) -> None:
+    arguments = {"tcp": ["127.0.0.1", str(netns_target.tcp_port), "hello"],
+                 "udp": ["127.0.0.1", str(netns_target.udp_port), "hi"],
+                 "udp-unconnected": ["127.0.0.1", str(netns_target.udp_port), "hi"],
+                 "resolve": ["only-in-target.test"]}[command]
+    assert_like_inside(netns_target, [str(probe), command, *arguments], backend="ptrace")
 
 
 # --- the filter ---------------------------------------------------------------------------
