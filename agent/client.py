@@ -6,6 +6,7 @@ Connecting::
     client = await spawn_stdio(agent_argv(target_pid=1234), secret) # a local agent over pipes
     ...
     await client.close()            # also stops a spawned agent (client.process)
+    await client.wait_closed()      # returns (the reason) once the connection is gone
 
 Both return an :class:`AgentClient` that has completed the handshake (a
 wrong secret or an incompatible version raises ``AuthenticationError``; an
@@ -80,7 +81,7 @@ import time
 from collections import deque
 from typing import TypeVar
 
-from .errors import AgentUnavailable, AuthenticationError, ProtocolError, RemoteError
+from .errors import AgentError, AgentUnavailable, AuthenticationError, ProtocolError, RemoteError
 from .protocol import (
     DEFAULT_WINDOW,
     GOODBYE_AUTHENTICATION,
@@ -284,6 +285,7 @@ class AgentClient:
         self._udp: dict[int, UdpSocket] = {}
         self._reader_task: asyncio.Task[None] | None = None
         self._failure: AgentUnavailable | AuthenticationError | ProtocolError | None = None
+        self._closed_event = asyncio.Event()
         self.version = 0
         self.capabilities: list[str] = []
         self.target_pid: int | None = None
@@ -353,6 +355,12 @@ class AgentClient:
     def closed(self) -> bool:
         return self._failure is not None
 
+    async def wait_closed(self) -> AgentError:
+        """Wait until the connection is gone (the agent died, or close()); why it went."""
+        await self._closed_event.wait()
+        assert self._failure is not None
+        return self._failure
+
     async def close(self) -> None:
         """Close the connection (and stop a spawned agent); pending calls fail."""
         self._fail(AgentUnavailable("the client closed the connection to the agent"))
@@ -420,6 +428,7 @@ class AgentClient:
         if self._failure is not None:
             return
         self._failure = failure
+        self._closed_event.set()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(failure)

@@ -88,7 +88,8 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
     watcher = side.submit(_watch_agent(context.client, context))
     try:
         return run(Session(argv=command, handlers=handlers, trapped=trapped, env=env,
-                           async_side=side, backend=config.backend))
+                           async_side=side, backend=config.backend,
+                           trap_if_nonzero=net.TRAP_IF_NONZERO))
     finally:
         # The program is gone: write changed files back, then close the relays;
         # the agent closing after this is not a failure to report.
@@ -103,14 +104,11 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
 
 async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     """Say once, clearly, that the agent is gone; remote calls fail from then on."""
-    import asyncio
-
-    while not client.closed:
-        await asyncio.sleep(0.2)
+    await client.wait_closed()
     if context.closing:
         return
     context.agent_lost = True
     sys.stderr.write(
-        "mtrace: error: lost the connection to the agent; the program's remote "
-        "operations now fail (EIO, ECONNRESET)\n")
+        "mtrace: error: lost the connection to the agent; the program's remote operations "
+        "now fail (files: EIO, open connections: ECONNRESET, new ones: ENETUNREACH)\n")
     sys.stderr.flush()

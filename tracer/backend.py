@@ -96,10 +96,25 @@ class AsyncSide:
         return self.submit(coroutine).result(timeout)
 
     def stop(self) -> None:
-        if self._started:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-            self._started = False
+        """Cancel what is still running (relays of a finished program) and stop."""
+        if not self._started:
+            return
+
+        async def cancel_all() -> None:
+            import asyncio
+
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.submit(cancel_all()).result(timeout=5)
+        except Exception:  # stopping must not fail
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self._started = False
 
 
 def monotonic() -> float:

@@ -89,6 +89,7 @@ class Launch:
         mode: str,
         trap: Sequence[int],
         enosys: Sequence[int],
+        trap_if: dict[int, int] | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         umask: int = -1,
@@ -103,6 +104,8 @@ class Launch:
             "--mode", mode,
             "--trap", ",".join(map(str, trap)),
             "--enosys", ",".join(map(str, enosys)),
+            *(["--trap-if", ",".join(f"{nr}:{arg}" for nr, arg in trap_if.items())]
+              if trap_if else []),
             "--", *argv,
         ]
         try:

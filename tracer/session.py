@@ -32,6 +32,9 @@ class Session:
     argv: Sequence[str]
     handlers: Handler = field(default_factory=Handlers)
     trapped: Sequence[str] = DEFAULT_TRAPPED
+    # Calls trapped only when an argument is not NULL, by name: argument index
+    # (recvfrom with a source-address buffer; plain recv() never reaches us).
+    trap_if_nonzero: dict[str, int] = field(default_factory=dict)
     observer: Observer | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None
@@ -110,8 +113,10 @@ def _run(session: Session, backend_name: str) -> int:
         # The supervisor's umask is cleared so files it creates for the tracee
         # get exactly the tracee's mode; the tracee itself keeps the user's.
         user_umask = os.umask(0)
+        trap_if = {syscall_table.number(name): index
+                   for name, index in session.trap_if_nonzero.items() if name in session.trapped}
         launch = Launch(session.argv, mode="notify" if backend_name == "notify" else "trace",
-                        trap=trap, enosys=enosys,
+                        trap=trap, enosys=enosys, trap_if=trap_if,
                         env=session.env, cwd=session.cwd, umask=user_umask)
         if backend_name == "ptrace":
             from mtrace.tracer.ptrace_backend import PtraceBackend

@@ -3,7 +3,8 @@
  *
  * Started by the supervisor as
  *
- *     mtrace-exec --ctl FD --mode notify|trace --trap NR,NR,... [--enosys NR,...] -- CMD ARGS...
+ *     mtrace-exec --ctl FD --mode notify|trace --trap NR,NR,... [--enosys NR,...]
+ *                 [--trap-if NR:ARG,...] -- CMD ARGS...
  *
  * it forks into two processes:
  *
@@ -99,7 +100,8 @@ static int ctl_fd = -1;
 static void die_usage(const char *why)
 {
     fprintf(stderr, "mtrace-exec: %s\n", why);
-    fprintf(stderr, "usage: mtrace-exec --ctl FD --mode notify|trace --trap NR,... [--enosys NR,...] -- CMD ARGS...\n");
+    fprintf(stderr, "usage: mtrace-exec --ctl FD --mode notify|trace --trap NR,... [--enosys NR,...] "
+                    "[--trap-if NR:ARG,...] -- CMD ARGS...\n");
     exit(125);
 }
 
@@ -153,10 +155,13 @@ static int parse_nrs(const char *text, unsigned *out, int max)
     return count;
 }
 
-/* One syscall number and the filter's answer for it. */
+/* One syscall number and the filter's answer for it. With arg >= 0 the
+ * action applies only when that argument is not zero (recvfrom with a source
+ * address buffer); otherwise the call is allowed. */
 struct rule {
     unsigned nr;
     uint32_t action;
+    int arg;
 };
 
 static int compare_rules(const void *a, const void *b)
@@ -185,8 +190,20 @@ static void emit_search(const struct rule *rules, int lo, int hi)
 {
     if (hi - lo <= 4) {
         for (int i = lo; i < hi; i++) {
-            emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, rules[i].nr, 0, 1));
+            if (rules[i].arg < 0) {
+                emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, rules[i].nr, 0, 1));
+                emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, rules[i].action));
+                continue;
+            }
+            uint32_t low = offsetof(struct seccomp_data, args) + 8 * (uint32_t)rules[i].arg;
+            emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, rules[i].nr, 0, 7));
+            emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, low));
+            emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 0));
             emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, rules[i].action));
+            emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, low + 4));
+            emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 0));
+            emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, rules[i].action));
+            emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
         }
         emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
         return;
@@ -202,6 +219,43 @@ static void emit_search(const struct rule *rules, int lo, int hi)
     emit_search(rules, mid, hi);
 }
 
+struct condition {
+    unsigned nr;
+    int arg;
+};
+
+static struct condition conditions[MAX_NRS];
+static int nconditions;
+
+static int condition_of(unsigned nr)
+{
+    for (int i = 0; i < nconditions; i++)
+        if (conditions[i].nr == nr)
+            return conditions[i].arg;
+    return -1;
+}
+
+static void parse_conditions(const char *text)
+{
+    const char *p = text;
+    while (*p) {
+        char *end;
+        unsigned long nr = strtoul(p, &end, 10);
+        if (end == p || *end != ':' || nconditions >= MAX_NRS)
+            die_usage("bad --trap-if list (NR:ARG,...)");
+        p = end + 1;
+        unsigned long arg = strtoul(p, &end, 10);
+        if (end == p || arg > 5)
+            die_usage("bad --trap-if list (NR:ARG,...)");
+        conditions[nconditions++] = (struct condition){(unsigned)nr, (int)arg};
+        p = end;
+        if (*p == ',')
+            p++;
+        else if (*p)
+            die_usage("bad --trap-if list (NR:ARG,...)");
+    }
+}
+
 static int install_filter(const unsigned *trap, int ntrap, const unsigned *enosys, int nenosys,
                           int trace_mode, long *flags_used)
 {
@@ -209,13 +263,13 @@ static int install_filter(const unsigned *trap, int ntrap, const unsigned *enosy
     int nrules = 0;
     uint32_t trap_action = trace_mode ? SECCOMP_RET_TRACE : SECCOMP_RET_USER_NOTIF;
     for (int i = 0; i < nenosys; i++)
-        rules[nrules++] = (struct rule){enosys[i], SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)};
+        rules[nrules++] = (struct rule){enosys[i], SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA), -1};
     for (int i = 0; i < ntrap; i++) {
         int duplicate = 0;
         for (int j = 0; j < nenosys; j++)
             duplicate |= enosys[j] == trap[i];
         if (!duplicate)
-            rules[nrules++] = (struct rule){trap[i], trap_action};
+            rules[nrules++] = (struct rule){trap[i], trap_action, condition_of(trap[i])};
     }
     qsort(rules, (size_t)nrules, sizeof rules[0], compare_rules);
 
@@ -388,6 +442,8 @@ int main(int argc, char **argv)
             ntrap = parse_nrs(argv[++i], trap, MAX_NRS);
         else if (!strcmp(argv[i], "--enosys"))
             nenosys = parse_nrs(argv[++i], enosys, MAX_NRS);
+        else if (!strcmp(argv[i], "--trap-if"))
+            parse_conditions(argv[++i]);
         else
             die_usage("unknown option");
     }
