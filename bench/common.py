@@ -106,7 +106,8 @@ def which(name: str) -> str | None:
     return shutil.which(name)
 
 
-def _tail(text: str, lines: int = 1) -> str:
+def tail(text: str, lines: int = 1) -> str:
+    """The last non-empty line(s) of a command's output, on one line: what a note can hold."""
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return " / ".join(kept)[:300]
 
@@ -123,7 +124,7 @@ def run_json(argv: Sequence[str], *, timeout: float = 120.0,
         raise RunFailed(f"cannot run {argv[0]}: {error.strerror}") from error
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
-        raise RunFailed(f"exit {result.returncode}: {_tail(result.stderr or result.stdout)}")
+        raise RunFailed(f"exit {result.returncode}: {tail(result.stderr or result.stdout)}")
     parsed: dict[str, Any] = json.loads(lines[-1])
     return parsed
 
@@ -141,7 +142,7 @@ def time_command(argv: Sequence[str], *, timeout: float = 120.0,
         raise RunFailed(f"cannot run {argv[0]}: {error.strerror}") from error
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
-        raise RunFailed(f"exit {result.returncode}: {_tail(result.stderr.decode(errors='replace'))}")
+        raise RunFailed(f"exit {result.returncode}: {tail(result.stderr.decode(errors='replace'))}")
     return elapsed
 
 
@@ -205,7 +206,7 @@ def build_c_programs(out_dir: Path) -> dict[str, Path]:
             if result.returncode != 0:
                 hint = " (static libc missing: apt-get install libc6-dev)" if (
                     "-lc" in result.stderr) else ""
-                raise Unavailable(f"building {source} failed{hint}: {_tail(result.stderr)}")
+                raise Unavailable(f"building {source} failed{hint}: {tail(result.stderr)}")
         built[name] = target
     return built
 

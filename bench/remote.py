@@ -34,6 +34,7 @@ from bench.common import (
     mtrace_argv,
     mtrace_has_option,
     run_json,
+    tail,
 )
 
 GROUP = "remote"
@@ -162,7 +163,7 @@ def _agent_client(ctx: Context) -> list[Row]:
     finally:
         memory.stop()
     if process.returncode != 0:
-        raise RunFailed(f"bench.agent_client bulk: exit {process.returncode}: {stderr[-300:]}")
+        raise RunFailed(f"bench.agent_client bulk: exit {process.returncode}: {tail(stderr)}")
     bulk = json.loads(stdout.strip().splitlines()[-1])
     rows.append(Row(GROUP, BULK, CLIENT, median(bulk["bulk_mbps"]), MBPS,
                     samples=bulk["bulk_mbps"]))
@@ -203,7 +204,7 @@ def _mtrace_bulk(ctx: Context) -> tuple[list[float], PeakMemory, int]:
             run_memory.stop()
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
         if process.returncode != 0 or not lines:
-            raise RunFailed(f"exit {process.returncode}: {stderr.strip()[-300:]}")
+            raise RunFailed(f"exit {process.returncode}: {tail(stderr)}")
         rates.append(_bulk_rate(json.loads(lines[-1])))
         memory, root = run_memory, process.pid
     assert memory is not None

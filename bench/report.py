@@ -141,6 +141,11 @@ def format_value(value: float | None, unit: str) -> str:
     return f"{text} {unit}"
 
 
+def _cell(text: str) -> str:
+    """Text safe inside one markdown table cell."""
+    return " ".join(text.split()).replace("|", "/")
+
+
 def _ratio_text(row: Row) -> str:
     if row.ratio is None:
         return ""
@@ -176,14 +181,14 @@ def markdown(rows: Sequence[Row], targets: Sequence[Target], info: dict[str, Any
                 continue
             lines.append(f"| {row.name} | {row.variant} | {format_value(row.value, row.unit)} | "
                          f"{row.baseline or ''} | {_ratio_text(row)} | {_delta_text(row)} | "
-                         f"{row.note.replace('|', '/')} |")
+                         f"{_cell(row.note)} |")
         lines.append("")
     lines += ["### targets", "", "| target | limit | measured | result | note |",
               "| --- | --- | ---: | --- | --- |"]
     for target in targets:
         result = {True: "pass", False: "**miss**", None: "n/a"}[target.passed]
         lines.append(f"| {target.name} | {target.limit} | {target.measured} | {result} | "
-                     f"{target.note.replace('|', '/')} |")
+                     f"{_cell(target.note)} |")
     return "\n".join(lines) + "\n"
 
 
