@@ -166,24 +166,6 @@ def test_goroutines(backend: str, programs: dict[str, Path]) -> None:
     assert (result.returncode, result.stdout) == (0, expected.stdout), result.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_goroutines_50_runs_in_a_row_under_ptrace(
-    request: pytest.FixtureRequest, programs: dict[str, Path], capfd: pytest.CaptureFixture[str]
-) -> None:
-    # ~75 s on an idle 2-CPU machine, more under load: past the default run's
-    # budget, so it runs with `-m slow` (or MTRACE_SLOW=1).
-    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get(
-            "MTRACE_SLOW"):
-        pytest.skip("50 goroutine runs: select with -m slow or MTRACE_SLOW=1")
-    goroutines = str(programs["goroutines"])
-    expected = plain(goroutines).stdout.decode()
-    for attempt in range(50):
-        code = run(Session(argv=[goroutines], backend="ptrace"))
-        out = capfd.readouterr().out
-        assert (code, out) == (0, expected), f"run {attempt}"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_killing_the_supervisor_kills_the_tracee(backend: str, tmp_path: Path) -> None:
     program = python_program(

@@ -1,0 +1,54 @@
+"""The main job under both backends: each probe flavour, run under
+`mtrace exec --backend B --target pid/N`, prints what it prints when run
+directly inside the target's namespaces, for env, a target-only file, a name
+only the target's DNS knows, the target's TCP service and its UDP service."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from netns_target import NetnsTarget
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
+
+
+def _commands(target: NetnsTarget) -> list[list[str]]:
+    return [
+        ["env", "ONLY_IN_TARGET"],
+        ["env", "FOO"],
+        ["cat", target.private_file],
+        ["stat", target.private_file],
+        ["ls", os.path.dirname(target.private_file)],
+        ["resolve", "only-in-target.test"],
+        ["resolve", "hosts-only.test"],
+        ["tcp", "127.0.0.1", str(target.tcp_port), "hello"],
+        ["udp", "127.0.0.1", str(target.udp_port), "ping"],
+        ["udp-unconnected", "127.0.0.1", str(target.udp_port), "ping"],
+        ["tcp", "127.0.0.1", str(target.closed_port), "x"],
+    ]
+
+
+def test_probe_sees_the_target(probe: Path, backend: str, netns_target: NetnsTarget) -> None:
+    private_dir = os.path.dirname(netns_target.private_file)
+    config = {"feature": {"fs": {"read_only": ["^" + re.escape(private_dir) + "(/|$)"]}}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    try:
+        for command in _commands(netns_target):
+            inside = netns_target.run_inside(str(probe), *command)
+            traced = subprocess.run(
+                [sys.executable, "-m", "mtrace.cli", "exec", "--backend", backend,
+                 "--target", f"pid/{netns_target.pid}", "-f", file.name, "--",
+                 str(probe), *command],
+                capture_output=True, timeout=60, check=False)
+            assert (traced.returncode, traced.stdout) == (inside.returncode, inside.stdout), (
+                command, traced.stderr.decode(errors="replace")[-2000:])
+    finally:
+        os.unlink(file.name)
