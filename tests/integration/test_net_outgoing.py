@@ -453,6 +453,9 @@ def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget)
     assert stdout.decode().splitlines() == [
         "recv ECONNRESET", "udp-read ['ECONNREFUSED']", "connect ENETUNREACH",
         "sendto ENETUNREACH"], stderr
+    # The user is told once, in one line.
+    lost = [line for line in stderr.decode().splitlines() if "lost the connection" in line]
+    assert len(lost) == 1 and lost[0].startswith("mtrace: error: "), stderr
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -1,0 +1,80 @@
+"""Bad input to `mtrace exec`: one clear line with a hint, a distinct exit code,
+and the program never started."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mtrace_run import run_mtrace
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _marker_command(tmp_path: Path) -> tuple[Path, list[str]]:
+    marker = tmp_path / "started"
+    return marker, ["sh", "-c", f"touch {marker}"]
+
+
+def _assert_clear_error(stderr: bytes, text: str) -> None:
+    lines = stderr.decode().splitlines()
+    assert lines[0].startswith("mtrace: error: ") and text in lines[0], lines
+    assert lines[1].startswith("mtrace: hint: "), lines
+    assert "Traceback" not in stderr.decode()
+
+
+def test_target_that_does_not_exist(tmp_path: Path) -> None:
+    marker, command = _marker_command(tmp_path)
+    result = run_mtrace("exec", "--target", "pid/999999999", "--", *command)
+    assert result.returncode == 79
+    _assert_clear_error(result.stderr, "does not exist")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("target", "text"), [
+    ("pid/abc", "needs a process id"),
+    ("deployment/api", "Kubernetes targets are not available"),
+    ("vm/1", "unknown target kind"),
+])
+def test_malformed_targets(tmp_path: Path, target: str, text: str) -> None:
+    marker, command = _marker_command(tmp_path)
+    result = run_mtrace("exec", "--target", target, "--", *command)
+    assert result.returncode == 79
+    _assert_clear_error(result.stderr, text)
+    assert not marker.exists()
+
+
+def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
+    marker, command = _marker_command(tmp_path)
+    config = tmp_path / "mtrace.toml"
+    config.write_text('[feature.fs]\nmode = "sideways"\n')
+    result = run_mtrace("exec", "-f", str(config), "--target", "pid/1", "--", *command)
+    assert result.returncode == 78
+    _assert_clear_error(result.stderr, "`feature.fs.mode`")
+    assert not marker.exists()
+
+
+def test_agent_that_is_not_there(tmp_path: Path) -> None:
+    marker, command = _marker_command(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run_mtrace("exec", "--agent", f"127.0.0.1:{port}", "--agent-secret", "s", "--",
+                        *command)
+    assert result.returncode == 71
+    _assert_clear_error(result.stderr, f"cannot reach the agent at 127.0.0.1:{port}")
+    assert not marker.exists()
+
+
+def test_agent_with_the_wrong_secret(tmp_path: Path,
+                                    listening_agent: Callable[..., Any]) -> None:
+    marker, command = _marker_command(tmp_path)
+    with listening_agent() as agent:
+        result = run_mtrace("exec", "--agent", f"{agent.host}:{agent.port}", "--agent-secret",
+                            "wrong", "--", *command)
+    assert result.returncode == 71
+    assert result.stderr.decode().startswith("mtrace: error: "), result.stderr
+    assert not marker.exists()
