@@ -97,6 +97,23 @@ def pack_stat(info: StatLike, arch: str | None = None) -> bytes:
     raise ValueError(f"no struct stat layout for {arch}")
 
 
+class _OsStat:
+    """An ``os.stat_result`` seen through the StatLike field names."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: os.stat_result) -> None:
+        self._result = result
+
+    def __getattr__(self, name: str) -> int:
+        return int(getattr(self._result, f"st_{name}"))
+
+
+def pack_os_stat(result: os.stat_result, arch: str | None = None) -> bytes:
+    """A local ``os.stat`` result as the kernel's ``struct stat``."""
+    return pack_stat(_OsStat(result), arch)
+
+
 # struct statx (include/uapi/linux/stat.h): mask blksize (u32) attributes (u64)
 # nlink uid gid (u32) mode (u16) __spare0 (u16) ino size blocks attributes_mask (u64)
 # atime btime ctime mtime (i64 sec, u32 nsec, i32 reserved) rdev_major rdev_minor

@@ -60,6 +60,24 @@ class Handlers:
         return handler(call)
 
 
+def decide(handler: Handler, call: SyscallCall) -> Outcome:
+    """Ask the handler; its exceptions become the errno the tracee sees."""
+    import errno
+
+    from mtrace.tracer.errors import TraceeGone
+    from mtrace.tracer.outcome import Errno
+
+    try:
+        return handler(call)
+    except TraceeGone:
+        return Errno(errno.ESRCH)
+    except OSError as exc:
+        return Errno(exc.errno or errno.EIO)
+    except Exception:
+        log.exception("handler for %s failed; the tracee gets EIO", call.name)
+        return Errno(errno.EIO)
+
+
 class AsyncSide:
     """An asyncio loop in its own thread, where deferred outcomes are computed.
 

@@ -13,6 +13,7 @@ import enum
 import errno
 import os
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -70,6 +71,15 @@ def helper_path() -> Path:
     return path
 
 
+def _resolve_command(name: str, env: dict[str, str] | None) -> str | None:
+    """The file execvp would run for ``name`` (None: let the helper's execvp
+    search and report the error)."""
+    if "/" in name:
+        return None
+    search = (env if env is not None else os.environ).get("PATH", os.defpath)
+    return shutil.which(name, path=search)
+
+
 def wait_status_to_exit_code(status: int) -> int:
     """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
     if os.WIFSIGNALED(status):
@@ -106,6 +116,7 @@ class Launch:
             "--enosys", ",".join(map(str, enosys)),
             *(["--trap-if", ",".join(f"{nr}:{arg}" for nr, arg in trap_if.items())]
               if trap_if else []),
+            *(["--exec-path", resolved] if (resolved := _resolve_command(argv[0], env)) else []),
             "--", *argv,
         ]
         try:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mtrace.tracer import seccomp
-from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer, monotonic
+from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer, decide, monotonic
 from mtrace.tracer.call import SyscallCall
 from mtrace.tracer.errors import TraceeGone
 from mtrace.tracer.memory import TraceeMemory
@@ -86,15 +86,7 @@ class NotifyBackend:
         self._carry_out(notification, call, outcome, started, token)
 
     def _decide(self, call: SyscallCall) -> Outcome:
-        try:
-            return self.handler(call)
-        except TraceeGone:
-            return Errno(errno.ESRCH)
-        except OSError as exc:
-            return Errno(exc.errno or errno.EIO)
-        except Exception:
-            log.exception("handler for %s failed; the tracee gets EIO", call.name)
-            return Errno(errno.EIO)
+        return decide(self.handler, call)
 
     def _carry_out(
         self,

@@ -28,8 +28,10 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from functools import partial
 
+from mtrace.tracer.abi import AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, pack_os_stat
 from mtrace.tracer.backend import Handler
 from mtrace.tracer.call import AT_FDCWD, SyscallCall
 from mtrace.tracer.outcome import (
@@ -107,14 +109,35 @@ def _directory_path(call: SyscallCall, dirfd: int) -> bytes:
 
 # -- files ------------------------------------------------------------------
 
+def _local_view(call: SyscallCall, dirfd: int, path: bytes) -> bool:
+    """True where the supervisor resolving ``path`` from ``dirfd`` reaches what
+    the tracee would (see the module docstring for what is excluded)."""
+    if not path:
+        return False
+    absolute = path if path.startswith(b"/") else _directory_path(call, dirfd) + b"/" + path
+    return (not absolute.startswith(_LOCAL_ONLY_PREFIXES)
+            and _thread_matches_supervisor(call.tid))
+
+
+def _with_dirfd(call: SyscallCall, dirfd: int, path: bytes,
+                action: Callable[[int | None], Outcome]) -> Outcome:
+    """Run ``action`` with a supervisor fd for the directory ``path`` is relative to."""
+    local_dirfd = _dirfd_for(call, dirfd) if not path.startswith(b"/") else None
+    try:
+        return action(local_dirfd)
+    finally:
+        if local_dirfd is not None:
+            os.close(local_dirfd)
+
+
 def _open_like(call: SyscallCall, dirfd: int, path: bytes, flags: int, mode: int) -> Outcome:
     if not path:
         return Errno(errno.ENOENT)
-    absolute = path if path.startswith(b"/") else _directory_path(call, dirfd) + b"/" + path
-    if absolute.startswith(_LOCAL_ONLY_PREFIXES) or not _thread_matches_supervisor(call.tid):
+    # The kernel refuses to inject O_PATH fds; opens of those continue.
+    if flags & os.O_PATH or not _local_view(call, dirfd, path):
         return CONTINUE
-    local_dirfd = _dirfd_for(call, dirfd) if not path.startswith(b"/") else None
-    try:
+
+    def open_here(local_dirfd: int | None) -> Outcome:
         try:
             existing = os.stat(path, dir_fd=local_dirfd)
         except OSError:
@@ -123,13 +146,101 @@ def _open_like(call: SyscallCall, dirfd: int, path: bytes, flags: int, mode: int
                                          or stat.S_ISDIR(existing.st_mode)):
             return CONTINUE
         creating = flags & os.O_CREAT or (flags & _O_TMPFILE) == _O_TMPFILE
-        if creating:
-            mode &= ~_thread_umask(call.tid)
-        fd = os.open(path, (flags & ~os.O_CLOEXEC) | os.O_CLOEXEC, mode, dir_fd=local_dirfd)
-    finally:
-        if local_dirfd is not None:
-            os.close(local_dirfd)
-    return InjectFd(fd, cloexec=bool(flags & os.O_CLOEXEC))
+        file_mode = mode & ~_thread_umask(call.tid) if creating else mode
+        fd = os.open(path, (flags & ~os.O_CLOEXEC) | os.O_CLOEXEC, file_mode, dir_fd=local_dirfd)
+        return InjectFd(fd, cloexec=bool(flags & os.O_CLOEXEC))
+
+    return _with_dirfd(call, dirfd, path, open_here)
+
+
+def _stat_like(call: SyscallCall, dirfd: int, path: bytes, buffer: int, flags: int) -> Outcome:
+    if not path and flags & AT_EMPTY_PATH:
+        if dirfd == AT_FDCWD:
+            return CONTINUE
+        return OnTraceeFd(dirfd, lambda fd: ReturnValue(0, ((buffer, pack_os_stat(os.fstat(fd))),)))
+    if not path:
+        return Errno(errno.ENOENT)
+    if not _local_view(call, dirfd, path):
+        return CONTINUE
+    follow = not flags & AT_SYMLINK_NOFOLLOW
+
+    def stat_here(local_dirfd: int | None) -> Outcome:
+        result = os.stat(path, dir_fd=local_dirfd, follow_symlinks=follow)
+        return ReturnValue(0, ((buffer, pack_os_stat(result)),))
+
+    return _with_dirfd(call, dirfd, path, stat_here)
+
+
+def handle_newfstatat(call: SyscallCall) -> Outcome:
+    return _stat_like(call, call.int_arg(0), call.read_string(1), call.pointer_arg(2),
+                      call.int_arg(3))
+
+
+def handle_stat(call: SyscallCall) -> Outcome:
+    return _stat_like(call, AT_FDCWD, call.read_string(0), call.pointer_arg(1), 0)
+
+
+def handle_lstat(call: SyscallCall) -> Outcome:
+    return _stat_like(call, AT_FDCWD, call.read_string(0), call.pointer_arg(1),
+                      AT_SYMLINK_NOFOLLOW)
+
+
+def _same_real_ids(tid: int) -> bool:
+    """access() checks the real uid and gid, not the filesystem ones."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status_file:
+            lines = {line.partition(b":")[0]: line.split() for line in status_file}
+        return (int(lines[b"Uid"][1]) == os.getuid() and int(lines[b"Gid"][1]) == os.getgid())
+    except (OSError, KeyError, IndexError, ValueError):
+        return False
+
+
+def _access_like(call: SyscallCall, dirfd: int, path: bytes, mode: int, flags: int) -> Outcome:
+    if not path or not _local_view(call, dirfd, path) or not _same_real_ids(call.tid):
+        return CONTINUE
+
+    def access_here(local_dirfd: int | None) -> Outcome:
+        result = _libc.faccessat(AT_FDCWD if local_dirfd is None else local_dirfd, path, mode,
+                                 flags)
+        return _errno_outcome(result) or ReturnValue(0)
+
+    return _with_dirfd(call, dirfd, path, access_here)
+
+
+def handle_access(call: SyscallCall) -> Outcome:
+    return _access_like(call, AT_FDCWD, call.read_string(0), call.int_arg(1), 0)
+
+
+def handle_faccessat(call: SyscallCall) -> Outcome:
+    return _access_like(call, call.int_arg(0), call.read_string(1), call.int_arg(2), 0)
+
+
+def handle_faccessat2(call: SyscallCall) -> Outcome:
+    return _access_like(call, call.int_arg(0), call.read_string(1), call.int_arg(2),
+                        call.int_arg(3))
+
+
+def _readlink_like(call: SyscallCall, dirfd: int, path: bytes, buffer: int, size: int) -> Outcome:
+    if not _local_view(call, dirfd, path):
+        return CONTINUE
+    if size <= 0:
+        return Errno(errno.EINVAL)
+
+    def readlink_here(local_dirfd: int | None) -> Outcome:
+        target = os.fsencode(os.readlink(path, dir_fd=local_dirfd))[:size]
+        return ReturnValue(len(target), ((buffer, target),))
+
+    return _with_dirfd(call, dirfd, path, readlink_here)
+
+
+def handle_readlink(call: SyscallCall) -> Outcome:
+    return _readlink_like(call, AT_FDCWD, call.read_string(0), call.pointer_arg(1),
+                          call.int_arg(2))
+
+
+def handle_readlinkat(call: SyscallCall) -> Outcome:
+    return _readlink_like(call, call.int_arg(0), call.read_string(1), call.pointer_arg(2),
+                          call.int_arg(3))
 
 
 def handle_openat(call: SyscallCall) -> Outcome:
@@ -256,6 +367,14 @@ RESULT_HANDLERS: dict[str, Handler] = {
         "open": handle_open,
         "openat": handle_openat,
         "creat": handle_creat,
+        "stat": handle_stat,
+        "lstat": handle_lstat,
+        "newfstatat": handle_newfstatat,
+        "access": handle_access,
+        "faccessat": handle_faccessat,
+        "faccessat2": handle_faccessat2,
+        "readlink": handle_readlink,
+        "readlinkat": handle_readlinkat,
         "socket": handle_socket,
         "connect": handle_connect,
         "bind": handle_bind,

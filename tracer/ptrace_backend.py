@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtrace.tracer import ptrace_abi
-from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer, monotonic
+from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer, decide, monotonic
 from mtrace.tracer.call import SyscallCall
 from mtrace.tracer.errors import KernelFeatureMissing, TraceeGone, TracerError
 from mtrace.tracer.launcher import Launch
@@ -316,15 +316,7 @@ class PtraceBackend:
     # -- outcomes -------------------------------------------------------------
 
     def _decide(self, call: SyscallCall) -> Outcome:
-        try:
-            return self.handler(call)
-        except TraceeGone:
-            return Errno(errno.ESRCH)
-        except OSError as exc:
-            return Errno(exc.errno or errno.EIO)
-        except Exception:
-            log.exception("handler for %s failed; the tracee gets EIO", call.name)
-            return Errno(errno.EIO)
+        return decide(self.handler, call)
 
     def _carry_out(self, tid: int, thread: _Thread, registers: Any, call: SyscallCall,
                    outcome: Outcome, started: float, token: Any) -> None:

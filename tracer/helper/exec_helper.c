@@ -4,7 +4,7 @@
  * Started by the supervisor as
  *
  *     mtrace-exec --ctl FD --mode notify|trace --trap NR,NR,... [--enosys NR,...]
- *                 [--trap-if NR:ARG,...] -- CMD ARGS...
+ *                 [--trap-if NR:ARG,...] [--exec-path PATH] -- CMD ARGS...
  *
  * it forks into two processes:
  *
@@ -101,7 +101,7 @@ static void die_usage(const char *why)
 {
     fprintf(stderr, "mtrace-exec: %s\n", why);
     fprintf(stderr, "usage: mtrace-exec --ctl FD --mode notify|trace --trap NR,... [--enosys NR,...] "
-                    "[--trap-if NR:ARG,...] -- CMD ARGS...\n");
+                    "[--trap-if NR:ARG,...] [--exec-path PATH] -- CMD ARGS...\n");
     exit(125);
 }
 
@@ -327,6 +327,8 @@ static void wait_for_go(void)
     }
 }
 
+static const char *exec_path;
+
 static void run_tracee(char **argv, const unsigned *trap, int ntrap, const unsigned *enosys,
                        int nenosys, int trace_mode, pid_t watchdog)
 {
@@ -359,7 +361,12 @@ static void run_tracee(char **argv, const unsigned *trap, int ntrap, const unsig
             _exit(125);
         close(listener);
     }
-    execvp(argv[0], argv);
+    /* The supervisor resolves PATH itself when it can, so the tracee makes
+     * exactly one execve, as it would from a shell. */
+    if (exec_path)
+        execv(exec_path, argv);
+    else
+        execvp(argv[0], argv);
     int err = errno;
     send_message(CTL_ERROR, STAGE_EXEC, err, -1);
     fprintf(stderr, "mtrace: cannot execute %s: %s\n", argv[0], strerror(err));
@@ -444,6 +451,8 @@ int main(int argc, char **argv)
             nenosys = parse_nrs(argv[++i], enosys, MAX_NRS);
         else if (!strcmp(argv[i], "--trap-if"))
             parse_conditions(argv[++i]);
+        else if (!strcmp(argv[i], "--exec-path"))
+            exec_path = argv[++i];
         else
             die_usage("unknown option");
     }
