@@ -29,6 +29,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from .aio import sock_recvfrom, sock_sendto
 from .logs import event
 from .protocol import (
     DEFAULT_WINDOW,
@@ -227,14 +228,12 @@ class UdpSocket:
             host = f"::ffff:{address}"
         elif self.sock.family == socket.AF_INET and address.version == 6:
             raise _oserror(errno.EAFNOSUPPORT)
-        loop = asyncio.get_running_loop()
-        return await loop.sock_sendto(self.sock, data, (host, port))
+        return await sock_sendto(self.sock, data, (host, port))
 
     async def _receive(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                data, source = await loop.sock_recvfrom(self.sock, MAX_DATAGRAM)
+                data, source = await sock_recvfrom(self.sock, MAX_DATAGRAM)
             except OSError as error:
                 # ICMP errors surface here on some kernels; they belong to one
                 # datagram, not to the socket.

@@ -24,6 +24,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from . import logs
 from .errors import AgentError
@@ -92,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_loop(main_coroutine: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run, on uvloop where it is installed: every frame crosses the
+    event loop twice, and uvloop's is markedly cheaper per wake-up. The agent
+    needs nothing beyond the standard library, so it stays optional here."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coroutine)
+        return
+    uvloop.run(main_coroutine)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.verbose)
@@ -143,9 +157,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         if listener is not None:
-            asyncio.run(_serve_tcp(context, listener))
+            run_loop(_serve_tcp(context, listener))
         else:
-            asyncio.run(_serve_stdio(context))
+            run_loop(_serve_stdio(context))
     finally:
         context.executor.shutdown(wait=False, cancel_futures=True)
         resolver.close()

@@ -327,6 +327,9 @@ class _DnsHandler(socketserver.BaseRequestHandler):
 class _ThreadingTcpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: tests that open many connections at
+    # once would overflow it and see the kernel's resets, not mtrace's.
+    request_queue_size = 128
 
 
 class _ThreadingUdpServer(socketserver.ThreadingUDPServer):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
 
+from mtrace.agent.aio import sock_recvfrom
 from mtrace.agent.errors import AgentUnavailable, RemoteError
 from mtrace.tracer.dns import DnsSetup, IPAddress, unmapped
 
@@ -310,10 +311,9 @@ class PeerSocket:
 
     async def _from_tracee(self) -> None:
         """Datagrams the tracee's connected socket sends to this peer."""
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                data, source = await loop.sock_recvfrom(self.sock, MAX_DATAGRAM)
+                data, source = await sock_recvfrom(self.sock, MAX_DATAGRAM)
             except OSError:
                 await asyncio.sleep(0)
                 continue

@@ -1,0 +1,53 @@
+"""Datagram socket calls that work on any asyncio event loop.
+
+``loop.sock_sendto``/``sock_recvfrom`` exist only on the standard loop (uvloop
+raises NotImplementedError); these try the call first and wait for readiness
+only when the socket would block, with the loop's own reader/writer hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+async def _ready(sock: socket.socket, writable: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def _retry(sock: socket.socket, writable: bool, attempt: Callable[[], T]) -> T:
+    while True:
+        try:
+            return attempt()
+        except (BlockingIOError, InterruptedError):
+            await _ready(sock, writable)
+
+
+async def sock_sendto(sock: socket.socket, data: bytes, address: Any) -> int:
+    return await _retry(sock, True, lambda: sock.sendto(data, address))
+
+
+async def sock_recvfrom(sock: socket.socket, size: int) -> tuple[bytes, Any]:
+    return await _retry(sock, False, lambda: sock.recvfrom(size))
