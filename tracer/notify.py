@@ -17,7 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 from mtrace.tracer import seccomp
-from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer, decide, monotonic
+from mtrace.tracer.backend import (
+    AsyncSide,
+    CallRecord,
+    Handler,
+    Handlers,
+    Observer,
+    decide,
+    monotonic,
+)
 from mtrace.tracer.call import SyscallCall
 from mtrace.tracer.errors import TraceeGone
 from mtrace.tracer.memory import TraceeMemory
@@ -62,6 +70,11 @@ class NotifyBackend:
         poller = select.poll()
         poller.register(self.listener.fd, select.POLLIN)
         names = self.table.names
+        listener = self.listener
+        # Calls no handler wants continue straight from the loop: no call
+        # object, no outcome, one ioctl each way (the passthrough hot path).
+        fast = isinstance(self.handler, Handlers) and self.observer is None
+        handled = self.handler.names() if isinstance(self.handler, Handlers) else set()
         while True:
             events = poller.poll(500)
             if not events:
@@ -70,9 +83,14 @@ class NotifyBackend:
                 continue
             _fd, mask = events[0]
             if mask & select.POLLIN:
-                notification = self.listener.receive()
-                if notification is not None:
-                    name = names.get(notification.nr) or f"syscall_{notification.nr}"
+                notification = listener.receive()
+                if notification is None:
+                    continue
+                name = names.get(notification.nr) or f"syscall_{notification.nr}"
+                if fast and name not in handled:
+                    listener.respond(notification.id, continue_=True)
+                    self.calls_handled += 1
+                else:
                     self._serve(notification, name)
                 continue
             if mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
