@@ -214,9 +214,10 @@ def doctor_command(verbose: Verbose = 0) -> None:
     raise SystemExit(run_checks(sys.stdout))
 
 
-@app.command("agent", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("agent", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def agent_command(ctx: typer.Context) -> None:
-    """Run the mtrace agent (the remote side); see `mtrace agent --help`."""
+    """Run the mtrace agent, the remote side (its options: `mtrace agent --help`)."""
     from mtrace.agent.server import main as agent_main
 
     raise SystemExit(agent_main(list(ctx.args)))
