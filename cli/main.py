@@ -154,7 +154,7 @@ def trace_command(
     verbose: Verbose = 0,
 ) -> None:
     """Run COMMAND and show each trapped system call, strace-style."""
-    from mtrace.tracer.backend import Handlers
+    from mtrace.tracer.backend import AsyncSide, Handlers
     from mtrace.tracer.passthrough import RESULT_HANDLERS
     from mtrace.tracer.session import Session, run
     from mtrace.tracer.syscalls import DEFAULT_TRAPPED
@@ -174,16 +174,15 @@ def trace_command(
             except OSError as exc:
                 raise MtraceError(f"cannot write the trace to {output}: {exc.strerror}") from exc
         printer = TracePrinter(stream, as_json=as_json)
-        handlers = Handlers(RESULT_HANDLERS)
-        session = Session(argv=command, handlers=handlers, trapped=trapped,
-                          observer=printer, strict_names=True, backend=backend or "auto")
-        from mtrace.tracer.backend import AsyncSide
-
-        session.async_side = AsyncSide()
+        # The async side answers blocking connects the supervisor makes for the tracee.
+        async_side = AsyncSide()
+        session = Session(argv=command, handlers=Handlers(RESULT_HANDLERS), trapped=trapped,
+                          observer=printer, strict_names=True, backend=backend or "auto",
+                          async_side=async_side)
         try:
             code = run(session)
         finally:
-            session.async_side.stop()
+            async_side.stop()
     except MtraceError as error:
         fail(error, verbose)
     finally:

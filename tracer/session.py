@@ -109,10 +109,10 @@ def _run(session: Session, backend_name: str) -> int:
                  if backend_name == "ptrace" else None)
     forwarder = _SignalForwarder()
     launch: Launch | None = None
+    # The supervisor's umask is cleared so files it creates for the tracee get
+    # exactly the tracee's mode; the tracee itself keeps the user's.
+    user_umask = os.umask(0)
     try:
-        # The supervisor's umask is cleared so files it creates for the tracee
-        # get exactly the tracee's mode; the tracee itself keeps the user's.
-        user_umask = os.umask(0)
         trap_if = {syscall_table.number(name): index
                    for name, index in session.trap_if_nonzero.items() if name in session.trapped}
         launch = Launch(session.argv, mode="notify" if backend_name == "notify" else "trace",
@@ -147,7 +147,7 @@ def _run(session: Session, backend_name: str) -> int:
         forwarder.close()
         if chld_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, chld_mask)
-        os.umask(user_umask) if "user_umask" in locals() else None
+        os.umask(user_umask)
         if launch is not None:
             launch.close()
 
@@ -157,5 +157,3 @@ def _stop(launch: Launch) -> None:
         launch.watchdog.kill()
     launch.watchdog.wait()
 
-
-__all__ = ["Session", "TracerError", "run"]
