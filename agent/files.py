@@ -18,6 +18,7 @@ itself would see them. Two resolvers do this:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
 import errno
@@ -57,7 +58,7 @@ def _error(code: int, path: bytes | None = None) -> OSError:
     return OSError(code, os.strerror(code), os.fsdecode(path) if path is not None else None)
 
 
-class RootResolver:
+class RootResolver(abc.ABC):
     """Opens paths inside a root directory; subclasses decide how."""
 
     name = "abstract"
@@ -71,10 +72,11 @@ class RootResolver:
             os.close(self.root_fd)
             self.root_fd = -1
 
+    @abc.abstractmethod
     def open(self, path: bytes, flags: int, mode: int = 0) -> int:
         """An fd for ``path`` opened with ``flags``; follows a final symlink unless O_NOFOLLOW."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def parent(self, path: bytes) -> tuple[int, bytes]:
         """An O_PATH fd of the directory holding ``path``'s last component, and that component.
 
@@ -83,7 +85,6 @@ class RootResolver:
         ``.``, ``..`` or ``/`` yields that directory's fd and ``b"."``. The
         caller closes the fd.
         """
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def parent_of(self, path: bytes) -> Iterator[tuple[int, bytes]]:

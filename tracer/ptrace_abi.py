@@ -23,6 +23,7 @@ from ptrace import PtraceError
 from ptrace.binding import func as _binding
 
 from mtrace.tracer.call import signed64
+from mtrace.tracer.errors import KernelFeatureMissing
 
 # Requests and options python-ptrace does not define (linux/ptrace.h).
 PTRACE_SEIZE = 0x4206
@@ -186,4 +187,5 @@ def abi_for(arch: str | None = None) -> Abi:
     try:
         return _ABIS[arch]
     except KeyError:
-        raise NotImplementedError(f"the ptrace backend does not support {arch}") from None
+        raise KernelFeatureMissing(f"the ptrace backend does not support {arch} yet",
+                                   hint="use --backend notify") from None

@@ -55,7 +55,7 @@ def test_scratch_is_below_the_red_zone_and_aligned(size: int) -> None:
 def test_abi_for_known_and_unknown_architectures() -> None:
     assert abi_for("x86_64") is X86_64
     assert abi_for("aarch64").number_register == "r8"
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(KernelFeatureMissing, match="does not support sparc"):
         abi_for("sparc")
 
 
