@@ -50,20 +50,40 @@ Backend = Annotated[str | None, typer.Option(
     show_default=False)]
 
 
+TargetOption = Annotated[str | None, typer.Option(
+    "--target", "-t", help="Run in this target's context: pid/N or targetless.",
+    show_default=False)]
+AgentOption = Annotated[str | None, typer.Option(
+    "--agent", help="Use the agent listening at HOST:PORT.", show_default=False)]
+AgentSecretOption = Annotated[str | None, typer.Option(
+    "--agent-secret", help="Shared secret of --agent (or MTRACE_AGENT_SECRET).",
+    show_default=False)]
+ConfigFileOption = Annotated[str | None, typer.Option(
+    "--config-file", "-f", help="Config file (TOML, JSON or YAML).", show_default=False)]
+
+
+def _base_config(config_file: str | None, target: str | None, agent: str | None,
+                 agent_secret: str | None) -> Any:
+    """The config file (or defaults) with the target flags applied over it."""
+    from mtrace.cli.config import Config, load
+
+    config = load(config_file) if config_file else Config()
+    if target is not None:
+        config.target = target
+    if agent is not None:
+        config.agent.address = agent
+    if agent_secret is not None:
+        config.agent.secret = agent_secret
+    return config
+
+
 @app.command("exec", context_settings=_COMMAND_SETTINGS)
 def exec_command(
     command: Command,
-    target: Annotated[str | None, typer.Option(
-        "--target", "-t", help="Run in this target's context: pid/N or targetless.",
-        show_default=False)] = None,
-    agent: Annotated[str | None, typer.Option(
-        "--agent", help="Use the agent listening at HOST:PORT.", show_default=False)] = None,
-    agent_secret: Annotated[str | None, typer.Option(
-        "--agent-secret", help="Shared secret of --agent (or MTRACE_AGENT_SECRET).",
-        show_default=False)] = None,
-    config_file: Annotated[str | None, typer.Option(
-        "--config-file", "-f", help="Config file (TOML, JSON or YAML).",
-        show_default=False)] = None,
+    target: TargetOption = None,
+    agent: AgentOption = None,
+    agent_secret: AgentSecretOption = None,
+    config_file: ConfigFileOption = None,
     fs_mode: Annotated[str | None, typer.Option(
         "--fs-mode", help="read, write, local or localwithoverrides.", show_default=False)] = None,
     local_paths: Annotated[list[str] | None, typer.Option(
@@ -86,18 +106,12 @@ def exec_command(
     verbose: Verbose = 0,
 ) -> None:
     """Run COMMAND under mtrace, in the context of a target if one is given."""
-    from mtrace.cli.config import Config, load, validate
+    from mtrace.cli.config import validate
     from mtrace.cli.run import run_plain, run_with_target
 
     _configure_logging(verbose)
     try:
-        config = load(config_file) if config_file else Config()
-        if target is not None:
-            config.target = target
-        if agent is not None:
-            config.agent.address = agent
-        if agent_secret is not None:
-            config.agent.secret = agent_secret
+        config = _base_config(config_file, target, agent, agent_secret)
         features = config.feature
         if fs_mode is not None:
             features.fs.mode = fs_mode
@@ -150,10 +164,18 @@ def trace_command(
     output: Annotated[str | None, typer.Option("-o", "--output",
                                                help="Write the trace to FILE, not stderr.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    target: TargetOption = None,
+    agent: AgentOption = None,
+    agent_secret: AgentSecretOption = None,
+    config_file: ConfigFileOption = None,
     backend: Backend = None,
     verbose: Verbose = 0,
 ) -> None:
-    """Run COMMAND and show each trapped system call, strace-style."""
+    """Run COMMAND and show each trapped system call, strace-style; with a
+    target, as `mtrace exec` runs it there (what it read remotely, where its
+    connections went)."""
+    from mtrace.cli.config import validate
+    from mtrace.cli.run import run_with_target
     from mtrace.tracer.backend import AsyncSide, Handlers
     from mtrace.tracer.passthrough import RESULT_HANDLERS
     from mtrace.tracer.session import Session, run
@@ -174,6 +196,19 @@ def trace_command(
             except OSError as exc:
                 raise MtraceError(f"cannot write the trace to {output}: {exc.strerror}") from exc
         printer = TracePrinter(stream, as_json=as_json)
+        config = _base_config(config_file, target, agent, agent_secret)
+        if config.target or config.agent.address:
+            if expression:
+                from mtrace.tracer.syscalls import table
+
+                table().numbers_for(trapped, strict=True)  # unknown names: a clear error
+            if backend is not None:
+                config.backend = backend
+            config = _revalidate(config)
+            validate(config, "command line")
+            code = run_with_target(command, config, verbose=verbose, observer=printer,
+                                   trapped=trapped if expression else None)
+            raise SystemExit(code)
         # The async side answers blocking connects the supervisor makes for the tracee.
         async_side = AsyncSide()
         session = Session(argv=command, handlers=Handlers(RESULT_HANDLERS), trapped=trapped,

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mtrace.cli.config import Config
 from mtrace.cli.errors import ConfigError
@@ -23,6 +23,9 @@ from mtrace.tracer.session import Session, run
 
 if TYPE_CHECKING:
     from mtrace.agent.client import AgentClient
+    from mtrace.tracer.backend import CallRecord, Handler, Observer
+    from mtrace.tracer.call import SyscallCall
+    from mtrace.tracer.outcome import Outcome
     from mtrace.tracer.remote import RemoteContext
 
 
@@ -38,7 +41,12 @@ def run_plain(command: Sequence[str], config: Config) -> int:
     return run(Session(argv=command, backend=config.backend))
 
 
-def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0) -> int:
+def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
+                    observer: Observer | None = None,
+                    trapped: Sequence[str] | None = None) -> int:
+    """Run ``command`` in the target's context; ``observer`` sees each trapped
+    call (``mtrace trace --target``), ``trapped`` narrows what is shown (every
+    call the features need is trapped all the same)."""
     # Imported here: a run without a target should not pay for asyncio and the
     # agent client at start-up.
     from mtrace.cli.target import Target, connect_agent, parse_target, progress
@@ -64,7 +72,7 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0)
         context = RemoteContext(client=client, async_side=side, features=config.feature,
                                 session_dir=session_dir,
                                 executable=resolve_executable(command, env))
-        return _serve_remote(command, config, context, env)
+        return _serve_remote(command, config, context, env, observer, trapped)
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
@@ -74,7 +82,8 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0)
 
 
 def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext,
-                  env: dict[str, str]) -> int:
+                  env: dict[str, str], observer: Observer | None,
+                  shown: Sequence[str] | None) -> int:
     from mtrace.tracer import files, net
     from mtrace.tracer.backend import Handlers
     from mtrace.tracer.syscalls import DEFAULT_TRAPPED
@@ -82,13 +91,18 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
     side = context.async_side
     files_feature = files.FilesFeature(context)
     outgoing = net.setup(context)
-    handlers = Handlers({**files_feature.handlers(), **outgoing.handlers()})
+    table = {**files_feature.handlers(), **outgoing.handlers()}
+    if observer is not None:
+        table = _showing_results(table)
+    handlers = Handlers(table)
     trapped = tuple(dict.fromkeys([*DEFAULT_TRAPPED, *files.trapped_for(config.feature.fs),
-                                   *net.TRAPPED]))
+                                   *net.TRAPPED, *(shown or ())]))
+    if observer is not None and shown:
+        observer = _ShownOnly(observer, set(shown))
     watcher = side.submit(_watch_agent(context.client, context))
     try:
         return run(Session(argv=command, handlers=handlers, trapped=trapped, env=env,
-                           async_side=side, backend=config.backend,
+                           async_side=side, backend=config.backend, observer=observer,
                            trap_if_nonzero=net.TRAP_IF_NONZERO))
     finally:
         # The program is gone: write changed files back, then close the relays;
@@ -100,6 +114,40 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
         files_feature.close()
         with contextlib.suppress(Exception):
             side.call(outgoing.close(), timeout=5)
+
+
+def _showing_results(table: dict[str, Handler]) -> dict[str, Handler]:
+    """For `mtrace trace --target`: where a feature lets a call continue locally,
+    make it the way the passthrough handlers do, so its result shows too."""
+    from mtrace.tracer.outcome import CONTINUE
+    from mtrace.tracer.passthrough import RESULT_HANDLERS
+
+    def chained(feature: Handler, local: Handler) -> Handler:
+        def handle(call: SyscallCall) -> Outcome:
+            outcome = feature(call)
+            return local(call) if outcome is CONTINUE else outcome
+
+        return handle
+
+    merged = dict(RESULT_HANDLERS)
+    for name, handler in table.items():
+        merged[name] = chained(handler, RESULT_HANDLERS[name]) if name in RESULT_HANDLERS else handler
+    return merged
+
+
+class _ShownOnly:
+    """An observer that passes on only the calls the user asked to see."""
+
+    def __init__(self, observer: Observer, names: set[str]) -> None:
+        self.observer = observer
+        self.names = names
+
+    def on_call(self, call: SyscallCall) -> Any:
+        return self.observer.on_call(call) if call.name in self.names else None
+
+    def on_result(self, record: CallRecord, token: Any) -> None:
+        if record.call.name in self.names:
+            self.observer.on_result(record, token)
 
 
 async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:

@@ -52,3 +52,24 @@ def test_probe_sees_the_target(probe: Path, backend: str, netns_target: NetnsTar
                 command, traced.stderr.decode(errors="replace")[-2000:])
     finally:
         os.unlink(file.name)
+
+
+def test_trace_with_a_target_shows_the_remote_calls(backend: str, programs: dict[str, Path],
+                                                     netns_target: NetnsTarget) -> None:
+    private_dir = os.path.dirname(netns_target.private_file)
+    config = {"feature": {"fs": {"read_only": ["^" + re.escape(private_dir) + "(/|$)"]}}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    try:
+        traced = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "trace", "--backend", backend, "-e",
+             "openat,connect", "--target", f"pid/{netns_target.pid}", "-f", file.name, "--",
+             str(programs["probe-go"]), "cat", netns_target.private_file],
+            capture_output=True, timeout=60, check=False)
+    finally:
+        os.unlink(file.name)
+    assert (traced.returncode, traced.stdout) == (0, netns_target.private_file_content)
+    lines = traced.stderr.decode().splitlines()
+    opened = [line for line in lines if f'"{netns_target.private_file}"' in line]
+    assert opened and opened[0].split(" = ")[1].split()[0].isdigit(), lines
+    assert all("connect(" in line or "openat(" in line for line in lines), lines
