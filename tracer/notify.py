@@ -137,8 +137,9 @@ class NotifyBackend:
                         if close_after:
                             os.close(fd)
                 case OnTraceeFd(tracee_fd=tracee_fd, action=action):
-                    self._carry_out(notification, call, self._act_on_fd(call, tracee_fd, action),
-                                    started, token)
+                    acted = self._act_on_fd(nid, call, tracee_fd, action)
+                    if acted is not None:
+                        self._carry_out(notification, call, acted, started, token)
                     return
                 case Defer(coroutine=coroutine):
                     self._defer(notification, call, coroutine, started, token)
@@ -165,8 +166,9 @@ class NotifyBackend:
         if self.observer is not None:
             self.observer.on_result(CallRecord(call, started, monotonic(), outcome, result), token)
 
-    def _act_on_fd(self, call: SyscallCall, tracee_fd: int,
-                   action: Callable[[int], Outcome]) -> Outcome:
+    def _act_on_fd(self, notification_id: int, call: SyscallCall, tracee_fd: int,
+                   action: Callable[[int], Outcome]) -> Outcome | None:
+        """The outcome of ``action`` on the tracee's fd; None if the call is gone."""
         try:
             local_fd = seccomp.take_tracee_fd(call.tid, tracee_fd)
         except OSError as exc:
@@ -174,6 +176,10 @@ class NotifyBackend:
                 raise TraceeGone(f"thread {call.tid} is gone") from exc
             return Errno(errno.EBADF if exc.errno in (errno.EBADF, errno.ENOENT) else exc.errno)
         try:
+            # A thread id names the caller only while its call waits: the fd
+            # taken must not belong to whatever reused the id since.
+            if not self.listener.is_valid(notification_id):
+                return None
             return self._decide_with(action, local_fd)
         finally:
             os.close(local_fd)
