@@ -32,11 +32,9 @@ CONFIG_TEXT = 'database = "postgres://orders-db.demo.internal/orders"  # only th
 
 
 def config_directory() -> str:
-    """A directory every Linux has, to mount the target's own files over."""
-    for candidate in ("/srv", "/mnt", "/opt"):
-        if os.path.isdir(candidate):
-            return candidate
-    return "/mnt"
+    """A directory every Linux has, to mount the target's own files over (not
+    one on the files feature's default local list, such as /opt)."""
+    return "/srv" if os.path.isdir("/srv") else "/mnt"
 
 
 class _Service(http.server.BaseHTTPRequestHandler):
