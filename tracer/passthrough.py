@@ -185,6 +185,38 @@ def handle_lstat(call: SyscallCall) -> Outcome:
                       AT_SYMLINK_NOFOLLOW)
 
 
+_STATX_SIZE = 256
+
+
+def _statx_here(dirfd: int, path: bytes, flags: int, mask: int) -> bytes:
+    """The kernel's own struct statx for ``path``, made by the supervisor."""
+    from mtrace.tracer.syscalls import table
+
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    result = _libc.syscall(table().number("statx"), dirfd, path, flags, mask, buffer)
+    if result < 0:
+        err = ctypes.get_errno() or errno.EIO
+        raise OSError(err, os.strerror(err))
+    return buffer.raw
+
+
+def handle_statx(call: SyscallCall) -> Outcome:
+    dirfd, path, flags = call.int_arg(0), call.read_string(1), call.int_arg(2)
+    mask, buffer = call.uint_arg(3), call.pointer_arg(4)
+    if not path and flags & AT_EMPTY_PATH:
+        if dirfd == AT_FDCWD:
+            return CONTINUE
+        return OnTraceeFd(dirfd, lambda fd: ReturnValue(
+            0, ((buffer, _statx_here(fd, b"", flags, mask)),)))
+    if not path:
+        return Errno(errno.ENOENT)
+    if not _local_view(call, dirfd, path):
+        return CONTINUE
+    return _with_dirfd(call, dirfd, path, lambda local_dirfd: ReturnValue(
+        0, ((buffer, _statx_here(AT_FDCWD if local_dirfd is None else local_dirfd, path, flags,
+                                 mask)),)))
+
+
 def _same_real_ids(tid: int) -> bool:
     """access() checks the real uid and gid, not the filesystem ones."""
     try:
@@ -370,6 +402,7 @@ RESULT_HANDLERS: dict[str, Handler] = {
         "stat": handle_stat,
         "lstat": handle_lstat,
         "newfstatat": handle_newfstatat,
+        "statx": handle_statx,
         "access": handle_access,
         "faccessat": handle_faccessat,
         "faccessat2": handle_faccessat2,
