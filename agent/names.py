@@ -26,13 +26,15 @@ import ipaddress
 import os
 import socket
 from collections.abc import Awaitable, Callable
-
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.resolver
+from typing import TYPE_CHECKING
 
 from .protocol import Addresses
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+
+# dnspython is imported on the first name that reaches DNS, not at start-up:
+# its import is about 50 ms of every agent's start.
 
 HOSTS_PATH = b"/etc/hosts"
 RESOLV_CONF_PATH = b"/etc/resolv.conf"
@@ -100,6 +102,9 @@ class TargetNameResolver:
         return await self._query_dns(name, family)
 
     async def _resolver(self) -> dns.asyncresolver.Resolver:
+        import dns.asyncresolver
+        import dns.resolver
+
         resolver = dns.asyncresolver.Resolver(configure=False)
         conf = await self._read(RESOLV_CONF_PATH)
         try:
@@ -130,13 +135,15 @@ class TargetNameResolver:
         raise _failure(name, failures)
 
 
-_INVALID_NAME = (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong)
-
-
 def _failure(name: str, failures: list[BaseException]) -> OSError:
+    import dns.exception
+    import dns.name
+    import dns.resolver
+
     # The most informative failure wins: a name that exists beats NXDOMAIN.
     kinds = {type(failure) for failure in failures}
-    if any(isinstance(failure, _INVALID_NAME) for failure in failures):
+    invalid_name = (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong)
+    if any(isinstance(failure, invalid_name) for failure in failures):
         return _error(errno.EINVAL, name, "invalid name")
     if dns.resolver.NoAnswer in kinds:
         return _error(errno.ENODATA, name, "no address of the requested family")
