@@ -1,11 +1,13 @@
 """Reading and writing tracee memory.
 
-``/proc/TID/mem`` with ``pread``/``pwrite`` first (one syscall for any length,
-and it works across page boundaries), ``process_vm_readv``/``writev`` as the
-fallback where /proc is not usable. File descriptors are cached per thread id;
-a stale one (the thread exited, its id was reused, or the process exec'd) is
-reopened once. Callers that act on what they read must check that the
-notification is still valid afterwards (the backend does).
+``process_vm_readv``/``writev`` first: they act on the memory the thread has
+*now*. A ``/proc/TID/mem`` fd instead stays bound to the memory it was opened
+on, which a cache would get wrong in two ways: after an ``execve`` (the old
+image reads as EIO), and worse, after a ``vfork`` child execs (the fd still
+reads its parent's memory, where the same address may well be mapped: silently
+wrong data). ``/proc/TID/mem``, opened afresh for each access, is the fallback
+where process_vm_* are refused. Callers that act on what they read must check
+that the notification is still valid afterwards (the backends do).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections import OrderedDict
+from typing import Any
 
 from mtrace.tracer.errors import TraceeGone
 
@@ -32,69 +34,69 @@ _process_vm_readv.restype = ctypes.c_ssize_t
 _process_vm_writev = _libc.process_vm_writev
 _process_vm_writev.restype = ctypes.c_ssize_t
 
+# process_vm_* refused outright (seccomp'd supervisor, no ptrace permission for
+# that call, an old kernel): use /proc/TID/mem.
+_FALL_BACK = (errno.EPERM, errno.ENOSYS, errno.EACCES)
+
+
+def _bad_address() -> OSError:
+    return OSError(errno.EFAULT, "bad address in tracee")
+
+
+def _transfer(function: Any, tid: int, buffer: ctypes.Array[ctypes.c_char],
+              address: int, length: int) -> int:
+    """One process_vm_readv/writev; its result (-1 with errno set on failure).
+    The iovecs are built per call: the trap loop and the async side both use
+    the same TraceeMemory."""
+    local = _IoVec(ctypes.addressof(buffer), length)
+    remote = _IoVec(address, length)
+    return int(function(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+
 
 class TraceeMemory:
-    """Memory access to tracee threads, keyed by thread id."""
-
-    def __init__(self, cache_size: int = 64) -> None:
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._cache_size = cache_size
-
-    def _fd(self, tid: int, *, fresh: bool = False) -> int | None:
-        fd = self._fds.get(tid)
-        if fd is not None and not fresh:
-            self._fds.move_to_end(tid)
-            return fd
-        if fd is not None:
-            os.close(self._fds.pop(tid))
-        try:
-            fd = os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            return None
-        self._fds[tid] = fd
-        if len(self._fds) > self._cache_size:
-            _, oldest = self._fds.popitem(last=False)
-            os.close(oldest)
-        return fd
+    """Memory access to tracee threads, by thread id."""
 
     def forget(self, tid: int) -> None:
-        fd = self._fds.pop(tid, None)
-        if fd is not None:
-            os.close(fd)
+        """Nothing is kept per thread (kept for the backends' bookkeeping calls)."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def read(self, tid: int, address: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``address``; TraceeGone or EFAULT otherwise."""
         if length == 0:
             return b""
-        for fresh in (False, True):
-            fd = self._fd(tid, fresh=fresh)
-            if fd is None:
-                break
-            try:
-                data = os.pread(fd, length, address)
-            except OSError as exc:
-                if exc.errno == errno.EIO:
-                    raise OSError(errno.EFAULT, "bad address in tracee") from None
-                continue
-            if len(data) == length:
-                return data
-            if data:
-                raise OSError(errno.EFAULT, "bad address in tracee")
-        return self._read_vm(tid, address, length)
-
-    def _read_vm(self, tid: int, address: int, length: int) -> bytes:
         buffer = ctypes.create_string_buffer(length)
-        local = _IoVec(ctypes.cast(buffer, ctypes.c_void_p), length)
-        remote = _IoVec(address, length)
-        got = _process_vm_readv(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got < 0:
-            err = ctypes.get_errno()
-            if err == errno.ESRCH:
-                raise TraceeGone(f"thread {tid} is gone")
-            raise OSError(err, os.strerror(err))
-        if got != length:
-            raise OSError(errno.EFAULT, "bad address in tracee")
-        return buffer.raw
+        got = _transfer(_process_vm_readv, tid, buffer, address, length)
+        if got == length:
+            return buffer.raw
+        if got >= 0:
+            raise _bad_address()  # the range runs into an unmapped page
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise TraceeGone(f"thread {tid} is gone")
+        if err in _FALL_BACK:
+            return self._read_proc(tid, address, length)
+        if err == errno.EFAULT:
+            raise _bad_address()
+        raise OSError(err, os.strerror(err))
+
+    def _read_proc(self, tid: int, address: int, length: int) -> bytes:
+        try:
+            fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TraceeGone(f"thread {tid} is gone") from None
+        try:
+            data = os.pread(fd, length, address)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                raise _bad_address() from None
+            raise
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise _bad_address()
+        return data
 
     def read_cstring(self, tid: int, address: int, limit: int = PATH_MAX) -> bytes:
         """A NUL-terminated string, read page by page so no read crosses into an
@@ -121,27 +123,27 @@ class TraceeMemory:
     def write(self, tid: int, address: int, data: bytes) -> None:
         if not data:
             return
-        for fresh in (False, True):
-            fd = self._fd(tid, fresh=fresh)
-            if fd is None:
-                break
-            try:
-                written = os.pwrite(fd, data, address)
-            except OSError:
-                continue
-            if written == len(data):
-                return
         buffer = ctypes.create_string_buffer(data, len(data))
-        local = _IoVec(ctypes.cast(buffer, ctypes.c_void_p), len(data))
-        remote = _IoVec(address, len(data))
-        done = _process_vm_writev(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if done != len(data):
-            err = ctypes.get_errno() or errno.EFAULT
-            if err == errno.ESRCH:
-                raise TraceeGone(f"thread {tid} is gone")
-            raise OSError(err, os.strerror(err))
-
-    def close(self) -> None:
-        for fd in self._fds.values():
+        done = _transfer(_process_vm_writev, tid, buffer, address, len(data))
+        if done == len(data):
+            return
+        if done >= 0:
+            raise _bad_address()
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise TraceeGone(f"thread {tid} is gone")
+        if err not in _FALL_BACK:
+            raise _bad_address() if err == errno.EFAULT else OSError(err, os.strerror(err))
+        try:
+            fd = os.open(f"/proc/{tid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TraceeGone(f"thread {tid} is gone") from None
+        try:
+            if os.pwrite(fd, data, address) != len(data):
+                raise _bad_address()
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                raise _bad_address() from None
+            raise
+        finally:
             os.close(fd)
-        self._fds.clear()

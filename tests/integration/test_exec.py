@@ -6,11 +6,14 @@ compares stdout and exit status byte for byte.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -114,13 +117,67 @@ def _tracee_processes(mtrace_pid: int, name: str, timeout: float = 15) -> list[p
     raise AssertionError(f"no {name} under mtrace")
 
 
-def test_sigterm_to_mtrace_reaches_tracee(backend: str) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
+def test_signals_to_mtrace_reach_tracee(backend: str, signum: int) -> None:
     process = subprocess.Popen(
         [*MTRACE, "exec", "--backend", backend, "--", "sleep", "60"], env={**os.environ, **ENV}
     )
     _tracee_processes(process.pid, "sleep")
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=20) == 128 + signal.SIGTERM
+    process.send_signal(signum)
+    assert process.wait(timeout=20) == 128 + signum
+
+
+COUNT_SIGINT = """
+import signal, time
+received = []
+signal.signal(signal.SIGINT, lambda *_: received.append(1))
+print("ready", flush=True)
+deadline = time.monotonic() + 20
+while not received and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(0.5)  # a second, duplicated SIGINT would arrive in here
+print("sigint", len(received), flush=True)
+"""
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 30) -> bytes:
+    output = b""
+    deadline = time.monotonic() + timeout
+    while marker not in output and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # the terminal closed: the program is gone
+                break
+            if not chunk:
+                break
+            output += chunk
+    return output
+
+
+def test_terminal_ctrl_c_is_delivered_once(backend: str) -> None:
+    """Ctrl-C reaches the whole foreground group, tracee included: mtrace must
+    not forward its own copy as well."""
+    leader, follower = pty.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        process = subprocess.Popen(
+            [*MTRACE, "exec", "--backend", backend, "--", sys.executable, "-c", COUNT_SIGINT],
+            stdin=follower, stdout=follower, stderr=follower, env={**os.environ, **ENV},
+            preexec_fn=take_terminal)
+        assert b"ready" in _read_until(leader, b"ready")
+        os.write(leader, b"\x03")  # the terminal's interrupt character
+        output = _read_until(leader, b"\n", timeout=30)
+        process.wait(timeout=30)
+        assert b"sigint 1" in output, output
+    finally:
+        os.close(leader)
+        os.close(follower)
 
 
 def test_killing_supervisor_kills_whole_tracee_tree(backend: str) -> None:

@@ -106,3 +106,22 @@ def test_stat_and_readlink_results_are_shown(probe: Path, backend: str, tmp_path
                                  str(tmp_path / "missing"))
     assert code == 1
     assert any(f'"{tmp_path}/missing"' in line and "ENOENT" in line for line in lines), lines
+
+
+def test_children_and_re_execs_stay_trapped(backend: str, programs: ProgramPaths,
+                                            tmp_path: Path) -> None:
+    """A shell that forks a shell that execs a static binary: every generation's
+    calls are trapped, each under its own pid."""
+    target = tmp_path / "deep.txt"
+    target.write_text("deep\n")
+    probe = programs["probe-musl"]
+    code, stdout, lines = trace(backend, "-e", "execve,openat,open", "--", "sh", "-c",
+                                f"sh -c 'exec {probe} cat {target}'; true")
+    assert (code, stdout) == (0, b"deep\n")
+    execs = [line for line in lines if f'execve("{probe}"' in line]
+    opens = [line for line in lines if f'"{target}"' in line]
+    assert execs and opens, lines
+    pid_of = lambda line: line.split("]")[0]  # noqa: E731
+    assert pid_of(execs[0]) == pid_of(opens[0])
+    first_pid = pid_of(lines[0])
+    assert pid_of(opens[0]) != first_pid, "the grandchild has a pid of its own"
