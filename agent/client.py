@@ -244,6 +244,9 @@ async def spawn_stdio(
             stderr=stderr,
             env=environment,
             limit=READ_LIMIT,
+            # Its own session: a terminal's Ctrl-C is for the program being
+            # run, not for the agent serving it. It still ends with its stdin.
+            start_new_session=True,
         )
     except OSError as error:
         raise AgentUnavailable(

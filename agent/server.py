@@ -109,6 +109,9 @@ def run_loop(main_coroutine: Coroutine[Any, Any, None]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.verbose)
+    # A parent may have blocked these (mtrace's supervisor does, to forward
+    # them); blocked, SIGTERM would never stop the agent.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         return _run(args)
     except AgentError as error:

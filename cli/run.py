@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -19,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from mtrace.cli.config import Config
 from mtrace.cli.errors import ConfigError
-from mtrace.tracer.session import Session, run
+from mtrace.tracer.session import FORWARDED_SIGNALS, Session, run
 
 if TYPE_CHECKING:
     from mtrace.agent.client import AgentClient
+    from mtrace.cli.target import Target
     from mtrace.tracer.backend import CallRecord, Handler, Observer
     from mtrace.tracer.call import SyscallCall
     from mtrace.tracer.outcome import Outcome
@@ -49,14 +51,29 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
     call the features need is trapped all the same)."""
     # Imported here: a run without a target should not pay for asyncio and the
     # agent client at start-up.
-    from mtrace.cli.target import Target, connect_agent, parse_target, progress
-    from mtrace.tracer.backend import AsyncSide
-    from mtrace.tracer.env import merge_environment
-    from mtrace.tracer.remote import RemoteContext
+    from mtrace.cli.target import parse_target
 
     target: Target | None = parse_target(config.target) if config.target else None
     if target is None and not config.agent.address:
         raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")
+    # Signals meant for the program are blocked before the first thread starts,
+    # so every thread inherits the mask and only the session's forwarder takes
+    # them (otherwise a Ctrl-C landing on the agent's thread stops mtrace).
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        return _run_with_target(command, config, target, verbose, observer, trapped)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def _run_with_target(command: Sequence[str], config: Config, target: Target | None,
+                     verbose: int, observer: Observer | None,
+                     trapped: Sequence[str] | None) -> int:
+    from mtrace.cli.target import connect_agent, progress
+    from mtrace.tracer.backend import AsyncSide
+    from mtrace.tracer.env import merge_environment
+    from mtrace.tracer.remote import RemoteContext
+
     side = AsyncSide()
     session_dir = Path(tempfile.mkdtemp(prefix="mtrace-session-"))
     client: AgentClient | None = None

@@ -73,3 +73,60 @@ def test_trace_with_a_target_shows_the_remote_calls(backend: str, programs: dict
     opened = [line for line in lines if f'"{netns_target.private_file}"' in line]
     assert opened and opened[0].split(" = ")[1].split()[0].isdigit(), lines
     assert all("connect(" in line or "openat(" in line for line in lines), lines
+
+
+GRACEFUL = """
+import signal, sys, time
+interrupted = []
+signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+print("program ready", flush=True)
+deadline = time.monotonic() + 30
+while not interrupted and time.monotonic() < deadline:  # until the terminal's Ctrl-C
+    time.sleep(0.02)
+print(open(sys.argv[1]).read(), end="", flush=True)
+"""
+
+
+def test_ctrl_c_reaches_the_program_not_the_agent(netns_target: NetnsTarget) -> None:
+    """A program that shuts down gracefully on Ctrl-C still reaches the target
+    afterwards: the terminal's SIGINT is the program's, not the local agent's."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    private_dir = os.path.dirname(netns_target.private_file)
+    config = {"feature": {"fs": {"read_only": ["^" + re.escape(private_dir) + "(/|$)"]}}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    leader, follower = pty.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    def read_until(marker: bytes) -> bytes:
+        output = b""
+        while marker not in output:
+            ready, _, _ = select.select([leader], [], [], 30)
+            chunk = os.read(leader, 4096) if ready else b""
+            if not chunk:
+                break
+            output += chunk
+        return output
+
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", file.name, "--", sys.executable, "-c", GRACEFUL, netns_target.private_file],
+            stdin=follower, stdout=follower, stderr=follower, preexec_fn=take_terminal)
+        assert b"program ready" in read_until(b"program ready")
+        os.write(leader, b"\x03")
+        output = read_until(netns_target.private_file_content.rstrip())
+        assert process.wait(timeout=30) == 0
+        assert netns_target.private_file_content.rstrip() in output, output
+        assert b"lost the connection" not in output, output
+    finally:
+        os.close(leader)
+        os.close(follower)
+        os.unlink(file.name)
