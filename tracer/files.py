@@ -107,6 +107,9 @@ TRAPPED: tuple[str, ...] = (
     "truncate",
     "mkdir", "mkdirat", "unlink", "unlinkat", "rmdir",
     "rename", "renameat", "renameat2",
+    # Extended attributes: `ls -l` asks for SELinux labels and ACLs of every
+    # entry; for a target-only path the kernel would say ENOENT.
+    "getxattr", "lgetxattr", "listxattr", "llistxattr",
     # Write mode uploads changed copies when a process exits (once per process).
     "exit_group",
 )
@@ -411,6 +414,18 @@ class FilesFeature:
             "renameat2": lambda call: self._rename(call, call.int_arg(0), call.read_string(1),
                                                    call.int_arg(2), call.read_string(3),
                                                    call.uint_arg(4)),
+            "getxattr": lambda call: self._xattr(call, call.read_string(0),
+                                                 call.read_string(1), call.pointer_arg(2),
+                                                 call.uint_arg(3), follow=True),
+            "lgetxattr": lambda call: self._xattr(call, call.read_string(0),
+                                                  call.read_string(1), call.pointer_arg(2),
+                                                  call.uint_arg(3), follow=False),
+            "listxattr": lambda call: self._xattr(call, call.read_string(0), None,
+                                                  call.pointer_arg(1), call.uint_arg(2),
+                                                  follow=True),
+            "llistxattr": lambda call: self._xattr(call, call.read_string(0), None,
+                                                   call.pointer_arg(1), call.uint_arg(2),
+                                                   follow=False),
             "exit_group": self._exit_group,
         }
         if trapped_for(self.config) != TRAPPED:
@@ -720,6 +735,39 @@ class FilesFeature:
 
         async def remote() -> Outcome:
             return self._reply_link(await self.context.client.readlink(target.path), buffer, size)
+
+        return self._defer(remote())
+
+    def _xattr(self, call: SyscallCall, path: bytes, name: bytes | None, buffer: int,
+               size: int, *, follow: bool) -> Outcome:
+        """get/listxattr (name None: list). The target's extended attributes are
+        not served: a remote object has none (ENODATA, an empty list), but a
+        missing one is the target's ENOENT, as for stat."""
+        target = self._resolve(call, AT_FDCWD, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if route is Route.LOCAL:
+            def here() -> Outcome:
+                if name is None:
+                    found = os.listxattr(target.path, follow_symlinks=follow)
+                    data = b"".join(os.fsencode(item) + b"\0" for item in found)
+                else:
+                    data = os.getxattr(target.path, name, follow_symlinks=follow)
+                if size == 0:
+                    return ReturnValue(len(data))
+                if len(data) > size:
+                    return Errno(errno.ERANGE)
+                return ReturnValue(len(data), writes=((buffer, data),) if data else ())
+
+            return self._local(target, here)
+
+        async def remote() -> Outcome:
+            client = self.context.client
+            await (client.stat(target.path) if follow else client.lstat(target.path))
+            return ReturnValue(0) if name is None else Errno(errno.ENODATA)
 
         return self._defer(remote())
 

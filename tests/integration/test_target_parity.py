@@ -130,3 +130,24 @@ def test_ctrl_c_reaches_the_program_not_the_agent(netns_target: NetnsTarget) -> 
         os.close(leader)
         os.close(follower)
         os.unlink(file.name)
+
+
+def test_ls_long_listing_of_a_target_only_directory(backend: str,
+                                                    netns_target: NetnsTarget) -> None:
+    """Regression: `ls -l` asks for each entry's xattrs (SELinux label, ACLs);
+    for a target-only path the kernel said ENOENT and ls printed errors."""
+    private_dir = os.path.dirname(netns_target.private_file)
+    config = {"feature": {"fs": {"read_only": ["^" + re.escape(private_dir) + "(/|$)"]}}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    argv = ["ls", "-l", "--time-style=+%s", private_dir, netns_target.private_file]
+    try:
+        inside = netns_target.run_inside(*argv)
+        traced = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--backend", backend,
+             "--target", f"pid/{netns_target.pid}", "-f", file.name, "--", *argv],
+            capture_output=True, timeout=60, check=False)
+    finally:
+        os.unlink(file.name)
+    assert inside.returncode == 0 and inside.stderr == b""
+    assert (traced.returncode, traced.stdout, traced.stderr) == (0, inside.stdout, b"")
