@@ -11,3 +11,9 @@ class ConfigError(MtraceError):
 
 class TargetError(ConfigError):
     exit_code = 79
+
+
+class Interrupted(MtraceError):
+    """The user stopped mtrace (Ctrl-C, SIGTERM) before the program started."""
+
+    exit_code = 130

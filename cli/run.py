@@ -14,21 +14,25 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mtrace.cli.config import Config
-from mtrace.cli.errors import ConfigError
+from mtrace.cli.errors import ConfigError, Interrupted
 from mtrace.tracer.session import FORWARDED_SIGNALS, Session, run
 
 if TYPE_CHECKING:
     from mtrace.agent.client import AgentClient
     from mtrace.cli.target import Target
-    from mtrace.tracer.backend import CallRecord, Handler, Observer
+    from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer
     from mtrace.tracer.call import SyscallCall
     from mtrace.tracer.outcome import Outcome
     from mtrace.tracer.remote import RemoteContext
+
+
+T = TypeVar("T")
 
 
 def resolve_executable(command: Sequence[str], env: dict[str, str]) -> str | None:
@@ -80,11 +84,12 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     try:
         where = config.agent.address or (target.describe() if target else "")
         progress(f"connecting to the agent for {where}...")
-        client = side.call(connect_agent(config, target, verbose=verbose),
-                           timeout=config.agent.startup_timeout + 5)
-        latency = side.call(client.ping(), timeout=10)
+        client = _wait(side, connect_agent(config, target, verbose=verbose),
+                       config.agent.startup_timeout + 5, "the start-up handshake")
+        latency = _wait(side, client.ping(), 10, "a ping")
         progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
-        target_env = side.call(client.environ(), timeout=30) if config.feature.env.enabled else {}
+        target_env = (_wait(side, client.environ(), 30, "the environment request")
+                      if config.feature.env.enabled else {})
         env = merge_environment(os.environ, target_env, config.feature.env)
         context = RemoteContext(client=client, async_side=side, features=config.feature,
                                 session_dir=session_dir,
@@ -96,6 +101,33 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
                 side.call(client.close(), timeout=5)
         side.stop()
         shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def _wait(side: AsyncSide, coroutine: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
+    """Wait for start-up work on the agent, but never past ``timeout`` and never
+    deaf to Ctrl-C: the forwarded signals are blocked by now, so they are
+    looked for while waiting."""
+    import concurrent.futures
+
+    from mtrace.agent.errors import AgentUnavailable
+
+    future = side.submit(coroutine)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except concurrent.futures.TimeoutError:
+            pass
+        pending = signal.sigpending() & set(FORWARDED_SIGNALS)
+        if pending:
+            future.cancel()
+            signum = min(pending)
+            signal.sigtimedwait([signum], 0)  # consumed: it was for us, not a program
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name} while starting")
+        if time.monotonic() > deadline:
+            future.cancel()
+            raise AgentUnavailable(f"the agent did not answer {what} within {timeout:.0f} s",
+                                   hint="run with -v to see the agent's log")
 
 
 def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext,

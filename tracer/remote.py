@@ -40,5 +40,14 @@ class RemoteContext:
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
         """Run a coroutine on the agent's loop and wait (start-up work only,
-        never from the trap loop)."""
-        return self.async_side.call(coroutine, timeout)
+        never from the trap loop); an agent that does not answer in time is
+        AgentUnavailable, not a hang."""
+        import concurrent.futures
+
+        from mtrace.agent.errors import AgentUnavailable
+
+        try:
+            return self.async_side.call(coroutine, timeout)
+        except concurrent.futures.TimeoutError:
+            raise AgentUnavailable(f"the agent did not answer within {timeout} s",
+                                   hint="run with -v to see the agent's log") from None

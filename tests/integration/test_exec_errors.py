@@ -3,13 +3,16 @@ and the program never started."""
 
 from __future__ import annotations
 
+import signal
 import socket
-from collections.abc import Callable
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mtrace_run import run_mtrace
+from mtrace_run import MTRACE, run_mtrace
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,4 +80,40 @@ def test_agent_with_the_wrong_secret(tmp_path: Path,
                             "wrong", "--", *command)
     assert result.returncode == 71
     assert result.stderr.decode().startswith("mtrace: error: "), result.stderr
+    assert not marker.exists()
+
+
+@pytest.fixture
+def silent_agent() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
+
+
+def test_an_agent_that_never_answers_times_out(tmp_path: Path, silent_agent: int) -> None:
+    marker, command = _marker_command(tmp_path)
+    config = tmp_path / "mtrace.toml"
+    config.write_text("[agent]\nstartup_timeout = 1.0\n")
+    started = time.monotonic()
+    result = run_mtrace("exec", "-f", str(config), "--agent", f"127.0.0.1:{silent_agent}",
+                        "--agent-secret", "s", "--", *command, timeout=30)
+    assert time.monotonic() - started < 20
+    assert result.returncode == 71
+    assert result.stderr.decode().startswith("mtrace: error: "), result.stderr
+    assert "Traceback" not in result.stderr.decode()
+    assert not marker.exists()
+
+
+def test_ctrl_c_while_waiting_for_the_agent(tmp_path: Path, silent_agent: int) -> None:
+    marker, command = _marker_command(tmp_path)
+    process = subprocess.Popen(
+        [*MTRACE, "exec", "--agent", f"127.0.0.1:{silent_agent}", "--agent-secret", "s", "--",
+         *command], stderr=subprocess.PIPE)
+    time.sleep(1.5)  # well into the handshake wait (15 s by default)
+    process.send_signal(signal.SIGINT)
+    _stdout, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130
+    assert stderr.decode().startswith("mtrace: error: interrupted by SIGINT"), stderr
     assert not marker.exists()
