@@ -58,6 +58,7 @@ def python_program(tmp_path: Path, name: str, source: str) -> str:
 
 
 # -- plain runs: same output and status as without mtrace ------------------------
+# (every probe flavour and the fork/exec chain: tests/integration/test_exec.py)
 
 
 PLAIN_COMMANDS = [
@@ -74,18 +75,6 @@ def test_output_and_status_match_a_plain_run(backend: str, argv: list[str]) -> N
     result = mtrace("exec", "--backend", backend, "--", *argv)
     assert (result.returncode, result.stdout) == (expected.returncode, expected.stdout)
     assert result.stderr.endswith(expected.stderr)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "command",
-    [["stat", "/"], ["ls", "/"], ["cat", "/etc/hostname"], ["exit", "3"]],
-    ids=["stat", "ls", "cat", "exit"],
-)
-def test_probe_flavours_match_a_plain_run(backend: str, probe: Path, command: list[str]) -> None:
-    expected = plain(str(probe), *command)
-    result = mtrace("exec", "--backend", backend, "--", str(probe), *command)
-    assert (result.returncode, result.stdout) == (expected.returncode, expected.stdout)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -121,16 +110,6 @@ def test_signals_are_delivered_to_handlers(backend: str, tmp_path: Path) -> None
     result = mtrace("exec", "--backend", backend, "--", PYTHON, program)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"['usr1'] True 5\n"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fork_exec_chain(backend: str, programs: dict[str, Path]) -> None:
-    chain = str(programs["chain"])
-    expected = plain(chain)
-    result = mtrace("exec", "--backend", backend, "--", chain)
-    assert result.returncode == expected.returncode == 0
-    assert result.stdout == expected.stdout
-    assert b"child exit 0" in result.stdout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
