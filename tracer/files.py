@@ -260,30 +260,30 @@ class WorkingDirectories:
     def get(self, tid: int) -> bytes | None:
         if not self.active:
             return None
-        try:
-            tgid, started, parent = _process_of(tid)
-        except (OSError, ValueError, IndexError):
-            return None
-        entry = self._by_process.get(tgid)
-        if entry is not None and entry[0] == started:
-            return entry[1]
-        inherited = self._inherited(parent)
-        self._by_process[tgid] = (started, inherited)
-        return inherited
+        own, directory = self._nearest(tid)
+        if own is not None:
+            tgid, started = own
+            self._by_process[tgid] = (started, directory)
+        return directory
 
-    def _inherited(self, pid: int) -> bytes | None:
+    def _nearest(self, pid: int) -> tuple[tuple[int, int] | None, bytes | None]:
+        """``pid``'s (tgid, start time), and the directory recorded for it or,
+        failing that, for its nearest recorded ancestor (children inherit)."""
+        own: tuple[int, int] | None = None
         for _ in range(64):
             if pid <= 1:
-                return None
+                break
             try:
                 tgid, started, parent = _process_of(pid)
             except (OSError, ValueError, IndexError):
-                return None
+                break
+            if own is None:
+                own = (tgid, started)
             entry = self._by_process.get(tgid)
             if entry is not None and entry[0] == started:
-                return entry[1]
+                return own, entry[1]
             pid = parent
-        return None
+        return own, None
 
     def set(self, tid: int, directory: bytes | None) -> None:
         try:
