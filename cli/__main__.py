@@ -1,3 +1,3 @@
-from mtrace.cli.main import main
+from .main import main
 
 main()

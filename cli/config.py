@@ -29,8 +29,8 @@ from typing import Literal
 
 import msgspec
 
-from mtrace.cli.errors import ConfigError
-from mtrace.tracer.policy import FeatureConfig
+from ..tracer.features.policy import FeatureConfig
+from .errors import ConfigError
 
 Backend = Literal["auto", "notify", "ptrace"]
 

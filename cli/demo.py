@@ -21,8 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from mtrace.cli import demo_target, namespaces
-from mtrace.cli.errors import ConfigError, TargetError
+from . import demo_target, namespaces
+from .errors import ConfigError, TargetError
 
 APP_NAME = "mtrace-demo-app"
 

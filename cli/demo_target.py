@@ -21,7 +21,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from mtrace.cli import namespaces
+from . import namespaces
 
 SERVICE_NAME = "orders.demo.internal"
 SERVICE_PORT = 8080

@@ -30,13 +30,13 @@ def _seccomp_actions() -> set[str]:
 
 def check_notify() -> list[Check]:
     """Start a real tracee under a filter and answer one call with an injected fd."""
-    from mtrace.tracer import seccomp
-    from mtrace.tracer.backend import Handlers
-    from mtrace.tracer.call import SyscallCall
-    from mtrace.tracer.launcher import Kind, Launch
-    from mtrace.tracer.notify import NotifyBackend
-    from mtrace.tracer.outcome import CONTINUE, InjectFd, Outcome
-    from mtrace.tracer.syscalls import table
+    from ..tracer import seccomp
+    from ..tracer.backend import Handlers
+    from ..tracer.call import SyscallCall
+    from ..tracer.launcher import Kind, Launch
+    from ..tracer.notify import NotifyBackend
+    from ..tracer.outcome import CONTINUE, InjectFd, Outcome
+    from ..tracer.syscalls import table
 
     probe_path = b"/mtrace-doctor-probe"
     injected = []
@@ -90,7 +90,7 @@ def check_notify() -> list[Check]:
 
 
 def check_pidfd_getfd() -> Check:
-    from mtrace.tracer import seccomp
+    from ..tracer import seccomp
 
     try:
         pidfd = seccomp.pidfd_open(os.getpid())
@@ -115,7 +115,7 @@ def _is_open(fd: int) -> bool:
 
 def check_ptrace() -> Check:
     """Run a short command under the ptrace backend."""
-    from mtrace.tracer import ptrace_backend
+    from ..tracer import ptrace_backend
 
     ok, detail = ptrace_backend.probe()
     return Check("ptrace backend", ok, detail,

@@ -8,8 +8,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from mtrace.agent.errors import MtraceError
-from mtrace.cli.errors import ConfigError
+from ..agent.errors import MtraceError
+from .errors import ConfigError
 
 app = typer.Typer(
     name="mtrace",
@@ -65,7 +65,7 @@ ConfigFileOption = Annotated[str | None, typer.Option(
 def _base_config(config_file: str | None, target: str | None, agent: str | None,
                  agent_secret: str | None) -> Any:
     """The config file (or defaults) with the target flags applied over it."""
-    from mtrace.cli.config import Config, load
+    from .config import Config, load
 
     config = load(config_file) if config_file else Config()
     if target is not None:
@@ -106,8 +106,8 @@ def exec_command(
     verbose: Verbose = 0,
 ) -> None:
     """Run COMMAND under mtrace, in the context of a target if one is given."""
-    from mtrace.cli.config import validate
-    from mtrace.cli.run import run_plain, run_with_target
+    from .config import validate
+    from .run import run_plain, run_with_target
 
     _configure_logging(verbose)
     try:
@@ -147,7 +147,7 @@ def _revalidate(config: Any) -> Any:
     """Flags were set as plain attributes: check them against the schema too."""
     import msgspec
 
-    from mtrace.cli.config import Config
+    from .config import Config
 
     try:
         return msgspec.convert(msgspec.to_builtins(config), type=Config)
@@ -174,13 +174,13 @@ def trace_command(
     """Run COMMAND and show each trapped system call, strace-style; with a
     target, as `mtrace exec` runs it there (what it read remotely, where its
     connections went)."""
-    from mtrace.cli.config import validate
-    from mtrace.cli.run import run_with_target
-    from mtrace.tracer.backend import AsyncSide, Handlers
-    from mtrace.tracer.passthrough import RESULT_HANDLERS
-    from mtrace.tracer.session import Session, run
-    from mtrace.tracer.syscalls import DEFAULT_TRAPPED
-    from mtrace.tracer.trace import TracePrinter
+    from ..tracer.backend import AsyncSide, Handlers
+    from ..tracer.passthrough import RESULT_HANDLERS
+    from ..tracer.session import Session, run
+    from ..tracer.syscalls import DEFAULT_TRAPPED
+    from ..tracer.trace import TracePrinter
+    from .config import validate
+    from .run import run_with_target
 
     _configure_logging(verbose)
     trapped = DEFAULT_TRAPPED
@@ -199,7 +199,7 @@ def trace_command(
         config = _base_config(config_file, target, agent, agent_secret)
         if config.target or config.agent.address:
             if expression:
-                from mtrace.tracer.syscalls import table
+                from ..tracer.syscalls import table
 
                 table().numbers_for(trapped, strict=True)  # unknown names: a clear error
             if backend is not None:
@@ -229,7 +229,7 @@ def trace_command(
 @app.command("demo")
 def demo_command(verbose: Verbose = 0) -> None:
     """Run mtrace's main job against a throwaway local target and show the difference."""
-    from mtrace.cli.demo import run_demo
+    from .demo import run_demo
 
     _configure_logging(verbose)
     try:
@@ -242,7 +242,7 @@ def demo_command(verbose: Verbose = 0) -> None:
 @app.command("doctor")
 def doctor_command(verbose: Verbose = 0) -> None:
     """Check the kernel features mtrace relies on."""
-    from mtrace.cli.doctor import run_checks
+    from .doctor import run_checks
 
     _configure_logging(verbose)
     raise SystemExit(run_checks(sys.stdout))
@@ -252,7 +252,7 @@ def doctor_command(verbose: Verbose = 0) -> None:
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def agent_command(ctx: typer.Context) -> None:
     """Run the mtrace agent, the remote side (its options: `mtrace agent --help`)."""
-    from mtrace.agent.server import main as agent_main
+    from ..agent.server import main as agent_main
 
     raise SystemExit(agent_main(list(ctx.args)))
 

@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 
-from mtrace.cli.errors import TargetError
+from .errors import TargetError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000

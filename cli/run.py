@@ -19,17 +19,17 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mtrace.cli.config import Config
-from mtrace.cli.errors import ConfigError, Interrupted
-from mtrace.tracer.session import FORWARDED_SIGNALS, Session, run
+from ..tracer.session import FORWARDED_SIGNALS, Session, run
+from .config import Config
+from .errors import ConfigError, Interrupted
 
 if TYPE_CHECKING:
-    from mtrace.agent.client import AgentClient
-    from mtrace.cli.target import Target
-    from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer
-    from mtrace.tracer.call import SyscallCall
-    from mtrace.tracer.outcome import Outcome
-    from mtrace.tracer.remote import RemoteContext
+    from ..agent.client import AgentClient
+    from ..tracer.backend import AsyncSide, CallRecord, Handler, Observer
+    from ..tracer.call import SyscallCall
+    from ..tracer.features.remote import RemoteContext
+    from ..tracer.outcome import Outcome
+    from .target import Target
 
 
 T = TypeVar("T")
@@ -55,7 +55,7 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
     call the features need is trapped all the same)."""
     # Imported here: a run without a target should not pay for asyncio and the
     # agent client at start-up.
-    from mtrace.cli.target import parse_target
+    from .target import parse_target
 
     target: Target | None = parse_target(config.target) if config.target else None
     if target is None and not config.agent.address:
@@ -73,10 +73,10 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
 def _run_with_target(command: Sequence[str], config: Config, target: Target | None,
                      verbose: int, observer: Observer | None,
                      trapped: Sequence[str] | None) -> int:
-    from mtrace.cli.target import connect_agent, progress
-    from mtrace.tracer.backend import AsyncSide
-    from mtrace.tracer.env import merge_environment
-    from mtrace.tracer.remote import RemoteContext
+    from ..tracer.backend import AsyncSide
+    from ..tracer.features.env import merge_environment
+    from ..tracer.features.remote import RemoteContext
+    from .target import connect_agent, progress
 
     side = AsyncSide()
     session_dir = Path(tempfile.mkdtemp(prefix="mtrace-session-"))
@@ -109,7 +109,7 @@ def _wait(side: AsyncSide, coroutine: Coroutine[Any, Any, T], timeout: float, wh
     looked for while waiting."""
     import concurrent.futures
 
-    from mtrace.agent.errors import AgentUnavailable
+    from ..agent.errors import AgentUnavailable
 
     future = side.submit(coroutine)
     deadline = time.monotonic() + timeout
@@ -133,9 +133,9 @@ def _wait(side: AsyncSide, coroutine: Coroutine[Any, Any, T], timeout: float, wh
 def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext,
                   env: dict[str, str], observer: Observer | None,
                   shown: Sequence[str] | None) -> int:
-    from mtrace.tracer import files, net
-    from mtrace.tracer.backend import Handlers
-    from mtrace.tracer.syscalls import DEFAULT_TRAPPED
+    from ..tracer.backend import Handlers
+    from ..tracer.features import files, net
+    from ..tracer.syscalls import DEFAULT_TRAPPED
 
     side = context.async_side
     files_feature = files.FilesFeature(context)
@@ -168,8 +168,8 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
 def _showing_results(table: dict[str, Handler]) -> dict[str, Handler]:
     """For `mtrace trace --target`: where a feature lets a call continue locally,
     make it the way the passthrough handlers do, so its result shows too."""
-    from mtrace.tracer.outcome import CONTINUE
-    from mtrace.tracer.passthrough import RESULT_HANDLERS
+    from ..tracer.outcome import CONTINUE
+    from ..tracer.passthrough import RESULT_HANDLERS
 
     def chained(feature: Handler, local: Handler) -> Handler:
         def handle(call: SyscallCall) -> Outcome:

@@ -10,10 +10,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from mtrace.agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
-from mtrace.agent.errors import AgentError
-from mtrace.cli.config import Config, parse_address
-from mtrace.cli.errors import TargetError
+from ..agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
+from ..agent.errors import AgentError
+from .config import Config, parse_address
+from .errors import TargetError
 
 SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
 _KUBERNETES_KINDS = ("pod", "deployment", "statefulset", "daemonset", "job", "cronjob",

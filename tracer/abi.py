@@ -4,7 +4,7 @@ The stat family answers a remote file's metadata by storing it in the caller's
 buffer exactly as the kernel would: ``struct stat`` as ``newfstatat``/``stat``/
 ``lstat``/``fstat`` fill it (x86_64: 144 bytes, aarch64's asm-generic layout:
 128 bytes), and ``struct statx`` (256 bytes, the same everywhere). Nothing here
-decides anything; ``mtrace.tracer.files`` does.
+decides anything; ``mtrace.tracer.features.files`` does.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mtrace.tracer.call import SyscallCall
-from mtrace.tracer.outcome import CONTINUE, Outcome
+from .call import SyscallCall
+from .outcome import CONTINUE, Outcome
 
 log = logging.getLogger("mtrace.tracer")
 
@@ -64,8 +64,8 @@ def decide(handler: Handler, call: SyscallCall) -> Outcome:
     """Ask the handler; its exceptions become the errno the tracee sees."""
     import errno
 
-    from mtrace.tracer.errors import TraceeGone
-    from mtrace.tracer.outcome import Errno
+    from .errors import TraceeGone
+    from .outcome import Errno
 
     try:
         return handler(call)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtrace.tracer.memory import TraceeMemory
+from .memory import TraceeMemory
 
 AT_FDCWD = -100
 

@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from mtrace.tracer.call import AT_FDCWD, SyscallCall, signed32
+from .call import AT_FDCWD, SyscallCall, signed32
 
 STRING_LIMIT = 256
 

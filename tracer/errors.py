@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtrace.agent.errors import MtraceError
+from ..agent.errors import MtraceError
 
 
 class TracerError(MtraceError):

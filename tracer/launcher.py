@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mtrace.tracer.errors import KernelFeatureMissing, TracerError
-from mtrace.tracer.seccomp import take_tracee_fd
+from .errors import KernelFeatureMissing, TracerError
+from .seccomp import take_tracee_fd
 
 _MESSAGE = struct.Struct("=iiqii")
 

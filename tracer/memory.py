@@ -17,7 +17,7 @@ import errno
 import os
 from typing import Any
 
-from mtrace.tracer.errors import TraceeGone
+from .errors import TraceeGone
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PATH_MAX = 4096

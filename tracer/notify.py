@@ -16,8 +16,8 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-from mtrace.tracer import seccomp
-from mtrace.tracer.backend import (
+from . import seccomp
+from .backend import (
     AsyncSide,
     CallRecord,
     Handler,
@@ -26,10 +26,10 @@ from mtrace.tracer.backend import (
     decide,
     monotonic,
 )
-from mtrace.tracer.call import SyscallCall
-from mtrace.tracer.errors import TraceeGone
-from mtrace.tracer.memory import TraceeMemory
-from mtrace.tracer.outcome import (
+from .call import SyscallCall
+from .errors import TraceeGone
+from .memory import TraceeMemory
+from .outcome import (
     Continue,
     Defer,
     Errno,
@@ -39,7 +39,7 @@ from mtrace.tracer.outcome import (
     ReturnValue,
     RewriteArgs,
 )
-from mtrace.tracer.syscalls import SyscallTable
+from .syscalls import SyscallTable
 
 log = logging.getLogger("mtrace.tracer.notify")
 

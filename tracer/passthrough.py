@@ -31,10 +31,10 @@ import struct
 from collections.abc import Callable
 from functools import partial
 
-from mtrace.tracer.abi import AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, pack_os_stat
-from mtrace.tracer.backend import Handler
-from mtrace.tracer.call import AT_FDCWD, SyscallCall
-from mtrace.tracer.outcome import (
+from .abi import AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, pack_os_stat
+from .backend import Handler
+from .call import AT_FDCWD, SyscallCall
+from .outcome import (
     CONTINUE,
     Defer,
     Errno,
@@ -97,7 +97,7 @@ def _dirfd_for(call: SyscallCall, dirfd: int) -> int:
     """A supervisor fd for the directory the tracee's relative path starts from."""
     if dirfd == AT_FDCWD:
         return os.open(f"/proc/{call.tid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    from mtrace.tracer.seccomp import take_tracee_fd
+    from .seccomp import take_tracee_fd
 
     return take_tracee_fd(call.tid, dirfd)
 
@@ -190,7 +190,7 @@ _STATX_SIZE = 256
 
 def _statx_here(dirfd: int, path: bytes, flags: int, mask: int) -> bytes:
     """The kernel's own struct statx for ``path``, made by the supervisor."""
-    from mtrace.tracer.syscalls import table
+    from .syscalls import table
 
     buffer = ctypes.create_string_buffer(_STATX_SIZE)
     result = _libc.syscall(table().number("statx"), dirfd, path, flags, mask, buffer)

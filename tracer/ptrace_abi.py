@@ -22,8 +22,8 @@ from typing import Any
 from ptrace import PtraceError
 from ptrace.binding import func as _binding
 
-from mtrace.tracer.call import signed64
-from mtrace.tracer.errors import KernelFeatureMissing
+from .call import signed64
+from .errors import KernelFeatureMissing
 
 # Requests and options python-ptrace does not define (linux/ptrace.h).
 PTRACE_SEIZE = 0x4206

@@ -44,13 +44,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mtrace.tracer import ptrace_abi
-from mtrace.tracer.backend import AsyncSide, CallRecord, Handler, Observer, decide, monotonic
-from mtrace.tracer.call import SyscallCall
-from mtrace.tracer.errors import KernelFeatureMissing, TraceeGone, TracerError
-from mtrace.tracer.launcher import Launch
-from mtrace.tracer.memory import TraceeMemory
-from mtrace.tracer.outcome import (
+from . import ptrace_abi
+from .backend import AsyncSide, CallRecord, Handler, Observer, decide, monotonic
+from .call import SyscallCall
+from .errors import KernelFeatureMissing, TraceeGone, TracerError
+from .launcher import Launch
+from .memory import TraceeMemory
+from .outcome import (
     Continue,
     Defer,
     Errno,
@@ -60,8 +60,8 @@ from mtrace.tracer.outcome import (
     ReturnValue,
     RewriteArgs,
 )
-from mtrace.tracer.ptrace_abi import Abi, ThreadGone
-from mtrace.tracer.syscalls import SyscallTable
+from .ptrace_abi import Abi, ThreadGone
+from .syscalls import SyscallTable
 
 log = logging.getLogger("mtrace.tracer.ptrace")
 
@@ -427,7 +427,7 @@ class PtraceBackend:
 
     def _act_on_fd(self, call: SyscallCall, tracee_fd: int,
                    action: Callable[[int], Outcome]) -> Outcome:
-        from mtrace.tracer.seccomp import take_tracee_fd
+        from .seccomp import take_tracee_fd
 
         try:
             local_fd = take_tracee_fd(call.tid, tracee_fd)
@@ -526,8 +526,8 @@ def probe() -> tuple[bool, str]:
     and must make at least one trapped call. For ``mtrace doctor``."""
     import sys
 
-    from mtrace.tracer.outcome import CONTINUE
-    from mtrace.tracer.session import Session, run
+    from .outcome import CONTINUE
+    from .session import Session, run
 
     seen: list[str] = []
 

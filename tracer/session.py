@@ -14,12 +14,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mtrace.tracer import seccomp
-from mtrace.tracer.backend import AsyncSide, Handler, Handlers, Observer
-from mtrace.tracer.errors import KernelFeatureMissing, TracerError
-from mtrace.tracer.launcher import Kind, Launch
-from mtrace.tracer.notify import NotifyBackend
-from mtrace.tracer.syscalls import DEFAULT_TRAPPED, ENOSYS_CALLS, table
+from . import seccomp
+from .backend import AsyncSide, Handler, Handlers, Observer
+from .errors import KernelFeatureMissing, TracerError
+from .launcher import Kind, Launch
+from .notify import NotifyBackend
+from .syscalls import DEFAULT_TRAPPED, ENOSYS_CALLS, table
 
 log = logging.getLogger("mtrace.tracer.session")
 
@@ -119,7 +119,7 @@ def _run(session: Session, backend_name: str) -> int:
                         trap=trap, enosys=enosys, trap_if=trap_if,
                         env=session.env, cwd=session.cwd, umask=user_umask)
         if backend_name == "ptrace":
-            from mtrace.tracer.ptrace_backend import PtraceBackend
+            from .ptrace_backend import PtraceBackend
 
             launch.wait_for(Kind.TRACEE_PID)
             forwarder.target = launch.tracee_pid

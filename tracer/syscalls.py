@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from mtrace.tracer.errors import TracerError
+from .errors import TracerError
 
 # Calls mtrace handles (see "what gets trapped" in DESIGN.md). Only these reach
 # the supervisor; every other syscall runs at full speed in the kernel.

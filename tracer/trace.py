@@ -7,10 +7,10 @@ import threading
 import time
 from typing import Any, TextIO
 
-from mtrace.tracer.backend import CallRecord
-from mtrace.tracer.call import SyscallCall
-from mtrace.tracer.decode import decode_arguments, errno_name, format_result
-from mtrace.tracer.outcome import InjectFd
+from .backend import CallRecord
+from .call import SyscallCall
+from .decode import decode_arguments, errno_name, format_result
+from .outcome import InjectFd
 
 
 class TracePrinter:

@@ -7,7 +7,7 @@ and never what the host's look-alike services answer.
 The DNS filter test needs a resolver for "this machine" that the test controls,
 which the CLI cannot be pointed at: it runs under this file run as a script
 (``run_session`` below), which builds the same session from Python with the
-resolver given. Without ``mtrace.tracer.files`` (the feature that serves the
+resolver given. Without ``mtrace.tracer.features.files`` (the feature that serves the
 target's resolv.conf and hosts), that runner bind-mounts the target's copies
 over /etc in a private mount namespace of its own instead.
 """
@@ -551,14 +551,14 @@ def run_session(arguments: argparse.Namespace) -> int:
     import msgspec
 
     from mtrace.agent.client import agent_argv, spawn_stdio
-    from mtrace.tracer import net
     from mtrace.tracer.backend import AsyncSide, Handlers
-    from mtrace.tracer.policy import FeatureConfig
-    from mtrace.tracer.remote import RemoteContext
+    from mtrace.tracer.features import net
+    from mtrace.tracer.features.policy import FeatureConfig
+    from mtrace.tracer.features.remote import RemoteContext
     from mtrace.tracer.session import Session, run
     from mtrace.tracer.syscalls import DEFAULT_TRAPPED
 
-    have_files = importlib.util.find_spec("mtrace.tracer.files") is not None
+    have_files = importlib.util.find_spec("mtrace.tracer.features.files") is not None
     if not have_files:
         _private_etc(arguments.target_pid)
     features = msgspec.json.decode(arguments.features.encode(), type=FeatureConfig)
@@ -571,7 +571,7 @@ def run_session(arguments: argparse.Namespace) -> int:
     handlers = Handlers()
     trapped = list(DEFAULT_TRAPPED)
     if have_files:
-        from mtrace.tracer import files
+        from mtrace.tracer.features import files
 
         handlers.update(files.handlers(context))  # type: ignore[attr-defined]
         trapped += [name for name in files.TRAPPED if name not in trapped]  # type: ignore[attr-defined]

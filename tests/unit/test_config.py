@@ -8,8 +8,8 @@ import pytest
 
 from mtrace.cli.config import Config, load, parse_address
 from mtrace.cli.errors import ConfigError
-from mtrace.tracer.env import merge_environment
-from mtrace.tracer.policy import EnvConfig
+from mtrace.tracer.features.env import merge_environment
+from mtrace.tracer.features.policy import EnvConfig
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

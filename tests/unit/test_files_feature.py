@@ -29,10 +29,10 @@ import pytest
 from mtrace.agent.errors import AgentUnavailable, RemoteError
 from mtrace.agent.files import FileService, HandleTable, make_resolver
 from mtrace.agent.protocol import Data, DirEntry, FileContents, FileStat, Opened
-from mtrace.tracer import files
 from mtrace.tracer.backend import AsyncSide, Handlers
-from mtrace.tracer.policy import FeatureConfig, FsConfig
-from mtrace.tracer.remote import RemoteContext
+from mtrace.tracer.features import files
+from mtrace.tracer.features.policy import FeatureConfig, FsConfig
+from mtrace.tracer.features.remote import RemoteContext
 from mtrace.tracer.session import Session, run
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,16 +8,16 @@ import socket
 import dns.message
 import pytest
 
-from mtrace.tracer.dns import (
+from mtrace.tracer.errors import TracerError
+from mtrace.tracer.features.dns import (
     DnsSetup,
     NameRules,
     parse_nameservers,
     question_name,
 )
-from mtrace.tracer.errors import TracerError
-from mtrace.tracer.net import OutgoingRules, parse_rule
-from mtrace.tracer.policy import DnsConfig, DnsFilter, OutgoingConfig, OutgoingFilter
-from mtrace.tracer.relay import Endpoint, build_sockaddr, parse_sockaddr
+from mtrace.tracer.features.net import OutgoingRules, parse_rule
+from mtrace.tracer.features.policy import DnsConfig, DnsFilter, OutgoingConfig, OutgoingFilter
+from mtrace.tracer.features.relay import Endpoint, build_sockaddr, parse_sockaddr
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

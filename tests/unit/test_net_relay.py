@@ -14,9 +14,9 @@ import dns.message
 import pytest
 
 from mtrace.agent.errors import AgentUnavailable, RemoteError
-from mtrace.tracer.dns import DnsSetup, NameRules
-from mtrace.tracer.policy import DnsConfig, DnsFilter
-from mtrace.tracer.relay import Endpoint, UdpRelay, connect_to_relay, relay_tcp
+from mtrace.tracer.features.dns import DnsSetup, NameRules
+from mtrace.tracer.features.policy import DnsConfig, DnsFilter
+from mtrace.tracer.features.relay import Endpoint, UdpRelay, connect_to_relay, relay_tcp
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mtrace.agent.client import AgentClient
-from mtrace.tracer.backend import AsyncSide
-from mtrace.tracer.policy import FeatureConfig
+from ...agent.client import AgentClient
+from ..backend import AsyncSide
+from .policy import FeatureConfig
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ class RemoteContext:
         AgentUnavailable, not a hang."""
         import concurrent.futures
 
-        from mtrace.agent.errors import AgentUnavailable
+        from ...agent.errors import AgentUnavailable
 
         try:
             return self.async_side.call(coroutine, timeout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 
-from mtrace.tracer.policy import EnvConfig
+from .policy import EnvConfig
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

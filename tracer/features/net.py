@@ -5,7 +5,7 @@ What is trapped and what it becomes (see "what gets trapped" in DESIGN.md):
 * ``connect`` to an address the outgoing filter sends to the target:
   TCP: the agent connects in the target first (so ``ECONNREFUSED`` and
   timeouts are the target's), then the tracee's own socket is connected to a
-  one-shot loopback relay bound to that stream (``mtrace.tracer.relay``). The
+  one-shot loopback relay bound to that stream (``mtrace.tracer.features.relay``). The
   answer is exactly the kernel's for that loopback connect: 0, or
   ``EINPROGRESS`` for a non-blocking socket. Blocking and non-blocking
   callers alike wait for the target's connect (the trap loop never does: it
@@ -36,7 +36,7 @@ name, or empty/``*`` for any. Names are resolved once at start-up, both in the
 target (through the agent) and on this machine, and match any of those
 addresses. DNS comes first: port 53 of one of the target's nameservers (its
 resolv.conf) always leaves from the target while ``feature.network.dns`` is
-enabled, even at 127.0.0.x (see ``mtrace.tracer.dns``).
+enabled, even at 127.0.0.x (see ``mtrace.tracer.features.dns``).
 
 If the agent is lost: open TCP relays reset the tracee's socket
 (``ECONNRESET``), UDP receives fail with ``ECONNREFUSED``, and new remote
@@ -63,18 +63,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from mtrace.agent.errors import AgentUnavailable, RemoteError
-from mtrace.tracer.backend import Handler
-from mtrace.tracer.call import SyscallCall
-from mtrace.tracer.dns import (
-    DnsSetup,
-    IPAddress,
-    NameRules,
-    local_nameservers,
-    parse_nameservers,
-)
-from mtrace.tracer.errors import TracerError
-from mtrace.tracer.outcome import (
+from ...agent.errors import AgentUnavailable, RemoteError
+from ..backend import Handler
+from ..call import SyscallCall
+from ..errors import TracerError
+from ..outcome import (
     CONTINUE,
     Defer,
     Errno,
@@ -82,8 +75,15 @@ from mtrace.tracer.outcome import (
     Outcome,
     ReturnValue,
 )
-from mtrace.tracer.policy import OutgoingConfig
-from mtrace.tracer.relay import (
+from .dns import (
+    DnsSetup,
+    IPAddress,
+    NameRules,
+    local_nameservers,
+    parse_nameservers,
+)
+from .policy import OutgoingConfig
+from .relay import (
     MAX_DATAGRAM,
     Endpoint,
     UdpRelay,
@@ -95,9 +95,9 @@ from mtrace.tracer.relay import (
     reachable_address,
     relay_tcp,
 )
-from mtrace.tracer.remote import RemoteContext
+from .remote import RemoteContext
 
-log = logging.getLogger("mtrace.tracer.net")
+log = logging.getLogger("mtrace.tracer.features.net")
 
 TRAPPED: tuple[str, ...] = (
     "connect", "sendto", "sendmsg", "recvfrom", "recvmsg", "getpeername", "getsockname",
@@ -298,7 +298,7 @@ def live_udp_inodes() -> set[int]:
 
 def _take_socket(tid: int, fd: int, inode: int) -> int | None:
     """The tracee's socket again (its fd ``fd`` of thread ``tid``), if it still is that one."""
-    from mtrace.tracer.seccomp import take_tracee_fd
+    from ..seccomp import take_tracee_fd
 
     try:
         local = take_tracee_fd(tid, fd)

@@ -4,7 +4,7 @@ this machine resolves instead.
 The files feature serves the target's ``/etc/resolv.conf`` and ``/etc/hosts``
 to the tracee, so every resolver (pure Go, glibc, musl) sends its queries to
 the target's nameservers. Those queries are ordinary UDP datagrams (or TCP
-streams) and leave through the outgoing path (``mtrace.tracer.net``), from
+streams) and leave through the outgoing path (``mtrace.tracer.features.net``), from
 inside the target, whatever the outgoing filter says about their address:
 a nameserver at 127.0.0.x means the target's loopback, never this machine's.
 
@@ -22,10 +22,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mtrace.tracer.errors import TracerError
-from mtrace.tracer.policy import DnsConfig
+from ..errors import TracerError
+from .policy import DnsConfig
 
-log = logging.getLogger("mtrace.tracer.dns")
+log = logging.getLogger("mtrace.tracer.features.dns")
 
 DNS_PORT = 53
 RESOLV_CONF = "/etc/resolv.conf"

@@ -23,7 +23,7 @@ run at full speed in the kernel, untrapped.
   stat (``node_of``), so fstat of the fd reports the target's metadata.
 - **Write-back** (write mode): a shadow file opened for writing is *tracked*;
   ``write_back`` uploads it when it changed since the last upload (on close,
-  fsync, process exit, and a periodic sweep; see ``mtrace.tracer.files``).
+  fsync, process exit, and a periodic sweep; see ``mtrace.tracer.features.files``).
 
 Everything that touches the agent runs on the async side's loop; the trap loop
 only reads ``node_of`` (plain dict lookups).
@@ -40,10 +40,10 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from mtrace.agent.client import AgentClient
-from mtrace.agent.protocol import DirEntry, FileStat
+from ...agent.client import AgentClient
+from ...agent.protocol import DirEntry, FileStat
 
-log = logging.getLogger("mtrace.tracer.shadow")
+log = logging.getLogger("mtrace.tracer.features.shadow")
 
 #: Files up to this size come in one round trip (read_file), bigger ones in chunks.
 WHOLE_FILE_LIMIT = 1 << 20

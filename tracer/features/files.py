@@ -11,7 +11,7 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
     the absolute path and hands back the result.
 ``READ`` (mode ``read``, the ``read_only`` list)
     reads come from the target: opens get an fd of a shadow copy
-    (``mtrace.tracer.shadow``), the stat family writes the target's metadata
+    (``mtrace.tracer.features.shadow``), the stat family writes the target's metadata
     into the caller's buffer, readlink/access ask the target. An open that
     writes or creates goes local, and the path stays local for the session
     while it exists locally (a program that writes a file reads it back).
@@ -85,17 +85,17 @@ from typing import Any
 
 import msgspec
 
-from mtrace.agent.errors import AgentError, AgentUnavailable, RemoteError
-from mtrace.agent.protocol import FileStat
-from mtrace.tracer import abi
-from mtrace.tracer.backend import Handler
-from mtrace.tracer.call import AT_FDCWD, SyscallCall
-from mtrace.tracer.outcome import CONTINUE, Continue, Defer, Errno, InjectFd, Outcome, ReturnValue
-from mtrace.tracer.policy import FsConfig
-from mtrace.tracer.remote import RemoteContext
-from mtrace.tracer.shadow import Node, ShadowTree, normalize
+from ...agent.errors import AgentError, AgentUnavailable, RemoteError
+from ...agent.protocol import FileStat
+from .. import abi
+from ..backend import Handler
+from ..call import AT_FDCWD, SyscallCall
+from ..outcome import CONTINUE, Continue, Defer, Errno, InjectFd, Outcome, ReturnValue
+from .policy import FsConfig
+from .remote import RemoteContext
+from .shadow import Node, ShadowTree, normalize
 
-log = logging.getLogger("mtrace.tracer.files")
+log = logging.getLogger("mtrace.tracer.features.files")
 
 #: What the files feature needs trapped in every mode.
 TRAPPED: tuple[str, ...] = (

@@ -50,7 +50,7 @@ class FsConfig(_Config):
     read_only: list[str] = msgspec.field(default_factory=list)
     local: list[str] = msgspec.field(default_factory=list)
     not_found: list[str] = msgspec.field(default_factory=list)
-    # Paths kept local whatever the mode (see mtrace.tracer.files.DEFAULT_LOCAL);
+    # Paths kept local whatever the mode (see mtrace.tracer.features.files.DEFAULT_LOCAL);
     # set to false to drop the defaults and rely on `local` alone.
     default_local: bool = True
 

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
 
-from mtrace.agent.aio import sock_recvfrom
-from mtrace.agent.errors import AgentUnavailable, RemoteError
-from mtrace.tracer.dns import DnsSetup, IPAddress, unmapped
+from ...agent.aio import sock_recvfrom
+from ...agent.errors import AgentUnavailable, RemoteError
+from .dns import DnsSetup, IPAddress, unmapped
 
-log = logging.getLogger("mtrace.tracer.relay")
+log = logging.getLogger("mtrace.tracer.features.relay")
 
 #: Largest chunk a TCP pump moves at once (also the most one pump holds).
 TCP_CHUNK = 64 * 1024
