@@ -174,7 +174,7 @@ class NotifyBackend:
         except OSError as exc:
             if exc.errno == errno.ESRCH:
                 raise TraceeGone(f"thread {call.tid} is gone") from exc
-            return Errno(errno.EBADF if exc.errno in (errno.EBADF, errno.ENOENT) else exc.errno)
+            return Errno(errno.EBADF if exc.errno in (errno.EBADF, errno.ENOENT) else exc.errno or errno.EIO)
         try:
             # A thread id names the caller only while its call waits: the fd
             # taken must not belong to whatever reused the id since.

@@ -434,7 +434,7 @@ class PtraceBackend:
         except OSError as exc:
             if exc.errno == errno.ESRCH:
                 raise TraceeGone(f"thread {call.tid} is gone") from exc
-            return Errno(errno.EBADF if exc.errno in (errno.EBADF, errno.ENOENT) else exc.errno)
+            return Errno(errno.EBADF if exc.errno in (errno.EBADF, errno.ENOENT) else exc.errno or errno.EIO)
         try:
             return action(local_fd)
         except OSError as exc:

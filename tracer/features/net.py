@@ -58,7 +58,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -240,7 +240,7 @@ class OutgoingRules:
         rules = (self.remote or []) + (self.local or [])
         return sorted({rule.name for rule in rules if rule.name is not None})
 
-    def resolve_names(self, addresses: dict[str, Sequence[IPAddress]]) -> None:
+    def resolve_names(self, addresses: Mapping[str, Sequence[IPAddress]]) -> None:
         """Give name rules their addresses (name -> addresses found anywhere)."""
         def resolved(rule: Rule) -> Rule:
             if rule.name is None:
@@ -739,10 +739,10 @@ class Outgoing:
             while True:
                 readable: asyncio.Future[None] = loop.create_future()
                 loop.add_reader(fd, _set_once, readable)
-                failure = asyncio.ensure_future(relay.failure.wait())
+                failure: asyncio.Future[Any] = asyncio.ensure_future(relay.failure.wait())
                 try:
                     remaining = None if deadline is None else max(0.0, deadline - loop.time())
-                    await asyncio.wait({readable, failure}, timeout=remaining,
+                    await asyncio.wait([readable, failure], timeout=remaining,
                                        return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     loop.remove_reader(fd)
