@@ -15,6 +15,8 @@ Programs (keys of the returned mapping):
 | probe-dynamic | c/probe.c | gcc (dynamic, PT_INTERP) |
 | httpserve, goroutines, httpclient | go/<name> | Go, static |
 | static-true | c/static_true.c | gcc -static |
+| open-forever | c/open_forever.c | gcc -static |
+| uring-read | c/uring_read.c | gcc -static |
 | chain | chain.sh | /bin/sh script |
 
 A missing toolchain raises `ToolchainMissing`, whose message names the package
@@ -46,6 +48,8 @@ ALL_PROGRAMS = (
     "goroutines",
     "httpclient",
     "static-true",
+    "open-forever",
+    "uring-read",
     "chain",
 )
 
@@ -84,6 +88,8 @@ _C_PROGRAMS = (
     _CProgram("probe-musl", "musl-gcc", ("-static",), "c/probe.c"),
     _CProgram("probe-dynamic", "gcc", (), "c/probe.c"),
     _CProgram("static-true", "gcc", ("-static",), "c/static_true.c"),
+    _CProgram("open-forever", "gcc", ("-static",), "c/open_forever.c"),
+    _CProgram("uring-read", "gcc", ("-static",), "c/uring_read.c"),
 )
 
 _INSTALL_HINTS = {

@@ -12,7 +12,12 @@
  *       It reaps the tracee and every orphaned descendant, reports the tracee's
  *       pid and its exit status to the supervisor, and, if the supervisor dies
  *       (its end of the control socket hangs up), kills every descendant so no
- *       half-virtualised process survives.
+ *       half-virtualised process survives. Under notify it also holds a copy
+ *       of the listener: a filter whose listener is closed answers every
+ *       trapped call with ENOSYS, so without that copy the tracee would run on
+ *       (its opens failing) between the supervisor's death and the watchdog's
+ *       SIGKILL. With it, a trapped call made then waits, unanswered, until
+ *       the SIGKILL ends it.
  *
  *   tracee: sets no_new_privs, installs the BPF filter (USER_NOTIF or TRACE for
  *       the trapped syscalls, ENOSYS for the ones libc must fall back from),
@@ -39,6 +44,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -96,6 +102,8 @@ struct ctl_message {
 #define MAX_INSNS 4096
 
 static int ctl_fd = -1;
+/* Tracee <-> watchdog: the listener's fd number, then the watchdog's ack. */
+static int handoff[2] = {-1, -1};
 
 static void die_usage(const char *why)
 {
@@ -354,6 +362,14 @@ static void run_tracee(char **argv, const unsigned *trap, int ntrap, const unsig
     if (trace_mode) {
         send_message(CTL_READY, STAGE_NONE, 0, -1);
     } else {
+        /* The watchdog takes its copy first (read/write on the handoff pair are
+         * never trapped); then the supervisor takes its own. */
+        int number = listener;
+        char ack;
+        if (write(handoff[1], &number, sizeof number) != (ssize_t)sizeof number
+            || read(handoff[1], &ack, 1) != 1)
+            _exit(125);
+        close(handoff[1]);
         /* No supervisor to answer: running on would only see ENOSYS. */
         if (send_message(CTL_LISTENER, STAGE_NONE, flags_used, listener) != 0)
             _exit(125);
@@ -428,6 +444,32 @@ static void kill_descendants(void)
     }
 }
 
+/* Notify mode: take a copy of the tracee's listener (see the top of this file).
+ * Returns -1 if the tracee died first or the kernel lacks pidfd_getfd (then the
+ * supervisor cannot take it either and reports that). */
+static int take_listener_copy(pid_t tracee)
+{
+    close(handoff[1]);
+    int number, copy = -1;
+    ssize_t n;
+    do {
+        n = read(handoff[0], &number, sizeof number);
+    } while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof number) {
+        int pidfd = (int)syscall(SYS_pidfd_open, tracee, 0);
+        if (pidfd >= 0) {
+            copy = (int)syscall(SYS_pidfd_getfd, pidfd, number, 0);
+            close(pidfd);
+        }
+        char ack = 1;
+        if (write(handoff[0], &ack, 1) != 1) {
+            /* the tracee is gone: nothing to guard */
+        }
+    }
+    close(handoff[0]);
+    return copy;
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = "notify";
@@ -481,6 +523,11 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &chld, NULL);
     int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
 
+    if (!trace_mode && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, handoff) != 0) {
+        send_message(CTL_ERROR, STAGE_FORK, errno, -1);
+        return 125;
+    }
+
     pid_t watchdog = getpid();
     pid_t tracee = fork();
     if (tracee < 0) {
@@ -489,9 +536,12 @@ int main(int argc, char **argv)
     }
     if (tracee == 0) {
         close(sfd);
+        close(handoff[0]);
         run_tracee(argv + i, trap, ntrap, enosys, nenosys, trace_mode, watchdog);
     }
     send_message(CTL_TRACEE_PID, STAGE_NONE, tracee, -1);
+    int listener_copy = trace_mode ? -1 : take_listener_copy(tracee);
+    (void)listener_copy; /* held until the watchdog exits, after every tracee is dead */
 
     int tracee_status = -1;
     for (;;) {
