@@ -369,7 +369,8 @@ static void run_tracee(char **argv, const unsigned *trap, int ntrap, const unsig
         if (write(handoff[1], &number, sizeof number) != (ssize_t)sizeof number
             || read(handoff[1], &ack, 1) != 1)
             _exit(125);
-        close(handoff[1]);
+        /* handoff[1] is close-on-exec: close(2) may be trapped, and nobody
+         * answers before the supervisor holds the listener. */
         /* No supervisor to answer: running on would only see ENOSYS. */
         if (send_message(CTL_LISTENER, STAGE_NONE, flags_used, listener) != 0)
             _exit(125);
