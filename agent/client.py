@@ -143,6 +143,8 @@ from .protocol import (
     UdpOpened,
     UdpSend,
     Unlink,
+    UploadBegin,
+    UploadCommit,
     Welcome,
     Write,
     _Message,
@@ -546,6 +548,14 @@ class AgentClient:
 
     async def write(self, handle: int, data: bytes, offset: int | None = None) -> int:
         return (await self._call(Write(handle=handle, data=data, offset=offset), Sent)).size
+
+    async def upload_begin(self, path: Path) -> Opened:
+        """Start replacing the file whole (agent capability ``files-upload``):
+        ``write`` to the handle, then ``upload_commit``; ``close_file`` discards."""
+        return await self._call(UploadBegin(path=_path(path)), Opened)
+
+    async def upload_commit(self, handle: int) -> FileStat:
+        return await self._call(UploadCommit(handle=handle), FileStat)
 
     async def truncate(self, path: Path, length: int) -> None:
         await self._call(Truncate(path=_path(path), length=length), Done)

@@ -23,10 +23,12 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
 import stat
 import threading
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat
 
@@ -423,6 +425,83 @@ class FileService:
             else:
                 os.unlink(name, dir_fd=parent)
 
+    # --- whole-file uploads: the target sees the old file or the new one ---
+
+    def _final_name(self, path: bytes) -> tuple[int, bytes]:
+        """The directory fd and name of the regular file ``path`` names,
+        following symlinks in the last component (the file is replaced, not
+        the link)."""
+        for _ in range(MAX_SYMLINKS):
+            directory, name = self.resolver.parent(path)
+            try:
+                info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                if not stat.S_ISLNK(info.st_mode):
+                    if not stat.S_ISREG(info.st_mode):
+                        raise _error(errno.EISDIR if stat.S_ISDIR(info.st_mode) else errno.EINVAL,
+                                     path)
+                    return directory, name
+                link = os.readlink(name, dir_fd=directory)
+            except BaseException:
+                os.close(directory)
+                raise
+            os.close(directory)
+            path = link if link.startswith(b"/") else _split_last(path)[0] + b"/" + link
+        raise _error(errno.ELOOP, path)
+
+    def begin_upload(self, path: bytes) -> Upload:
+        """A temporary file beside the existing regular file ``path``, to be
+        filled and then renamed over it by :meth:`commit_upload`."""
+        self._require_writable(path)
+        directory, name = self._final_name(path)
+        try:
+            try:
+                fd = os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=directory)
+                temporary = None
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                temporary = _temporary_name(name)
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=directory)
+        except BaseException:
+            os.close(directory)
+            raise
+        return Upload(fd=fd, directory=directory, name=name, temporary=temporary)
+
+    def commit_upload(self, upload: Upload) -> FileStat:
+        """Make the upload the file: fsync, the file's current mode and owner,
+        a name, rename over, fsync the directory. The upload is gone afterwards
+        (also when this fails: then the target keeps its old file)."""
+        self._require_writable()
+        try:
+            os.fsync(upload.fd)
+            try:
+                current = os.stat(upload.name, dir_fd=upload.directory, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None  # removed meanwhile: the upload recreates it, as a local rename would
+            if current is not None:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(upload.fd, current.st_uid, current.st_gid)
+                os.fchmod(upload.fd, stat.S_IMODE(current.st_mode))
+            if upload.temporary is None:
+                temporary = _temporary_name(upload.name)
+                os.link(f"/proc/self/fd/{upload.fd}", temporary, dst_dir_fd=upload.directory,
+                        follow_symlinks=True)
+                upload.temporary = temporary
+            os.rename(upload.temporary, upload.name, src_dir_fd=upload.directory,
+                      dst_dir_fd=upload.directory)
+            upload.temporary = None
+            with contextlib.suppress(OSError):
+                directory = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                    dir_fd=upload.directory)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+            return file_stat(os.fstat(upload.fd))
+        finally:
+            upload.discard()
+
     def rename(self, source: bytes, destination: bytes) -> None:
         self._require_writable(source)
         with (
@@ -435,6 +514,35 @@ class FileService:
                 src_dir_fd=source_dir,
                 dst_dir_fd=destination_dir,
             )
+
+
+@dataclass
+class Upload:
+    """A whole-file replacement in progress (see :meth:`FileService.begin_upload`).
+
+    ``fd`` is an unnamed file (``O_TMPFILE``) in the directory ``directory``
+    (an ``O_PATH`` fd) that holds ``name``; on filesystems without
+    ``O_TMPFILE`` it is named ``temporary`` (a hidden random name) from the start.
+    """
+
+    fd: int
+    directory: int
+    name: bytes
+    temporary: bytes | None
+
+    def discard(self) -> None:
+        """Forget the upload: the target keeps its file as it was."""
+        if self.temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temporary, dir_fd=self.directory)
+            self.temporary = None
+        if self.directory >= 0:
+            os.close(self.directory)
+            self.directory = -1
+
+
+def _temporary_name(name: bytes) -> bytes:
+    return b".%s.mtrace-%s" % (name[:200], secrets.token_hex(6).encode())
 
 
 class HandleTable:

@@ -63,8 +63,8 @@ import msgspec
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 1
-MIN_PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+MIN_PROTOCOL_VERSION: Final = 2
 
 #: Largest frame either side accepts after the handshake (length prefix excluded).
 MAX_FRAME_SIZE: Final = 8 * 1024 * 1024
@@ -87,6 +87,8 @@ CAP_ENV: Final = "env"
 CAP_TCP: Final = "tcp"
 CAP_UDP: Final = "udp"
 CAP_DNS: Final = "dns"
+#: UploadBegin/UploadCommit (protocol 2): whole-file atomic replacement.
+CAP_FILES_UPLOAD: Final = "files-upload"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -260,6 +262,25 @@ class Rename(_Message, tag="rename"):
     destination: bytes
 
 
+class UploadBegin(_Message, tag="upload-begin"):
+    """Start replacing the regular file ``path`` whole (protocol 2).
+
+    The agent makes an unnamed temporary file in the same directory and answers
+    ``Opened`` with its handle; ``Write`` fills it; ``UploadCommit`` makes it
+    the file atomically. ``Close`` (or a lost connection) before the commit
+    discards it: the target never sees a half-written file.
+    """
+
+    path: bytes
+
+
+class UploadCommit(_Message, tag="upload-commit"):
+    """fsync the upload, give it the file's current mode and owner, rename it
+    over the file, close the handle; answers the new ``FileStat``."""
+
+    handle: int
+
+
 Operation = (
     Ping
     | Stat
@@ -281,11 +302,13 @@ Operation = (
     | MakeDir
     | Unlink
     | Rename
+    | UploadBegin
+    | UploadCommit
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
 #: agent runs with --write.
-WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename)
+WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit)
 
 
 # --- results (the body of a Response) ---------------------------------------------

@@ -34,6 +34,7 @@ from .protocol import (
     CAP_DNS,
     CAP_ENV,
     CAP_FILES,
+    CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
     CAP_TCP,
     CAP_UDP,
@@ -142,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         ) from error
     capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS]
     if args.write:
-        capabilities.append(CAP_FILES_WRITE)
+        capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD]
     context = AgentContext(
         secret=secret.encode(),
         target=target,

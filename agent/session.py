@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args
 
 from .errors import ProtocolError
-from .files import FileService, HandleTable
+from .files import FileService, HandleTable, Upload
 from .logs import event
 from .names import TargetNameResolver
 from .net import Outgoing
@@ -79,6 +79,8 @@ from .protocol import (
     UdpOpen,
     UdpSend,
     Unlink,
+    UploadBegin,
+    UploadCommit,
     Welcome,
     Write,
     _Message,
@@ -147,6 +149,8 @@ class Session:
         self._names = TargetNameResolver(context.read_target_file)
         self._outgoing = Outgoing(self.send, self.send_nowait, self._resolve_host)
         self._handles = HandleTable()
+        # Uploads not yet committed, by handle: discarded on Close and at teardown.
+        self._uploads: dict[int, Upload] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
         self._requests = 0
@@ -304,6 +308,9 @@ class Session:
         self._closed = True
         self._outgoing.close_all()
         self._handles.close_all()
+        for upload in self._uploads.values():
+            upload.discard()
+        self._uploads.clear()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -366,7 +373,23 @@ class Session:
                 return Sent(size=await in_thread(self._write, handle, data, offset))
             case Close(handle=handle):
                 self._handles.close(handle)
+                if (upload := self._uploads.pop(handle, None)) is not None:
+                    upload.discard()
                 return Done()
+            case UploadBegin(path=path):
+                upload = await in_thread(files.begin_upload, path)
+                handle = self._handles.add(upload.fd)
+                self._uploads[handle] = upload
+                return Opened(handle=handle, stat=await in_thread(files.stat, path, True))
+            case UploadCommit(handle=handle):
+                upload = self._uploads.pop(handle, None)
+                if upload is None:
+                    raise OSError(errno.EBADF, "not an upload handle")
+                try:
+                    with self._handles.use(handle):
+                        return await in_thread(files.commit_upload, upload)
+                finally:
+                    self._handles.close(handle)
             case ReadDir(path=path):
                 return await in_thread(files.readdir, path)
             case ReadLink(path=path):

@@ -17,3 +17,9 @@ class Interrupted(MtraceError):
     """The user stopped mtrace (Ctrl-C, SIGTERM) before the program started."""
 
     exit_code = 130
+
+
+class WriteBackFailed(MtraceError):
+    """Write mode: changes the program made to a target file never reached it."""
+
+    exit_code = 74  # EX_IOERR

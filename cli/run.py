@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..tracer.session import FORWARDED_SIGNALS, Session, run
 from .config import Config
-from .errors import ConfigError, Interrupted
+from .errors import ConfigError, Interrupted, WriteBackFailed
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
@@ -150,7 +150,7 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
         observer = _ShownOnly(observer, set(shown))
     watcher = side.submit(_watch_agent(context.client, context))
     try:
-        return run(Session(argv=command, handlers=handlers, trapped=trapped, env=env,
+        code = run(Session(argv=command, handlers=handlers, trapped=trapped, env=env,
                            async_side=side, backend=config.backend, observer=observer,
                            trap_if_nonzero=net.TRAP_IF_NONZERO))
     finally:
@@ -163,6 +163,21 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
         files_feature.close()
         with contextlib.suppress(Exception):
             side.call(outgoing.close(), timeout=5)
+    return _report_unsaved(files_feature.unsaved(), code)
+
+
+def _report_unsaved(unsaved: list[bytes], code: int) -> int:
+    """Changes the program made that never reached the target: one line, and
+    exit status 74 when the program itself succeeded (its own failure code wins)."""
+    if not unsaved:
+        return code
+    names = ", ".join(os.fsdecode(path) for path in unsaved[:3])
+    more = f" and {len(unsaved) - 3} more" if len(unsaved) > 3 else ""
+    sys.stderr.write(
+        f"mtrace: error: changes to {names}{more} did not reach the target (the upload "
+        "failed; the target keeps its previous version)\n"
+        "mtrace: hint: run with -v to see why; the program's close/fsync of it returned EIO\n")
+    return code if code != 0 else WriteBackFailed.exit_code
 
 
 def _showing_results(table: dict[str, Handler]) -> dict[str, Handler]:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from mtrace.agent.errors import AgentUnavailable, RemoteError
-from mtrace.agent.files import FileService, HandleTable, make_resolver
+from mtrace.agent.files import FileService, HandleTable, Upload, make_resolver
 from mtrace.agent.protocol import Data, DirEntry, FileContents, FileStat, Opened
 from mtrace.tracer.backend import AsyncSide, Handlers
 from mtrace.tracer.features import files
@@ -50,10 +50,14 @@ class FakeAgent:
     delay: float = 0.0
     calls: list[tuple[str, bytes]] = field(default_factory=list)
     lost: bool = False
+    capabilities: list[str] = field(default_factory=lambda: ["files-write", "files-upload"])
+    # The agent is lost on this call of write (1 = the first): an upload cut short.
+    lose_on_write: int = 0
 
     def __post_init__(self) -> None:
         self.service = FileService(make_resolver(str(self.root)), writable=self.writable)
         self.handles = HandleTable()
+        self.uploads: dict[int, Upload] = {}
         self._lock = threading.Lock()
 
     # typed helpers for tests
@@ -110,6 +114,10 @@ class FakeAgent:
             return self._call(self.service.read, fd, size, offset)  # type: ignore[no-any-return]
 
     async def write(self, handle: int, data: bytes, offset: int | None = None) -> int:
+        if self.lose_on_write and self.count("write") + 1 >= self.lose_on_write:
+            self.lost = True
+            for upload in self.uploads.values():  # what the real agent does when it dies
+                upload.discard()
         await self._enter("write")
         with self.handles.use(handle) as fd:
             return self._call(self.service.write, fd, data, offset)  # type: ignore[no-any-return]
@@ -117,6 +125,23 @@ class FakeAgent:
     async def close_file(self, handle: int) -> None:
         await self._enter("close")
         self.handles.close(handle)
+        if (upload := self.uploads.pop(handle, None)) is not None:
+            upload.discard()
+
+    async def upload_begin(self, path: bytes) -> Opened:
+        await self._enter("upload_begin", path)
+        upload = self._call(self.service.begin_upload, path)
+        handle = self.handles.add(upload.fd)
+        self.uploads[handle] = upload
+        return Opened(handle=handle, stat=self._call(self.service.stat, path, True))
+
+    async def upload_commit(self, handle: int) -> FileStat:
+        await self._enter("upload_commit")
+        upload = self.uploads.pop(handle)
+        try:
+            return self._call(self.service.commit_upload, upload)  # type: ignore[no-any-return]
+        finally:
+            self.handles.close(handle)
 
     async def readdir(self, path: bytes) -> list[DirEntry]:
         await self._enter("readdir", path)
@@ -533,6 +558,45 @@ def test_write_mode_uploads_at_exit_without_close(harness: Harness) -> None:
     result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
     assert result.returncode == 0
     assert (harness.target_root / REMOTE.lstrip("/") / "unclosed.txt").read_text() == "not closed"
+
+
+REWRITE = (
+    "import os,errno\n"
+    "fd = os.open('/srv/mtrace-files-test/big.bin', os.O_RDWR)\n"
+    "os.pwrite(fd, b'N' * (3 << 20), 0)\n"
+    "try: os.{call}(fd); print('ok')\n"
+    "except OSError as e: print(errno.errorcode[e.errno])\n"
+)
+
+
+@pytest.mark.parametrize("call", ["close", "fsync"])
+def test_interrupted_upload_leaves_the_old_file_and_fails_close(harness: Harness,
+                                                                call: str) -> None:
+    """The agent is lost half way through an upload: the target keeps the old
+    file whole (it used to be half new, half old) and the program's close or
+    fsync fails with EIO (it used to return 0)."""
+    old = b"O" * (3 << 20)
+    target = harness.write(f"{REMOTE}/big.bin", old)
+    harness.agent.lose_on_write = 2
+    result = harness.run(["/usr/bin/python3", "-S", "-c", REWRITE.format(call=call)],
+                         FsConfig(mode="write"))
+    assert result.text == "EIO\n"
+    assert target.read_bytes() == old
+    assert sorted(os.listdir(target.parent)) == ["big.bin"], "a temporary file was left behind"
+
+
+def test_upload_keeps_mode_and_replaces_whole(harness: Harness) -> None:
+    target = harness.write(f"{REMOTE}/big.bin", b"O" * (3 << 20), mode=0o640)
+    before = target.stat()
+    result = harness.run(["/usr/bin/python3", "-S", "-c", REWRITE.format(call="close")],
+                         FsConfig(mode="write"))
+    assert result.text == "ok\n"
+    after = target.stat()
+    assert target.read_bytes() == b"N" * (3 << 20)
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid,
+                                                           before.st_gid)
+    assert after.st_ino != before.st_ino, "the file was rewritten in place, not replaced"
+    assert sorted(os.listdir(target.parent)) == ["big.bin"]
 
 
 def test_write_mode_unlink_truncate_and_errors(harness: Harness) -> None:

@@ -26,8 +26,9 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
     injected writable, and its changes are uploaded when the tracee closes
     or fsyncs an fd of it, when a process exits (``exit_group``), and by a
     sweep every second. unlink/rmdir/rename/truncate/mkdir go to the target.
-    Limits: uploads rewrite the whole file (not atomic for the target's
-    readers); a file changed in the target while the tracee has it open for
+    An upload replaces the target's file atomically (the agent's
+    ``files-upload``); one that fails makes that close/fsync fail with EIO.
+    Limits: a file changed in the target while the tracee has it open for
     writing is overwritten by the tracee's copy; writes through a shared
     mmap reach the target on the next close/fsync/exit/sweep. The agent must
     run with ``--write`` (else the target answers ``EROFS``).
@@ -147,6 +148,8 @@ _REMOTE_OPEN_FLAGS = (
 )
 _LOCAL_WRITE_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
 _RENAME_NOREPLACE = 1
+#: Target errors a failed upload passes on to close/fsync as they are; others are EIO.
+_WRITE_BACK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class Route(enum.Enum):
@@ -1000,10 +1003,19 @@ class FilesFeature:
     # --- write mode: uploads ------------------------------------------------------------
 
     def _write_back_fd(self, call: SyscallCall, fd: int, *, fsync: bool) -> Outcome:
+        """close/fsync of a written copy: upload it first; if that fails the
+        call fails (EIO, or the target's ENOSPC/EDQUOT/...), as a local close
+        or fsync reports a failed write-back. A close answered with an error
+        leaves the tracee's fd open (the supervisor cannot close a tracee's
+        fd); it goes at exit."""
         found = self._node_of_fd(call.tid, fd)
         if found is None or not found[0].tracked:
             return CONTINUE
-        node = found[0]
+        node, local = found
+        if (local.st_size, local.st_mtime_ns) == node.synced:
+            return CONTINUE
+        if self.context.agent_lost:
+            return Errno(errno.EIO)
 
         async def upload() -> Outcome:
             try:
@@ -1013,13 +1025,11 @@ class FilesFeature:
                             os.fsdecode(node.remote_path), error)
                 if isinstance(error, AgentUnavailable):
                     self.context.agent_lost = True
-                if fsync:
-                    return Errno(error.errno if isinstance(error, OSError) and error.errno
-                                 else errno.EIO)
+                if isinstance(error, OSError) and error.errno in _WRITE_BACK_ERRNOS:
+                    return Errno(error.errno)
+                return Errno(errno.EIO)
             return CONTINUE
 
-        if self.context.agent_lost:
-            return Errno(errno.EIO) if fsync else CONTINUE
         return Defer(upload())
 
     def _exit_group(self, call: SyscallCall) -> Outcome:
@@ -1042,6 +1052,10 @@ class FilesFeature:
             log.warning("could not write files back to the target: %s", error)
             if isinstance(error, AgentUnavailable):
                 self.context.agent_lost = True
+
+    def unsaved(self) -> list[bytes]:
+        """Target files whose changes never reached the target (write mode)."""
+        return self.shadow.unsaved()
 
     def _start_sweeper(self) -> None:
         """Upload changed copies every SWEEP_INTERVAL (a timer, not a task, so a

@@ -23,7 +23,8 @@ run at full speed in the kernel, untrapped.
   stat (``node_of``), so fstat of the fd reports the target's metadata.
 - **Write-back** (write mode): a shadow file opened for writing is *tracked*;
   ``write_back`` uploads it when it changed since the last upload (on close,
-  fsync, process exit, and a periodic sweep; see ``mtrace.tracer.features.files``).
+  fsync, process exit, and a periodic sweep; see ``mtrace.tracer.features.files``),
+  replacing the target's file atomically (the agent's ``files-upload``).
 
 Everything that touches the agent runs on the async side's loop; the trap loop
 only reads ``node_of`` (plain dict lookups).
@@ -41,7 +42,8 @@ import time
 from dataclasses import dataclass, field
 
 from ...agent.client import AgentClient
-from ...agent.protocol import DirEntry, FileStat
+from ...agent.errors import AgentError, AgentUnavailable
+from ...agent.protocol import CAP_FILES_UPLOAD, DirEntry, FileStat
 
 log = logging.getLogger("mtrace.tracer.features.shadow")
 
@@ -410,7 +412,15 @@ class ShadowTree:
         self.pin(node.remote_path)
 
     async def write_back(self, client: AgentClient, node: Node) -> None:
-        """Upload the copy if it changed since the last upload."""
+        """Upload the copy if it changed since the last upload.
+
+        With an agent that offers ``files-upload`` the target's file is
+        replaced whole and atomically (a temporary file beside it, renamed
+        over): its readers, and a failure half way, see the old file or the
+        new one, never a mix; two sessions uploading the same file: the last
+        commit wins. An older agent gets the copy written over the file in
+        place. A failure raises (OSError, AgentError).
+        """
         if not node.tracked or node.fd < 0 or node.lock is None:
             return
         async with node.lock:
@@ -418,13 +428,16 @@ class ShadowTree:
             state = (local.st_size, local.st_mtime_ns)
             if state == node.synced:
                 return
+            atomic = CAP_FILES_UPLOAD in client.capabilities
             try:
-                opened = await client.open(node.remote_path, os.O_WRONLY)
+                opened = await (client.upload_begin(node.remote_path) if atomic
+                                else client.open(node.remote_path, os.O_WRONLY))
             except OSError as error:
                 if error.errno in (errno.ENOENT, errno.ENOTDIR):
                     node.tracked = False  # removed in the target meanwhile
                     return
                 raise
+            committed = False
             try:
                 offset = 0
                 while offset < local.st_size:
@@ -433,21 +446,40 @@ class ShadowTree:
                         break
                     await client.write(opened.handle, data, offset)
                     offset += len(data)
+                if atomic:
+                    committed = True  # the agent closes the handle, whatever the outcome
+                    remote = await client.upload_commit(opened.handle)
             finally:
-                with contextlib.suppress(Exception):
-                    await client.close_file(opened.handle)
-            await client.truncate(node.remote_path, local.st_size)
+                if not committed:
+                    with contextlib.suppress(Exception):
+                        await client.close_file(opened.handle)
+            if not atomic:
+                await client.truncate(node.remote_path, local.st_size)
+                remote = await client.stat(node.remote_path)
             node.synced = state
-            remote = await client.stat(node.remote_path)
             node.stat = remote
             copy = self._copies.get(normalize(node.remote_path))
             if copy is not None:
                 copy.key = (remote.size, remote.mtime_ns)
 
     async def write_back_all(self, client: AgentClient) -> None:
+        """Upload every changed copy; a failure is logged and the next file tried
+        (what is still unsaved at the end is in ``unsaved``)."""
         for node in self.tracked_nodes():
             try:
                 await self.write_back(client, node)
-            except OSError as error:
+            except (OSError, AgentError) as error:
                 log.warning("could not write %s back to the target: %s",
                             os.fsdecode(node.remote_path), error)
+                if isinstance(error, AgentUnavailable):
+                    raise
+
+    def unsaved(self) -> list[bytes]:
+        """Remote paths whose copy changed since its last successful upload."""
+        paths = []
+        for node in self.tracked_nodes():
+            with contextlib.suppress(OSError):
+                local = os.fstat(node.fd)
+                if (local.st_size, local.st_mtime_ns) != node.synced:
+                    paths.append(node.remote_path)
+        return paths
