@@ -13,15 +13,14 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..tracer.session import FORWARDED_SIGNALS, Session, run
 from .config import Config
 from .errors import ConfigError, Interrupted, WriteBackFailed
+from .scratch import session_directory
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
@@ -79,28 +78,27 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     from .target import connect_agent, progress
 
     side = AsyncSide()
-    session_dir = Path(tempfile.mkdtemp(prefix="mtrace-session-"))
     client: AgentClient | None = None
-    try:
-        where = config.agent.address or (target.describe() if target else "")
-        progress(f"connecting to the agent for {where}...")
-        client = _wait(side, connect_agent(config, target, verbose=verbose),
-                       config.agent.startup_timeout + 5, "the start-up handshake")
-        latency = _wait(side, client.ping(), 10, "a ping")
-        progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
-        target_env = (_wait(side, client.environ(), 30, "the environment request")
-                      if config.feature.env.enabled else {})
-        env = merge_environment(os.environ, target_env, config.feature.env)
-        context = RemoteContext(client=client, async_side=side, features=config.feature,
-                                session_dir=session_dir,
-                                executable=resolve_executable(command, env))
-        return _serve_remote(command, config, context, env, observer, trapped)
-    finally:
-        if client is not None:
-            with contextlib.suppress(Exception):
-                side.call(client.close(), timeout=5)
-        side.stop()
-        shutil.rmtree(session_dir, ignore_errors=True)
+    with session_directory() as session_dir:
+        try:
+            where = config.agent.address or (target.describe() if target else "")
+            progress(f"connecting to the agent for {where}...")
+            client = _wait(side, connect_agent(config, target, verbose=verbose),
+                           config.agent.startup_timeout + 5, "the start-up handshake")
+            latency = _wait(side, client.ping(), 10, "a ping")
+            progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
+            target_env = (_wait(side, client.environ(), 30, "the environment request")
+                          if config.feature.env.enabled else {})
+            env = merge_environment(os.environ, target_env, config.feature.env)
+            context = RemoteContext(client=client, async_side=side, features=config.feature,
+                                    session_dir=session_dir,
+                                    executable=resolve_executable(command, env))
+            return _serve_remote(command, config, context, env, observer, trapped)
+        finally:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    side.call(client.close(), timeout=5)
+            side.stop()
 
 
 def _wait(side: AsyncSide, coroutine: Coroutine[Any, Any, T], timeout: float, what: str) -> T:

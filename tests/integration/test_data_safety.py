@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mtrace_run import MTRACE
 from programs_build import ProgramPaths
 
@@ -78,10 +79,12 @@ def test_no_trapped_call_returns_after_mtrace_is_killed(
 
 # --- write mode: uploads land whole, or not at all --------------------------------
 
-def test_agent_killed_mid_upload_leaves_the_old_file(listening_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """SIGKILL of the agent half way through an upload: the file is the old
-    one, whole, and nothing is left beside it (uploads used to write over
-    the file in place, 1 MiB at a time)."""
+@pytest.mark.parametrize("killed", ["agent", "mtrace"])
+def test_killed_mid_upload_leaves_the_old_file(listening_agent, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                               killed: str) -> None:
+    """SIGKILL of the agent (or of mtrace: its connection drops) half way
+    through an upload: the file is the old one, whole, and nothing is left
+    beside it (uploads used to write over the file in place, 1 MiB at a time)."""
     target = tmp_path / "data.bin"
     old = b"O" * (4 << 20)
     target.write_bytes(old)
@@ -91,9 +94,12 @@ def test_agent_killed_mid_upload_leaves_the_old_file(listening_agent, tmp_path: 
             opened = await client.upload_begin(str(target))
             await client.write(opened.handle, b"N" * (1 << 20), 0)
             await client.write(opened.handle, b"N" * (1 << 20), 1 << 20)
-            agent.process.kill()
-            agent.process.wait()
+            if killed == "agent":
+                agent.process.kill()
+                agent.process.wait()
             await client.close()
+            if killed == "mtrace":
+                await asyncio.sleep(0.5)  # the agent notices and discards the upload
 
         asyncio.run(body())
     assert target.read_bytes() == old

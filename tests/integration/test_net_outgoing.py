@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -532,62 +531,42 @@ def _host_dns(names: dict[str, str]) -> Iterator[str]:
 # --- the runner (this file run as a script) ------------------------------------------
 
 
-def _private_etc(target_pid: int) -> None:
-    """The target's resolv.conf and hosts over this machine's, for this
-    process and its children only (stand-in for the files feature)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    clone_newns = 0x00020000
-    if libc.unshare(clone_newns) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    for name in ("resolv.conf", "hosts"):
-        subprocess.run(["mount", "--bind", f"/proc/{target_pid}/root/etc/{name}",
-                        f"/etc/{name}"], check=True)
-
-
 def run_session(arguments: argparse.Namespace) -> int:
     import msgspec
 
     from mtrace.agent.client import agent_argv, spawn_stdio
+    from mtrace.cli.scratch import session_directory
     from mtrace.tracer.backend import AsyncSide, Handlers
-    from mtrace.tracer.features import net
+    from mtrace.tracer.features import files, net
     from mtrace.tracer.features.policy import FeatureConfig
     from mtrace.tracer.features.remote import RemoteContext
     from mtrace.tracer.session import Session, run
     from mtrace.tracer.syscalls import DEFAULT_TRAPPED
 
-    have_files = importlib.util.find_spec("mtrace.tracer.features.files") is not None
-    if not have_files:
-        _private_etc(arguments.target_pid)
     features = msgspec.json.decode(arguments.features.encode(), type=FeatureConfig)
     side = AsyncSide()
     client = side.call(spawn_stdio(agent_argv(target_pid=arguments.target_pid), "secret-net"),
                        timeout=20)
-    session_dir = Path(tempfile.mkdtemp(prefix="mtrace-net-test-"))
-    context = RemoteContext(client=client, async_side=side, features=features,
-                            session_dir=session_dir, executable=arguments.command[0])
-    handlers = Handlers()
-    trapped = list(DEFAULT_TRAPPED)
-    if have_files:
-        from mtrace.tracer.features import files
-
-        handlers.update(files.handlers(context))  # type: ignore[attr-defined]
-        trapped += [name for name in files.TRAPPED if name not in trapped]  # type: ignore[attr-defined]
-    resolvers = None
-    if arguments.local_resolver:
-        host, _, port = arguments.local_resolver.rpartition(":")
-        resolvers = [(host, int(port))]
-    handlers.update(net.handlers(context, local_resolvers=resolvers))
-    trapped += [name for name in net.TRAPPED if name not in trapped]
-    try:
-        return run(Session(argv=arguments.command, handlers=handlers, trapped=tuple(trapped),
-                           async_side=side, backend="notify"))
-    finally:
-        with contextlib.suppress(Exception):
-            side.call(client.close(), timeout=5)
-        side.stop()
+    with session_directory() as session_dir:
+        context = RemoteContext(client=client, async_side=side, features=features,
+                                session_dir=session_dir, executable=arguments.command[0])
+        handlers = Handlers()
+        trapped = list(DEFAULT_TRAPPED)
+        handlers.update(files.handlers(context))
+        trapped += [name for name in files.TRAPPED if name not in trapped]
+        resolvers = None
+        if arguments.local_resolver:
+            host, _, port = arguments.local_resolver.rpartition(":")
+            resolvers = [(host, int(port))]
+        handlers.update(net.handlers(context, local_resolvers=resolvers))
+        trapped += [name for name in net.TRAPPED if name not in trapped]
+        try:
+            return run(Session(argv=arguments.command, handlers=handlers, trapped=tuple(trapped),
+                               async_side=side, backend="notify"))
+        finally:
+            with contextlib.suppress(Exception):
+                side.call(client.close(), timeout=5)
+            side.stop()
 
 
 def main() -> None:
