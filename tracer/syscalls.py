@@ -40,7 +40,13 @@ DEFAULT_TRAPPED = FILE_CALLS + NET_CALLS + PROCESS_CALLS
 # Calls whose arguments mtrace cannot rewrite safely: answered ENOSYS by the
 # filter itself so libc falls back to the older call (never EPERM, which libc
 # would report to the program).
-ENOSYS_CALLS = ("openat2",)
+# io_uring: a ring's operations (openat, read, connect, ...) run in the kernel
+# without a system call the filter sees, so they would reach this machine's
+# files and network behind mtrace's back. With io_uring_setup answered ENOSYS,
+# liburing users, libuv, tokio-uring, Go and glibc fall back to plain calls
+# (as under Docker's default seccomp profile); io_uring_enter/register can then
+# only be reached with a ring fd from outside the tree.
+ENOSYS_CALLS = ("openat2", "io_uring_setup")
 
 # Architecture names as `platform.machine()` reports them, and python-ptrace's
 # table module for each. aarch64 has no legacy calls (open, stat, ...): names a
@@ -56,7 +62,10 @@ _X32_FIRST = {"x86_64": 512}
 
 # Calls newer than python-ptrace's tables, by architecture.
 _EXTRA = {
-    "x86_64": {439: "faccessat2", 434: "pidfd_open", 438: "pidfd_getfd", 437: "openat2",
+    "x86_64": {425: "io_uring_setup", 426: "io_uring_enter", 427: "io_uring_register",
+               428: "open_tree", 429: "move_mount", 430: "fsopen", 431: "fsconfig",
+               432: "fsmount", 433: "fspick", 436: "close_range", 442: "mount_setattr",
+               439: "faccessat2", 434: "pidfd_open", 438: "pidfd_getfd", 437: "openat2",
                435: "clone3", 448: "process_mrelease", 449: "futex_waitv",
                450: "set_mempolicy_home_node", 451: "cachestat", 452: "fchmodat2"},
     "aarch64": {439: "faccessat2", 434: "pidfd_open", 438: "pidfd_getfd", 437: "openat2",

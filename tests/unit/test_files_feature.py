@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from programs_build import ProgramPaths
 
 from mtrace.agent.errors import AgentUnavailable, RemoteError
 from mtrace.agent.files import FileService, HandleTable, Upload, make_resolver
@@ -273,6 +274,15 @@ def test_cat_of_a_target_only_file(harness: Harness, probe: Path) -> None:
     with local_absent(REMOTE):
         result = harness.run([str(probe), "cat", f"{REMOTE}/config.txt"])
     assert (result.returncode, result.text) == (0, "from the target\n")
+
+
+def test_io_uring_cannot_read_around_the_trap(harness: Harness, programs: ProgramPaths) -> None:
+    """A program that opens and reads through io_uring saw this machine's files
+    (ENOENT for a target-only file): its ring's openat is no system call the
+    filter sees. io_uring_setup now answers ENOSYS and it falls back to open/read."""
+    harness.write(f"{REMOTE}/uring.txt", "read through the ring\n")
+    result = harness.run([str(programs["uring-read"]), f"{REMOTE}/uring.txt"])
+    assert (result.returncode, result.text) == (0, "read through the ring\n")
 
 
 def test_stat_reports_the_target_metadata(harness: Harness, probe: Path) -> None:

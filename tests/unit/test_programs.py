@@ -96,7 +96,7 @@ def elf_interpreter(path: Path) -> str | None:
 
 
 STATIC = ["probe-go", "probe-glibc-static", "probe-musl", "httpserve", "goroutines",
-          "httpclient", "static-true"]  # fmt: skip
+          "httpclient", "static-true", "open-forever", "uring-read"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", STATIC)
