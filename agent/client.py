@@ -196,6 +196,14 @@ def agent_argv(*, target_pid: int | None = None, write: bool = False, verbose: i
     return argv
 
 
+async def _read_some(reader: asyncio.StreamReader, size: int) -> bytes:
+    """Up to ``size`` bytes already on their way (for an error message)."""
+    try:
+        return await asyncio.wait_for(reader.read(size), 0.2)
+    except (TimeoutError, OSError):
+        return b""
+
+
 async def connect_tcp(
     host: str, port: int, secret: str | bytes, *, timeout: float = HANDSHAKE_TIMEOUT
 ) -> AgentClient:
@@ -301,12 +309,31 @@ class AgentClient:
         prefix = await self._reader.readexactly(LENGTH_PREFIX)
         return await self._reader.readexactly(frame_length(prefix, max_size))
 
+    async def _read_hello(self) -> _Message:
+        """The agent's first frame; anything else is "not an mtrace agent", said
+        plainly (not "frame of 1213486160 bytes": that is b"HTTP")."""
+        prefix = await self._reader.readexactly(LENGTH_PREFIX)
+        try:
+            body = await self._reader.readexactly(frame_length(prefix, MAX_HANDSHAKE_FRAME_SIZE))
+            return decode_from_agent(body)
+        except ProtocolError:
+            pass
+        heard = prefix + await _read_some(self._reader, 60)
+        if heard.startswith(b"HTTP/") or heard[:4] in (b"<!DO", b"<htm", b"<HTM"):
+            what = "it answers like an HTTP server"
+        elif heard.startswith(b"SSH-"):
+            what = "it answers like an SSH server"
+        else:
+            what = f"its first bytes are {bytes(heard[:16])!r}"
+        raise ProtocolError(f"{self.description} is not an mtrace agent ({what})",
+                            hint="give --agent the HOST:PORT that `mtrace agent --listen` printed")
+
     async def handshake(self, secret: str | bytes, *, timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """Authenticate both ways and start reading replies."""
         key = secret.encode() if isinstance(secret, str) else secret
         try:
             async with asyncio.timeout(timeout):
-                hello = decode_from_agent(await self._read_frame(MAX_HANDSHAKE_FRAME_SIZE))
+                hello = await self._read_hello()
                 if isinstance(hello, Goodbye):
                     raise AgentUnavailable(f"the agent refused the connection: {hello.message}")
                 if not isinstance(hello, AgentHello):

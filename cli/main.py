@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -32,11 +33,31 @@ def _configure_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="mtrace: %(name)s: %(message)s", stream=sys.stderr)
 
 
+#: Longer quoted values in an error are cut (a 10 MB string in a config is no message).
+LONGEST_VALUE = 80
+_LONG = "{" + str(LONGEST_VALUE + 1) + ",}"
+_QUOTED = re.compile("'([^'\\n]" + _LONG + ")'|\"([^\"\\n]" + _LONG + ")\"")
+
+
+def shorten(text: str, limit: int = 1000) -> str:
+    """``text`` with long quoted values cut to their start and their length,
+    and at most ``limit`` characters."""
+    def cut(match: re.Match[str]) -> str:
+        value = match.group(1) if match.group(1) is not None else match.group(2)
+        quote = match.group(0)[0]
+        return f"{quote}{value[:LONGEST_VALUE - 20]}{quote}... ({len(value)} characters)"
+
+    text = _QUOTED.sub(cut, text)
+    if len(text) > limit:
+        text = f"{text[:limit - 60]}... ({len(text) - limit + 60} more characters)"
+    return text
+
+
 def fail(error: MtraceError, verbose: int = 0) -> NoReturn:
     """One line for the user, a hint line if there is one, and a distinct exit code."""
-    sys.stderr.write(f"mtrace: error: {error.message}\n")
+    sys.stderr.write(f"mtrace: error: {shorten(error.message)}\n")
     if error.hint:
-        sys.stderr.write(f"mtrace: hint: {error.hint}\n")
+        sys.stderr.write(f"mtrace: hint: {shorten(error.hint)}\n")
     if verbose:
         import traceback
 
@@ -194,7 +215,9 @@ def trace_command(
             try:
                 stream = open(output, "w", encoding="utf-8")  # noqa: SIM115
             except OSError as exc:
-                raise MtraceError(f"cannot write the trace to {output}: {exc.strerror}") from exc
+                raise ConfigError(f"cannot write the trace to {output}: {exc.strerror}",
+                                  hint="-o FILE: give a file in a directory that exists and "
+                                       "you can write to") from exc
         printer = TracePrinter(stream, as_json=as_json)
         config = _base_config(config_file, target, agent, agent_secret)
         if config.target or config.agent.address:

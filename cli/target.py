@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
 from ..agent.errors import AgentError
 from .config import Config, parse_address
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 
 SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
 _KUBERNETES_KINDS = ("pod", "deployment", "statefulset", "daemonset", "job", "cronjob",
@@ -86,7 +86,7 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
         host, port = parse_address(config.agent.address)
         secret = config.agent.secret or os.environ.get(SECRET_VARIABLE)
         if not secret:
-            raise TargetError("--agent needs the agent's shared secret",
+            raise ConfigError("--agent needs the agent's shared secret",
                               hint=f"pass --agent-secret or set {SECRET_VARIABLE}")
         return await connect_tcp(host, port, secret, timeout=timeout)
     pid = target.pid if target is not None and target.kind == "pid" else None

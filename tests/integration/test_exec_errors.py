@@ -3,6 +3,7 @@ and the program never started."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -117,3 +118,76 @@ def test_ctrl_c_while_waiting_for_the_agent(tmp_path: Path, silent_agent: int) -
     assert process.returncode == 130
     assert stderr.decode().startswith("mtrace: error: interrupted by SIGINT"), stderr
     assert not marker.exists()
+
+
+# --- issue 14: errors a user sees ------------------------------------------------
+
+
+@pytest.fixture
+def http_like_server() -> Iterator[int]:
+    """A loopback server that greets every connection with an HTTP response."""
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                time.sleep(0.5)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def test_agent_address_of_an_http_server_says_not_an_agent(tmp_path: Path,
+                                                           http_like_server: int) -> None:
+    """It said "frame of 1213486160 bytes exceeds the maximum of 4096"."""
+    marker, command = _marker_command(tmp_path)
+    result = run_mtrace("exec", "--agent", f"127.0.0.1:{http_like_server}", "--agent-secret",
+                        "s", "--", *command)
+    assert result.returncode == 71
+    _assert_clear_error(result.stderr, "is not an mtrace agent (it answers like an HTTP server)")
+    assert b"1213486160" not in result.stderr
+    assert not marker.exists()
+
+
+def test_agent_without_a_secret_is_a_configuration_error(tmp_path: Path) -> None:
+    """It exited 79 (bad target)."""
+    marker, command = _marker_command(tmp_path)
+    result = run_mtrace("exec", "--agent", "127.0.0.1:9", "--", *command,
+                        env={k: v for k, v in os.environ.items()
+                             if k != "MTRACE_AGENT_SECRET"})
+    assert result.returncode == 78
+    _assert_clear_error(result.stderr, "--agent needs the agent's shared secret")
+    assert not marker.exists()
+
+
+def test_trace_output_in_a_missing_directory(tmp_path: Path) -> None:
+    """It exited 70 (not in the README) with no hint."""
+    result = run_mtrace("trace", "-o", str(tmp_path / "nonexistent" / "x"), "--", "true")
+    assert result.returncode == 78
+    _assert_clear_error(result.stderr, "cannot write the trace to")
+
+
+def test_a_huge_config_value_is_not_echoed_whole(tmp_path: Path) -> None:
+    """A 10 MB string in a config came back whole in the error."""
+    config = tmp_path / "mtrace.toml"
+    config.write_text('[feature.fs]\nmode = "' + "x" * (10 << 20) + '"\n')
+    result = run_mtrace("exec", "-f", str(config), "--target", "pid/1", "--", "true")
+    assert result.returncode == 78
+    _assert_clear_error(result.stderr, "`feature.fs.mode`")
+    assert len(result.stderr) < 2000
+    assert b"(10485760 characters)" in result.stderr
