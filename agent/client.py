@@ -81,10 +81,18 @@ import time
 from collections import deque
 from typing import TypeVar
 
-from .errors import AgentError, AgentUnavailable, AuthenticationError, ProtocolError, RemoteError
+from .errors import (
+    AgentError,
+    AgentUnavailable,
+    AuthenticationError,
+    ProtocolError,
+    RemoteError,
+    TargetExited,
+)
 from .protocol import (
     DEFAULT_WINDOW,
     GOODBYE_AUTHENTICATION,
+    GOODBYE_TARGET_EXITED,
     GOODBYE_VERSION,
     LENGTH_PREFIX,
     MAX_CHUNK_SIZE,
@@ -441,8 +449,9 @@ class AgentClient:
                     case Datagram(socket=socket_id):
                         if udp := self._udp.get(socket_id):
                             udp._on_datagram(message)
-                    case Goodbye(message=text):
-                        failure = AgentUnavailable(f"the agent closed the connection: {text}")
+                    case Goodbye(code=code, message=text):
+                        failure = (TargetExited(text) if code == GOODBYE_TARGET_EXITED else
+                                   AgentUnavailable(f"the agent closed the connection: {text}"))
                         break
                     case _:
                         raise ProtocolError(f"unexpected {type(message).__name__} from the agent")

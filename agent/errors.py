@@ -8,6 +8,7 @@ package may import (the agent itself imports neither the tracer nor the CLI)::
     │   ├── ProtocolError            a malformed, oversized or unexpected frame
     │   ├── AuthenticationError      wrong secret or protocol version
     │   ├── AgentUnavailable         the agent died or cannot be reached
+    │   │   └── TargetExited         the target process exited (the agent said so)
     │   └── RemoteError              an operation failed in the target's context
     │                                (also an OSError: ``.errno`` is the real one)
     ├── TracerError                  mtrace.tracer (see mtrace.tracer.errors)
@@ -48,6 +49,10 @@ class AuthenticationError(AgentError):
 
 class AgentUnavailable(AgentError):
     pass
+
+
+class TargetExited(AgentUnavailable):
+    """The agent said goodbye because the target process exited."""
 
 
 class RemoteError(AgentError, OSError):

@@ -64,7 +64,7 @@ import msgspec
 from .errors import ProtocolError
 
 PROTOCOL_VERSION: Final = 2
-MIN_PROTOCOL_VERSION: Final = 2
+MIN_PROTOCOL_VERSION: Final = 1
 
 #: Largest frame either side accepts after the handshake (length prefix excluded).
 MAX_FRAME_SIZE: Final = 8 * 1024 * 1024
@@ -139,6 +139,8 @@ GOODBYE_VERSION: Final = "version"
 GOODBYE_AUTHENTICATION: Final = "authentication"
 GOODBYE_PROTOCOL: Final = "protocol"
 GOODBYE_SHUTDOWN: Final = "shutdown"
+#: The target process exited: its files and namespaces are gone (protocol 2).
+GOODBYE_TARGET_EXITED: Final = "target-exited"
 
 
 # --- operations (the body of a Request) ------------------------------------------

@@ -39,6 +39,7 @@ from .protocol import (
     CAP_TCP,
     CAP_UDP,
     GOODBYE_SHUTDOWN,
+    GOODBYE_TARGET_EXITED,
 )
 from .session import AgentContext, Session
 from .target import SECRET_VARIABLE, Target
@@ -188,9 +189,34 @@ def _install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
+async def _target_exited(target: Target) -> None:
+    """Returns when the target process exits (never, for a targetless agent)."""
+    if target.pid is None:
+        await asyncio.Event().wait()
+        return
+    try:
+        pidfd = os.pidfd_open(target.pid)
+    except OSError:
+        return  # already gone
+    gone = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(pidfd, gone.set)
+    try:
+        await gone.wait()
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+def _exit_message(target: Target) -> str:
+    return f"the target {target.describe()} exited"
+
+
 async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
     stop = asyncio.Event()
     _install_stop_signals(stop)
+    target_exited = asyncio.create_task(_target_exited(context.target))
+    target_exited.add_done_callback(lambda _: stop.set())
     sessions: set[Session] = set()
     runs: set[asyncio.Task[None]] = set()
 
@@ -212,10 +238,15 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
     host, port = listener.getsockname()[:2]
     print(f"LISTENING {host}:{port}", flush=True)
     await stop.wait()
-    logs.event(logger, logging.INFO, "shutting_down", clients=len(sessions))
+    gone = target_exited.done() and not target_exited.cancelled()
+    target_exited.cancel()
+    logs.event(logger, logging.INFO, "shutting_down", clients=len(sessions), target_exited=gone)
     server.close()
     for session in list(sessions):
-        session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")
+        if gone:
+            session.goodbye(GOODBYE_TARGET_EXITED, _exit_message(context.target))
+        else:
+            session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")
     if runs:
         await asyncio.wait(list(runs), timeout=SHUTDOWN_GRACE)
 
@@ -240,9 +271,15 @@ async def _serve_stdio(context: AgentContext) -> None:
     _install_stop_signals(stop)
     run = asyncio.create_task(session.run())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait([run, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set() and not run.done():
+    target_exited = asyncio.create_task(_target_exited(context.target))
+    await asyncio.wait([run, stopping, target_exited], return_when=asyncio.FIRST_COMPLETED)
+    if target_exited.done() and not run.done():
+        session.goodbye(GOODBYE_TARGET_EXITED, _exit_message(context.target))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run, SHUTDOWN_GRACE)
+    elif stop.is_set() and not run.done():
         session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run, SHUTDOWN_GRACE)
     stopping.cancel()
+    target_exited.cancel()

@@ -214,11 +214,15 @@ class _ShownOnly:
 
 async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     """Say once, clearly, that the agent is gone; remote calls fail from then on."""
-    await client.wait_closed()
+    from ..agent.errors import TargetExited
+
+    why = await client.wait_closed()
     if context.closing:
         return
     context.agent_lost = True
+    what = (f"{why.message}" if isinstance(why, TargetExited)
+            else "lost the connection to the agent")
     sys.stderr.write(
-        "mtrace: error: lost the connection to the agent; the program's remote operations "
+        f"mtrace: error: {what}; the program's remote operations "
         "now fail (files: EIO, open connections: ECONNRESET, new ones: ENETUNREACH)\n")
     sys.stderr.flush()

@@ -167,3 +167,43 @@ def test_lost_upload_fails_close_and_the_exit_status(listening_agent, tmp_path: 
     assert result.returncode == 74, result.stderr.decode(errors="replace")[-2000:]
     assert b"did not reach the target" in result.stderr
     assert target.read_bytes() == b"O" * (1 << 20)
+
+
+# --- the target goes away ------------------------------------------------------------
+
+KILL_TARGET_THEN_OPEN = """
+import errno, os, signal, sys, time
+directory, pid = sys.argv[1], int(sys.argv[2])
+print(open(directory + "/before.txt").read().strip(), flush=True)
+os.kill(pid, signal.SIGKILL)
+time.sleep(1.5)
+try:
+    open(directory + "/after.txt")
+    print("after: opened")
+except OSError as error:
+    print("after:", errno.errorcode[error.errno])
+"""
+
+
+@pytest.mark.root
+def test_a_target_that_exits_is_said_once_and_fails_with_eio(tmp_path: Path) -> None:
+    """File calls after the target exited returned ENOENT with no message."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: attaches to another process")
+    (tmp_path / "before.txt").write_text("before\n")
+    (tmp_path / "after.txt").write_text("after\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"feature": {"fs": {"read_only": ["^" + str(tmp_path) + "/"]}}}))
+    target = subprocess.Popen(["sleep", "120"])
+    try:
+        result = subprocess.run(
+            [*MTRACE, "exec", "-f", str(config), "--target", f"pid/{target.pid}", "--",
+             sys.executable, "-S", "-c", KILL_TARGET_THEN_OPEN, str(tmp_path), str(target.pid)],
+            capture_output=True, timeout=60, check=False)
+    finally:
+        target.kill()
+        target.wait()
+    stderr = result.stderr.decode(errors="replace")
+    assert result.stdout == b"before\nafter: EIO\n", stderr[-2000:]
+    assert stderr.count(f"mtrace: error: the target pid/{target.pid} exited") == 1, stderr[-2000:]
+    assert result.returncode == 0
