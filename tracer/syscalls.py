@@ -46,7 +46,10 @@ DEFAULT_TRAPPED = FILE_CALLS + NET_CALLS + PROCESS_CALLS
 # liburing users, libuv, tokio-uring, Go and glibc fall back to plain calls
 # (as under Docker's default seccomp profile); io_uring_enter/register can then
 # only be reached with a ring fd from outside the tree.
-ENOSYS_CALLS = ("openat2", "io_uring_setup")
+# File handles: name_to_handle_at would describe this machine's file for a
+# path that means the target's, and open_by_handle_at opens any local file by
+# handle, around every path rule (callers fall back to paths on ENOSYS).
+ENOSYS_CALLS = ("openat2", "io_uring_setup", "name_to_handle_at", "open_by_handle_at")
 
 # Architecture names as `platform.machine()` reports them, and python-ptrace's
 # table module for each. aarch64 has no legacy calls (open, stat, ...): names a

@@ -285,6 +285,26 @@ def test_io_uring_cannot_read_around_the_trap(harness: Harness, programs: Progra
     assert (result.returncode, result.text) == (0, "read through the ring\n")
 
 
+NAME_TO_HANDLE = (
+    "import ctypes, errno, os\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "handle = ctypes.create_string_buffer(136); handle[0:4] = (128).to_bytes(4, 'little')\n"
+    "mount = ctypes.c_int()\n"
+    "nr = {'x86_64': 303, 'aarch64': 264}[os.uname().machine]\n"
+    "result = libc.syscall(nr, -100, b'/srv/mtrace-files-test/handle.txt', handle, "
+    "ctypes.byref(mount), 0)\n"
+    "print(result, errno.errorcode.get(ctypes.get_errno()))\n"
+)
+
+
+def test_file_handles_cannot_name_local_files(harness: Harness) -> None:
+    """name_to_handle_at described this machine's file (or said ENOENT) for a
+    target path; file handles are refused with ENOSYS, callers use paths."""
+    harness.write(f"{REMOTE}/handle.txt", "x")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", NAME_TO_HANDLE])
+    assert result.text == "-1 ENOSYS\n"
+
+
 def test_stat_reports_the_target_metadata(harness: Harness, probe: Path) -> None:
     harness.write(f"{REMOTE}/data.bin", b"x" * 1234, mode=0o640)
     result = harness.run([str(probe), "stat", f"{REMOTE}/data.bin"])
