@@ -517,8 +517,9 @@ def frame_length(prefix: bytes, max_frame_size: int) -> int:
 
 
 # msgspec raises UnicodeDecodeError (a ValueError), not DecodeError, for a str
-# that is not UTF-8.
-_DECODE_ERRORS = (msgspec.DecodeError, ValueError)
+# that is not UTF-8, and RecursionError for arrays nested too deeply (a peer's
+# garbage, never a bug of ours).
+_DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
 
 to_agent_decoder: Final = msgspec.msgpack.Decoder(ToAgent)
 from_agent_decoder: Final = msgspec.msgpack.Decoder(FromAgent)

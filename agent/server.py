@@ -39,7 +39,7 @@ from .protocol import (
     CAP_UDP,
     GOODBYE_SHUTDOWN,
 )
-from .session import AgentContext, Session
+from .session import FRAME_TIMEOUT, AgentContext, Session
 from .target import SECRET_VARIABLE, Target
 
 logger = logging.getLogger("mtrace.agent.server")
@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret",
         help=f"shared secret clients must prove (prefer the {SECRET_VARIABLE} environment "
         "variable: command lines are visible to every user)",
+    )
+    parser.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=FRAME_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a client that starts a frame and does not finish it within this time "
+        f"(default {FRAME_TIMEOUT:g})",
     )
     parser.add_argument(
         "--write", action="store_true", help="allow write, truncate, mkdir, unlink and rename"
@@ -148,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         target=target,
         files=FileService(resolver, writable=args.write),
         capabilities=capabilities,
+        frame_timeout=args.frame_timeout,
     )
     logs.event(
         logger,
@@ -181,6 +190,18 @@ def _bind(host: str, port: int) -> socket.socket:
         ) from error
 
 
+def _keep_alive(sock: socket.socket | None) -> None:
+    """TCP keepalive: a client whose machine vanished is noticed within minutes
+    (an idle client is legitimate, so there is no idle timeout on frames)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+
+
 def _install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -195,6 +216,7 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        _keep_alive(writer.get_extra_info("socket"))
         session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
         sessions.add(session)
         task = asyncio.current_task()

@@ -94,6 +94,9 @@ from .target import Target
 logger = logging.getLogger("mtrace.agent.session")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: Once a frame has started, the rest of it must arrive within this many seconds
+#: (an idle client may wait forever between frames; a half-sent frame may not).
+FRAME_TIMEOUT = 30.0
 MAX_REQUESTS_IN_FLIGHT = 256
 _OPERATION_TAGS = frozenset(kind.__struct_config__.tag for kind in get_args(Operation))
 _T = TypeVar("_T")
@@ -107,6 +110,7 @@ class AgentContext:
     target: Target
     files: FileService
     capabilities: list[str]
+    frame_timeout: float = FRAME_TIMEOUT
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="agent-files")
     )
@@ -219,8 +223,14 @@ class Session:
             )
 
     async def _read_frame(self, max_size: int) -> bytes:
-        prefix = await self._reader.readexactly(LENGTH_PREFIX)
-        return await self._reader.readexactly(frame_length(prefix, max_size))
+        first = await self._reader.readexactly(1)
+        timeout = self.context.frame_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                prefix = first + await self._reader.readexactly(LENGTH_PREFIX - 1)
+                return await self._reader.readexactly(frame_length(prefix, max_size))
+        except TimeoutError:
+            raise ProtocolError(f"a frame was started but not finished within {timeout:g}s") from None
 
     async def _handshake(self) -> bool:
         nonce = os.urandom(NONCE_SIZE)
