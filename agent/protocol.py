@@ -19,6 +19,15 @@ Authentication is an HMAC-SHA256 challenge/response over both nonces with the
 shared secret, so the secret never crosses the wire and each side proves it
 knows it (:func:`client_proof`, :func:`agent_proof`).
 
+The channel (protocol 2): ``AgentHello.channels`` lists what the agent accepts
+on this connection, ``ClientHello.channel`` picks one. With
+:data:`CHANNEL_CHACHA20_POLY1305`, every frame after ``Welcome`` (both ways) is
+sealed with keys derived from the handshake (``mtrace.agent.channel``): a
+tampered, replayed or injected frame ends the connection. With
+:data:`CHANNEL_PLAIN` frames stay as they are; an agent offers it only where the
+byte stream is already private (its stdio pipes, or ``--allow-plaintext``). A
+protocol-1 client sends no channel, which reads as plain.
+
 Errors are values: a failed operation answers ``Response(id, Error(errno,
 message))`` with the real errno of the failure in the target's context.
 
@@ -63,7 +72,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 MIN_PROTOCOL_VERSION: Final = 1
 
 #: Largest frame either side accepts after the handshake (length prefix excluded).
@@ -88,6 +97,10 @@ CAP_TCP: Final = "tcp"
 CAP_UDP: Final = "udp"
 CAP_DNS: Final = "dns"
 
+# Channels (AgentHello.channels, ClientHello.channel).
+CHANNEL_PLAIN: Final = "plain"
+CHANNEL_CHACHA20_POLY1305: Final = "chacha20-poly1305"
+
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
     """Base of every message: encoded as ``[tag, fields...]``.
@@ -108,6 +121,8 @@ class AgentHello(_Message, tag="agent-hello"):
     capabilities: list[str]
     nonce: bytes
     target_pid: int | None = None
+    #: What this connection may carry, by preference (protocol 2); an older agent: plain.
+    channels: list[str] = msgspec.field(default_factory=lambda: [CHANNEL_PLAIN])
 
 
 class ClientHello(_Message, tag="client-hello"):
@@ -117,6 +132,8 @@ class ClientHello(_Message, tag="client-hello"):
     capabilities: list[str]
     nonce: bytes
     proof: bytes
+    #: One of the agent's ``channels`` (protocol 2); an older client: plain.
+    channel: str = CHANNEL_PLAIN
 
 
 class Welcome(_Message, tag="welcome"):
@@ -137,6 +154,7 @@ GOODBYE_VERSION: Final = "version"
 GOODBYE_AUTHENTICATION: Final = "authentication"
 GOODBYE_PROTOCOL: Final = "protocol"
 GOODBYE_SHUTDOWN: Final = "shutdown"
+GOODBYE_CHANNEL: Final = "channel"  # the client chose a channel this agent does not offer
 
 
 # --- operations (the body of a Request) ------------------------------------------

@@ -37,6 +37,8 @@ from .protocol import (
     CAP_FILES_WRITE,
     CAP_TCP,
     CAP_UDP,
+    CHANNEL_CHACHA20_POLY1305,
+    CHANNEL_PLAIN,
     GOODBYE_SHUTDOWN,
 )
 from .session import FRAME_TIMEOUT, AgentContext, Session
@@ -84,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret",
         help=f"shared secret clients must prove (prefer the {SECRET_VARIABLE} environment "
         "variable: command lines are visible to every user)",
+    )
+    parser.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="with --listen, also accept clients that do not encrypt the channel; only where "
+        "the path to the agent is private already (a listener on 127.0.0.1 reached through a "
+        "Kubernetes port-forward or an SSH tunnel)",
     )
     parser.add_argument(
         "--frame-timeout",
@@ -169,7 +178,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         if listener is not None:
-            run_loop(_serve_tcp(context, listener))
+            channels = [CHANNEL_CHACHA20_POLY1305]
+            if args.allow_plaintext:
+                channels.append(CHANNEL_PLAIN)
+                host, port = args.listen
+                logs.event(logger, logging.WARNING, "plaintext_allowed", listen=f"{host}:{port}")
+            run_loop(_serve_tcp(context, listener, channels))
         else:
             run_loop(_serve_stdio(context))
     finally:
@@ -208,7 +222,7 @@ def _install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
-async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
+async def _serve_tcp(context: AgentContext, listener: socket.socket, channels: list[str]) -> None:
     stop = asyncio.Event()
     _install_stop_signals(stop)
     sessions: set[Session] = set()
@@ -217,7 +231,7 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         _keep_alive(writer.get_extra_info("socket"))
-        session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
+        session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?", channels)
         sessions.add(session)
         task = asyncio.current_task()
         if task is not None:
@@ -256,7 +270,8 @@ async def _serve_stdio(context: AgentContext) -> None:
         os.fdopen(frames_out, "wb", buffering=0),
     )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    session = Session(context, reader, writer, "stdio")
+    # A pipe to the process that started us is private: plain unless the client asks.
+    session = Session(context, reader, writer, "stdio", [CHANNEL_PLAIN, CHANNEL_CHACHA20_POLY1305])
     stop = asyncio.Event()
     _install_stop_signals(stop)
     run = asyncio.create_task(session.run())

@@ -23,13 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args
 
+from .channel import FrameOpener, FrameSealer, derive_keys
 from .errors import ProtocolError
 from .files import FileService, HandleTable
 from .logs import event
 from .names import TargetNameResolver
 from .net import Outgoing
 from .protocol import (
+    CHANNEL_PLAIN,
     GOODBYE_AUTHENTICATION,
+    GOODBYE_CHANNEL,
     GOODBYE_PROTOCOL,
     GOODBYE_VERSION,
     LENGTH_PREFIX,
@@ -142,9 +145,14 @@ class Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
+        channels: list[str],
     ) -> None:
         self.context = context
         self.peer = peer
+        #: What a client may choose on this connection (AgentHello.channels).
+        self.channels = channels
+        self._sealer: FrameSealer | None = None
+        self._opener: FrameOpener | None = None
         self._reader = reader
         self._writer = writer
         self._encoder = FrameEncoder()
@@ -162,14 +170,18 @@ class Session:
         """Queue a frame without waiting (small control frames); dropped once closing."""
         if self._writer.transport.is_closing():
             return
-        self._writer.write(self._encoder.encode(message))
+        self._writer.write(self._frame(message))
 
     async def send(self, message: _Message) -> None:
         """Send a frame and wait until the connection can take more."""
         if self._writer.transport.is_closing():
             raise ConnectionResetError(errno.ECONNRESET, "client connection closed")
-        self._writer.write(self._encoder.encode(message))
+        self._writer.write(self._frame(message))
         await self._writer.drain()
+
+    def _frame(self, message: _Message) -> bytes | bytearray:
+        frame = self._encoder.encode(message)
+        return frame if self._sealer is None else self._sealer.seal(frame)
 
     def goodbye(self, code: str, message: str) -> None:
         """Tell the client why, then close the connection."""
@@ -228,21 +240,27 @@ class Session:
         try:
             async with asyncio.timeout(timeout):
                 prefix = first + await self._reader.readexactly(LENGTH_PREFIX - 1)
-                return await self._reader.readexactly(frame_length(prefix, max_size))
+                if self._opener is None:
+                    return await self._reader.readexactly(frame_length(prefix, max_size))
+                sealed = await self._reader.readexactly(self._opener.body_length(prefix, max_size))
         except TimeoutError:
             raise ProtocolError(f"a frame was started but not finished within {timeout:g}s") from None
+        return self._opener.open(prefix, sealed)
 
     async def _handshake(self) -> bool:
         nonce = os.urandom(NONCE_SIZE)
-        await self.send(
+        agent_hello = self._encoder.encode(
             AgentHello(
                 version=PROTOCOL_VERSION,
                 min_version=MIN_PROTOCOL_VERSION,
                 capabilities=self.context.capabilities,
                 nonce=nonce,
                 target_pid=self.context.target.pid,
+                channels=self.channels,
             )
         )
+        self._writer.write(agent_hello)
+        await self._writer.drain()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             body = await self._read_frame(MAX_HANDSHAKE_FRAME_SIZE)
         hello = decode_to_agent(body)
@@ -261,9 +279,30 @@ class Session:
             event(logger, logging.WARNING, "handshake_failed", peer=self.peer, reason="wrong secret")
             self.goodbye(GOODBYE_AUTHENTICATION, "authentication failed: wrong secret")
             return False
+        if hello.channel not in self.channels:
+            message = (
+                f"this agent needs one of the channels {', '.join(self.channels)} here; the client "
+                f"asked for {hello.channel!r}"
+                + (" (an mtrace older than protocol 2 cannot encrypt)" if hello.version < 2 else "")
+            )
+            event(logger, logging.WARNING, "handshake_failed", peer=self.peer, reason=message)
+            self.goodbye(GOODBYE_CHANNEL, message)
+            return False
         version = min(hello.version, PROTOCOL_VERSION)
         await self.send(Welcome(version=version, proof=agent_proof(self.context.secret, nonce, hello.nonce)))
-        event(logger, logging.INFO, "client_authenticated", peer=self.peer, version=version)
+        if hello.channel != CHANNEL_PLAIN:
+            to_agent, from_agent = derive_keys(
+                self.context.secret, nonce, hello.nonce, bytes(agent_hello[LENGTH_PREFIX:]), body
+            )
+            self._opener, self._sealer = FrameOpener(to_agent), FrameSealer(from_agent)
+        event(
+            logger,
+            logging.INFO,
+            "client_authenticated",
+            peer=self.peer,
+            version=version,
+            channel=hello.channel,
+        )
         return True
 
     async def _serve(self) -> None:
