@@ -4,7 +4,9 @@
 CLI's ``mtrace agent`` subcommand. Startup order matters:
 
 1. parse options, read the secret (``--secret`` or ``MTRACE_AGENT_SECRET``,
-   which is then removed from the agent's environment);
+   which is then removed from the agent's environment and overwritten where
+   ``/proc/PID/environ`` and ``/proc/PID/cmdline`` would show it); refuse a
+   weak one on ``--listen``;
 2. with ``--listen``, bind the listening socket in the agent's own network
    namespace, so clients on this side can reach it;
 3. with ``--target-pid``, move into the target's network namespace (before any
@@ -41,6 +43,7 @@ from .protocol import (
     CHANNEL_PLAIN,
     GOODBYE_SHUTDOWN,
 )
+from .secret import GENERATE_HINT, scrub_from_proc, weakness
 from .session import FRAME_TIMEOUT, AgentContext, Session
 from .target import SECRET_VARIABLE, Target
 
@@ -140,13 +143,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get(SECRET_VARIABLE, "")
-    # Nothing the agent starts, and no environ() answer, should carry the secret.
+    # Nothing the agent starts, no environ() answer and no client reading our
+    # /proc/PID/environ or cmdline through the file service should see the secret.
+    try:
+        scrub_from_proc(SECRET_VARIABLE, secret)
+    except OSError as error:
+        logs.event(logger, logging.WARNING, "secret_not_scrubbed", error=str(error))
     os.environ.pop(SECRET_VARIABLE, None)
     if not secret:
         raise AgentError(
             "no shared secret",
-            hint=f"pass --secret or set {SECRET_VARIABLE}; clients must present the same one",
+            hint=f"pass --secret or set {SECRET_VARIABLE}; clients must present the same one; "
+            + GENERATE_HINT,
         )
+    problem = weakness(secret)
+    if problem is not None:
+        if args.listen:
+            raise AgentError(problem, hint=GENERATE_HINT)
+        # over --stdio the pipe is private and the secret made up by whoever spawned us
+        logs.event(logger, logging.WARNING, "weak_secret", problem=problem)
     target = Target(args.target_pid)
     listener = _bind(*args.listen) if args.listen else None
     target.enter_network()

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -325,3 +328,78 @@ def test_a_stdio_agent_is_plain_by_default_and_sealed_on_request(agent_secret: s
             await client.close()
 
     asyncio.run(main())
+
+
+# --- the secret ----------------------------------------------------------------------------
+
+
+def _proc_file(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as file:
+        return file.read()
+
+
+def test_the_agent_scrubs_its_secret_from_its_own_proc_environ(listening_agent: Any) -> None:
+    # A targetless agent serves "/", so a client can read the agent's own
+    # /proc/PID/environ through the file service: it must not hold the secret.
+    with listening_agent() as agent:
+        pid = agent.process.pid
+        assert agent.secret.encode() not in _proc_file(pid, "environ")
+
+        async def read_own_environ() -> tuple[bytes, bytes]:
+            client = await connect_tcp(agent.host, agent.port, agent.secret)
+            try:
+                by_pid = (await client.read_file(f"/proc/{pid}/environ")).data
+                by_self = (await client.read_file("/proc/self/environ")).data
+                return by_pid, by_self
+            finally:
+                await client.close()
+
+        by_pid, by_self = asyncio.run(read_own_environ())
+        assert b"PATH=" in by_pid  # the rest of the environment is intact
+        assert agent.secret.encode() not in by_pid
+        assert agent.secret.encode() not in by_self
+        assert b"MTRACE_AGENT_SECRET" not in by_pid
+
+
+def test_the_agent_scrubs_a_secret_given_on_its_command_line(agent_secret: str) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.agent", "--listen", "127.0.0.1:0", "--secret", agent_secret],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert line.startswith("LISTENING ")
+        cmdline = _proc_file(process.pid, "cmdline")
+        assert b"--secret\0" in cmdline
+        assert agent_secret.encode() not in cmdline
+        assert agent_secret.encode() not in _proc_file(process.pid, "environ")
+        host, _, port = line.split()[1].rpartition(":")
+        ping_ok(host, int(port), agent_secret)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_exec_warns_about_a_weak_agent_secret(unused_port: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mtrace.cli", "exec", "--agent", f"127.0.0.1:{unused_port}",
+         "--agent-secret", "s", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert "mtrace: warning: the shared secret is too weak" in result.stderr
+    assert "openssl rand -hex 16" in result.stderr
+    assert result.returncode == 71  # and then: nothing listens there
+
+
+@pytest.fixture
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -135,7 +136,7 @@ def shared_agent() -> Iterator[Any]:
     """One listening agent for a whole module of abuse (module scope: hypothesis)."""
     from conftest import _listening_agent
 
-    with _listening_agent("module-secret") as agent:
+    with _listening_agent(secrets.token_hex(16)) as agent:
         yield agent
 
 
