@@ -1,9 +1,18 @@
 """One client connection to the agent: handshake, dispatch, teardown.
 
 A session reads frames in one loop and never blocks that loop on the client:
-requests run as tasks (at most :data:`MAX_REQUESTS_IN_FLIGHT` at once, after
-which the loop stops reading, which pushes back on the client), file syscalls
-run in worker threads, and stream data is queued within the stream's window.
+requests run as tasks, file syscalls run in worker threads, and stream data is
+queued within the stream's window.
+
+Memory is bounded whatever the client does. A request holds its slot and its
+share of :data:`MAX_REQUEST_BYTES_IN_FLIGHT` (its own size plus the largest
+reply it can get) until its reply has been handed to the connection, and at
+most :data:`MAX_REQUESTS_IN_FLIGHT` run at once; when either runs out, the loop
+stops reading, which pushes back on the client. Frames go out one at a time
+and only while the connection's send buffer is below its high-water mark, so a
+client that never reads stalls its own replies, not the agent. Together:
+about 32 MiB of requests and replies per connection, each counted two or three
+times over while encoded and sealed, plus each open TCP stream's windows.
 Everything the client opened (files, streams, sockets) is closed when the
 connection ends, however it ends.
 """
@@ -101,6 +110,10 @@ HANDSHAKE_TIMEOUT = 10.0
 #: (an idle client may wait forever between frames; a half-sent frame may not).
 FRAME_TIMEOUT = 30.0
 MAX_REQUESTS_IN_FLIGHT = 256
+#: Bytes of requests and their largest possible replies in flight per connection.
+MAX_REQUEST_BYTES_IN_FLIGHT = 32 * 1024 * 1024
+#: What a reply is assumed to cost when its operation does not bound it (stat, open...).
+SMALL_REPLY = 4096
 _OPERATION_TAGS = frozenset(kind.__struct_config__.tag for kind in get_args(Operation))
 _T = TypeVar("_T")
 
@@ -138,6 +151,38 @@ def describe_oserror(error: OSError) -> str:
     return message
 
 
+def reply_bound(operation: Operation) -> int:
+    """The most bytes the reply to ``operation`` can hold (beyond a small reply)."""
+    match operation:
+        case ReadFile(limit=limit):
+            return max(0, min(limit, MAX_WHOLE_FILE_SIZE)) + SMALL_REPLY
+        case Read(size=size):
+            return max(0, min(size, MAX_CHUNK_SIZE)) + SMALL_REPLY
+    return SMALL_REPLY
+
+
+class ByteBudget:
+    """A count of bytes in flight that one task (the read loop) waits on and any task releases."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._released = asyncio.Event()
+
+    async def acquire(self, size: int) -> int:
+        """Take ``size`` bytes (at most the whole budget); returns what was taken."""
+        size = min(size, self.limit)
+        while self.used + size > self.limit:
+            self._released.clear()
+            await self._released.wait()
+        self.used += size
+        return size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._released.set()
+
+
 class Session:
     def __init__(
         self,
@@ -161,6 +206,8 @@ class Session:
         self._handles = HandleTable()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
+        self._budget = ByteBudget(MAX_REQUEST_BYTES_IN_FLIGHT)
+        self._send_lock = asyncio.Lock()
         self._requests = 0
         self._closed = False
 
@@ -173,11 +220,14 @@ class Session:
         self._writer.write(self._frame(message))
 
     async def send(self, message: _Message) -> None:
-        """Send a frame and wait until the connection can take more."""
-        if self._writer.transport.is_closing():
-            raise ConnectionResetError(errno.ECONNRESET, "client connection closed")
-        self._writer.write(self._frame(message))
-        await self._writer.drain()
+        """Send a frame once the connection can take it (one sender at a time, so
+        the send buffer never holds more than its high-water mark plus one frame)."""
+        async with self._send_lock:
+            await self._writer.drain()
+            if self._writer.transport.is_closing():
+                raise ConnectionResetError(errno.ECONNRESET, "client connection closed")
+            # sealed and written with no await between: frames leave in counter order
+            self._writer.write(self._frame(message))
 
     def _frame(self, message: _Message) -> bytes | bytearray:
         frame = self._encoder.encode(message)
@@ -329,7 +379,8 @@ class Session:
             match message:
                 case Request(id=request_id, operation=operation):
                     await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(request_id, operation))
+                    cost = await self._budget.acquire(len(body) + reply_bound(operation))
+                    task = asyncio.create_task(self._handle(request_id, operation, cost))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 case StreamData(stream=stream_id, data=data):
@@ -364,7 +415,15 @@ class Session:
 
     # --- requests ---
 
-    async def _handle(self, request_id: int, operation: Operation) -> None:
+    async def _handle(self, request_id: int, operation: Operation, cost: int) -> None:
+        try:
+            await self._answer(request_id, operation)
+        finally:
+            # Only now: until its reply is out, a request still holds memory.
+            self._budget.release(cost)
+            self._slots.release()
+
+    async def _answer(self, request_id: int, operation: Operation) -> None:
         self._requests += 1
         started = time.monotonic()
         result: Result
@@ -375,8 +434,6 @@ class Session:
         except Exception as error:  # a bug in the agent: answer it, log it, keep serving
             logger.exception("internal_error")
             result = Error(errno=errno.EIO, message=f"agent internal error: {error!r}")
-        finally:
-            self._slots.release()
         event(
             logger,
             logging.DEBUG,

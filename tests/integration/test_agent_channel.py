@@ -403,3 +403,49 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- bounded memory ---------------------------------------------------------------------------
+
+#: What one connection may add to the agent's resident memory (session.py's
+#: request budget, counted a few times over while encoded and sealed, plus the
+#: interpreter's own slack). Before the fix the test below reached gigabytes.
+AGENT_MEMORY_BOUND = 160 * 1024 * 1024
+
+
+def _memory(pid: int, field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_a_client_that_never_reads_its_replies_cannot_grow_the_agent(
+    listening_agent: Any, tmp_path: Any
+) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    with listening_agent() as agent:
+        pid = agent.process.pid
+        ping_ok(agent.host, agent.port, agent.secret)
+        baseline = _memory(pid, "VmRSS")
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        assert isinstance(connection.handshake(agent.secret), p.Welcome)
+        for request_id in range(400):  # 1.2 GB of replies; the requests fit in socket buffers
+            connection.send(p.Request(id=request_id, operation=p.ReadFile(path=os.fsencode(big))))
+        time.sleep(4)  # the agent reads, answers what it may, then stops
+        peak = _memory(pid, "VmHWM")
+        assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+        print(f"agent: {baseline >> 20} MiB before, peak {peak >> 20} MiB")
+        # The replies it did produce are intact (they go out in completion order).
+        for _ in range(3):
+            reply = connection.receive()
+            assert 0 <= reply.id < 400 and len(reply.result.data) == 3 * 1024 * 1024
+        ping_ok(agent.host, agent.port, agent.secret)  # others are served meanwhile
+        connection.close()
+        time.sleep(1)
+        ping_ok(agent.host, agent.port, agent.secret)
+        assert _memory(pid, "VmRSS") - baseline < AGENT_MEMORY_BOUND
+        assert _memory(pid, "VmHWM") - baseline < AGENT_MEMORY_BOUND
