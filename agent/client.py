@@ -85,9 +85,8 @@ import socket
 import sys
 import time
 from collections import deque
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from .channel import FrameOpener, FrameSealer, derive_keys
 from .errors import AgentError, AgentUnavailable, AuthenticationError, ProtocolError, RemoteError
 from .protocol import (
     CHANNEL_CHACHA20_POLY1305,
@@ -163,6 +162,9 @@ from .protocol import (
     proofs_match,
 )
 from .target import SECRET_VARIABLE
+
+if TYPE_CHECKING:
+    from .channel import FrameOpener, FrameSealer
 
 __all__ = [
     "AgentClient",
@@ -407,6 +409,9 @@ class AgentClient:
                 hint="something other than your agent answered; check the address",
             )
         if channel != CHANNEL_PLAIN:
+            # imported here: a plain (stdio) run never pays for loading the crypto library
+            from .channel import FrameOpener, FrameSealer, derive_keys
+
             to_agent, from_agent = derive_keys(
                 key, hello.nonce, nonce, hello_body, bytes(client_hello[LENGTH_PREFIX:])
             )

@@ -30,9 +30,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
-from .channel import FrameOpener, FrameSealer, derive_keys
 from .errors import ProtocolError
 from .files import FileService, HandleTable
 from .logs import event
@@ -102,6 +101,9 @@ from .protocol import (
     salvage_request,
 )
 from .target import Target
+
+if TYPE_CHECKING:
+    from .channel import FrameOpener, FrameSealer
 
 logger = logging.getLogger("mtrace.agent.session")
 
@@ -341,6 +343,9 @@ class Session:
         version = min(hello.version, PROTOCOL_VERSION)
         await self.send(Welcome(version=version, proof=agent_proof(self.context.secret, nonce, hello.nonce)))
         if hello.channel != CHANNEL_PLAIN:
+            # imported here: a plain (stdio) agent never pays for loading the crypto library
+            from .channel import FrameOpener, FrameSealer, derive_keys
+
             to_agent, from_agent = derive_keys(
                 self.context.secret, nonce, hello.nonce, bytes(agent_hello[LENGTH_PREFIX:]), body
             )
