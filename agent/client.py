@@ -11,8 +11,14 @@ Connecting::
 Both return an :class:`AgentClient` that has completed the handshake (a
 wrong secret or an incompatible version raises ``AuthenticationError``; an
 unreachable agent ``AgentUnavailable``). ``AgentClient(reader, writer)`` plus
-``await client.handshake(secret)`` works over any other pair of asyncio streams
-(a Kubernetes port-forward, a socketpair).
+``await client.handshake(secret, encrypt=...)`` works over any other pair of
+asyncio streams (a Kubernetes port-forward, a socketpair).
+
+Encryption is a choice of the connection, not of the transport: ``encrypt=True``
+(the default of ``connect_tcp`` and ``handshake``) refuses an agent that cannot
+seal every frame; ``encrypt=False`` (the default of ``spawn_stdio``, whose pipes
+are private) takes plain frames where the agent allows them and sealed ones
+otherwise. ``client.channel`` says which it got.
 
 Operations (all coroutines; paths are ``str`` or ``bytes`` and resolve under
 the target's root; every failure in the target's context raises
@@ -79,7 +85,7 @@ import socket
 import sys
 import time
 from collections import deque
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import (
     AgentError,
@@ -90,8 +96,11 @@ from .errors import (
     TargetExited,
 )
 from .protocol import (
+    CHANNEL_CHACHA20_POLY1305,
+    CHANNEL_PLAIN,
     DEFAULT_WINDOW,
     GOODBYE_AUTHENTICATION,
+    GOODBYE_CHANNEL,
     GOODBYE_TARGET_EXITED,
     GOODBYE_VERSION,
     LENGTH_PREFIX,
@@ -164,6 +173,9 @@ from .protocol import (
 )
 from .target import SECRET_VARIABLE
 
+if TYPE_CHECKING:
+    from .channel import FrameOpener, FrameSealer
+
 __all__ = [
     "AgentClient",
     "DirEntry",
@@ -213,9 +225,19 @@ async def _read_some(reader: asyncio.StreamReader, size: int) -> bytes:
 
 
 async def connect_tcp(
-    host: str, port: int, secret: str | bytes, *, timeout: float = HANDSHAKE_TIMEOUT
+    host: str,
+    port: int,
+    secret: str | bytes,
+    *,
+    timeout: float = HANDSHAKE_TIMEOUT,
+    encrypt: bool = True,
 ) -> AgentClient:
-    """Connect to an agent started with ``--listen`` and authenticate."""
+    """Connect to an agent started with ``--listen`` and authenticate.
+
+    ``encrypt=False`` is only for a path that is private already (a
+    port-forward to the agent's loopback): the agent must allow it
+    (``--allow-plaintext``), and if it does not, the channel is encrypted anyway.
+    """
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port, limit=READ_LIMIT)
@@ -230,7 +252,7 @@ async def connect_tcp(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client = AgentClient(reader, writer, description=f"{host}:{port}")
     try:
-        await client.handshake(secret, timeout=timeout)
+        await client.handshake(secret, timeout=timeout, encrypt=encrypt)
     except BaseException:
         await client.close()
         raise
@@ -243,12 +265,15 @@ async def spawn_stdio(
     *,
     stderr: int | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
+    encrypt: bool = False,
 ) -> AgentClient:
     """Start an agent subprocess speaking on its stdin/stdout and authenticate.
 
     ``argv`` runs the agent (``--stdio`` is added if missing); the secret goes
     in its environment, never on its command line. ``stderr`` is where its logs
-    go (inherited by default). :meth:`AgentClient.close` stops it.
+    go (inherited by default). :meth:`AgentClient.close` stops it. The pipes
+    are private to the two processes, so frames are not encrypted unless
+    ``encrypt`` (a remote shell carrying the pipes, say).
     """
     if "--stdio" not in argv:
         argv = [*argv, "--stdio"]
@@ -276,7 +301,7 @@ async def spawn_stdio(
         process.stdout, process.stdin, process=process, description=f"agent pid {process.pid}"
     )
     try:
-        await client.handshake(secret, timeout=timeout)
+        await client.handshake(secret, timeout=timeout, encrypt=encrypt)
     except BaseException:
         await client.close()
         raise
@@ -299,6 +324,8 @@ class AgentClient:
         self.process = process  # the agent subprocess, when spawn_stdio() started it
         self.description = description
         self._encoder = FrameEncoder()
+        self._sealer: FrameSealer | None = None
+        self._opener: FrameOpener | None = None
         self._request_ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Result]] = {}
@@ -310,20 +337,26 @@ class AgentClient:
         self.version = 0
         self.capabilities: list[str] = []
         self.target_pid: int | None = None
+        #: The channel the handshake chose (CHANNEL_PLAIN or CHANNEL_CHACHA20_POLY1305).
+        self.channel = CHANNEL_PLAIN
 
     # --- connection ---
 
     async def _read_frame(self, max_size: int) -> bytes:
         prefix = await self._reader.readexactly(LENGTH_PREFIX)
-        return await self._reader.readexactly(frame_length(prefix, max_size))
+        if self._opener is None:
+            return await self._reader.readexactly(frame_length(prefix, max_size))
+        sealed = await self._reader.readexactly(self._opener.body_length(prefix, max_size))
+        return self._opener.open(prefix, sealed)
 
-    async def _read_hello(self) -> _Message:
-        """The agent's first frame; anything else is "not an mtrace agent", said
-        plainly (not "frame of 1213486160 bytes": that is b"HTTP")."""
+    async def _read_hello(self) -> tuple[_Message, bytes]:
+        """The agent's first frame, decoded and raw (the raw bytes feed the key
+        derivation); anything else is "not an mtrace agent", said plainly (not
+        "frame of 1213486160 bytes": that is b"HTTP")."""
         prefix = await self._reader.readexactly(LENGTH_PREFIX)
         try:
             body = await self._reader.readexactly(frame_length(prefix, MAX_HANDSHAKE_FRAME_SIZE))
-            return decode_from_agent(body)
+            return decode_from_agent(body), body
         except ProtocolError:
             pass
         heard = prefix + await _read_some(self._reader, 60)
@@ -336,12 +369,30 @@ class AgentClient:
         raise ProtocolError(f"{self.description} is not an mtrace agent ({what})",
                             hint="give --agent the HOST:PORT that `mtrace agent --listen` printed")
 
-    async def handshake(self, secret: str | bytes, *, timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        """Authenticate both ways and start reading replies."""
+    def _choose_channel(self, offered: list[str], encrypt: bool) -> str:
+        if CHANNEL_CHACHA20_POLY1305 in offered and (encrypt or CHANNEL_PLAIN not in offered):
+            return CHANNEL_CHACHA20_POLY1305
+        if not encrypt and CHANNEL_PLAIN in offered:
+            return CHANNEL_PLAIN
+        raise AuthenticationError(
+            f"{self.description} does not offer an encrypted channel (it offers: "
+            f"{', '.join(offered) or 'nothing'})",
+            hint="use the same mtrace version on both sides; a relay that strips the offer "
+            "is an attack, not a bug",
+        )
+
+    async def handshake(
+        self, secret: str | bytes, *, timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = True
+    ) -> None:
+        """Authenticate both ways and start reading replies.
+
+        ``encrypt``: refuse an agent that cannot encrypt the frames. Without it,
+        the channel is plain where the agent allows that, encrypted otherwise.
+        """
         key = secret.encode() if isinstance(secret, str) else secret
         try:
             async with asyncio.timeout(timeout):
-                hello = await self._read_hello()
+                hello, hello_body = await self._read_hello()
                 if isinstance(hello, Goodbye):
                     raise AgentUnavailable(f"the agent refused the connection: {hello.message}")
                 if not isinstance(hello, AgentHello):
@@ -352,15 +403,18 @@ class AgentClient:
                         f"client {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}",
                         hint="use the same mtrace version on both sides",
                     )
+                channel = self._choose_channel(hello.channels, encrypt)
                 nonce = os.urandom(NONCE_SIZE)
-                self._send_nowait(
+                client_hello = self._encoder.encode(
                     ClientHello(
                         version=PROTOCOL_VERSION,
                         capabilities=[],
                         nonce=nonce,
                         proof=client_proof(key, hello.nonce, nonce),
+                        channel=channel,
                     )
                 )
+                self._writer.write(client_hello)
                 reply = decode_from_agent(await self._read_frame(MAX_HANDSHAKE_FRAME_SIZE))
         except TimeoutError:
             raise AgentUnavailable(
@@ -373,6 +427,11 @@ class AgentClient:
                 hint="run the agent with -v to see why",
             ) from None
         if isinstance(reply, Goodbye):
+            if reply.code == GOODBYE_CHANNEL:
+                raise AuthenticationError(
+                    f"the agent refused the channel: {reply.message}",
+                    hint="use the same mtrace version on both sides",
+                )
             if reply.code in (GOODBYE_AUTHENTICATION, GOODBYE_VERSION):
                 raise AuthenticationError(
                     f"the agent refused the handshake: {reply.message}",
@@ -386,6 +445,15 @@ class AgentClient:
                 "the agent could not prove it knows the secret",
                 hint="something other than your agent answered; check the address",
             )
+        if channel != CHANNEL_PLAIN:
+            # imported here: a plain (stdio) run never pays for loading the crypto library
+            from .channel import FrameOpener, FrameSealer, derive_keys
+
+            to_agent, from_agent = derive_keys(
+                key, hello.nonce, nonce, hello_body, bytes(client_hello[LENGTH_PREFIX:])
+            )
+            self._sealer, self._opener = FrameSealer(to_agent), FrameOpener(from_agent)
+        self.channel = channel
         self.version = reply.version
         self.capabilities = list(hello.capabilities)
         self.target_pid = hello.target_pid
@@ -488,7 +556,8 @@ class AgentClient:
 
     def _send_nowait(self, message: _Message) -> None:
         self._check_open()
-        self._writer.write(self._encoder.encode(message))
+        frame = self._encoder.encode(message)
+        self._writer.write(frame if self._sealer is None else self._sealer.seal(frame))
 
     async def _drain(self) -> None:
         try:

@@ -19,6 +19,15 @@ Authentication is an HMAC-SHA256 challenge/response over both nonces with the
 shared secret, so the secret never crosses the wire and each side proves it
 knows it (:func:`client_proof`, :func:`agent_proof`).
 
+The channel (protocol 2): ``AgentHello.channels`` lists what the agent accepts
+on this connection, ``ClientHello.channel`` picks one. With
+:data:`CHANNEL_CHACHA20_POLY1305`, every frame after ``Welcome`` (both ways) is
+sealed with keys derived from the handshake (``mtrace.agent.channel``): a
+tampered, replayed or injected frame ends the connection. With
+:data:`CHANNEL_PLAIN` frames stay as they are; an agent offers it only where the
+byte stream is already private (its stdio pipes, or ``--allow-plaintext``). A
+protocol-1 client sends no channel, which reads as plain.
+
 Errors are values: a failed operation answers ``Response(id, Error(errno,
 message))`` with the real errno of the failure in the target's context.
 
@@ -90,6 +99,10 @@ CAP_DNS: Final = "dns"
 #: UploadBegin/UploadCommit (protocol 2): whole-file atomic replacement.
 CAP_FILES_UPLOAD: Final = "files-upload"
 
+# Channels (AgentHello.channels, ClientHello.channel).
+CHANNEL_PLAIN: Final = "plain"
+CHANNEL_CHACHA20_POLY1305: Final = "chacha20-poly1305"
+
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
     """Base of every message: encoded as ``[tag, fields...]``.
@@ -110,6 +123,8 @@ class AgentHello(_Message, tag="agent-hello"):
     capabilities: list[str]
     nonce: bytes
     target_pid: int | None = None
+    #: What this connection may carry, by preference (protocol 2); an older agent: plain.
+    channels: list[str] = msgspec.field(default_factory=lambda: [CHANNEL_PLAIN])
 
 
 class ClientHello(_Message, tag="client-hello"):
@@ -119,6 +134,8 @@ class ClientHello(_Message, tag="client-hello"):
     capabilities: list[str]
     nonce: bytes
     proof: bytes
+    #: One of the agent's ``channels`` (protocol 2); an older client: plain.
+    channel: str = CHANNEL_PLAIN
 
 
 class Welcome(_Message, tag="welcome"):
@@ -141,6 +158,7 @@ GOODBYE_PROTOCOL: Final = "protocol"
 GOODBYE_SHUTDOWN: Final = "shutdown"
 #: The target process exited: its files and namespaces are gone (protocol 2).
 GOODBYE_TARGET_EXITED: Final = "target-exited"
+GOODBYE_CHANNEL: Final = "channel"  # the client chose a channel this agent does not offer
 
 
 # --- operations (the body of a Request) ------------------------------------------
@@ -542,8 +560,9 @@ def frame_length(prefix: bytes, max_frame_size: int) -> int:
 
 
 # msgspec raises UnicodeDecodeError (a ValueError), not DecodeError, for a str
-# that is not UTF-8.
-_DECODE_ERRORS = (msgspec.DecodeError, ValueError)
+# that is not UTF-8, and RecursionError for arrays nested too deeply (a peer's
+# garbage, never a bug of ours).
+_DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
 
 to_agent_decoder: Final = msgspec.msgpack.Decoder(ToAgent)
 from_agent_decoder: Final = msgspec.msgpack.Decoder(FromAgent)

@@ -4,7 +4,9 @@
 CLI's ``mtrace agent`` subcommand. Startup order matters:
 
 1. parse options, read the secret (``--secret`` or ``MTRACE_AGENT_SECRET``,
-   which is then removed from the agent's environment);
+   which is then removed from the agent's environment and overwritten where
+   ``/proc/PID/environ`` and ``/proc/PID/cmdline`` would show it); refuse a
+   weak one on ``--listen``;
 2. with ``--listen``, bind the listening socket in the agent's own network
    namespace, so clients on this side can reach it;
 3. with ``--target-pid``, move into the target's network namespace (before any
@@ -38,10 +40,13 @@ from .protocol import (
     CAP_FILES_WRITE,
     CAP_TCP,
     CAP_UDP,
+    CHANNEL_CHACHA20_POLY1305,
+    CHANNEL_PLAIN,
     GOODBYE_SHUTDOWN,
     GOODBYE_TARGET_EXITED,
 )
-from .session import AgentContext, Session
+from .secret import GENERATE_HINT, scrub_from_proc, weakness
+from .session import FRAME_TIMEOUT, AgentContext, Session
 from .target import SECRET_VARIABLE, Target
 
 logger = logging.getLogger("mtrace.agent.server")
@@ -88,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         "variable: command lines are visible to every user)",
     )
     parser.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="with --listen, also accept clients that do not encrypt the channel; only where "
+        "the path to the agent is private already (a listener on 127.0.0.1 reached through a "
+        "Kubernetes port-forward or an SSH tunnel)",
+    )
+    parser.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=FRAME_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a client that starts a frame and does not finish it within this time "
+        f"(default {FRAME_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--write", action="store_true", help="allow write, truncate, mkdir, unlink and rename"
     )
     parser.add_argument(
@@ -125,13 +145,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get(SECRET_VARIABLE, "")
-    # Nothing the agent starts, and no environ() answer, should carry the secret.
+    # Nothing the agent starts, no environ() answer and no client reading our
+    # /proc/PID/environ or cmdline through the file service should see the secret.
+    try:
+        scrub_from_proc(SECRET_VARIABLE, secret)
+    except OSError as error:
+        logs.event(logger, logging.WARNING, "secret_not_scrubbed", error=str(error))
     os.environ.pop(SECRET_VARIABLE, None)
     if not secret:
         raise AgentError(
             "no shared secret",
-            hint=f"pass --secret or set {SECRET_VARIABLE}; clients must present the same one",
+            hint=f"pass --secret or set {SECRET_VARIABLE}; clients must present the same one; "
+            + GENERATE_HINT,
         )
+    problem = weakness(secret)
+    if problem is not None:
+        if args.listen:
+            raise AgentError(problem, hint=GENERATE_HINT)
+        # over --stdio the pipe is private and the secret made up by whoever spawned us
+        logs.event(logger, logging.WARNING, "weak_secret", problem=problem)
     target = Target(args.target_pid)
     listener = _bind(*args.listen) if args.listen else None
     target.enter_network()
@@ -150,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         target=target,
         files=FileService(resolver, writable=args.write),
         capabilities=capabilities,
+        frame_timeout=args.frame_timeout,
     )
     logs.event(
         logger,
@@ -162,7 +195,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         if listener is not None:
-            run_loop(_serve_tcp(context, listener))
+            channels = [CHANNEL_CHACHA20_POLY1305]
+            if args.allow_plaintext:
+                channels.append(CHANNEL_PLAIN)
+                host, port = args.listen
+                logs.event(logger, logging.WARNING, "plaintext_allowed", listen=f"{host}:{port}")
+            run_loop(_serve_tcp(context, listener, channels))
         else:
             run_loop(_serve_stdio(context))
     finally:
@@ -181,6 +219,18 @@ def _bind(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port}: {error.strerror}",
             hint="choose another port, or port 0 for any free one",
         ) from error
+
+
+def _keep_alive(sock: socket.socket | None) -> None:
+    """TCP keepalive: a client whose machine vanished is noticed within minutes
+    (an idle client is legitimate, so there is no idle timeout on frames)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
 
 
 def _install_stop_signals(stop: asyncio.Event) -> None:
@@ -212,7 +262,7 @@ def _exit_message(target: Target) -> str:
     return f"the target {target.describe()} exited"
 
 
-async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
+async def _serve_tcp(context: AgentContext, listener: socket.socket, channels: list[str]) -> None:
     stop = asyncio.Event()
     _install_stop_signals(stop)
     target_exited = asyncio.create_task(_target_exited(context.target))
@@ -222,7 +272,8 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
+        _keep_alive(writer.get_extra_info("socket"))
+        session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?", channels)
         sessions.add(session)
         task = asyncio.current_task()
         if task is not None:
@@ -266,7 +317,8 @@ async def _serve_stdio(context: AgentContext) -> None:
         os.fdopen(frames_out, "wb", buffering=0),
     )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    session = Session(context, reader, writer, "stdio")
+    # A pipe to the process that started us is private: plain unless the client asks.
+    session = Session(context, reader, writer, "stdio", [CHANNEL_PLAIN, CHANNEL_CHACHA20_POLY1305])
     stop = asyncio.Event()
     _install_stop_signals(stop)
     run = asyncio.create_task(session.run())

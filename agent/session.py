@@ -1,9 +1,18 @@
 """One client connection to the agent: handshake, dispatch, teardown.
 
 A session reads frames in one loop and never blocks that loop on the client:
-requests run as tasks (at most :data:`MAX_REQUESTS_IN_FLIGHT` at once, after
-which the loop stops reading, which pushes back on the client), file syscalls
-run in worker threads, and stream data is queued within the stream's window.
+requests run as tasks, file syscalls run in worker threads, and stream data is
+queued within the stream's window.
+
+Memory is bounded whatever the client does. A request holds its slot and its
+share of :data:`MAX_REQUEST_BYTES_IN_FLIGHT` (its own size plus the largest
+reply it can get) until its reply has been handed to the connection, and at
+most :data:`MAX_REQUESTS_IN_FLIGHT` run at once; when either runs out, the loop
+stops reading, which pushes back on the client. Frames go out one at a time
+and only while the connection's send buffer is below its high-water mark, so a
+client that never reads stalls its own replies, not the agent. Together:
+about 32 MiB of requests and replies per connection, each counted two or three
+times over while encoded and sealed, plus each open TCP stream's windows.
 Everything the client opened (files, streams, sockets) is closed when the
 connection ends, however it ends.
 """
@@ -21,7 +30,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 from .errors import ProtocolError
 from .files import FileService, HandleTable, Upload
@@ -29,7 +38,9 @@ from .logs import event
 from .names import TargetNameResolver
 from .net import Outgoing
 from .protocol import (
+    CHANNEL_PLAIN,
     GOODBYE_AUTHENTICATION,
+    GOODBYE_CHANNEL,
     GOODBYE_PROTOCOL,
     GOODBYE_VERSION,
     LENGTH_PREFIX,
@@ -93,10 +104,20 @@ from .protocol import (
 )
 from .target import Target
 
+if TYPE_CHECKING:
+    from .channel import FrameOpener, FrameSealer
+
 logger = logging.getLogger("mtrace.agent.session")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: Once a frame has started, the rest of it must arrive within this many seconds
+#: (an idle client may wait forever between frames; a half-sent frame may not).
+FRAME_TIMEOUT = 30.0
 MAX_REQUESTS_IN_FLIGHT = 256
+#: Bytes of requests and their largest possible replies in flight per connection.
+MAX_REQUEST_BYTES_IN_FLIGHT = 32 * 1024 * 1024
+#: What a reply is assumed to cost when its operation does not bound it (stat, open...).
+SMALL_REPLY = 4096
 _OPERATION_TAGS = frozenset(kind.__struct_config__.tag for kind in get_args(Operation))
 _T = TypeVar("_T")
 
@@ -109,6 +130,7 @@ class AgentContext:
     target: Target
     files: FileService
     capabilities: list[str]
+    frame_timeout: float = FRAME_TIMEOUT
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="agent-files")
     )
@@ -133,6 +155,38 @@ def describe_oserror(error: OSError) -> str:
     return message
 
 
+def reply_bound(operation: Operation) -> int:
+    """The most bytes the reply to ``operation`` can hold (beyond a small reply)."""
+    match operation:
+        case ReadFile(limit=limit):
+            return max(0, min(limit, MAX_WHOLE_FILE_SIZE)) + SMALL_REPLY
+        case Read(size=size):
+            return max(0, min(size, MAX_CHUNK_SIZE)) + SMALL_REPLY
+    return SMALL_REPLY
+
+
+class ByteBudget:
+    """A count of bytes in flight that one task (the read loop) waits on and any task releases."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._released = asyncio.Event()
+
+    async def acquire(self, size: int) -> int:
+        """Take ``size`` bytes (at most the whole budget); returns what was taken."""
+        size = min(size, self.limit)
+        while self.used + size > self.limit:
+            self._released.clear()
+            await self._released.wait()
+        self.used += size
+        return size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._released.set()
+
+
 class Session:
     def __init__(
         self,
@@ -140,9 +194,14 @@ class Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
+        channels: list[str],
     ) -> None:
         self.context = context
         self.peer = peer
+        #: What a client may choose on this connection (AgentHello.channels).
+        self.channels = channels
+        self._sealer: FrameSealer | None = None
+        self._opener: FrameOpener | None = None
         self._reader = reader
         self._writer = writer
         self._encoder = FrameEncoder()
@@ -153,6 +212,8 @@ class Session:
         self._uploads: dict[int, Upload] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
+        self._budget = ByteBudget(MAX_REQUEST_BYTES_IN_FLIGHT)
+        self._send_lock = asyncio.Lock()
         self._requests = 0
         self._closed = False
 
@@ -162,14 +223,21 @@ class Session:
         """Queue a frame without waiting (small control frames); dropped once closing."""
         if self._writer.transport.is_closing():
             return
-        self._writer.write(self._encoder.encode(message))
+        self._writer.write(self._frame(message))
 
     async def send(self, message: _Message) -> None:
-        """Send a frame and wait until the connection can take more."""
-        if self._writer.transport.is_closing():
-            raise ConnectionResetError(errno.ECONNRESET, "client connection closed")
-        self._writer.write(self._encoder.encode(message))
-        await self._writer.drain()
+        """Send a frame once the connection can take it (one sender at a time, so
+        the send buffer never holds more than its high-water mark plus one frame)."""
+        async with self._send_lock:
+            await self._writer.drain()
+            if self._writer.transport.is_closing():
+                raise ConnectionResetError(errno.ECONNRESET, "client connection closed")
+            # sealed and written with no await between: frames leave in counter order
+            self._writer.write(self._frame(message))
+
+    def _frame(self, message: _Message) -> bytes | bytearray:
+        frame = self._encoder.encode(message)
+        return frame if self._sealer is None else self._sealer.seal(frame)
 
     def goodbye(self, code: str, message: str) -> None:
         """Tell the client why, then close the connection."""
@@ -223,20 +291,32 @@ class Session:
             )
 
     async def _read_frame(self, max_size: int) -> bytes:
-        prefix = await self._reader.readexactly(LENGTH_PREFIX)
-        return await self._reader.readexactly(frame_length(prefix, max_size))
+        first = await self._reader.readexactly(1)
+        timeout = self.context.frame_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                prefix = first + await self._reader.readexactly(LENGTH_PREFIX - 1)
+                if self._opener is None:
+                    return await self._reader.readexactly(frame_length(prefix, max_size))
+                sealed = await self._reader.readexactly(self._opener.body_length(prefix, max_size))
+        except TimeoutError:
+            raise ProtocolError(f"a frame was started but not finished within {timeout:g}s") from None
+        return self._opener.open(prefix, sealed)
 
     async def _handshake(self) -> bool:
         nonce = os.urandom(NONCE_SIZE)
-        await self.send(
+        agent_hello = self._encoder.encode(
             AgentHello(
                 version=PROTOCOL_VERSION,
                 min_version=MIN_PROTOCOL_VERSION,
                 capabilities=self.context.capabilities,
                 nonce=nonce,
                 target_pid=self.context.target.pid,
+                channels=self.channels,
             )
         )
+        self._writer.write(agent_hello)
+        await self._writer.drain()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             body = await self._read_frame(MAX_HANDSHAKE_FRAME_SIZE)
         hello = decode_to_agent(body)
@@ -255,9 +335,33 @@ class Session:
             event(logger, logging.WARNING, "handshake_failed", peer=self.peer, reason="wrong secret")
             self.goodbye(GOODBYE_AUTHENTICATION, "authentication failed: wrong secret")
             return False
+        if hello.channel not in self.channels:
+            message = (
+                f"this agent needs one of the channels {', '.join(self.channels)} here; the client "
+                f"asked for {hello.channel!r}"
+                + (" (an mtrace older than protocol 2 cannot encrypt)" if hello.version < 2 else "")
+            )
+            event(logger, logging.WARNING, "handshake_failed", peer=self.peer, reason=message)
+            self.goodbye(GOODBYE_CHANNEL, message)
+            return False
         version = min(hello.version, PROTOCOL_VERSION)
         await self.send(Welcome(version=version, proof=agent_proof(self.context.secret, nonce, hello.nonce)))
-        event(logger, logging.INFO, "client_authenticated", peer=self.peer, version=version)
+        if hello.channel != CHANNEL_PLAIN:
+            # imported here: a plain (stdio) agent never pays for loading the crypto library
+            from .channel import FrameOpener, FrameSealer, derive_keys
+
+            to_agent, from_agent = derive_keys(
+                self.context.secret, nonce, hello.nonce, bytes(agent_hello[LENGTH_PREFIX:]), body
+            )
+            self._opener, self._sealer = FrameOpener(to_agent), FrameSealer(from_agent)
+        event(
+            logger,
+            logging.INFO,
+            "client_authenticated",
+            peer=self.peer,
+            version=version,
+            channel=hello.channel,
+        )
         return True
 
     async def _serve(self) -> None:
@@ -284,7 +388,8 @@ class Session:
             match message:
                 case Request(id=request_id, operation=operation):
                     await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(request_id, operation))
+                    cost = await self._budget.acquire(len(body) + reply_bound(operation))
+                    task = asyncio.create_task(self._handle(request_id, operation, cost))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 case StreamData(stream=stream_id, data=data):
@@ -322,7 +427,15 @@ class Session:
 
     # --- requests ---
 
-    async def _handle(self, request_id: int, operation: Operation) -> None:
+    async def _handle(self, request_id: int, operation: Operation, cost: int) -> None:
+        try:
+            await self._answer(request_id, operation)
+        finally:
+            # Only now: until its reply is out, a request still holds memory.
+            self._budget.release(cost)
+            self._slots.release()
+
+    async def _answer(self, request_id: int, operation: Operation) -> None:
         self._requests += 1
         started = time.monotonic()
         result: Result
@@ -333,8 +446,6 @@ class Session:
         except Exception as error:  # a bug in the agent: answer it, log it, keep serving
             logger.exception("internal_error")
             result = Error(errno=errno.EIO, message=f"agent internal error: {error!r}")
-        finally:
-            self._slots.release()
         event(
             logger,
             logging.DEBUG,

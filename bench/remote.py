@@ -7,6 +7,8 @@ Three ways to do the same operation, measured in the same run:
 * **agent client**: ``mtrace.agent.client`` talking to ``mtrace agent --stdio
   --target-pid N`` (``bench/agent_client.py``, its own process): the agent's
   share of the cost, measurable before ``mtrace exec --target`` exists;
+* **agent client over TCP**: the same, to ``mtrace agent --listen``: bulk and
+  ping through the encrypted channel (sealed frames, protocol 2);
 * **mtrace exec --target pid/N**: ``bench/loop`` under mtrace, switched on as
   soon as ``mtrace exec --help`` shows ``--target``.
 
@@ -42,6 +44,7 @@ HOST = "127.0.0.1"
 
 DIRECT = "direct in namespace"
 CLIENT = "agent client (Python API)"
+CLIENT_TCP = "agent client over TCP (sealed)"
 MTRACE = "mtrace exec --target pid/N"
 SOCAT = "socat relay"
 VARIANTS = (DIRECT, CLIENT, MTRACE)
@@ -171,6 +174,22 @@ def _agent_client(ctx: Context) -> list[Row]:
     return rows
 
 
+def _agent_client_tcp(ctx: Context) -> list[Row]:
+    """Bulk and ping through ``mtrace agent --listen``: the channel's sealing cost."""
+    namespace = ctx.namespace()
+    bulk = run_json([sys.executable, "-m", "bench.agent_client", "bulk", "--transport", "tcp",
+                     "--pid", str(namespace.pid), "--bulk-port", str(namespace.bulk_port),
+                     "--calls", str(ctx.settings.remote_calls), "--runs", str(ctx.settings.runs)],
+                    timeout=600)
+    note = f"channel: {bulk.get('channel', 'plain')}"
+    return [
+        Row(GROUP, BULK, CLIENT_TCP, median(bulk["bulk_mbps"]), MBPS, samples=bulk["bulk_mbps"],
+            note=note),
+        Row(GROUP, PING, CLIENT_TCP, median(bulk["ping_p50_us"]), US, samples=bulk["ping_p50_us"],
+            note=note),
+    ]
+
+
 def _memory_rows(memory: PeakMemory, root_pid: int, variant: str, supervisor: str) -> list[Row]:
     def is_agent(pid: int, cmdline: str) -> bool:
         return pid != root_pid and "agent" in cmdline
@@ -251,6 +270,8 @@ def run(ctx: Context) -> list[Row]:
 
     ctx.log("remote: agent client")
     rows += _guard(lambda: _agent_client(ctx), CLIENT)
+    ctx.log("remote: agent client over TCP")
+    rows += _guard(lambda: _agent_client_tcp(ctx), CLIENT_TCP, names=(BULK, PING))
 
     ctx.log("remote: mtrace exec --target")
     if not mtrace_has_option("--target"):

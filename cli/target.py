@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
 from ..agent.errors import AgentError
+from ..agent.secret import GENERATE_HINT, weakness
 from .config import Config, parse_address
 from .errors import ConfigError, TargetError
 
@@ -88,6 +89,10 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
         if not secret:
             raise ConfigError("--agent needs the agent's shared secret",
                               hint=f"pass --agent-secret or set {SECRET_VARIABLE}")
+        problem = weakness(secret)
+        if problem is not None:
+            # The agent refuses to listen with such a secret; an older one may not.
+            sys.stderr.write(f"mtrace: warning: {problem}; {GENERATE_HINT}\n")
         return await connect_tcp(host, port, secret, timeout=timeout)
     pid = target.pid if target is not None and target.kind == "pid" else None
     argv = agent_argv(target_pid=pid, write=config.agent.write, verbose=verbose)

@@ -10,8 +10,8 @@ Agent fixtures (this section is owned by the agent tests; add others below it):
 * ``with_agent``: ``with_agent(body, target_pid=None, write=False)`` runs the
   coroutine ``body(client)`` against a fresh ``--stdio`` agent (its own event
   loop, agent stopped afterwards) and returns what ``body`` returned.
-* ``listening_agent``: ``with listening_agent(target_pid=None, write=False) as
-  agent:`` starts ``mtrace agent --listen 127.0.0.1:0``; ``agent.host``,
+* ``listening_agent``: ``with listening_agent(target_pid=None, write=False,
+  extra_args=()) as agent:`` starts ``mtrace agent --listen 127.0.0.1:0``; ``agent.host``,
   ``agent.port``, ``agent.secret``, ``agent.process``, ``agent.log()``,
   ``agent.new_log()`` (what it logged since the last call).
 """
@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,9 +101,9 @@ class ListeningAgent:
 
 @contextlib.contextmanager
 def _listening_agent(
-    secret: str, target_pid: int | None = None, write: bool = False
+    secret: str, target_pid: int | None = None, write: bool = False, extra_args: Sequence[str] = ()
 ) -> Iterator[ListeningAgent]:
-    argv = [sys.executable, "-m", "mtrace.agent", "--listen", "127.0.0.1:0", "-v"]
+    argv = [sys.executable, "-m", "mtrace.agent", "--listen", "127.0.0.1:0", "-v", *extra_args]
     if target_pid is not None:
         argv += ["--target-pid", str(target_pid)]
     if write:
@@ -138,7 +138,9 @@ def _listening_agent(
 
 @pytest.fixture
 def listening_agent(agent_secret: str) -> Callable[..., Any]:
-    def start(*, target_pid: int | None = None, write: bool = False) -> Any:
-        return _listening_agent(agent_secret, target_pid, write)
+    def start(
+        *, target_pid: int | None = None, write: bool = False, extra_args: Sequence[str] = ()
+    ) -> Any:
+        return _listening_agent(agent_secret, target_pid, write, extra_args)
 
     return start

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from protocol_strategies import strategy_for
 
 import mtrace.agent.protocol as p
+from mtrace.agent.channel import TAG_SIZE, FrameOpener, FrameSealer, derive_keys
 from mtrace.agent.client import (
     AgentClient,
     AgentUnavailable,
@@ -38,11 +40,18 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class RawConnection:
-    """A hand-driven client: exact bytes in, decoded frames out."""
+    """A hand-driven client: exact bytes in, decoded frames out.
+
+    After :meth:`handshake`, frames are sealed and opened as the agent's
+    channel requires (``send``, ``send_body``, ``receive``); ``sock.sendall``
+    still sends exact bytes.
+    """
 
     def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.encoder = p.FrameEncoder()
+        self.sealer: FrameSealer | None = None
+        self.opener: FrameOpener | None = None
 
     def close(self) -> None:
         self.sock.close()
@@ -56,27 +65,53 @@ class RawConnection:
             data += chunk
         return data
 
-    def receive(self) -> Any:
-        """The next frame from the agent, or None when it closed the connection."""
+    def receive_body(self) -> bytes | None:
+        """The next frame's body (opened), or None when the agent closed the connection."""
         prefix = self._exactly(4)
         if prefix is None:
             return None
         body = self._exactly(int.from_bytes(prefix, "big"))
+        if body is None or self.opener is None:
+            return body
+        return self.opener.open(prefix, body)
+
+    def receive(self) -> Any:
+        """The next frame from the agent, or None when it closed the connection."""
+        body = self.receive_body()
         return None if body is None else p.decode_from_agent(body)
 
     def send(self, message: msgspec.Struct) -> None:
-        self.sock.sendall(self.encoder.encode(message))
+        self.send_body(bytes(self.encoder.encode(message))[4:])
 
     def send_body(self, body: bytes) -> None:
-        self.sock.sendall(len(body).to_bytes(4, "big") + body)
+        frame = bytearray(len(body).to_bytes(4, "big") + body)
+        self.sock.sendall(frame if self.sealer is None else self.sealer.seal(frame))
 
-    def handshake(self, secret: str, version: int = p.PROTOCOL_VERSION) -> Any:
-        hello = self.receive()
+    def handshake(
+        self,
+        secret: str,
+        version: int = p.PROTOCOL_VERSION,
+        channel: str = p.CHANNEL_CHACHA20_POLY1305,
+    ) -> Any:
+        hello_body = self.receive_body()
+        assert hello_body is not None
+        hello = p.decode_from_agent(hello_body)
         assert isinstance(hello, p.AgentHello)
         nonce = os.urandom(p.NONCE_SIZE)
         proof = p.client_proof(secret.encode(), hello.nonce, nonce)
-        self.send(p.ClientHello(version=version, capabilities=[], nonce=nonce, proof=proof))
-        return self.receive()
+        client_hello = bytes(
+            self.encoder.encode(
+                p.ClientHello(version=version, capabilities=[], nonce=nonce, proof=proof, channel=channel)
+            )
+        )
+        self.sock.sendall(client_hello)
+        reply = self.receive()
+        if isinstance(reply, p.Welcome) and channel != p.CHANNEL_PLAIN:
+            to_agent, from_agent = derive_keys(
+                secret.encode(), hello.nonce, nonce, hello_body, client_hello[4:]
+            )
+            self.sealer, self.opener = FrameSealer(to_agent), FrameOpener(from_agent)
+        return reply
 
     def drain_until_closed(self) -> list[Any]:
         frames = []
@@ -101,7 +136,7 @@ def shared_agent() -> Iterator[Any]:
     """One listening agent for a whole module of abuse (module scope: hypothesis)."""
     from conftest import _listening_agent
 
-    with _listening_agent("module-secret") as agent:
+    with _listening_agent(secrets.token_hex(16)) as agent:
         yield agent
 
 
@@ -131,7 +166,14 @@ def test_the_client_refuses_an_agent_that_cannot_prove_the_secret() -> None:
     # A fake agent that does not know the secret: the client must not trust it.
     async def fake_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         encoder = p.FrameEncoder()
-        writer.write(encoder.encode(p.AgentHello(version=1, min_version=1, capabilities=[], nonce=b"n" * 32)))
+        hello = p.AgentHello(
+            version=2,
+            min_version=1,
+            capabilities=[],
+            nonce=b"n" * 32,
+            channels=[p.CHANNEL_CHACHA20_POLY1305],
+        )
+        writer.write(encoder.encode(hello))
         await reader.readexactly(4)
         writer.write(encoder.encode(p.Welcome(version=1, proof=b"x" * 32)))
         await writer.drain()
@@ -164,7 +206,7 @@ def test_garbage_before_the_handshake_is_dropped(shared_agent: Any) -> None:
 def test_an_oversized_frame_gets_a_clean_disconnect(shared_agent: Any) -> None:
     connection = RawConnection(shared_agent.host, shared_agent.port)
     assert isinstance(connection.handshake(shared_agent.secret), p.Welcome)
-    connection.sock.sendall((p.MAX_FRAME_SIZE + 1).to_bytes(4, "big") + b"x" * 100)
+    connection.sock.sendall((p.MAX_FRAME_SIZE + TAG_SIZE + 1).to_bytes(4, "big") + b"x" * 100)
     frames = connection.drain_until_closed()
     assert len(frames) == 1 and frames[0].code == p.GOODBYE_PROTOCOL
     assert "exceeds the maximum" in frames[0].message

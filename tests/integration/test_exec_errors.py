@@ -4,6 +4,7 @@ and the program never started."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,6 +17,9 @@ import pytest
 from mtrace_run import MTRACE, run_mtrace
 
 pytestmark = pytest.mark.timeout(60)
+
+# A strong secret: a weak one adds a warning line before the error under test.
+SECRET = secrets.token_hex(16)
 
 
 def _marker_command(tmp_path: Path) -> tuple[Path, list[str]]:
@@ -66,7 +70,7 @@ def test_agent_that_is_not_there(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = run_mtrace("exec", "--agent", f"127.0.0.1:{port}", "--agent-secret", "s", "--",
+    result = run_mtrace("exec", "--agent", f"127.0.0.1:{port}", "--agent-secret", SECRET, "--",
                         *command)
     assert result.returncode == 71
     _assert_clear_error(result.stderr, f"cannot reach the agent at 127.0.0.1:{port}")
@@ -78,19 +82,24 @@ def test_agent_with_the_wrong_secret(tmp_path: Path,
     marker, command = _marker_command(tmp_path)
     with listening_agent() as agent:
         result = run_mtrace("exec", "--agent", f"{agent.host}:{agent.port}", "--agent-secret",
-                            "wrong", "--", *command)
+                            secrets.token_hex(16), "--", *command)
     assert result.returncode == 71
     assert result.stderr.decode().startswith("mtrace: error: "), result.stderr
     assert not marker.exists()
 
 
 @pytest.fixture
-def silent_agent() -> Iterator[int]:
-    """A TCP port that accepts connections and never says a word."""
+def silent_listener() -> Iterator[socket.socket]:
+    """A TCP listener that accepts connections and never says a word."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
-        yield listener.getsockname()[1]
+        yield listener
+
+
+@pytest.fixture
+def silent_agent(silent_listener: socket.socket) -> int:
+    return int(silent_listener.getsockname()[1])
 
 
 def test_an_agent_that_never_answers_times_out(tmp_path: Path, silent_agent: int) -> None:
@@ -99,7 +108,7 @@ def test_an_agent_that_never_answers_times_out(tmp_path: Path, silent_agent: int
     config.write_text("[agent]\nstartup_timeout = 1.0\n")
     started = time.monotonic()
     result = run_mtrace("exec", "-f", str(config), "--agent", f"127.0.0.1:{silent_agent}",
-                        "--agent-secret", "s", "--", *command, timeout=30)
+                        "--agent-secret", SECRET, "--", *command, timeout=30)
     assert time.monotonic() - started < 20
     assert result.returncode == 71
     assert result.stderr.decode().startswith("mtrace: error: "), result.stderr
@@ -107,17 +116,23 @@ def test_an_agent_that_never_answers_times_out(tmp_path: Path, silent_agent: int
     assert not marker.exists()
 
 
-def test_ctrl_c_while_waiting_for_the_agent(tmp_path: Path, silent_agent: int) -> None:
+def test_ctrl_c_while_waiting_for_the_agent(tmp_path: Path, silent_listener: socket.socket) -> None:
     marker, command = _marker_command(tmp_path)
+    port = silent_listener.getsockname()[1]
     process = subprocess.Popen(
-        [*MTRACE, "exec", "--agent", f"127.0.0.1:{silent_agent}", "--agent-secret", "s", "--",
+        [*MTRACE, "exec", "--agent", f"127.0.0.1:{port}", "--agent-secret", SECRET, "--",
          *command], stderr=subprocess.PIPE)
-    time.sleep(1.5)  # well into the handshake wait (15 s by default)
+    # Interrupt only once mtrace has connected: it is then waiting for the
+    # handshake (15 s by default), whatever the machine's load did to start-up.
+    silent_listener.settimeout(30)
+    connection, _ = silent_listener.accept()
+    time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     _stdout, stderr = process.communicate(timeout=10)
     assert process.returncode == 130
     assert stderr.decode().startswith("mtrace: error: interrupted by SIGINT"), stderr
     assert not marker.exists()
+    connection.close()
 
 
 # --- issue 14: errors a user sees ------------------------------------------------
@@ -157,7 +172,7 @@ def test_agent_address_of_an_http_server_says_not_an_agent(tmp_path: Path,
     """It said "frame of 1213486160 bytes exceeds the maximum of 4096"."""
     marker, command = _marker_command(tmp_path)
     result = run_mtrace("exec", "--agent", f"127.0.0.1:{http_like_server}", "--agent-secret",
-                        "s", "--", *command)
+                        SECRET, "--", *command)
     assert result.returncode == 71
     _assert_clear_error(result.stderr, "is not an mtrace agent (it answers like an HTTP server)")
     assert b"1213486160" not in result.stderr

@@ -35,9 +35,21 @@ SAMPLES = {
     "agent-hello": p.AgentHello(
         version=1, min_version=1, capabilities=["files", "tcp"], nonce=b"\x01" * 4, target_pid=42
     ),
+    "agent-hello-channels": p.AgentHello(
+        version=2,
+        min_version=1,
+        capabilities=["files"],
+        nonce=b"\x01" * 4,
+        target_pid=None,
+        channels=["chacha20-poly1305", "plain"],
+    ),
     "client-hello": p.ClientHello(version=1, capabilities=[], nonce=b"\x02" * 4, proof=b"\x03" * 4),
+    "client-hello-channel": p.ClientHello(
+        version=2, capabilities=[], nonce=b"\x02" * 4, proof=b"\x03" * 4, channel="chacha20-poly1305"
+    ),
     "welcome": p.Welcome(version=1, proof=b"\x04" * 4),
     "goodbye": p.Goodbye(code="authentication", message="wrong secret"),
+    "goodbye-channel": p.Goodbye(code="channel", message="plain is not offered"),
     "ping": p.Request(id=1, operation=p.Ping(data=b"hi")),
     "stat": p.Request(id=2, operation=p.Stat(path=b"/etc/hosts", follow_symlinks=False)),
     "access": p.Request(id=3, operation=p.Access(path=b"/bin/sh", mode=5)),
@@ -99,10 +111,15 @@ SAMPLES = {
 }
 
 GOLDEN = {
-    "agent-hello": "0000002196ab6167656e742d68656c6c6f010192a566696c6573a3746370c404010101012a",
-    "client-hello": "0000001c95ac636c69656e742d68656c6c6f0190c40402020202c40403030303",
+    # protocol 2: grown by the default channels (["plain"]) at the end
+    "agent-hello": "0000002897ab6167656e742d68656c6c6f010192a566696c6573a3746370c404010101012a91a5706c61696e",
+    "agent-hello-channels": "0000003697ab6167656e742d68656c6c6f020191a566696c6573c40401010101c092b163686163686132302d706f6c7931333035a5706c61696e",
+    # protocol 2: grown by the default channel ("plain") at the end
+    "client-hello": "0000002296ac636c69656e742d68656c6c6f0190c40402020202c40403030303a5706c61696e",
+    "client-hello-channel": "0000002e96ac636c69656e742d68656c6c6f0290c40402020202c40403030303b163686163686132302d706f6c7931333035",
     "welcome": "0000001093a777656c636f6d6501c40404040404",
     "goodbye": "0000002593a7676f6f64627965ae61757468656e7469636174696f6eac77726f6e6720736563726574",
+    "goodbye-channel": "0000002693a7676f6f64627965a76368616e6e656cb4706c61696e206973206e6f74206f666665726564",
     "ping": "0000001093a37265710192a470696e67c4026869",
     "stat": "0000001993a37265710293a473746174c40a2f6574632f686f737473c2",
     "access": "0000001893a37265710393a6616363657373c4072f62696e2f736805",
