@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 
 from ..agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
-from ..agent.errors import AgentError
+from ..agent.errors import AgentError, AuthenticationError
 from ..agent.secret import GENERATE_HINT, weakness
 from .config import Config, parse_address
 from .errors import ConfigError, TargetError
@@ -90,10 +90,16 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
             raise ConfigError("--agent needs the agent's shared secret",
                               hint=f"pass --agent-secret or set {SECRET_VARIABLE}")
         problem = weakness(secret)
-        if problem is not None:
-            # The agent refuses to listen with such a secret; an older one may not.
+        try:
+            client = await connect_tcp(host, port, secret, timeout=timeout)
+        except AuthenticationError as error:
+            if problem is not None:
+                # no agent of this version listens with such a secret: it cannot be the right one
+                error.hint = f"{problem}; {GENERATE_HINT}, and give it to both sides"
+            raise
+        if problem is not None:  # an older agent took it
             sys.stderr.write(f"mtrace: warning: {problem}; {GENERATE_HINT}\n")
-        return await connect_tcp(host, port, secret, timeout=timeout)
+        return client
     pid = target.pid if target is not None and target.kind == "pid" else None
     argv = agent_argv(target_pid=pid, write=config.agent.write, verbose=verbose)
     if verbose:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -383,26 +382,22 @@ def test_the_agent_scrubs_a_secret_given_on_its_command_line(agent_secret: str) 
         process.wait(timeout=10)
 
 
-def test_exec_warns_about_a_weak_agent_secret(unused_port: int) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "mtrace.cli", "exec", "--agent", f"127.0.0.1:{unused_port}",
-         "--agent-secret", "s", "--", "true"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert "mtrace: warning: the shared secret is too weak" in result.stderr
-    assert "openssl rand -hex 16" in result.stderr
-    assert result.returncode == 71  # and then: nothing listens there
-
-
-@pytest.fixture
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def test_exec_with_a_weak_agent_secret_says_how_to_make_a_strong_one(listening_agent: Any) -> None:
+    with listening_agent() as agent:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--agent", f"{agent.host}:{agent.port}",
+             "--agent-secret", "s", "--", "true"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 71
+    assert lines[0].startswith("mtrace: error: the agent refused the handshake"), lines
+    assert lines[1].startswith("mtrace: hint: the shared secret is too weak"), lines
+    assert "openssl rand -hex 16" in lines[1]
 
 
 # --- bounded memory ---------------------------------------------------------------------------
