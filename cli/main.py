@@ -64,10 +64,12 @@ ConfigFileOption = Annotated[str | None, typer.Option(
 
 def _base_config(config_file: str | None, target: str | None, agent: str | None,
                  agent_secret: str | None) -> Any:
-    """The config file (or defaults) with the target flags applied over it."""
-    from .config import Config, load
+    """The config file (``-f``, else the first of config.DEFAULT_FILES in the
+    current directory, else defaults) with the target flags applied over it."""
+    from .config import Config, find_default, load
 
-    config = load(config_file) if config_file else Config()
+    found = config_file or find_default()
+    config = load(found) if found else Config()
     if target is not None:
         config.target = target
     if agent is not None:
@@ -141,6 +143,68 @@ def exec_command(
     except MtraceError as error:
         fail(error, verbose)
     raise SystemExit(code)
+
+
+@app.command("verify-config")
+def verify_config_command(
+    config_file: ConfigFileOption = None,
+    target: TargetOption = None,
+    agent: AgentOption = None,
+    fs_mode: Annotated[str | None, typer.Option(
+        "--fs-mode", help="read, write, local or localwithoverrides.", show_default=False)] = None,
+    backend: Backend = None,
+    output: Annotated[str, typer.Option(
+        "--format", help="toml or json.", show_default=True)] = "toml",
+    verbose: Verbose = 0,
+) -> None:
+    """Check a config file (mirrord's too) and print the effective config: the
+    flags, the file and the defaults merged. Exit 0 if it is good, 78 if not."""
+    import json
+
+    import msgspec
+
+    from .config import effective, validate, without_none
+
+    _configure_logging(verbose)
+    try:
+        if output not in ("toml", "json"):
+            raise ConfigError(f"--format {output}: expected toml or json")
+        config = _base_config(config_file, target, agent, None)
+        if fs_mode is not None:
+            config.feature.fs.mode = fs_mode
+        if backend is not None:
+            config.backend = backend
+        config = _revalidate(config)
+        validate(config, "command line")
+        values = effective(config)
+        if output == "json":
+            sys.stdout.write(json.dumps(values, indent=2) + "\n")
+        else:
+            sys.stdout.write(msgspec.toml.encode(without_none(values)).decode())
+    except MtraceError as error:
+        fail(error, verbose)
+
+
+config_app = typer.Typer(help="About the config file.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("schema")
+def config_schema_command() -> None:
+    """Print the JSON Schema of the config file (for editors: completion, checks)."""
+    import json
+
+    from .config import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+
+
+@config_app.command("mirrord-keys")
+def config_mirrord_keys_command() -> None:
+    """Print every mirrord config key and what mtrace does with it (markdown)."""
+    from .mirrord import markdown_table
+
+    sys.stdout.write(markdown_table())
 
 
 def _revalidate(config: Any) -> Any:

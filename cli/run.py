@@ -74,7 +74,7 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
                      verbose: int, observer: Observer | None,
                      trapped: Sequence[str] | None) -> int:
     from ..tracer.backend import AsyncSide
-    from ..tracer.features.env import merge_environment
+    from ..tracer.features.env import merge_environment, read_env_file
     from ..tracer.features.remote import RemoteContext
     from .target import connect_agent, progress
 
@@ -90,7 +90,9 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
         progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
         target_env = (_wait(side, client.environ(), 30, "the environment request")
                       if config.feature.env.enabled else {})
-        env = merge_environment(os.environ, target_env, config.feature.env)
+        env_file = (read_env_file(config.feature.env.env_file)
+                    if config.feature.env.env_file else None)
+        env = merge_environment(os.environ, target_env, config.feature.env, env_file)
         context = RemoteContext(client=client, async_side=side, features=config.feature,
                                 session_dir=session_dir,
                                 executable=resolve_executable(command, env))
