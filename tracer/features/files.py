@@ -91,7 +91,7 @@ from .. import abi
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
 from ..outcome import CONTINUE, Continue, Defer, Errno, InjectFd, Outcome, ReturnValue
-from .policy import FsConfig
+from .policy import FsConfig, compile_pattern, python_replacement
 from .remote import RemoteContext
 from .shadow import Node, ShadowTree, normalize
 
@@ -354,6 +354,8 @@ class FilesFeature:
             start_directory=os.getcwd(),
         )
         self.shadow = ShadowTree(os.fsencode(context.session_dir / "shadow"))
+        self._mapping = [(compile_pattern(pattern), python_replacement(replacement))
+                         for pattern, replacement in self.config.mapping.items()]
         self.cwds = WorkingDirectories()
         # Read mode: paths the tracee opened for writing (locally).
         self._written_locally: set[bytes] = set()
@@ -464,13 +466,26 @@ class FilesFeature:
         if not path:
             return None
         if path.startswith(b"/"):
-            return Target(path, normalize(path), True)
+            return self._mapped(Target(path, normalize(path), True))
         base = self._base(call, dirfd)
         if base is None:
             return None
         directory, agrees = base
         joined = directory.rstrip(b"/") + b"/" + path
-        return Target(joined, normalize(joined), agrees)
+        return self._mapped(Target(joined, normalize(joined), agrees))
+
+    def _mapped(self, target: Target) -> Target:
+        """``feature.fs.mapping``: the first pattern that matches the absolute
+        path rewrites it, before routing (so the new path is routed and served,
+        locally or by the target)."""
+        if not self._mapping:
+            return target
+        text = os.fsdecode(target.path)
+        for pattern, replacement in self._mapping:
+            if pattern.search(text):
+                mapped = os.fsencode(pattern.sub(replacement, text, count=1))
+                return Target(mapped, normalize(mapped), False)
+        return target
 
     def _route(self, target: Target) -> Route:
         route = self.policy.route(target.clean)
