@@ -292,6 +292,7 @@ class AgentClient:
         self.version = 0
         self.capabilities: list[str] = []
         self.target_pid: int | None = None
+        self.target_hostname: str | None = None
 
     # --- connection ---
 
@@ -352,6 +353,7 @@ class AgentClient:
         self.version = reply.version
         self.capabilities = list(hello.capabilities)
         self.target_pid = hello.target_pid
+        self.target_hostname = hello.hostname
         self._reader_task = asyncio.create_task(self._read_loop(), name="agent-client-reader")
 
     @property

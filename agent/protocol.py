@@ -63,7 +63,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 MIN_PROTOCOL_VERSION: Final = 1
 
 #: Largest frame either side accepts after the handshake (length prefix excluded).
@@ -108,6 +108,8 @@ class AgentHello(_Message, tag="agent-hello"):
     capabilities: list[str]
     nonce: bytes
     target_pid: int | None = None
+    # The target's hostname (its UTS namespace's), for feature.hostname. (v2)
+    hostname: str | None = None
 
 
 class ClientHello(_Message, tag="client-hello"):

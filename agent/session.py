@@ -231,6 +231,7 @@ class Session:
                 capabilities=self.context.capabilities,
                 nonce=nonce,
                 target_pid=self.context.target.pid,
+                hostname=self.context.target.hostname(),
             )
         )
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):

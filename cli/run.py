@@ -136,18 +136,23 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
                   env: dict[str, str], observer: Observer | None,
                   shown: Sequence[str] | None) -> int:
     from ..tracer.backend import Handlers
-    from ..tracer.features import files, net
+    from ..tracer.features import files, hostname, net
     from ..tracer.syscalls import DEFAULT_TRAPPED
 
     side = context.async_side
     files_feature = files.FilesFeature(context)
     outgoing = net.setup(context)
     table = {**files_feature.handlers(), **outgoing.handlers()}
+    target_hostname = context.client.target_hostname if config.feature.hostname else None
+    if target_hostname:
+        table.update(hostname.handlers(target_hostname))
     if observer is not None:
         table = _showing_results(table)
     handlers = Handlers(table)
     trapped = tuple(dict.fromkeys([*DEFAULT_TRAPPED, *files.trapped_for(config.feature.fs),
-                                   *net.TRAPPED, *(shown or ())]))
+                                   *net.TRAPPED,
+                                   *(hostname.TRAPPED if target_hostname else ()),
+                                   *(shown or ())]))
     if observer is not None and shown:
         observer = _ShownOnly(observer, set(shown))
     watcher = side.submit(_watch_agent(context.client, context))

@@ -35,6 +35,10 @@ SAMPLES = {
     "agent-hello": p.AgentHello(
         version=1, min_version=1, capabilities=["files", "tcp"], nonce=b"\x01" * 4, target_pid=42
     ),
+    "agent-hello-hostname": p.AgentHello(
+        version=2, min_version=1, capabilities=[], nonce=b"\x01" * 4, target_pid=7,
+        hostname="web-1",
+    ),
     "client-hello": p.ClientHello(version=1, capabilities=[], nonce=b"\x02" * 4, proof=b"\x03" * 4),
     "welcome": p.Welcome(version=1, proof=b"\x04" * 4),
     "goodbye": p.Goodbye(code="authentication", message="wrong secret"),
@@ -97,7 +101,8 @@ SAMPLES = {
 }
 
 GOLDEN = {
-    "agent-hello": "0000002196ab6167656e742d68656c6c6f010192a566696c6573a3746370c404010101012a",
+    "agent-hello": "0000002297ab6167656e742d68656c6c6f010192a566696c6573a3746370c404010101012ac0",
+    "agent-hello-hostname": "0000001d97ab6167656e742d68656c6c6f020190c4040101010107a57765622d31",
     "client-hello": "0000001c95ac636c69656e742d68656c6c6f0190c40402020202c40403030303",
     "welcome": "0000001093a777656c636f6d6501c40404040404",
     "goodbye": "0000002593a7676f6f64627965ae61757468656e7469636174696f6eac77726f6e6720736563726574",

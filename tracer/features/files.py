@@ -37,7 +37,8 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
 Order (first match wins): the session directory (always local); the user's
 ``not_found``, ``local``, ``read_only``, ``read_write`` lists; the DNS files
 (``/etc/resolv.conf``, ``/etc/hosts``, ``/etc/nsswitch.conf``,
-``/etc/hostname``: read from the target whenever DNS is enabled, in every
+``/etc/hostname``: read from the target whenever DNS is enabled (and
+``/etc/hostname`` whenever ``feature.hostname`` is), in every
 mode); the default local list (``default_local``); the mode. ``local`` mode
 ignores ``read_only``/``read_write``; ``localwithoverrides`` honours them.
 
@@ -132,6 +133,8 @@ DEFAULT_LOCAL: tuple[str, ...] = (
 DNS_FILES: tuple[str, ...] = (
     r"^/etc/(resolv\.conf|hosts|nsswitch\.conf|hostname)$",
 )
+#: feature.hostname: remote in every mode, with or without DNS.
+HOSTNAME_FILE = r"^/etc/hostname$"
 
 #: A remote file call taking longer than this fails with EIO (never a hang).
 REMOTE_TIMEOUT = 60.0
@@ -183,6 +186,7 @@ class PathPolicy:
         session_dir: str | os.PathLike[str] | None = None,
         executable: str | None = None,
         dns_remote: bool = True,
+        hostname_remote: bool = False,
         home: str | None = None,
         start_directory: str | None = None,
     ) -> None:
@@ -192,7 +196,8 @@ class PathPolicy:
         use_lists = config.mode != "local"
         self._read_only = _compile(config.read_only) if use_lists else None
         self._read_write = _compile(config.read_write) if use_lists else None
-        self._dns = _compile(DNS_FILES) if dns_remote else None
+        self._dns = _compile([*(DNS_FILES if dns_remote else ()),
+                              *((HOSTNAME_FILE,) if hostname_remote else ())])
         self._always_local: list[str] = []
         if session_dir is not None:
             self._always_local.append(os.fsdecode(normalize(os.fsencode(session_dir))))
@@ -350,6 +355,7 @@ class FilesFeature:
             session_dir=context.session_dir,
             executable=context.executable,
             dns_remote=context.features.network.dns.enabled,
+            hostname_remote=context.features.hostname,
             home=os.environ.get("HOME"),
             start_directory=os.getcwd(),
         )

@@ -88,7 +88,7 @@ static void usage(void)
           "  resolve NAME | tcp HOST PORT MSG | http URL\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
           "  exit N | kill SIG | loop-getpid N | loop-open PATH N\n"
-          "  exec PATH ARGS... | fork-exec PATH ARGS...\n",
+          "  exec PATH ARGS... | fork-exec PATH ARGS... | hostname\n",
           stderr);
     exit(2);
 }
@@ -254,6 +254,16 @@ static int cmd_readlink(const char *path)
         fail_errno(errno);
     buf[n] = 0;
     printf("%s\n", buf);
+    return 0;
+}
+
+static int cmd_hostname(void)
+{
+    char name[256];
+    if (gethostname(name, sizeof(name)) < 0)
+        fail_errno(errno);
+    name[sizeof(name) - 1] = 0;
+    printf("%s\n", name);
     return 0;
 }
 
@@ -608,6 +618,8 @@ int main(int argc, char **argv)
         return cmd_exec(args);
     if (!strcmp(cmd, "fork-exec") && nargs >= 1)
         return cmd_fork_exec(args);
+    if (!strcmp(cmd, "hostname") && nargs == 0)
+        return cmd_hostname();
     usage();
     return 2;
 }

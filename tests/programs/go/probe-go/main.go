@@ -25,7 +25,7 @@ const usage = `usage: probe COMMAND ARGS...
   resolve NAME | tcp HOST PORT MSG | http URL
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
   exit N | kill SIG | loop-getpid N | loop-open PATH N
-  exec PATH ARGS... | fork-exec PATH ARGS...
+  exec PATH ARGS... | fork-exec PATH ARGS... | hostname
 `
 
 const receiveTimeout = 2 * time.Second
@@ -69,6 +69,12 @@ func main() {
 		fail(syscall.Exec(args[0], args, os.Environ()))
 	case cmd == "fork-exec" && len(args) >= 1:
 		cmdForkExec(args)
+	case cmd == "hostname" && len(args) == 0:
+		name, err := os.Hostname()
+		if err != nil {
+			fail(err)
+		}
+		fmt.Println(name)
 	default:
 		badUsage()
 	}

@@ -1,0 +1,94 @@
+"""mirrord parity against a real target: feature.hostname, the env keys and
+fs.mapping end to end, a mirrord config file found by the default lookup,
+each under the four probe flavours."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from netns_target import NetnsTarget
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
+
+
+def _exec(netns_target: NetnsTarget, *argv: str, backend: str = "auto",
+          config: dict[str, object] | None = None, cwd: Path | None = None,
+          extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[bytes]:
+    args = [sys.executable, "-m", "mtrace.cli", "exec", "--backend", backend,
+            "--target", f"pid/{netns_target.pid}", *extra]
+    if config is not None:
+        assert cwd is not None
+        path = cwd / "config.json"
+        path.write_text(json.dumps(config))
+        args += ["-f", str(path)]
+    return subprocess.run([*args, "--", *argv], capture_output=True, timeout=60, check=False,
+                          cwd=cwd)
+
+
+def test_hostname_is_the_targets(probe: Path, backend: str, netns_target: NetnsTarget) -> None:
+    assert netns_target.hostname and netns_target.hostname != socket.gethostname()
+    inside = netns_target.run_inside(str(probe), "hostname")
+    assert inside.stdout == f"{netns_target.hostname}\n".encode()
+    traced = _exec(netns_target, str(probe), "hostname", backend=backend)
+    assert (traced.returncode, traced.stdout) == (0, inside.stdout), traced.stderr[-2000:]
+    etc = _exec(netns_target, str(probe), "cat", "/etc/hostname", backend=backend)
+    assert etc.stdout == f"{netns_target.hostname}\n".encode(), etc.stderr[-2000:]
+
+
+def test_hostname_off_keeps_this_machines(probe: Path, netns_target: NetnsTarget,
+                                          tmp_path: Path) -> None:
+    # Files local except overrides, DNS off: only feature.hostname sends
+    # /etc/hostname to the target.
+    config: dict[str, object] = {
+        "feature": {"hostname": False, "fs": "localwithoverrides", "network": {"dns": False}}}
+    traced = _exec(netns_target, str(probe), "hostname", config=config, cwd=tmp_path)
+    assert traced.stdout == f"{socket.gethostname()}\n".encode(), traced.stderr[-2000:]
+    etc = _exec(netns_target, str(probe), "cat", "/etc/hostname", config=config, cwd=tmp_path)
+    with open("/etc/hostname", "rb") as file:
+        assert etc.stdout == file.read()
+    config["feature"]["hostname"] = True  # type: ignore[index]
+    etc = _exec(netns_target, str(probe), "cat", "/etc/hostname", config=config, cwd=tmp_path)
+    assert etc.stdout == f"{netns_target.hostname}\n".encode(), etc.stderr[-2000:]
+
+
+def test_env_keys_from_a_mirrord_file_found_by_lookup(probe: Path, netns_target: NetnsTarget,
+                                                      tmp_path: Path) -> None:
+    (tmp_path / ".mirrord").mkdir()
+    (tmp_path / "dev.env").write_text("FROM_FILE=dotenv\nFOO=from-file\n")
+    (tmp_path / ".mirrord" / "mirrord.json").write_text(json.dumps({
+        "target": f"pid/{netns_target.pid}",
+        "feature": {"env": {"env_file": "dev.env", "unset": "only_in_target",
+                            "mapping": {"^MTRACE_TARGET_(.+)$": "mapped-$1"}},
+                    "fs": "read", "network": True},
+        "telemetry": False,
+    }))
+    checks = {"FROM_FILE": "FROM_FILE=dotenv", "FOO": "FOO=from-file",
+              "ONLY_IN_TARGET": "ONLY_IN_TARGET unset", "MTRACE_TARGET_NAME":
+              "MTRACE_TARGET_NAME=mapped-NAME"}
+    for name, expected in checks.items():
+        traced = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--", str(probe), "env", name],
+            capture_output=True, timeout=60, check=False, cwd=tmp_path)
+        assert traced.stdout.decode() == expected + "\n", traced.stderr[-2000:]
+        warnings = [line for line in traced.stderr.decode().splitlines()
+                    if line.startswith("mtrace: warning:")]
+        assert warnings == ["mtrace: warning: .mirrord/mirrord.json: `telemetry` is a mirrord "
+                            "key mtrace ignores: mtrace sends no telemetry"]
+
+
+def test_fs_mapping_reaches_the_target(probe: Path, netns_target: NetnsTarget,
+                                       tmp_path: Path) -> None:
+    private_dir = os.path.dirname(netns_target.private_file)
+    config = {"feature": {"fs": {"mapping": {"^/app/config": private_dir},
+                                 "read_only": ["^" + private_dir]}}}
+    name = os.path.basename(netns_target.private_file)
+    traced = _exec(netns_target, str(probe), "cat", f"/app/config/{name}", config=config,
+                   cwd=tmp_path)
+    assert (traced.returncode, traced.stdout) == (0, netns_target.private_file_content), (
+        traced.stderr[-2000:])
