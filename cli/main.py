@@ -106,6 +106,8 @@ def exec_command(
         help="Keep connections to 127.0.0.0/8 and ::1 local.", show_default=False)] = None,
     backend: Backend = None,
     verbose: Verbose = 0,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No start-up summary of what each feature does.")] = False,
 ) -> None:
     """Run COMMAND under mtrace, in the context of a target if one is given."""
     from .config import validate
@@ -137,7 +139,7 @@ def exec_command(
         config = _revalidate(config)
         validate(config, "command line")
         if config.target or config.agent.address:
-            code = run_with_target(command, config, verbose=verbose)
+            code = run_with_target(command, config, verbose=verbose, quiet=quiet)
         else:
             code = run_plain(command, config)
     except MtraceError as error:

@@ -49,7 +49,7 @@ def run_plain(command: Sequence[str], config: Config) -> int:
 
 def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
                     observer: Observer | None = None,
-                    trapped: Sequence[str] | None = None) -> int:
+                    trapped: Sequence[str] | None = None, quiet: bool = False) -> int:
     """Run ``command`` in the target's context; ``observer`` sees each trapped
     call (``mtrace trace --target``), ``trapped`` narrows what is shown (every
     call the features need is trapped all the same)."""
@@ -65,14 +65,14 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
     # them (otherwise a Ctrl-C landing on the agent's thread stops mtrace).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
-        return _run_with_target(command, config, target, verbose, observer, trapped)
+        return _run_with_target(command, config, target, verbose, observer, trapped, quiet)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 def _run_with_target(command: Sequence[str], config: Config, target: Target | None,
                      verbose: int, observer: Observer | None,
-                     trapped: Sequence[str] | None) -> int:
+                     trapped: Sequence[str] | None, quiet: bool = False) -> int:
     from ..tracer.backend import AsyncSide
     from ..tracer.features.env import merge_environment, read_env_file
     from ..tracer.features.remote import RemoteContext
@@ -88,6 +88,10 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
                        config.agent.startup_timeout + 5, "the start-up handshake")
         latency = _wait(side, client.ping(), 10, "a ping")
         progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
+        from . import summary
+
+        summary.show(summary.feature_lines(config, where, client.target_hostname),
+                     verbose=verbose, quiet=quiet)
         target_env = (_wait(side, client.environ(), 30, "the environment request")
                       if config.feature.env.enabled else {})
         env_file = (read_env_file(config.feature.env.env_file)

@@ -92,3 +92,48 @@ def test_fs_mapping_reaches_the_target(probe: Path, netns_target: NetnsTarget,
                    cwd=tmp_path)
     assert (traced.returncode, traced.stdout) == (0, netns_target.private_file_content), (
         traced.stderr[-2000:])
+
+
+def _summary(stderr: bytes) -> list[str]:
+    prefixes = ("target:", "env:", "fs:", "incoming:", "outgoing:", "dns:", "hostname:")
+    return [line for line in stderr.decode(errors="replace").splitlines()
+            if line.startswith("mtrace: ") and line[8:].startswith(prefixes)]
+
+
+def test_start_summary_on_a_terminal_not_when_piped(programs: dict[str, Path],
+                                                    netns_target: NetnsTarget) -> None:
+    import pty
+
+    probe = str(programs["probe-musl"])
+    piped = _exec(netns_target, probe, "exit", "0")
+    assert _summary(piped.stderr) == []
+    verbose = _exec(netns_target, probe, "exit", "0", extra=("-v",))
+    lines = _summary(verbose.stderr)
+    assert lines[0] == f"mtrace: target: pid/{netns_target.pid}" and len(lines) == 7, lines
+    assert f"mtrace: hostname: the target's ({netns_target.hostname})" in lines
+    assert _summary(_exec(netns_target, probe, "exit", "0", extra=("-v", "-q")).stderr) == []
+    for quiet in (False, True):
+        leader, follower = pty.openpty()
+        try:
+            completed = subprocess.run(
+                [sys.executable, "-m", "mtrace.cli", "exec", "--target",
+                 f"pid/{netns_target.pid}", *(["-q"] if quiet else []), "--", probe, "exit", "0"],
+                stdout=subprocess.PIPE, stderr=follower, timeout=60, check=False)
+            os.close(follower)
+            follower = -1
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        finally:
+            os.close(leader)
+            if follower >= 0:
+                os.close(follower)
+        assert completed.returncode == 0
+        shown = _summary(output.replace(b"\r\n", b"\n"))
+        assert len(shown) == (0 if quiet else 7), output

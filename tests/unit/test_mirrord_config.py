@@ -194,3 +194,29 @@ def test_env_file_relative_to_current_directory(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     config = load(write(tmp_path, "c.toml", '[feature.env]\nenv_file = "app.env"\n'))
     assert config.feature.env.env_file == "app.env" and os.path.isfile("app.env")
+
+
+def test_start_summary_lines() -> None:
+    from mtrace.cli.summary import feature_lines
+
+    config = load_with_warnings_text('{"feature": {"env": {"include": "DB_*", "unset": "X"}, '
+                                     '"fs": "write", "network": {"dns": false, "outgoing": '
+                                     '{"udp": false, "filter": {"local": ":53"}}}}}')
+    lines = feature_lines(config, "pid/7", "web-1")
+    assert lines == [
+        "target: pid/7",
+        "env: the target's DB_*; PATH, TERM, HOME kept local; unset X",
+        "fs: write: reads and writes go to the target",
+        "incoming: not handled: bind, listen and accept stay local",
+        "outgoing: tcp connections leave from the target, except to :53",
+        "dns: off: names are resolved by this machine",
+        "hostname: the target's (web-1)",
+    ]
+
+
+def load_with_warnings_text(text: str) -> Config:
+    import msgspec
+
+    from mtrace.cli.config import from_data
+
+    return from_data(msgspec.json.decode(text), "test")
