@@ -187,6 +187,54 @@ def verify_config_command(
         fail(error, verbose)
 
 
+@app.command("port-forward")
+def port_forward_command(
+    forwards: Annotated[list[str], typer.Option(
+        "-L", "--local", help="[LOCAL_ADDR:]LOCAL_PORT:HOST:PORT: connections to the local "
+        "port are opened to HOST:PORT from the target (repeatable).", show_default=False)],
+    target: TargetOption = None,
+    agent: AgentOption = None,
+    agent_secret: AgentSecretOption = None,
+    config_file: ConfigFileOption = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Forward local ports to HOST:PORT as seen from the target (HOST resolved by
+    the target's DNS), for tools that cannot run under mtrace."""
+    import asyncio
+
+    from .config import validate
+    from .port_forward import listen, parse_forward, serve
+    from .target import connect_agent, parse_target
+
+    _configure_logging(verbose)
+    sockets = []
+    try:
+        parsed = [parse_forward(text) for text in forwards]
+        config = _base_config(config_file, target, agent, agent_secret)
+        config = _revalidate(config)
+        validate(config, "command line")
+        resolved = parse_target(config.target) if config.target else None
+        if resolved is None and not config.agent.address:
+            raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")
+        sockets = [(forward, listen(forward)) for forward in parsed]
+        where = config.agent.address or (resolved.describe() if resolved else "")
+
+        async def session() -> int:
+            client = await connect_agent(config, resolved, verbose=verbose)
+            try:
+                return await serve(client, sockets, where)
+            finally:
+                await client.close()
+
+        code = asyncio.run(session())
+    except MtraceError as error:
+        fail(error, verbose)
+    finally:
+        for _, sock in sockets:
+            sock.close()
+    raise SystemExit(code)
+
+
 config_app = typer.Typer(help="About the config file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

@@ -137,3 +137,61 @@ def test_start_summary_on_a_terminal_not_when_piped(programs: dict[str, Path],
         assert completed.returncode == 0
         shown = _summary(output.replace(b"\r\n", b"\n"))
         assert len(shown) == (0 if quiet else 7), output
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_port_forward_opens_connections_from_the_target(netns_target: NetnsTarget) -> None:
+    import re
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "port-forward", "--target", f"pid/{netns_target.pid}",
+         "-L", f"0:127.0.0.1:{netns_target.tcp_port}", "-L", f"[::1]:0:localhost:{netns_target.tcp_port}",
+         "-L", f"0:127.0.0.1:{netns_target.closed_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert process.stderr is not None
+        ports = []
+        while len(ports) < 3:
+            line = process.stderr.readline().decode()
+            assert line, "port-forward exited early"
+            match = re.match(r"mtrace: forwarding (\S+):(\d+) -> ", line)
+            if match:
+                ports.append((match.group(1).strip("[]"), int(match.group(2))))
+        for host, port in ports[:2]:
+            with socket.create_connection((host, port), timeout=10) as conn:
+                conn.sendall(b"hello\n")
+                conn.shutdown(socket.SHUT_WR)
+                received = _read_all(conn)
+            assert received.startswith(netns_target.tcp_banner), received
+            assert received.endswith(b"hello\n")
+        with socket.create_connection(ports[2], timeout=10) as conn, \
+                pytest.raises(ConnectionResetError):
+            conn.recv(10) or conn.recv(10)
+        refused = process.stderr.readline().decode()
+        assert refused.startswith(f"mtrace: port-forward 127.0.0.1:{ports[2][1]} -> 127.0.0.1:"
+                                  f"{netns_target.closed_port}: the target could not connect: "
+                                  "Connection refused"), refused
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("8080", "expected [LOCAL_ADDR:]LOCAL_PORT:HOST:PORT"),
+    ("99999:db:5432", "out of range"),
+])
+def test_port_forward_bad_spec_is_78(spec: str, message: str) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "mtrace.cli", "port-forward", "--target", "targetless", "-L", spec],
+        capture_output=True, timeout=30, check=False)
+    assert completed.returncode == 78 and message in completed.stderr.decode()
