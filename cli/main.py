@@ -15,7 +15,7 @@ app = typer.Typer(
     name="mtrace",
     help="Run a local process in the context of a remote environment, by its system calls.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
