@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,62 @@ def test_port_forward_bad_spec_is_78(spec: str, message: str) -> None:
         [sys.executable, "-m", "mtrace.cli", "port-forward", "--target", "targetless", "-L", spec],
         capture_output=True, timeout=30, check=False)
     assert completed.returncode == 78 and message in completed.stderr.decode()
+
+
+# --- IPv6 end to end -----------------------------------------------------------------
+
+V6_SERVICE = """
+import socket, sys, threading
+tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+tcp.bind(("::1", 0)); tcp.listen(8)
+udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+udp.bind(("::1", 0))
+print(tcp.getsockname()[1], udp.getsockname()[1], flush=True)
+def serve_udp():
+    while True:
+        data, peer = udp.recvfrom(65535)
+        udp.sendto(b"v6-udp:" + data, peer)
+threading.Thread(target=serve_udp, daemon=True).start()
+while True:
+    conn, _ = tcp.accept()
+    conn.sendall(b"v6-only target\\n")
+    while data := conn.recv(65536):
+        conn.sendall(data)
+    conn.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def v6_service(netns_target: NetnsTarget) -> Iterator[tuple[int, int]]:
+    """A v6-only TCP and UDP service on the target's [::1] (nothing on this host's)."""
+    process = subprocess.Popen(
+        ["nsenter", f"--target={netns_target.pid}", "--net", "--", sys.executable, "-c",
+         V6_SERVICE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    line = process.stdout.readline().decode().split()
+    assert len(line) == 2, process.stderr.read() if process.stderr else b""
+    yield int(line[0]), int(line[1])
+    process.kill()
+    process.wait()
+
+
+def test_ipv6_outgoing_and_aaaa(probe: Path, backend: str, netns_target: NetnsTarget,
+                                v6_service: tuple[int, int]) -> None:
+    tcp_port, udp_port = v6_service
+    commands = [
+        ["resolve6", "only-in-target.test"],
+        ["tcp", "::1", str(tcp_port), "hello6"],
+        ["udp", "::1", str(udp_port), "ping6"],
+        ["udp-unconnected", "::1", str(udp_port), "ping6"],
+    ]
+    for command in commands:
+        inside = netns_target.run_inside(str(probe), *command)
+        assert inside.returncode == 0, (command, inside.stdout)
+        traced = _exec(netns_target, str(probe), *command, backend=backend)
+        assert (traced.returncode, traced.stdout) == (0, inside.stdout), (
+            command, traced.stderr[-2000:])
+    assert inside.stdout.startswith(b"v6-udp:ping6\n")
+    resolved = _exec(netns_target, str(probe), "resolve6", "only-in-target.test", backend=backend)
+    assert resolved.stdout == f"{netns_target.dns_names['only-in-target.test'][1]}\n".encode()

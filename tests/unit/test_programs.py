@@ -236,6 +236,14 @@ def test_resolve_literal(programs: ProgramPaths) -> None:
     assert run_probes(programs.probes, "resolve", "10.1.2.3") == ok("10.1.2.3\n")
 
 
+def test_resolve6_literal(programs: ProgramPaths) -> None:
+    assert run_probes(programs.probes, "resolve6", "fd00:0:0::07") == ok("fd00::7\n")
+
+
+def test_hostname(programs: ProgramPaths) -> None:
+    assert run_probes(programs.probes, "hostname") == ok(f"{socket.gethostname()}\n")
+
+
 def test_tcp(programs: ProgramPaths, tcp_echo_port: int) -> None:
     port = str(tcp_echo_port)
     assert run_probes(programs.probes, "tcp", "127.0.0.1", port, "hello") == ok("hello\n")

@@ -85,7 +85,7 @@ static void usage(void)
 {
     fputs("usage: probe COMMAND ARGS...\n"
           "  env NAME | cat PATH | stat PATH | ls DIR | readlink PATH\n"
-          "  resolve NAME | tcp HOST PORT MSG | http URL\n"
+          "  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
           "  exit N | kill SIG | loop-getpid N | loop-open PATH N\n"
           "  exec PATH ARGS... | fork-exec PATH ARGS... | hostname\n",
@@ -292,6 +292,35 @@ static int cmd_resolve(const char *name)
             continue;
         struct in_addr in = {htonl(addrs[i])};
         printf("%s\n", inet_ntoa(in));
+    }
+    return 0;
+}
+
+static int compare_in6(const void *a, const void *b)
+{
+    return memcmp(a, b, sizeof(struct in6_addr));
+}
+
+static int cmd_resolve6(const char *name)
+{
+    struct addrinfo hints = {0}, *res = NULL;
+    hints.ai_family = AF_INET6;
+    hints.ai_socktype = SOCK_STREAM;
+    int rc = getaddrinfo(name, NULL, &hints, &res);
+    if (rc != 0)
+        fail_gai(rc);
+    struct in6_addr addrs[256];
+    size_t count = 0;
+    for (struct addrinfo *ai = res; ai && count < 256; ai = ai->ai_next)
+        addrs[count++] = ((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr;
+    freeaddrinfo(res);
+    qsort(addrs, count, sizeof(addrs[0]), compare_in6);
+    for (size_t i = 0; i < count; i++) {
+        if (i > 0 && !memcmp(&addrs[i], &addrs[i - 1], sizeof(addrs[i])))
+            continue;
+        char text[INET6_ADDRSTRLEN];
+        inet_ntop(AF_INET6, &addrs[i], text, sizeof(text));
+        printf("%s\n", text);
     }
     return 0;
 }
@@ -598,6 +627,8 @@ int main(int argc, char **argv)
         return cmd_readlink(args[0]);
     if (!strcmp(cmd, "resolve") && nargs == 1)
         return cmd_resolve(args[0]);
+    if (!strcmp(cmd, "resolve6") && nargs == 1)
+        return cmd_resolve6(args[0]);
     if (!strcmp(cmd, "tcp") && nargs == 3)
         return cmd_tcp(args[0], args[1], args[2]);
     if (!strcmp(cmd, "http") && nargs == 1)

@@ -4,6 +4,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -22,7 +23,7 @@ import (
 
 const usage = `usage: probe COMMAND ARGS...
   env NAME | cat PATH | stat PATH | ls DIR | readlink PATH
-  resolve NAME | tcp HOST PORT MSG | http URL
+  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
   exit N | kill SIG | loop-getpid N | loop-open PATH N
   exec PATH ARGS... | fork-exec PATH ARGS... | hostname
@@ -49,6 +50,8 @@ func main() {
 		cmdReadlink(args[0])
 	case cmd == "resolve" && len(args) == 1:
 		cmdResolve(args[0])
+	case cmd == "resolve6" && len(args) == 1:
+		cmdResolve6(args[0])
 	case cmd == "tcp" && len(args) == 3:
 		cmdTCP(args[0], args[1], args[2])
 	case cmd == "http" && len(args) == 1:
@@ -171,6 +174,26 @@ func cmdReadlink(path string) {
 		fail(err)
 	}
 	fmt.Printf("%s\n", target)
+}
+
+func cmdResolve6(name string) {
+	resolver := &net.Resolver{PreferGo: true}
+	ips, err := resolver.LookupIP(context.Background(), "ip6", name)
+	if err != nil {
+		fail(err)
+	}
+	seen := map[string]bool{}
+	var addrs []net.IP
+	for _, ip := range ips {
+		if ip.To4() == nil && len(ip) == net.IPv6len && !seen[string(ip)] {
+			seen[string(ip)] = true
+			addrs = append(addrs, ip)
+		}
+	}
+	sort.Slice(addrs, func(i, j int) bool { return bytes.Compare(addrs[i], addrs[j]) < 0 })
+	for _, ip := range addrs {
+		fmt.Println(ip.String())
+	}
 }
 
 func cmdResolve(name string) {
