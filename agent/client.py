@@ -142,6 +142,7 @@ from .protocol import (
     UdpOpen,
     UdpOpened,
     UdpSend,
+    UnixConnect,
     Unlink,
     Welcome,
     Write,
@@ -575,6 +576,24 @@ class AgentClient:
         try:
             connected = await self._call(
                 TcpConnect(stream=stream_id, host=host, port=port, timeout=timeout, window=window),
+                TcpConnected,
+            )
+        except BaseException:
+            self._streams.pop(stream_id, None)
+            raise
+        stream._on_connected(connected)
+        return stream
+
+    async def open_unix(
+        self, path: bytes, timeout: float = 30.0, *, window: int = DEFAULT_WINDOW
+    ) -> TcpStream:
+        """A stream to the target's Unix socket ``path`` (see ``UnixConnect``)."""
+        stream_id = next(self._stream_ids)
+        stream = TcpStream(self, stream_id, window)
+        self._streams[stream_id] = stream
+        try:
+            connected = await self._call(
+                UnixConnect(stream=stream_id, path=path, timeout=timeout, window=window),
                 TcpConnected,
             )
         except BaseException:

@@ -87,6 +87,7 @@ CAP_ENV: Final = "env"
 CAP_TCP: Final = "tcp"
 CAP_UDP: Final = "udp"
 CAP_DNS: Final = "dns"
+CAP_UNIX_STREAM: Final = "unix-stream"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -216,6 +217,19 @@ class TcpConnect(_Message, tag="tcp-connect"):
     window: int = DEFAULT_WINDOW
 
 
+class UnixConnect(_Message, tag="unix-connect"):
+    """Open a stream to the target's Unix socket ``path`` (absolute, as the
+    target names it, resolved under its root; ``\\0name`` for an abstract
+    socket of its network namespace). Answered with ``TcpConnected`` (hosts are
+    the path, ports 0); the stream then works as a TCP one. (v2, ``unix-stream``)
+    """
+
+    stream: int
+    path: bytes
+    timeout: float = 30.0
+    window: int = DEFAULT_WINDOW
+
+
 class UdpOpen(_Message, tag="udp-open"):
     """Open a UDP socket in the target's network namespace (``socket`` chosen by the client)."""
 
@@ -283,6 +297,7 @@ Operation = (
     | MakeDir
     | Unlink
     | Rename
+    | UnixConnect
 )
 
 #: Operations that change the target's files: refused with EROFS unless the

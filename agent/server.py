@@ -37,6 +37,7 @@ from .protocol import (
     CAP_FILES_WRITE,
     CAP_TCP,
     CAP_UDP,
+    CAP_UNIX_STREAM,
     GOODBYE_SHUTDOWN,
 )
 from .session import AgentContext, Session
@@ -140,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot open the root of {target.describe()}: {error.strerror}",
             hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
         ) from error
-    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS]
+    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS, CAP_UNIX_STREAM]
     if args.write:
         capabilities.append(CAP_FILES_WRITE)
     context = AgentContext(

@@ -78,6 +78,7 @@ from .protocol import (
     UdpClose,
     UdpOpen,
     UdpSend,
+    UnixConnect,
     Unlink,
     Welcome,
     Write,
@@ -397,6 +398,8 @@ class Session:
             case UdpClose(socket=socket_id):
                 self._outgoing.udp_close(socket_id)
                 return Done()
+            case UnixConnect():
+                return await self._outgoing.connect_unix(operation, self.context.files.resolver)
         raise OSError(errno.ENOSYS, f"unsupported operation {type(operation).__name__}")
 
     def _read(self, handle: int, size: int, offset: int | None) -> Result:

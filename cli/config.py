@@ -150,6 +150,13 @@ def validate(config: Config, origin: str = "config") -> None:
                 raise ConfigError(
                     f"{origin} at `feature.fs.{name}[{index}]`: bad regular expression "
                     f"{pattern!r}: {exc}") from exc
+    for index, pattern in enumerate(config.feature.network.outgoing.unix_streams):
+        try:
+            compile_pattern(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"{origin} at `feature.network.outgoing.unix_streams[{index}]`: bad regular "
+                f"expression {pattern!r}: {exc}") from exc
     for section, mapping in (("feature.fs.mapping", fs.mapping),
                              ("feature.env.mapping", config.feature.env.mapping)):
         for pattern in mapping:

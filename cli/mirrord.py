@@ -156,8 +156,9 @@ KEYS: tuple[MirrordKey, ...] = (
     MirrordKey("feature.network.outgoing.ignore_localhost", "supported"),
     MirrordKey("feature.network.outgoing.tcp", "supported"),
     MirrordKey("feature.network.outgoing.udp", "supported"),
-    MirrordKey("feature.network.outgoing.unix_streams", "ignored",
-               "not implemented yet: connects to Unix sockets stay local"),
+    MirrordKey("feature.network.outgoing.unix_streams", "supported",
+               "regexes on the socket path (`@name` for an abstract one); stream sockets only, "
+               "relative paths stay local"),
     MirrordKey("feature.preview", "ignored", _OPERATOR),
     MirrordKey("feature.split_queues", "ignored", _OPERATOR),
     MirrordKey("internal_proxy", "ignored", _PROXY),

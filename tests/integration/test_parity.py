@@ -255,3 +255,83 @@ def test_ipv6_outgoing_and_aaaa(probe: Path, backend: str, netns_target: NetnsTa
     assert inside.stdout.startswith(b"v6-udp:ping6\n")
     resolved = _exec(netns_target, str(probe), "resolve6", "only-in-target.test", backend=backend)
     assert resolved.stdout == f"{netns_target.dns_names['only-in-target.test'][1]}\n".encode()
+
+
+# --- feature.network.outgoing.unix_streams ----------------------------------------------
+
+UNIX_SERVICE = """
+import socket, sys, threading
+def listen(address):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(address)
+    server.listen(8)
+    return server
+def answer(conn):
+    with conn:
+        conn.sendall(b"unix in the target\\n")
+        while data := conn.recv(65536):
+            conn.sendall(data)
+def serve(server):
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+servers = [listen(sys.argv[1]), listen(b"\\0" + sys.argv[2].encode())]
+for server in servers:
+    threading.Thread(target=serve, args=(server,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.fixture(scope="module")
+def unix_service(netns_target: NetnsTarget) -> Iterator[tuple[str, str]]:
+    """A Unix stream service at a path only the target's mount namespace has,
+    and at an abstract name of its network namespace."""
+    path = os.path.join(os.path.dirname(netns_target.private_file), "app.sock")
+    abstract = f"mtrace-parity-{os.getpid()}"
+    process = subprocess.Popen(
+        ["nsenter", f"--target={netns_target.pid}", "--net", "--mount", "--", sys.executable,
+         "-c", UNIX_SERVICE, path, abstract], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"ready\n", process.stderr.read() if process.stderr else b""
+    yield path, abstract
+    process.kill()
+    process.wait()
+
+
+def test_unix_streams_connect_to_the_targets_socket(probe: Path, backend: str,
+                                                    netns_target: NetnsTarget,
+                                                    unix_service: tuple[str, str],
+                                                    tmp_path: Path) -> None:
+    path, abstract = unix_service
+    assert not os.path.exists(path)
+    config = {"feature": {"network": {"outgoing": {"unix_streams": ["app\\.sock$",
+                                                                     "^@mtrace-parity-"]}}}}
+    for address in (path, f"@{abstract}"):
+        inside = netns_target.run_inside(str(probe), "unix-connect", address, "hi")
+        assert inside.stdout == b"unix in the target\nhi\n"
+        traced = _exec(netns_target, str(probe), "unix-connect", address, "hi", backend=backend,
+                       config=config, cwd=tmp_path)
+        assert (traced.returncode, traced.stdout) == (0, inside.stdout), (
+            address, traced.stderr[-2000:])
+    # Not matched: the connect stays on this machine.
+    local = tmp_path / "local.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(local))
+        server.listen(1)
+        traced = subprocess.Popen(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--backend", backend, "--target",
+             f"pid/{netns_target.pid}", "-f", str(tmp_path / "config.json"), "--", str(probe),
+             "unix-connect", str(local), "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        server.settimeout(30)
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"local\n")
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(100) == b"hi\n"
+        out, err = traced.communicate(timeout=60)
+    assert out == b"local\n", err[-2000:]
+    # Matched but missing in the target: the target's errno.
+    missing = _exec(netns_target, str(probe), "unix-connect", "/run/missing-app.sock", "hi",
+                    backend=backend, config=config, cwd=tmp_path)
+    assert missing.stdout == b"error: ENOENT\n", missing.stderr[-2000:]

@@ -65,6 +65,9 @@ SAMPLES = {
     "mkdir": p.Request(id=18, operation=p.MakeDir(path=b"/tmp/d", mode=0o755)),
     "unlink": p.Request(id=19, operation=p.Unlink(path=b"/tmp/d", directory=True)),
     "rename": p.Request(id=20, operation=p.Rename(source=b"/tmp/a", destination=b"/tmp/b")),
+    "unix-connect": p.Request(
+        id=21, operation=p.UnixConnect(stream=5, path=b"/run/app.sock", timeout=2.5, window=65536),
+    ),
     "error": p.Response(id=1, result=p.Error(errno=2, message="No such file or directory")),
     "done": p.Response(id=2, result=p.Done()),
     "pong": p.Response(id=3, result=p.Pong(data=b"hi")),
@@ -126,6 +129,7 @@ GOLDEN = {
     "mkdir": "0000001893a37265711293a56d6b646972c4062f746d702f64cd01ed",
     "unlink": "0000001793a37265711393a6756e6c696e6bc4062f746d702f64c3",
     "rename": "0000001e93a37265711493a672656e616d65c4062f746d702f61c4062f746d702f62",
+    "unix-connect": "0000003293a37265711595ac756e69782d636f6e6e65637405c40d2f72756e2f6170702e736f636bcb4004000000000000ce00010000",
     "error": "0000002893a37265730193a56572726f7202b94e6f20737563682066696c65206f72206469726563746f7279",
     "done": "0000000c93a37265730291a4646f6e65",
     "pong": "0000001093a37265730392a4706f6e67c4026869",

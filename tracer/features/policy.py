@@ -82,6 +82,9 @@ class OutgoingConfig(_Config):
     # Connections to 127.0.0.0/8 and ::1 stay on this machine.
     ignore_localhost: bool = False
     filter: OutgoingFilter | None = None
+    # Regexes (re.search) of Unix socket paths whose stream connects go to the
+    # target's socket of that path (an abstract name is matched as "@name").
+    unix_streams: list[str] = msgspec.field(default_factory=list)
 
 
 class DnsFilter(_Config):

@@ -15,11 +15,13 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -86,6 +88,7 @@ static void usage(void)
     fputs("usage: probe COMMAND ARGS...\n"
           "  env NAME | cat PATH | stat PATH | ls DIR | readlink PATH\n"
           "  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL\n"
+          "  unix-connect PATH MSG\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
           "  exit N | kill SIG | loop-getpid N | loop-open PATH N\n"
           "  exec PATH ARGS... | fork-exec PATH ARGS... | hostname\n",
@@ -371,6 +374,37 @@ static int cmd_tcp(const char *host, const char *port, const char *msg)
     return 0;
 }
 
+/* Like tcp, over a Unix stream socket; "@name" is an abstract name. */
+static int cmd_unix_connect(const char *path, const char *msg)
+{
+    struct sockaddr_un addr = {0};
+    addr.sun_family = AF_UNIX;
+    size_t plen = strlen(path);
+    if (plen >= sizeof(addr.sun_path))
+        fail_errno(ENAMETOOLONG);
+    memcpy(addr.sun_path, path, plen);
+    socklen_t alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
+    if (path[0] == '@') {
+        addr.sun_path[0] = 0;
+        alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        fail_errno(errno);
+    if (connect(fd, (struct sockaddr *)&addr, alen) != 0)
+        fail_errno(errno);
+    size_t len = strlen(msg);
+    char *line = malloc(len + 2);
+    memcpy(line, msg, len);
+    line[len] = '\n';
+    send_all(fd, line, len + 1);
+    if (shutdown(fd, SHUT_WR) != 0)
+        fail_errno(errno);
+    relay_to_stdout(fd);
+    close(fd);
+    return 0;
+}
+
 static int cmd_http(const char *url)
 {
     if (strncmp(url, "http://", 7) != 0)
@@ -631,6 +665,8 @@ int main(int argc, char **argv)
         return cmd_resolve6(args[0]);
     if (!strcmp(cmd, "tcp") && nargs == 3)
         return cmd_tcp(args[0], args[1], args[2]);
+    if (!strcmp(cmd, "unix-connect") && nargs == 2)
+        return cmd_unix_connect(args[0], args[1]);
     if (!strcmp(cmd, "http") && nargs == 1)
         return cmd_http(args[0]);
     if (!strcmp(cmd, "udp") && nargs == 3)

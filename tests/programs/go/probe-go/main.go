@@ -24,6 +24,7 @@ import (
 const usage = `usage: probe COMMAND ARGS...
   env NAME | cat PATH | stat PATH | ls DIR | readlink PATH
   resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL
+  unix-connect PATH MSG
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
   exit N | kill SIG | loop-getpid N | loop-open PATH N
   exec PATH ARGS... | fork-exec PATH ARGS... | hostname
@@ -54,6 +55,8 @@ func main() {
 		cmdResolve6(args[0])
 	case cmd == "tcp" && len(args) == 3:
 		cmdTCP(args[0], args[1], args[2])
+	case cmd == "unix-connect" && len(args) == 2:
+		cmdUnixConnect(args[0], args[1])
 	case cmd == "http" && len(args) == 1:
 		cmdHTTP(args[0])
 	case cmd == "udp" && len(args) == 3:
@@ -226,7 +229,24 @@ func cmdTCP(host, port, msg string) {
 	if err != nil {
 		fail(err)
 	}
-	tcp := conn.(*net.TCPConn)
+	exchange(conn.(*net.TCPConn), msg)
+}
+
+// Like tcp, over a Unix stream socket; "@name" is an abstract name (Go's own convention).
+func cmdUnixConnect(path, msg string) {
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		fail(err)
+	}
+	exchange(conn.(*net.UnixConn), msg)
+}
+
+type halfCloser interface {
+	net.Conn
+	CloseWrite() error
+}
+
+func exchange(tcp halfCloser, msg string) {
 	if _, err := tcp.Write([]byte(msg + "\n")); err != nil {
 		fail(err)
 	}
