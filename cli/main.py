@@ -227,6 +227,8 @@ def port_forward_command(
                 await client.close()
 
         code = asyncio.run(session())
+    except KeyboardInterrupt:
+        code = 130  # Ctrl-C before the listeners were up
     except MtraceError as error:
         fail(error, verbose)
     finally:

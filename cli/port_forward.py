@@ -133,7 +133,7 @@ async def serve(client: AgentClient, forwards: list[tuple[Forward, socket.socket
         task.cancel()
     for _, sock in forwards:
         sock.close()
-    if lost.done():
+    if lost.done() and not stop.is_set():
         error = lost.result()
         sys.stderr.write(f"mtrace: error: lost the connection to the agent: {error.message}\n")
         return AgentUnavailable.exit_code
