@@ -159,6 +159,7 @@ from .protocol import (
     UdpOpen,
     UdpOpened,
     UdpSend,
+    UnixConnect,
     Unlink,
     UploadBegin,
     UploadCommit,
@@ -339,6 +340,7 @@ class AgentClient:
         self.target_pid: int | None = None
         #: The channel the handshake chose (CHANNEL_PLAIN or CHANNEL_CHACHA20_POLY1305).
         self.channel = CHANNEL_PLAIN
+        self.target_hostname: str | None = None
 
     # --- connection ---
 
@@ -457,6 +459,7 @@ class AgentClient:
         self.version = reply.version
         self.capabilities = list(hello.capabilities)
         self.target_pid = hello.target_pid
+        self.target_hostname = hello.hostname
         self._reader_task = asyncio.create_task(self._read_loop(), name="agent-client-reader")
 
     @property
@@ -688,6 +691,24 @@ class AgentClient:
         try:
             connected = await self._call(
                 TcpConnect(stream=stream_id, host=host, port=port, timeout=timeout, window=window),
+                TcpConnected,
+            )
+        except BaseException:
+            self._streams.pop(stream_id, None)
+            raise
+        stream._on_connected(connected)
+        return stream
+
+    async def open_unix(
+        self, path: bytes, timeout: float = 30.0, *, window: int = DEFAULT_WINDOW
+    ) -> TcpStream:
+        """A stream to the target's Unix socket ``path`` (see ``UnixConnect``)."""
+        stream_id = next(self._stream_ids)
+        stream = TcpStream(self, stream_id, window)
+        self._streams[stream_id] = stream
+        try:
+            connected = await self._call(
+                UnixConnect(stream=stream_id, path=path, timeout=timeout, window=window),
                 TcpConnected,
             )
         except BaseException:

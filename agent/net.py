@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from .aio import sock_recvfrom, sock_sendto
+from .files import RootResolver
 from .logs import event
 from .protocol import (
     DEFAULT_WINDOW,
@@ -43,6 +44,7 @@ from .protocol import (
     UdpOpen,
     UdpOpened,
     UdpSend,
+    UnixConnect,
     _Message,
 )
 
@@ -333,6 +335,59 @@ class Outgoing:
             peer_port=peer[1],
             window=DEFAULT_WINDOW,
         )
+
+    async def connect_unix(self, request: UnixConnect, resolver: RootResolver) -> TcpConnected:
+        """A stream to the target's Unix socket ``request.path``: a path is
+        resolved under the target's root (never outside it) and connected
+        through its directory's fd; an abstract name lives in the network
+        namespace the agent is in."""
+        if request.stream in self._streams or request.stream in self._connecting:
+            raise _oserror(errno.EEXIST, f"stream {request.stream} is already in use")
+        if len(self._streams) + len(self._connecting) >= MAX_STREAMS:
+            raise _oserror(errno.EMFILE, "too many streams on this connection")
+        if request.window <= 0:
+            raise _oserror(errno.EINVAL, "window must be positive")
+        path = request.path
+        shown = path.decode(errors="replace")
+        if not (path.startswith(b"/") or path.startswith(b"\0")) or len(path) > 107:
+            raise _oserror(errno.EINVAL, f"not an absolute or abstract socket path: {shown!r}")
+        self._connecting.add(request.stream)
+        directory = -1
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if path.startswith(b"\0"):
+                address = path
+            else:
+                loop = asyncio.get_running_loop()
+                directory, name = await loop.run_in_executor(None, resolver.parent, path)
+                address = f"/proc/self/fd/{directory}/".encode() + name
+            try:
+                async with asyncio.timeout(request.timeout if request.timeout > 0 else None):
+                    await asyncio.get_running_loop().sock_connect(sock, address)
+            except TimeoutError:
+                raise _oserror(errno.ETIMEDOUT, f"{os.strerror(errno.ETIMEDOUT)} ({shown})") from None
+            except OSError as error:
+                code = error.errno or errno.EIO
+                raise _oserror(code, f"{os.strerror(code)} ({shown})") from None
+            reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_CHUNK)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            if directory >= 0:
+                os.close(directory)
+            self._connecting.discard(request.stream)
+        if self._closed:
+            writer.close()
+            raise _oserror(errno.ECONNABORTED, "client went away")
+        self._streams[request.stream] = TcpStream(
+            request.stream, reader, writer, send_window=request.window,
+            receive_window=DEFAULT_WINDOW, outgoing=self,
+        )
+        event(logger, logging.DEBUG, "stream_open", stream=request.stream, peer=shown)
+        return TcpConnected(stream=request.stream, local_host="", local_port=0,
+                            peer_host=shown, peer_port=0, window=DEFAULT_WINDOW)
 
     def stream(self, stream_id: int) -> TcpStream | None:
         return self._streams.get(stream_id)

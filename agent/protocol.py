@@ -98,6 +98,8 @@ CAP_UDP: Final = "udp"
 CAP_DNS: Final = "dns"
 #: UploadBegin/UploadCommit (protocol 2): whole-file atomic replacement.
 CAP_FILES_UPLOAD: Final = "files-upload"
+#: UnixConnect (protocol 2): a stream to a Unix socket in the target's mount view.
+CAP_UNIX_STREAM: Final = "unix-stream"
 
 # Channels (AgentHello.channels, ClientHello.channel).
 CHANNEL_PLAIN: Final = "plain"
@@ -125,6 +127,8 @@ class AgentHello(_Message, tag="agent-hello"):
     target_pid: int | None = None
     #: What this connection may carry, by preference (protocol 2); an older agent: plain.
     channels: list[str] = msgspec.field(default_factory=lambda: [CHANNEL_PLAIN])
+    # The target's hostname (its UTS namespace's), for feature.hostname. (v2)
+    hostname: str | None = None
 
 
 class ClientHello(_Message, tag="client-hello"):
@@ -236,6 +240,19 @@ class TcpConnect(_Message, tag="tcp-connect"):
     window: int = DEFAULT_WINDOW
 
 
+class UnixConnect(_Message, tag="unix-connect"):
+    """Open a stream to the target's Unix socket ``path`` (absolute, as the
+    target names it, resolved under its root; ``\\0name`` for an abstract
+    socket of its network namespace). Answered with ``TcpConnected`` (hosts are
+    the path, ports 0); the stream then works as a TCP one. (v2, ``unix-stream``)
+    """
+
+    stream: int
+    path: bytes
+    timeout: float = 30.0
+    window: int = DEFAULT_WINDOW
+
+
 class UdpOpen(_Message, tag="udp-open"):
     """Open a UDP socket in the target's network namespace (``socket`` chosen by the client)."""
 
@@ -324,6 +341,7 @@ Operation = (
     | Rename
     | UploadBegin
     | UploadCommit
+    | UnixConnect
 )
 
 #: Operations that change the target's files: refused with EROFS unless the

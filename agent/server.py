@@ -40,6 +40,7 @@ from .protocol import (
     CAP_FILES_WRITE,
     CAP_TCP,
     CAP_UDP,
+    CAP_UNIX_STREAM,
     CHANNEL_CHACHA20_POLY1305,
     CHANNEL_PLAIN,
     GOODBYE_SHUTDOWN,
@@ -174,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot open the root of {target.describe()}: {error.strerror}",
             hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
         ) from error
-    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS]
+    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS, CAP_UNIX_STREAM]
     if args.write:
         capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD]
     context = AgentContext(

@@ -89,6 +89,7 @@ from .protocol import (
     UdpClose,
     UdpOpen,
     UdpSend,
+    UnixConnect,
     Unlink,
     UploadBegin,
     UploadCommit,
@@ -313,6 +314,7 @@ class Session:
                 nonce=nonce,
                 target_pid=self.context.target.pid,
                 channels=self.channels,
+                hostname=self.context.target.hostname(),
             )
         )
         self._writer.write(agent_hello)
@@ -530,6 +532,8 @@ class Session:
             case UdpClose(socket=socket_id):
                 self._outgoing.udp_close(socket_id)
                 return Done()
+            case UnixConnect():
+                return await self._outgoing.connect_unix(operation, self.context.files.resolver)
         raise OSError(errno.ENOSYS, f"unsupported operation {type(operation).__name__}")
 
     def _read(self, handle: int, size: int, offset: int | None) -> Result:

@@ -16,6 +16,7 @@ import os
 from .errors import AgentError
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUTS = 0x04000000
 SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
 
 
@@ -23,11 +24,24 @@ class Target:
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.root = f"/proc/{pid}/root" if pid is not None else "/"
+        self._in_uts = False
         if pid is not None and not os.path.exists(f"/proc/{pid}"):
             raise AgentError(
                 f"target process {pid} does not exist",
                 hint="check the pid (ps -p PID) and that the agent sees the host's /proc",
             )
+
+    def hostname(self) -> str | None:
+        """The target's hostname: its UTS namespace's once :meth:`enter_network`
+        joined it, else its /etc/hostname, else None."""
+        if self.pid is None or self._in_uts:
+            return os.uname().nodename
+        try:
+            with open(f"{self.root}/etc/hostname", "rb") as file:
+                name = file.read(256).strip().decode(errors="replace")
+        except OSError:
+            return None
+        return name or None
 
     def describe(self) -> str:
         return f"pid/{self.pid}" if self.pid is not None else "targetless"
@@ -64,6 +78,22 @@ class Target:
                 f"cannot enter the network namespace of pid {self.pid}: {error.strerror}",
                 hint="the agent needs CAP_SYS_ADMIN to join another network namespace",
             ) from error
+        finally:
+            os.close(fd)
+        self._enter_uts()
+
+    def _enter_uts(self) -> None:
+        """Join the target's UTS namespace too, so uname() here gives its
+        hostname (nothing else in the agent depends on it; failing is fine)."""
+        try:
+            fd = os.open(f"/proc/{self.pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            _setns(fd, CLONE_NEWUTS)
+            self._in_uts = True
+        except OSError:
+            pass
         finally:
             os.close(fd)
 

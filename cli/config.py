@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-from ..tracer.features.policy import FeatureConfig
+from ..tracer.features.policy import FeatureConfig, compile_pattern
 from .errors import ConfigError
 
 Backend = Literal["auto", "notify", "ptrace"]
@@ -65,17 +67,38 @@ _DECODERS = {
     ".yml": msgspec.yaml.decode,
 }
 
+# Looked for in the current directory when no -f is given, first found wins.
+DEFAULT_FILES = (
+    ".mtrace/config.toml", ".mtrace/config.yaml", ".mtrace/config.json",
+    ".mirrord/mirrord.json",
+)
+
+
+def find_default(directory: str | os.PathLike[str] = ".") -> Path | None:
+    for name in DEFAULT_FILES:
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return candidate
+    return None
+
 
 def _key_of(message: str) -> tuple[str, str]:
-    """Split msgspec's "... - at `$.feature.fs.mode`" into (reason, dotted key)."""
+    """Split msgspec's "... - at `$.feature.fs.mode`" into (reason, dotted key);
+    an unknown field's own name joins the key (``feature.fs.typo``)."""
     match = re.search(r" - at `\$\.?(.*)`$", message)
-    if not match:
-        return message, ""
-    key = re.sub(r"\[(\d+)\]", r"[\1]", match.group(1))
-    return message[: match.start()], key
+    reason, key = (message, "") if not match else (message[: match.start()], match.group(1))
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", reason)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        reason = "unknown key (not an mtrace or mirrord key)"
+    return reason, key
 
 
-def load(path: str | os.PathLike[str]) -> Config:
+def _warn(message: str) -> None:
+    sys.stderr.write(f"mtrace: warning: {message}\n")
+
+
+def load(path: str | os.PathLike[str], warn: Callable[[str], None] = _warn) -> Config:
     file = Path(path)
     decode = _DECODERS.get(file.suffix.lower())
     if decode is None:
@@ -88,16 +111,32 @@ def load(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {file}: {exc.strerror}") from exc
     try:
-        config: Config = decode(data, type=Config)  # type: ignore[operator]
+        raw = decode(data)  # type: ignore[operator]
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{file}: not valid {file.suffix[1:].upper()}: {exc}") from exc
+    if raw is None:
+        raw = {}  # an empty YAML file: every default
+    config = from_data(raw, str(file), warn)
+    validate(config, str(file))
+    return config
+
+
+def from_data(raw: Any, origin: str, warn: Callable[[str], None] = _warn) -> Config:
+    """Decoded file contents (mirrord's shapes accepted) as a Config."""
+    from .mirrord import UnknownKey, normalise
+
+    try:
+        data = normalise(raw, Config, lambda message: warn(f"{origin}: {message}"))
+    except UnknownKey as exc:
+        raise ConfigError(f"{origin} at `{exc.key}`: unknown key (not an mtrace or mirrord key)",
+                          hint="see docs/mirrord.md for the keys mirrord has") from exc
+    try:
+        return msgspec.convert(data, type=Config)
     except msgspec.ValidationError as exc:
         reason, key = _key_of(str(exc))
         where = f" at `{key}`" if key else ""
-        raise ConfigError(f"{file}{where}: {reason}",
+        raise ConfigError(f"{origin}{where}: {reason}",
                           hint="see the Configuration section of the README") from exc
-    except msgspec.DecodeError as exc:
-        raise ConfigError(f"{file}: not valid {file.suffix[1:].upper()}: {exc}") from exc
-    validate(config, str(file))
-    return config
 
 
 def validate(config: Config, origin: str = "config") -> None:
@@ -111,6 +150,25 @@ def validate(config: Config, origin: str = "config") -> None:
                 raise ConfigError(
                     f"{origin} at `feature.fs.{name}[{index}]`: bad regular expression "
                     f"{pattern!r}: {exc}") from exc
+    for index, pattern in enumerate(config.feature.network.outgoing.unix_streams):
+        try:
+            compile_pattern(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"{origin} at `feature.network.outgoing.unix_streams[{index}]`: bad regular "
+                f"expression {pattern!r}: {exc}") from exc
+    for section, mapping in (("feature.fs.mapping", fs.mapping),
+                             ("feature.env.mapping", config.feature.env.mapping)):
+        for pattern in mapping:
+            try:
+                compile_pattern(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{origin} at `{section}`: bad regular expression "
+                                  f"{pattern!r}: {exc}") from exc
+    env_file = config.feature.env.env_file
+    if env_file is not None and not os.path.isfile(env_file):
+        raise ConfigError(f"{origin} at `feature.env.env_file`: no such file {env_file!r}",
+                          hint="a relative path is read from the current directory")
     outgoing = config.feature.network.outgoing
     if outgoing.filter and outgoing.filter.remote is not None and outgoing.filter.local is not None:
         raise ConfigError(f"{origin} at `feature.network.outgoing.filter`: give either `remote` "
@@ -131,3 +189,39 @@ def parse_address(text: str, *, origin: str = "--agent") -> tuple[str, int]:
         raise ConfigError(f"{origin}: {text!r} is not HOST:PORT",
                           hint="for example --agent 127.0.0.1:7000")
     return host.strip("[]"), int(port)
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """Every key with its value, defaults included (``verify-config``); the
+    agent secret is masked."""
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, msgspec.Struct):
+            return {field.encode_name: expand(getattr(value, field.name))
+                    for field in msgspec.structs.fields(value)}
+        if isinstance(value, list | tuple):
+            return [expand(item) for item in value]
+        if isinstance(value, dict):
+            return {key: expand(item) for key, item in value.items()}
+        return value
+
+    result: dict[str, Any] = expand(config)
+    if config.agent.secret:
+        result["agent"]["secret"] = "(set)"
+    return result
+
+
+def without_none(value: Any) -> Any:
+    """TOML has no null: unset keys are left out."""
+    if isinstance(value, dict):
+        return {key: without_none(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_none(item) for item in value]
+    return value
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file, generated from the structs."""
+    schema = msgspec.json.schema(Config)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "mtrace config", **schema}

@@ -16,7 +16,7 @@ app = typer.Typer(
     name="mtrace",
     help="Run a local process in the context of a remote environment, by its system calls.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -85,10 +85,12 @@ ConfigFileOption = Annotated[str | None, typer.Option(
 
 def _base_config(config_file: str | None, target: str | None, agent: str | None,
                  agent_secret: str | None) -> Any:
-    """The config file (or defaults) with the target flags applied over it."""
-    from .config import Config, load
+    """The config file (``-f``, else the first of config.DEFAULT_FILES in the
+    current directory, else defaults) with the target flags applied over it."""
+    from .config import Config, find_default, load
 
-    config = load(config_file) if config_file else Config()
+    found = config_file or find_default()
+    config = load(found) if found else Config()
     if target is not None:
         config.target = target
     if agent is not None:
@@ -125,6 +127,8 @@ def exec_command(
         help="Keep connections to 127.0.0.0/8 and ::1 local.", show_default=False)] = None,
     backend: Backend = None,
     verbose: Verbose = 0,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No start-up summary of what each feature does.")] = False,
 ) -> None:
     """Run COMMAND under mtrace, in the context of a target if one is given."""
     from .config import validate
@@ -156,12 +160,124 @@ def exec_command(
         config = _revalidate(config)
         validate(config, "command line")
         if config.target or config.agent.address:
-            code = run_with_target(command, config, verbose=verbose)
+            code = run_with_target(command, config, verbose=verbose, quiet=quiet)
         else:
             code = run_plain(command, config)
     except MtraceError as error:
         fail(error, verbose)
     raise SystemExit(code)
+
+
+@app.command("verify-config")
+def verify_config_command(
+    config_file: ConfigFileOption = None,
+    target: TargetOption = None,
+    agent: AgentOption = None,
+    fs_mode: Annotated[str | None, typer.Option(
+        "--fs-mode", help="read, write, local or localwithoverrides.", show_default=False)] = None,
+    backend: Backend = None,
+    output: Annotated[str, typer.Option(
+        "--format", help="toml or json.", show_default=True)] = "toml",
+    verbose: Verbose = 0,
+) -> None:
+    """Check a config file (mirrord's too) and print the effective config: the
+    flags, the file and the defaults merged. Exit 0 if it is good, 78 if not."""
+    import json
+
+    import msgspec
+
+    from .config import effective, validate, without_none
+
+    _configure_logging(verbose)
+    try:
+        if output not in ("toml", "json"):
+            raise ConfigError(f"--format {output}: expected toml or json")
+        config = _base_config(config_file, target, agent, None)
+        if fs_mode is not None:
+            config.feature.fs.mode = fs_mode
+        if backend is not None:
+            config.backend = backend
+        config = _revalidate(config)
+        validate(config, "command line")
+        values = effective(config)
+        if output == "json":
+            sys.stdout.write(json.dumps(values, indent=2) + "\n")
+        else:
+            sys.stdout.write(msgspec.toml.encode(without_none(values)).decode())
+    except MtraceError as error:
+        fail(error, verbose)
+
+
+@app.command("port-forward")
+def port_forward_command(
+    forwards: Annotated[list[str], typer.Option(
+        "-L", "--local", help="[LOCAL_ADDR:]LOCAL_PORT:HOST:PORT: connections to the local "
+        "port are opened to HOST:PORT from the target (repeatable).", show_default=False)],
+    target: TargetOption = None,
+    agent: AgentOption = None,
+    agent_secret: AgentSecretOption = None,
+    config_file: ConfigFileOption = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Forward local ports to HOST:PORT as seen from the target (HOST resolved by
+    the target's DNS), for tools that cannot run under mtrace."""
+    import asyncio
+
+    from .config import validate
+    from .port_forward import listen, parse_forward, serve
+    from .target import connect_agent, parse_target
+
+    _configure_logging(verbose)
+    sockets = []
+    try:
+        parsed = [parse_forward(text) for text in forwards]
+        config = _base_config(config_file, target, agent, agent_secret)
+        config = _revalidate(config)
+        validate(config, "command line")
+        resolved = parse_target(config.target) if config.target else None
+        if resolved is None and not config.agent.address:
+            raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")
+        sockets = [(forward, listen(forward)) for forward in parsed]
+        where = config.agent.address or (resolved.describe() if resolved else "")
+
+        async def session() -> int:
+            client = await connect_agent(config, resolved, verbose=verbose)
+            try:
+                return await serve(client, sockets, where)
+            finally:
+                await client.close()
+
+        code = asyncio.run(session())
+    except KeyboardInterrupt:
+        code = 130  # Ctrl-C before the listeners were up
+    except MtraceError as error:
+        fail(error, verbose)
+    finally:
+        for _, sock in sockets:
+            sock.close()
+    raise SystemExit(code)
+
+
+config_app = typer.Typer(help="About the config file.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("schema")
+def config_schema_command() -> None:
+    """Print the JSON Schema of the config file (for editors: completion, checks)."""
+    import json
+
+    from .config import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+
+
+@config_app.command("mirrord-keys")
+def config_mirrord_keys_command() -> None:
+    """Print every mirrord config key and what mtrace does with it (markdown)."""
+    from .mirrord import markdown_table
+
+    sys.stdout.write(markdown_table())
 
 
 def _revalidate(config: Any) -> Any:

@@ -48,7 +48,7 @@ def run_plain(command: Sequence[str], config: Config) -> int:
 
 def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
                     observer: Observer | None = None,
-                    trapped: Sequence[str] | None = None) -> int:
+                    trapped: Sequence[str] | None = None, quiet: bool = False) -> int:
     """Run ``command`` in the target's context; ``observer`` sees each trapped
     call (``mtrace trace --target``), ``trapped`` narrows what is shown (every
     call the features need is trapped all the same)."""
@@ -64,16 +64,16 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
     # them (otherwise a Ctrl-C landing on the agent's thread stops mtrace).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
-        return _run_with_target(command, config, target, verbose, observer, trapped)
+        return _run_with_target(command, config, target, verbose, observer, trapped, quiet)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 def _run_with_target(command: Sequence[str], config: Config, target: Target | None,
                      verbose: int, observer: Observer | None,
-                     trapped: Sequence[str] | None) -> int:
+                     trapped: Sequence[str] | None, quiet: bool = False) -> int:
     from ..tracer.backend import AsyncSide
-    from ..tracer.features.env import merge_environment
+    from ..tracer.features.env import merge_environment, read_env_file
     from ..tracer.features.remote import RemoteContext
     from .target import connect_agent, progress
 
@@ -87,9 +87,15 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
                            config.agent.startup_timeout + 5, "the start-up handshake")
             latency = _wait(side, client.ping(), 10, "a ping")
             progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
+            from . import summary
+
+            summary.show(summary.feature_lines(config, where, client.target_hostname),
+                         verbose=verbose, quiet=quiet)
             target_env = (_wait(side, client.environ(), 30, "the environment request")
                           if config.feature.env.enabled else {})
-            env = merge_environment(os.environ, target_env, config.feature.env)
+            env_file = (read_env_file(config.feature.env.env_file)
+                        if config.feature.env.env_file else None)
+            env = merge_environment(os.environ, target_env, config.feature.env, env_file)
             context = RemoteContext(client=client, async_side=side, features=config.feature,
                                     session_dir=session_dir,
                                     executable=resolve_executable(command, env))
@@ -132,18 +138,23 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
                   env: dict[str, str], observer: Observer | None,
                   shown: Sequence[str] | None) -> int:
     from ..tracer.backend import Handlers
-    from ..tracer.features import files, net
+    from ..tracer.features import files, hostname, net
     from ..tracer.syscalls import DEFAULT_TRAPPED
 
     side = context.async_side
     files_feature = files.FilesFeature(context)
     outgoing = net.setup(context)
     table = {**files_feature.handlers(), **outgoing.handlers()}
+    target_hostname = context.client.target_hostname if config.feature.hostname else None
+    if target_hostname:
+        table.update(hostname.handlers(target_hostname))
     if observer is not None:
         table = _showing_results(table)
     handlers = Handlers(table)
     trapped = tuple(dict.fromkeys([*DEFAULT_TRAPPED, *files.trapped_for(config.feature.fs),
-                                   *net.TRAPPED, *(shown or ())]))
+                                   *net.TRAPPED,
+                                   *(hostname.TRAPPED if target_hostname else ()),
+                                   *(shown or ())]))
     if observer is not None and shown:
         observer = _ShownOnly(observer, set(shown))
     watcher = side.submit(_watch_agent(context.client, context))

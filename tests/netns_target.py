@@ -6,6 +6,8 @@ holding one target process. The target process (this file run as a script,
 ``serve --role target``) has:
 
 * its own environment (``target.env``: ``env -i`` plus a few variables);
+* its own UTS namespace and hostname (``target.hostname``, also its
+  ``/etc/hostname``);
 * its own ``/etc/hosts`` and ``/etc/resolv.conf`` (``ip netns exec``
   bind-mounts ``/etc/netns/NAME/*`` in the private mount namespace it makes;
   ``/proc/PID/root/etc/hosts`` shows the target's view);
@@ -96,6 +98,8 @@ class NetnsTarget:
     no_route_host: str  # no route at all: ENETUNREACH
     blackhole_port: int | None  # SYNs to 127.0.0.1:port dropped: ETIMEDOUT (None: no iptables)
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+    # Its own UTS namespace with this hostname, also in its /etc/hostname.
+    hostname: str = ""
 
     @property
     def name(self) -> str:
@@ -103,7 +107,7 @@ class NetnsTarget:
 
     def nsenter_argv(self, *argv: str, environment: bool = True) -> list[str]:
         """``argv`` run in the target's network and mount namespaces (with its environment)."""
-        prefix = ["nsenter", f"--target={self.pid}", "--net", "--mount", "--"]
+        prefix = ["nsenter", f"--target={self.pid}", "--net", "--mount", "--uts", "--"]
         if environment:
             prefix += ["env", "-i", *(f"{key}={value}" for key, value in self.env.items())]
         return [*prefix, *argv]
@@ -205,6 +209,8 @@ def netns_target() -> Iterator[NetnsTarget]:
             f"{address} {host}\n" for host, address in HOSTS_NAMES.items()
         )
         (etc / "hosts").write_text(hosts)
+        hostname = f"target-{name}"
+        (etc / "hostname").write_text(f"{hostname}\n")
         (etc / "resolv.conf").write_text(
             f"nameserver 127.0.0.1\nsearch {SEARCH_DOMAIN}\noptions timeout:2 attempts:2\n"
         )
@@ -231,14 +237,14 @@ def netns_target() -> Iterator[NetnsTarget]:
             "ONLY_IN_TARGET": "yes",
         }
         script = (
-            f"mount -t tmpfs mtrace-private {private_dir} && "
+            f"hostname {hostname} && mount -t tmpfs mtrace-private {private_dir} && "
             f"printf '%s' '{private_content.decode()}' > {private_file} && "
             f"exec env -i {' '.join(f'{key}={value}' for key, value in env.items())} "
             f"{sys.executable} {__file__} serve --role target --name {name} "
             f"--tcp-port {tcp_port} --udp-port {udp_port}"
         )
         target = subprocess.Popen(
-            ["ip", "netns", "exec", name, "sh", "-c", script],
+            ["ip", "netns", "exec", name, "unshare", "--uts", "sh", "-c", script],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -248,7 +254,7 @@ def netns_target() -> Iterator[NetnsTarget]:
         _read_ready(target, f"the target process in {name}")
         yield NetnsTarget(
             netns=name,
-            pid=target.pid,  # ip netns exec and sh both exec: this is the python process
+            pid=target.pid,  # ip netns exec, unshare and sh all exec: this is the python process
             env=env,
             tcp_port=tcp_port,
             udp_port=udp_port,
@@ -266,6 +272,7 @@ def netns_target() -> Iterator[NetnsTarget]:
             no_route_host=NO_ROUTE_HOST,
             blackhole_port=blackhole_port,
             _processes=processes,
+            hostname=hostname,
         )
     finally:
         for process in processes:

@@ -33,7 +33,7 @@ def test_toml_json_yaml_decode_the_same(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "key"), [
     ('[feature.fs]\nmode = "sometimes"\n', "feature.fs.mode"),
     ("[feature.env]\ninclude = 3\n", "feature.env.include"),
-    ("[feature.fs]\nunknown_key = 1\n", "feature.fs"),
+    ("[feature.fs]\nunknown_key = 1\n", "feature.fs.unknown_key"),
     ('[feature.fs]\nlocal = ["("]\n', "feature.fs.local[0]"),
     ('[feature.network.outgoing.filter]\nremote = ["a"]\nlocal = ["b"]\n',
      "feature.network.outgoing.filter"),

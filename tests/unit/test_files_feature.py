@@ -751,3 +751,30 @@ def test_getcwd_syscall_and_proc_self_cwd_after_chdir(harness: Harness, probe: P
               f"{probe} readlink /proc/self/cwd")
     result = harness.run(["/bin/sh", "-c", script])
     assert result.text == f"{REMOTE}/wd\n" * 3
+
+
+# --- feature.fs.mapping ------------------------------------------------------------
+
+
+def test_fs_mapping_rewrites_the_path_before_routing(harness: Harness, probe: Path) -> None:
+    harness.write("/etc/mtrace-mapped-app/settings.conf", "target's settings\n")
+    config = FsConfig(mapping={"^/app/config": "/etc/mtrace-mapped-app"})
+    with local_absent("/app/config", "/etc/mtrace-mapped-app"):
+        result = harness.run([str(probe), "cat", "/app/config/settings.conf"], config)
+        listed = harness.run([str(probe), "ls", "/app/config"], config)
+    assert (result.returncode, result.text) == (0, "target's settings\n")
+    assert listed.text == "settings.conf\n"
+    assert harness.agent.count("read_file", b"/etc/mtrace-mapped-app/settings.conf") == 1
+
+
+def test_fs_mapping_capture_groups_and_local_destination(harness: Harness, probe: Path,
+                                                         tmp_path: Path) -> None:
+    local_dir = tmp_path / "configs"
+    local_dir.mkdir()
+    (local_dir / "alice-api.conf").write_text("local copy\n")
+    config = FsConfig(mapping={r"^/srv/mtrace-users/(?<user>\w+)/(\w+)\.conf$":
+                               str(local_dir) + "/${user}-$2.conf"})
+    # /tmp (tmp_path) is in the default local list: the mapped path is served locally.
+    result = harness.run([str(probe), "cat", "/srv/mtrace-users/alice/api.conf"], config)
+    assert (result.returncode, result.text) == (0, "local copy\n")
+    assert harness.agent.count("read_file") == 0

@@ -236,6 +236,14 @@ def test_resolve_literal(programs: ProgramPaths) -> None:
     assert run_probes(programs.probes, "resolve", "10.1.2.3") == ok("10.1.2.3\n")
 
 
+def test_resolve6_literal(programs: ProgramPaths) -> None:
+    assert run_probes(programs.probes, "resolve6", "fd00:0:0::07") == ok("fd00::7\n")
+
+
+def test_hostname(programs: ProgramPaths) -> None:
+    assert run_probes(programs.probes, "hostname") == ok(f"{socket.gethostname()}\n")
+
+
 def test_tcp(programs: ProgramPaths, tcp_echo_port: int) -> None:
     port = str(tcp_echo_port)
     assert run_probes(programs.probes, "tcp", "127.0.0.1", port, "hello") == ok("hello\n")
@@ -336,3 +344,41 @@ def test_httpclient(programs: ProgramPaths, http_port: int, tmp_path: Path) -> N
     url = f"http://127.0.0.1:{http_port}/hello.txt"
     assert run(programs["httpclient"], "-file", str(tmp_path / "read-me"), url, "5") == ok("ok 5\n")
     assert run(programs["httpclient"], url, "3") == ok("ok 3\n")
+
+
+def _unix_echo(address: str | bytes) -> socket.socket:
+    """A Unix stream server at ``address``: a banner, then an echo until EOF."""
+    import threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(address)
+    server.listen(8)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"unix-banner\n")
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_unix_connect(programs: ProgramPaths, tmp_path: Path) -> None:
+    path = tmp_path / "echo.sock"
+    abstract = f"mtrace-probe-test-{os.getpid()}"
+    with _unix_echo(str(path)), _unix_echo(b"\0" + abstract.encode()):
+        assert run_probes(programs.probes, "unix-connect", str(path), "hi") == ok(
+            "unix-banner\nhi\n")
+        assert run_probes(programs.probes, "unix-connect", f"@{abstract}", "hi") == ok(
+            "unix-banner\nhi\n")
+    missing = tmp_path / "missing.sock"
+    assert run_probes(programs.probes, "unix-connect", str(missing), "hi") == error("ENOENT")

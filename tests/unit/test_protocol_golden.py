@@ -43,6 +43,10 @@ SAMPLES = {
         target_pid=None,
         channels=["chacha20-poly1305", "plain"],
     ),
+    "agent-hello-hostname": p.AgentHello(
+        version=2, min_version=1, capabilities=[], nonce=b"\x01" * 4, target_pid=7,
+        hostname="web-1",
+    ),
     "client-hello": p.ClientHello(version=1, capabilities=[], nonce=b"\x02" * 4, proof=b"\x03" * 4),
     "client-hello-channel": p.ClientHello(
         version=2, capabilities=[], nonce=b"\x02" * 4, proof=b"\x03" * 4, channel="chacha20-poly1305"
@@ -75,6 +79,9 @@ SAMPLES = {
     "rename": p.Request(id=20, operation=p.Rename(source=b"/tmp/a", destination=b"/tmp/b")),
     "upload-begin": p.Request(id=21, operation=p.UploadBegin(path=b"/tmp/x")),
     "upload-commit": p.Request(id=22, operation=p.UploadCommit(handle=7)),
+    "unix-connect": p.Request(
+        id=23, operation=p.UnixConnect(stream=5, path=b"/run/app.sock", timeout=2.5, window=65536),
+    ),
     "error": p.Response(id=1, result=p.Error(errno=2, message="No such file or directory")),
     "done": p.Response(id=2, result=p.Done()),
     "pong": p.Response(id=3, result=p.Pong(data=b"hi")),
@@ -111,12 +118,13 @@ SAMPLES = {
 }
 
 GOLDEN = {
-    # protocol 2: grown by the default channels (["plain"]) at the end
-    "agent-hello": "0000002897ab6167656e742d68656c6c6f010192a566696c6573a3746370c404010101012a91a5706c61696e",
-    "agent-hello-channels": "0000003697ab6167656e742d68656c6c6f020191a566696c6573c40401010101c092b163686163686132302d706f6c7931333035a5706c61696e",
+    # protocol 2: grown by the default channels (["plain"]) and hostname (None) at the end
+    "agent-hello": "0000002998ab6167656e742d68656c6c6f010192a566696c6573a3746370c404010101012a91a5706c61696ec0",
+    "agent-hello-channels": "0000003798ab6167656e742d68656c6c6f020191a566696c6573c40401010101c092b163686163686132302d706f6c7931333035a5706c61696ec0",
     # protocol 2: grown by the default channel ("plain") at the end
     "client-hello": "0000002296ac636c69656e742d68656c6c6f0190c40402020202c40403030303a5706c61696e",
     "client-hello-channel": "0000002e96ac636c69656e742d68656c6c6f0290c40402020202c40403030303b163686163686132302d706f6c7931333035",
+    "agent-hello-hostname": "0000002498ab6167656e742d68656c6c6f020190c404010101010791a5706c61696ea57765622d31",
     "welcome": "0000001093a777656c636f6d6501c40404040404",
     "goodbye": "0000002593a7676f6f64627965ae61757468656e7469636174696f6eac77726f6e6720736563726574",
     "goodbye-channel": "0000002693a7676f6f64627965a76368616e6e656cb4706c61696e206973206e6f74206f666665726564",
@@ -142,6 +150,7 @@ GOLDEN = {
     "rename": "0000001e93a37265711493a672656e616d65c4062f746d702f61c4062f746d702f62",
     "upload-begin": "0000001c93a37265711592ac75706c6f61642d626567696ec4062f746d702f78",
     "upload-commit": "0000001693a37265711692ad75706c6f61642d636f6d6d697407",
+    "unix-connect": "0000003293a37265711795ac756e69782d636f6e6e65637405c40d2f72756e2f6170702e736f636bcb4004000000000000ce00010000",
     "error": "0000002893a37265730193a56572726f7202b94e6f20737563682066696c65206f72206469726563746f7279",
     "done": "0000000c93a37265730291a4646f6e65",
     "pong": "0000001093a37265730392a4706f6e67c4026869",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 
-from .policy import EnvConfig
+from .policy import EnvConfig, compile_pattern, python_replacement
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -13,9 +13,12 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 def merge_environment(local: Mapping[str, str], target: Mapping[str, str],
-                      config: EnvConfig) -> dict[str, str]:
+                      config: EnvConfig, env_file: Mapping[str, str] | None = None
+                      ) -> dict[str, str]:
     """Local variables, then the target's (filtered by include/exclude) over them,
-    then ``keep_local`` restored, then overrides; in that order of precedence."""
+    then ``keep_local`` restored, then the env file's, then overrides; in that
+    order of precedence. Then ``mapping`` rewrites values and ``unset`` removes
+    names, as mirrord does."""
     merged = dict(local)
     if config.enabled:
         for name, value in target.items():
@@ -27,5 +30,22 @@ def merge_environment(local: Mapping[str, str], target: Mapping[str, str],
         for name in config.keep_local:
             if name in local:
                 merged[name] = local[name]
+    merged.update(env_file or {})
     merged.update(config.override)
-    return merged
+    for pattern, replacement in config.mapping.items():
+        regex = compile_pattern(pattern)
+        template = python_replacement(replacement)
+        for name in merged:
+            match = regex.search(name)
+            if match:
+                merged[name] = match.expand(template)
+    unset = {name.casefold() for name in config.unset}
+    return {name: value for name, value in merged.items() if name.casefold() not in unset}
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """A dotenv file's variables (python-dotenv's parser: quotes, ``export``,
+    comments and ``${VAR}`` expansion as everyone else reads them)."""
+    from dotenv import dotenv_values
+
+    return {name: value or "" for name, value in dotenv_values(path).items()}

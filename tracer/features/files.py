@@ -38,7 +38,8 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
 Order (first match wins): the session directory (always local); the user's
 ``not_found``, ``local``, ``read_only``, ``read_write`` lists; the DNS files
 (``/etc/resolv.conf``, ``/etc/hosts``, ``/etc/nsswitch.conf``,
-``/etc/hostname``: read from the target whenever DNS is enabled, in every
+``/etc/hostname``: read from the target whenever DNS is enabled (and
+``/etc/hostname`` whenever ``feature.hostname`` is), in every
 mode); the default local list (``default_local``); the mode. ``local`` mode
 ignores ``read_only``/``read_write``; ``localwithoverrides`` honours them.
 
@@ -92,7 +93,7 @@ from .. import abi
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
 from ..outcome import CONTINUE, Continue, Defer, Errno, InjectFd, Outcome, ReturnValue
-from .policy import FsConfig
+from .policy import FsConfig, compile_pattern, python_replacement
 from .remote import RemoteContext
 from .shadow import Node, ShadowTree, normalize
 
@@ -133,6 +134,8 @@ DEFAULT_LOCAL: tuple[str, ...] = (
 DNS_FILES: tuple[str, ...] = (
     r"^/etc/(resolv\.conf|hosts|nsswitch\.conf|hostname)$",
 )
+#: feature.hostname: remote in every mode, with or without DNS.
+HOSTNAME_FILE = r"^/etc/hostname$"
 
 #: A remote file call taking longer than this fails with EIO (never a hang).
 REMOTE_TIMEOUT = 60.0
@@ -186,6 +189,7 @@ class PathPolicy:
         session_dir: str | os.PathLike[str] | None = None,
         executable: str | None = None,
         dns_remote: bool = True,
+        hostname_remote: bool = False,
         home: str | None = None,
         start_directory: str | None = None,
     ) -> None:
@@ -195,7 +199,8 @@ class PathPolicy:
         use_lists = config.mode != "local"
         self._read_only = _compile(config.read_only) if use_lists else None
         self._read_write = _compile(config.read_write) if use_lists else None
-        self._dns = _compile(DNS_FILES) if dns_remote else None
+        self._dns = _compile([*(DNS_FILES if dns_remote else ()),
+                              *((HOSTNAME_FILE,) if hostname_remote else ())])
         self._always_local: list[str] = []
         if session_dir is not None:
             self._always_local.append(os.fsdecode(normalize(os.fsencode(session_dir))))
@@ -353,10 +358,13 @@ class FilesFeature:
             session_dir=context.session_dir,
             executable=context.executable,
             dns_remote=context.features.network.dns.enabled,
+            hostname_remote=context.features.hostname,
             home=os.environ.get("HOME"),
             start_directory=os.getcwd(),
         )
         self.shadow = ShadowTree(os.fsencode(context.session_dir / "shadow"))
+        self._mapping = [(compile_pattern(pattern), python_replacement(replacement))
+                         for pattern, replacement in self.config.mapping.items()]
         self.cwds = WorkingDirectories()
         # Read mode: paths the tracee opened for writing (locally).
         self._written_locally: set[bytes] = set()
@@ -467,13 +475,26 @@ class FilesFeature:
         if not path:
             return None
         if path.startswith(b"/"):
-            return Target(path, normalize(path), True)
+            return self._mapped(Target(path, normalize(path), True))
         base = self._base(call, dirfd)
         if base is None:
             return None
         directory, agrees = base
         joined = directory.rstrip(b"/") + b"/" + path
-        return Target(joined, normalize(joined), agrees)
+        return self._mapped(Target(joined, normalize(joined), agrees))
+
+    def _mapped(self, target: Target) -> Target:
+        """``feature.fs.mapping``: the first pattern that matches the absolute
+        path rewrites it, before routing (so the new path is routed and served,
+        locally or by the target)."""
+        if not self._mapping:
+            return target
+        text = os.fsdecode(target.path)
+        for pattern, replacement in self._mapping:
+            if pattern.search(text):
+                mapped = os.fsencode(pattern.sub(replacement, text, count=1))
+                return Target(mapped, normalize(mapped), False)
+        return target
 
     def _route(self, target: Target) -> Route:
         route = self.policy.route(target.clean)

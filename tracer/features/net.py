@@ -64,6 +64,7 @@ from functools import partial
 from typing import Any
 
 from ...agent.errors import AgentUnavailable, RemoteError
+from ...agent.protocol import CAP_UNIX_STREAM
 from ..backend import Handler
 from ..call import SyscallCall
 from ..errors import TracerError
@@ -82,7 +83,7 @@ from .dns import (
     local_nameservers,
     parse_nameservers,
 )
-from .policy import OutgoingConfig
+from .policy import OutgoingConfig, compile_pattern
 from .relay import (
     MAX_DATAGRAM,
     Endpoint,
@@ -90,6 +91,7 @@ from .relay import (
     borrowed,
     build_sockaddr,
     connect_to_relay,
+    connect_to_unix_relay,
     endpoint_of,
     parse_sockaddr,
     reachable_address,
@@ -213,6 +215,25 @@ def parse_rule(text: str) -> Rule:
         mapped = network.network_address.ipv4_mapped
         network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
     return Rule(text, protocol, (network,), port)
+
+
+def unix_path(sockaddr: bytes) -> bytes | None:
+    """The absolute path (or ``\\0``-led abstract name) of a ``sockaddr_un``;
+    None for other families, unnamed and relative paths (those stay local)."""
+    if len(sockaddr) < 3 or struct.unpack_from("=H", sockaddr)[0] != socket.AF_UNIX:
+        return None
+    path = sockaddr[2:]
+    if path[:1] == b"\0":
+        return path if len(path) > 1 else None
+    path = path.split(b"\0", 1)[0]
+    return path if path.startswith(b"/") else None
+
+
+def unix_path_text(path: bytes) -> str:
+    """What unix_streams patterns match: the path, or ``@name`` for an abstract one."""
+    if path[:1] == b"\0":
+        return "@" + path[1:].decode(errors="replace")
+    return path.decode(errors="replace")
 
 
 class OutgoingRules:
@@ -394,6 +415,13 @@ class Outgoing:
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeping = False
         self._lost_reported = False
+        unix_streams = context.features.network.outgoing.unix_streams
+        self.unix_streams = (compile_pattern("|".join(f"(?:{pattern})" for pattern in unix_streams))
+                             if unix_streams else None)
+        if self.unix_streams is not None and CAP_UNIX_STREAM not in context.client.capabilities:
+            log.warning("the agent cannot connect Unix sockets (an older mtrace): "
+                        "feature.network.outgoing.unix_streams is ignored")
+            self.unix_streams = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -448,6 +476,10 @@ class Outgoing:
             return CONTINUE
         raw = call.read(call.pointer_arg(1), length)
         parsed = parse_sockaddr(raw)
+        if parsed is None and self.unix_streams is not None:
+            path = unix_path(raw)
+            if path is not None and self.unix_streams.search(unix_path_text(path)):
+                return OnTraceeFd(call.int_arg(0), partial(self._connect_unix_action, path))
         if parsed is None:
             if self.relayed and struct.unpack_from("=H", raw)[0] == socket.AF_UNSPEC:
                 self._forget(call.tid, call.int_arg(0))  # UDP "disconnect"
@@ -520,6 +552,46 @@ class Outgoing:
             self._remember(inode, Relayed(build_sockaddr(family, endpoint), local_sockaddr))
             self._spawn(relay_tcp(connection, stream, on_agent_lost=self.agent_lost))
             log.debug("tcp %s relayed (inode %d)", endpoint, inode)
+            return ReturnValue(0) if result == 0 else Errno(result)
+        finally:
+            os.close(fd)
+
+    # -- Unix streams (feature.network.outgoing.unix_streams) --
+
+    def _connect_unix_action(self, path: bytes, fd: int) -> Outcome:
+        with borrowed(fd) as sock:
+            if (sock.family != socket.AF_UNIX
+                    or sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM):
+                return CONTINUE  # datagram and seqpacket sockets stay local
+            try:
+                sock.getpeername()
+                return CONTINUE  # already connected: the kernel says EISCONN
+            except OSError:
+                pass
+            if self.agent_gone():
+                return Errno(errno.ECONNREFUSED)
+            timeout = _timeout_option(sock, socket.SO_SNDTIMEO) or CONNECT_TIMEOUT
+            inode = os.fstat(fd).st_ino
+            return Defer(self._connect_unix(os.dup(fd), path, inode, timeout))
+
+    async def _connect_unix(self, fd: int, path: bytes, inode: int, timeout: float) -> Outcome:
+        try:
+            try:
+                stream = await self.context.client.open_unix(path, timeout)
+            except AgentUnavailable:
+                self.agent_lost()
+                return Errno(errno.ECONNREFUSED)
+            except RemoteError as error:
+                return Errno(error.errno or errno.EIO)
+            try:
+                connection, result = await connect_to_unix_relay(fd, self.context.session_dir)
+            except (OSError, TimeoutError) as error:
+                stream.close()
+                return Errno(getattr(error, "errno", None) or errno.ECONNABORTED)
+            peer = struct.pack("=H", socket.AF_UNIX) + path + (b"" if path[:1] == b"\0" else b"\0")
+            self._remember(inode, Relayed(peer, None))
+            self._spawn(relay_tcp(connection, stream, on_agent_lost=self.agent_lost))
+            log.debug("unix %r relayed (inode %d)", path, inode)
             return ReturnValue(0) if result == 0 else Errno(result)
         finally:
             os.close(fd)

@@ -9,6 +9,7 @@ their way. The CLI decodes files and flags into these structs
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import msgspec
@@ -33,6 +34,14 @@ class EnvConfig(_Config):
     override: dict[str, str] = msgspec.field(default_factory=dict)
     # Local variables that are always kept (PATH by default, so the command is found).
     keep_local: list[str] = msgspec.field(default_factory=lambda: ["PATH", "TERM", "HOME"])
+    # Names removed from the final environment, whichever side set them
+    # (case-insensitive, as mirrord's).
+    unset: list[str] = msgspec.field(default_factory=list)
+    # A dotenv file whose values win over the target's (override still wins over it).
+    env_file: str | None = None
+    # Regex over a variable's name -> its new value (capture groups of the name
+    # as $1 or ${name}), applied last, as mirrord's.
+    mapping: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class FsConfig(_Config):
@@ -53,6 +62,9 @@ class FsConfig(_Config):
     # Paths kept local whatever the mode (see mtrace.tracer.features.files.DEFAULT_LOCAL);
     # set to false to drop the defaults and rely on `local` alone.
     default_local: bool = True
+    # Regex -> replacement on absolute paths before anything else looks at them
+    # (`"^/app/config" = "/etc/app"`; capture groups as $1 or ${name}).
+    mapping: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class OutgoingFilter(_Config):
@@ -70,6 +82,9 @@ class OutgoingConfig(_Config):
     # Connections to 127.0.0.0/8 and ::1 stay on this machine.
     ignore_localhost: bool = False
     filter: OutgoingFilter | None = None
+    # Regexes (re.search) of Unix socket paths whose stream connects go to the
+    # target's socket of that path (an abstract name is matched as "@name").
+    unix_streams: list[str] = msgspec.field(default_factory=list)
 
 
 class DnsFilter(_Config):
@@ -94,3 +109,33 @@ class FeatureConfig(_Config):
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     fs: FsConfig = msgspec.field(default_factory=FsConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    # uname()'s nodename (gethostname) and /etc/hostname are the target's.
+    hostname: bool = True
+
+
+_RUST_GROUP = re.compile(r"\(\?<([A-Za-z_][A-Za-z0-9_]*)>")
+_RUST_REFERENCE = re.compile(r"\$(\$|\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """A mirrord (Rust regex) pattern as a Python one: ``(?<name>...)`` groups
+    are spelled ``(?P<name>...)`` here."""
+    return re.compile(_RUST_GROUP.sub(r"(?P<\1>", pattern))
+
+
+def python_replacement(replacement: str) -> str:
+    """A mirrord replacement (``$1``, ``${name}``, ``$name``, ``$$``) for ``re.sub``."""
+
+    def convert(match: re.Match[str]) -> str:
+        if match.group(1) == "$":
+            return "$"
+        return "\\g<" + (match.group(2) or match.group(3)) + ">"
+
+    result: list[str] = []
+    position = 0
+    for match in _RUST_REFERENCE.finditer(replacement):
+        result.append(replacement[position:match.start()].replace("\\", "\\\\"))
+        result.append(convert(match))
+        position = match.end()
+    result.append(replacement[position:].replace("\\", "\\\\"))
+    return "".join(result)

@@ -216,6 +216,32 @@ async def connect_to_relay(fd: int, family: int) -> tuple[socket.socket, int]:
         listener.close()
 
 
+async def connect_to_unix_relay(fd: int, directory: str | os.PathLike[str]
+                                ) -> tuple[socket.socket, int]:
+    """Connect the tracee's Unix stream socket ``fd`` to a fresh listener in the
+    session's private ``directory`` and accept it: (the relay's end, connect's
+    errno as the kernel answered)."""
+    path = os.path.join(directory, f"unix-{os.urandom(8).hex()}.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        with borrowed(fd) as tracee_socket:
+            result = tracee_socket.connect_ex(path)
+            if result not in (0, errno.EINPROGRESS):
+                raise OSError(result, f"connecting to the relay: {errno.errorcode.get(result)}")
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(ACCEPT_TIMEOUT):
+            connection, _ = await loop.sock_accept(listener)
+        connection.setblocking(False)
+        return connection, result
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 async def relay_tcp(sock: socket.socket, stream: RemoteStream, *,
                     on_agent_lost: Callable[[], None] = lambda: None,
                     chunk: int = TCP_CHUNK) -> None:

@@ -15,11 +15,13 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -85,10 +87,11 @@ static void usage(void)
 {
     fputs("usage: probe COMMAND ARGS...\n"
           "  env NAME | cat PATH | stat PATH | ls DIR | readlink PATH\n"
-          "  resolve NAME | tcp HOST PORT MSG | http URL\n"
+          "  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL\n"
+          "  unix-connect PATH MSG\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
           "  exit N | kill SIG | loop-getpid N | loop-open PATH N\n"
-          "  exec PATH ARGS... | fork-exec PATH ARGS...\n",
+          "  exec PATH ARGS... | fork-exec PATH ARGS... | hostname\n",
           stderr);
     exit(2);
 }
@@ -257,6 +260,16 @@ static int cmd_readlink(const char *path)
     return 0;
 }
 
+static int cmd_hostname(void)
+{
+    char name[256];
+    if (gethostname(name, sizeof(name)) < 0)
+        fail_errno(errno);
+    name[sizeof(name) - 1] = 0;
+    printf("%s\n", name);
+    return 0;
+}
+
 static int compare_u32(const void *a, const void *b)
 {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
@@ -282,6 +295,35 @@ static int cmd_resolve(const char *name)
             continue;
         struct in_addr in = {htonl(addrs[i])};
         printf("%s\n", inet_ntoa(in));
+    }
+    return 0;
+}
+
+static int compare_in6(const void *a, const void *b)
+{
+    return memcmp(a, b, sizeof(struct in6_addr));
+}
+
+static int cmd_resolve6(const char *name)
+{
+    struct addrinfo hints = {0}, *res = NULL;
+    hints.ai_family = AF_INET6;
+    hints.ai_socktype = SOCK_STREAM;
+    int rc = getaddrinfo(name, NULL, &hints, &res);
+    if (rc != 0)
+        fail_gai(rc);
+    struct in6_addr addrs[256];
+    size_t count = 0;
+    for (struct addrinfo *ai = res; ai && count < 256; ai = ai->ai_next)
+        addrs[count++] = ((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr;
+    freeaddrinfo(res);
+    qsort(addrs, count, sizeof(addrs[0]), compare_in6);
+    for (size_t i = 0; i < count; i++) {
+        if (i > 0 && !memcmp(&addrs[i], &addrs[i - 1], sizeof(addrs[i])))
+            continue;
+        char text[INET6_ADDRSTRLEN];
+        inet_ntop(AF_INET6, &addrs[i], text, sizeof(text));
+        printf("%s\n", text);
     }
     return 0;
 }
@@ -320,6 +362,37 @@ static void relay_to_stdout(int fd)
 static int cmd_tcp(const char *host, const char *port, const char *msg)
 {
     int fd = connect_to(host, port, SOCK_STREAM);
+    size_t len = strlen(msg);
+    char *line = malloc(len + 2);
+    memcpy(line, msg, len);
+    line[len] = '\n';
+    send_all(fd, line, len + 1);
+    if (shutdown(fd, SHUT_WR) != 0)
+        fail_errno(errno);
+    relay_to_stdout(fd);
+    close(fd);
+    return 0;
+}
+
+/* Like tcp, over a Unix stream socket; "@name" is an abstract name. */
+static int cmd_unix_connect(const char *path, const char *msg)
+{
+    struct sockaddr_un addr = {0};
+    addr.sun_family = AF_UNIX;
+    size_t plen = strlen(path);
+    if (plen >= sizeof(addr.sun_path))
+        fail_errno(ENAMETOOLONG);
+    memcpy(addr.sun_path, path, plen);
+    socklen_t alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
+    if (path[0] == '@') {
+        addr.sun_path[0] = 0;
+        alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        fail_errno(errno);
+    if (connect(fd, (struct sockaddr *)&addr, alen) != 0)
+        fail_errno(errno);
     size_t len = strlen(msg);
     char *line = malloc(len + 2);
     memcpy(line, msg, len);
@@ -588,8 +661,12 @@ int main(int argc, char **argv)
         return cmd_readlink(args[0]);
     if (!strcmp(cmd, "resolve") && nargs == 1)
         return cmd_resolve(args[0]);
+    if (!strcmp(cmd, "resolve6") && nargs == 1)
+        return cmd_resolve6(args[0]);
     if (!strcmp(cmd, "tcp") && nargs == 3)
         return cmd_tcp(args[0], args[1], args[2]);
+    if (!strcmp(cmd, "unix-connect") && nargs == 2)
+        return cmd_unix_connect(args[0], args[1]);
     if (!strcmp(cmd, "http") && nargs == 1)
         return cmd_http(args[0]);
     if (!strcmp(cmd, "udp") && nargs == 3)
@@ -608,6 +685,8 @@ int main(int argc, char **argv)
         return cmd_exec(args);
     if (!strcmp(cmd, "fork-exec") && nargs >= 1)
         return cmd_fork_exec(args);
+    if (!strcmp(cmd, "hostname") && nargs == 0)
+        return cmd_hostname();
     usage();
     return 2;
 }

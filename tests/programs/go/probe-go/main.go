@@ -4,6 +4,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -22,10 +23,11 @@ import (
 
 const usage = `usage: probe COMMAND ARGS...
   env NAME | cat PATH | stat PATH | ls DIR | readlink PATH
-  resolve NAME | tcp HOST PORT MSG | http URL
+  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL
+  unix-connect PATH MSG
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
   exit N | kill SIG | loop-getpid N | loop-open PATH N
-  exec PATH ARGS... | fork-exec PATH ARGS...
+  exec PATH ARGS... | fork-exec PATH ARGS... | hostname
 `
 
 const receiveTimeout = 2 * time.Second
@@ -49,8 +51,12 @@ func main() {
 		cmdReadlink(args[0])
 	case cmd == "resolve" && len(args) == 1:
 		cmdResolve(args[0])
+	case cmd == "resolve6" && len(args) == 1:
+		cmdResolve6(args[0])
 	case cmd == "tcp" && len(args) == 3:
 		cmdTCP(args[0], args[1], args[2])
+	case cmd == "unix-connect" && len(args) == 2:
+		cmdUnixConnect(args[0], args[1])
 	case cmd == "http" && len(args) == 1:
 		cmdHTTP(args[0])
 	case cmd == "udp" && len(args) == 3:
@@ -69,6 +75,12 @@ func main() {
 		fail(syscall.Exec(args[0], args, os.Environ()))
 	case cmd == "fork-exec" && len(args) >= 1:
 		cmdForkExec(args)
+	case cmd == "hostname" && len(args) == 0:
+		name, err := os.Hostname()
+		if err != nil {
+			fail(err)
+		}
+		fmt.Println(name)
 	default:
 		badUsage()
 	}
@@ -167,6 +179,26 @@ func cmdReadlink(path string) {
 	fmt.Printf("%s\n", target)
 }
 
+func cmdResolve6(name string) {
+	resolver := &net.Resolver{PreferGo: true}
+	ips, err := resolver.LookupIP(context.Background(), "ip6", name)
+	if err != nil {
+		fail(err)
+	}
+	seen := map[string]bool{}
+	var addrs []net.IP
+	for _, ip := range ips {
+		if ip.To4() == nil && len(ip) == net.IPv6len && !seen[string(ip)] {
+			seen[string(ip)] = true
+			addrs = append(addrs, ip)
+		}
+	}
+	sort.Slice(addrs, func(i, j int) bool { return bytes.Compare(addrs[i], addrs[j]) < 0 })
+	for _, ip := range addrs {
+		fmt.Println(ip.String())
+	}
+}
+
 func cmdResolve(name string) {
 	resolver := &net.Resolver{PreferGo: true}
 	ips, err := resolver.LookupIP(context.Background(), "ip4", name)
@@ -197,7 +229,24 @@ func cmdTCP(host, port, msg string) {
 	if err != nil {
 		fail(err)
 	}
-	tcp := conn.(*net.TCPConn)
+	exchange(conn.(*net.TCPConn), msg)
+}
+
+// Like tcp, over a Unix stream socket; "@name" is an abstract name (Go's own convention).
+func cmdUnixConnect(path, msg string) {
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		fail(err)
+	}
+	exchange(conn.(*net.UnixConn), msg)
+}
+
+type halfCloser interface {
+	net.Conn
+	CloseWrite() error
+}
+
+func exchange(tcp halfCloser, msg string) {
 	if _, err := tcp.Write([]byte(msg + "\n")); err != nil {
 		fail(err)
 	}
