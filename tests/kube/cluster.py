@@ -241,6 +241,9 @@ def _start_dockerd() -> None:
             "--add-runtime", f"{RUNTIME_NAME}={RUNC_WRAPPER}",
             "--default-runtime", RUNTIME_NAME,
             "--exec-opt", "native.cgroupdriver=cgroupfs",
+            # Containers' cgroups under a parent of the rig's own: after a crash, `down` finds
+            # their processes there.
+            "--cgroup-parent", f"/{host.CGROUP_PARENT}",
             "--storage-driver", "overlay2",
             "--bip", f"{BRIDGE_GATEWAY}/16",
             "--userland-proxy=false",
@@ -465,6 +468,8 @@ def down() -> None:
         processes.stop(name, timeout=30 if name == "dockerd" else 15)
     # Shims and a managed containerd the dockerd left behind (after a crash): by pid, found by our paths.
     processes.kill_pids(processes.pids_mentioning(str(DOCKER_EXEC_ROOT)), "containerd leftover")
+    # Containers whose dockerd crashed: their processes, found by the rig's cgroup parent.
+    host.kill_cgroup_processes()
     host.unmount_under([VAR_DIR, DOCKER_DATA, DOCKER_EXEC_ROOT, STATE_DIR])
     host.remove_iptables_chains()
     host.remove_bridge()
@@ -489,6 +494,7 @@ def leftovers() -> list[str]:
     found += host.leftover_iptables()
     if host.bridge_exists():
         found.append("bridge docker0")
+    found += [f"cgroup {path}" for path in host.rig_cgroups()]
     found += [f"path {path}" for path in (STATE_DIR, VAR_DIR) if path.exists()]
     found += [
         f"process {pid} mentions {DOCKER_EXEC_ROOT}"

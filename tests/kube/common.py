@@ -64,6 +64,7 @@ APT_PACKAGES = (
     "docker.io",
     "iptables",
     "conntrack",
+    "socat",  # dockershim port-forward runs socat in the pod's network namespace
     "openssl",
     "busybox-static",
     "mmdebstrap",

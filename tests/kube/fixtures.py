@@ -14,7 +14,7 @@ Where the rig cannot run (not root, no Docker, a failed `up`) the cluster tests
 skip with the reason; under ``CI=true`` they fail instead.
 
 Fixtures: ``kube_cluster`` (session, a `KubeCluster`), ``kubeconfig`` (session,
-its path), ``kube_api`` (session, a `kubernetes.client.ApiClient`),
+its path), ``kube_api`` (module, a `kubernetes.client.ApiClient`),
 ``namespace`` (module: a fresh namespace, deleted afterwards) and
 ``make_workload`` (a function creating a ready Deployment from a rig image in
 that namespace; see `workloads.create_workload`).
@@ -106,6 +106,19 @@ def resolve_cluster() -> None:
     )
 
 
+def may_cycle_rig(current: KubeCluster) -> str | None:
+    """Why this session must not take the rig down and up again (None: it may).
+
+    The rig may be shared (a developer's, another test session's): only CI, a
+    session that started the rig itself, or MTRACE_RIG_LIFECYCLE=1 may cycle it.
+    """
+    if not current.is_rig:
+        return f"cycles the project's rig; KUBECONFIG={current.kubeconfig} is another cluster"
+    if _in_ci() or current.started_here or os.environ.get("MTRACE_RIG_LIFECYCLE") == "1":
+        return None
+    return "would take down a rig this session did not start (set MTRACE_RIG_LIFECYCLE=1 to allow)"
+
+
 def finish_session() -> None:
     current = _Session.cluster
     if current is not None and current.started_here and os.environ.get("MTRACE_RIG_KEEP") != "1":
@@ -126,8 +139,9 @@ def kubeconfig(kube_cluster: KubeCluster) -> Path:
     return kube_cluster.kubeconfig
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kube_api(kube_cluster: KubeCluster) -> Any:
+    # Per module: a rig restarted by the lifecycle tests has new certificates.
     return kube_cluster.api_client()
 
 

@@ -10,13 +10,19 @@
   built-in chain that jumps to them or names docker's bridge; other rules are
   not touched.
 * docker's bridge (docker0).
+* cgroups: containers run under ``/mtrace-rig`` in every v1 hierarchy; after a
+  crash their processes are killed (by the pids in those cgroups) and the
+  cgroups removed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 from .common import BRIDGE, STATE_DIR, log, run
@@ -40,6 +46,8 @@ SYSCTLS = (
     "net.netfilter.nf_conntrack_tcp_timeout_established",
     "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
 )
+CGROUP_PARENT = "mtrace-rig"
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
 _SYSCTL_RECORD = STATE_DIR / "sysctls.json"
 _OUR_CHAIN_PREFIXES = ("DOCKER", "KUBE-")
 _BUILTIN_CHAINS = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
@@ -153,3 +161,37 @@ def bridge_exists() -> bool:
 def remove_bridge() -> None:
     if bridge_exists():
         run(["ip", "link", "delete", BRIDGE], check=False)
+
+
+def rig_cgroups() -> list[Path]:
+    """The rig's container cgroups, deepest first, in every hierarchy."""
+    found = []
+    for hierarchy in _CGROUP_ROOT.iterdir() if _CGROUP_ROOT.is_dir() else []:
+        parent = hierarchy / CGROUP_PARENT
+        if parent.is_dir():
+            found += [path for path in parent.rglob("*") if path.is_dir()] + [parent]
+    return sorted(found, key=lambda path: len(path.parts), reverse=True)
+
+
+def kill_cgroup_processes() -> None:
+    for _attempt in range(20):
+        pids = set()
+        for cgroup in rig_cgroups():
+            try:
+                pids.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
+            except (OSError, ValueError):
+                continue
+        pids.discard(os.getpid())
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    for cgroup in rig_cgroups():
+        try:
+            cgroup.rmdir()
+        except OSError:
+            pass
