@@ -9,6 +9,7 @@ wait for the node to be Ready and build the images. Every server listens on
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
@@ -16,6 +17,8 @@ import shutil
 import ssl
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ COMPONENTS = ("dockerd", "etcd", "kube-apiserver", "kube-controller-manager", "k
 # kubelet writes pod logs here whatever its root dir is: removed by `down` when the rig made them.
 _POD_LOG_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"))
 _CREATED_RECORD = STATE_DIR / "created-paths"
+_LOCK = CACHE_ROOT / ".rig.lock"
 
 
 # --- health -------------------------------------------------------------------------------
@@ -138,11 +142,27 @@ def _wait(what: str, check: Any, timeout: float, component: str | None = None) -
 # --- up -----------------------------------------------------------------------------------
 
 
+@contextmanager
+def _exclusive() -> Iterator[None]:
+    """One `up` or `down` at a time on this machine (test sessions may share the rig)."""
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def up(timings: dict[str, float] | None = None, build_images: bool = True) -> None:
     """Start the rig (reuse it when it already runs healthy); clean up a crashed one first."""
     if os.geteuid() != 0:
         raise RigError("the rig needs root (it runs dockerd, a kubelet and changes iptables)")
-    timings = {} if timings is None else timings
+    with _exclusive():
+        _up_locked({} if timings is None else timings, build_images)
+
+
+def _up_locked(timings: dict[str, float], build_images: bool) -> None:
+    if not healthy() and all(processes.pid_of(name) for name in COMPONENTS):
+        # Everything runs but the node is not Ready (yet, or for a moment): give it a chance.
+        _wait_quietly(healthy, 30)
     if healthy():
         log("already up and healthy")
         if build_images:
@@ -153,18 +173,27 @@ def up(timings: dict[str, float] | None = None, build_images: bool = True) -> No
         return
     if any(processes.pid_of(name) for name in COMPONENTS) or STATE_DIR.exists():
         with phase("clean up a previous rig", timings):
-            down()
+            _down()
     try:
         _up(timings, build_images)
     except BaseException:
-        log("up failed: taking down what was started (logs kept in /run/mtrace-rig.failed/)")
+        log(f"up failed: taking down what was started (logs kept in {CACHE_ROOT}/failed-up-logs/)")
         _keep_logs()
-        down()
+        _down()
         raise
 
 
+def _wait_quietly(check: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def _keep_logs() -> None:
-    kept = Path("/run/mtrace-rig.failed")
+    kept = CACHE_ROOT / "failed-up-logs"
     shutil.rmtree(kept, ignore_errors=True)
     if processes.LOG_DIR.exists():
         shutil.copytree(processes.LOG_DIR, kept)
@@ -457,6 +486,11 @@ def down() -> None:
     """Stop everything by pid and undo the machine changes; safe on a half-started or crashed rig."""
     if os.geteuid() != 0:
         raise RigError("the rig needs root to take itself down")
+    with _exclusive():
+        _down()
+
+
+def _down() -> None:
     processes.stop("kubelet")
     if processes.running("dockerd"):
         # Pod containers outlive the kubelet: remove them while dockerd still answers.
