@@ -7,14 +7,16 @@ Each leaves the rig up again for the tests after it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kube import cluster, processes
-from kube.common import APISERVER_PORT, RigError
+from kube import cluster, host, processes
+from kube.common import APISERVER_PORT, STATE_DIR, RigError
 from kube.fixtures import KubeCluster, may_cycle_rig
 from kube.workloads import create_workload, delete_namespace, new_namespace
 
@@ -39,9 +41,22 @@ def _serves_a_workload(current: KubeCluster) -> None:
         delete_namespace(api, namespace)
 
 
+def _sysctls() -> dict[str, str]:
+    values = {}
+    for name in host.SYSCTLS:
+        try:
+            values[name] = (Path("/proc/sys") / name.replace(".", "/")).read_text().strip()
+        except OSError:
+            continue
+    return values
+
+
 def test_down_leaves_nothing_and_up_works_again(cyclable: KubeCluster) -> None:
+    # The machine's own values, recorded by `up` before kubelet, dockerd and kube-proxy changed them.
+    before = json.loads((STATE_DIR / "sysctls.json").read_text())
     cluster.down()
     assert cluster.leftovers() == []
+    assert _sysctls() == before
     cluster.up()
     assert cluster.healthy()
     _serves_a_workload(cyclable)
