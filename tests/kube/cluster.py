@@ -209,30 +209,28 @@ def _up(timings: dict[str, float], build_images: bool) -> None:
     host.record_sysctls()
     created = [str(path) for path in _POD_LOG_DIRS if not path.exists()]
     _CREATED_RECORD.write_text("".join(f"{path}\n" for path in created))
-    with phase("certificates", timings):
-        pki = make_pki(PKI_DIR)
+    with phase("dockerd, certificates", timings):
+        _start_dockerd()
+        pki = make_pki(PKI_DIR)  # while dockerd starts
         shutil.copyfile(pki.kubeconfig("admin"), KUBECONFIG)
         KUBECONFIG.chmod(0o600)
-    with phase("dockerd", timings):
-        _start_dockerd()
-    with phase("etcd + kube-apiserver", timings):
+        _wait_for_dockerd()
+    with phase("etcd, kube-apiserver", timings):
         _start_etcd(pki)
         _start_apiserver(pki)
-    with phase("controller-manager, scheduler, dns, kube-proxy", timings):
+    from .images import ensure_images, ensure_pause_image
+
+    with phase("controller-manager, scheduler, dns, kube-proxy, kubelet", timings):
+        ensure_pause_image()
         _start_controllers(pki)
         _start_dns()
         _start_kube_proxy(pki)
-    if build_images:
-        from .images import ensure_images
-
-        with phase("images", timings):
-            ensure_images()
-    else:
-        from .images import ensure_pause_image
-
-        ensure_pause_image()
-    with phase("kubelet, node Ready", timings):
         _start_kubelet(pki)
+    if build_images:
+        with phase("images", timings):  # while the node registers
+            ensure_images()
+    with phase("cluster DNS answers, node Ready", timings):
+        _wait_for_dns()
         _wait("the node to be Ready", node_ready, 120, "kubelet")
     log(f"up: KUBECONFIG={KUBECONFIG}")
 
@@ -280,6 +278,8 @@ def _start_dockerd() -> None:
         ],
     )  # fmt: skip
 
+
+def _wait_for_dockerd() -> None:
     def docker_answers() -> bool:
         return (
             run(docker_argv("version", "--format", "{{.Server.Version}}"), check=False, quiet=True).returncode
@@ -402,6 +402,9 @@ def _start_dns() -> None:
             "--domain", CLUSTER_DOMAIN,
         ],
     )  # fmt: skip
+
+
+def _wait_for_dns() -> None:
     from .cluster_dns import answers
 
     _wait(
