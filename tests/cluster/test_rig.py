@@ -214,3 +214,42 @@ def test_a_finished_pod_reports_its_output(kube_api: Any, namespace: str) -> Non
         },
     )
     assert (phase, logs) == ("Succeeded", "done\n")
+
+
+def test_the_agent_image_runs_the_agent_in_a_pod(kube_api: Any, kube_cluster: Any, namespace: str) -> None:
+    kube_cluster.require_rig()
+    from kube.images import AGENT
+
+    pod_spec = {
+        "containers": [{
+            "name": "agent",
+            "image": AGENT,
+            "imagePullPolicy": "Never",
+            "args": ["--listen", "127.0.0.1:0", "--secret", "not-used"],
+        }],
+    }  # fmt: skip
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_pod(
+        namespace,
+        client.V1Pod.from_dict(
+            {"metadata": {"name": "agent"}, "spec": {"restartPolicy": "Never", **pod_spec}}
+        ),
+    )
+    deadline = time.monotonic() + 60
+    logs = ""
+    while "LISTENING" not in logs:
+        if time.monotonic() > deadline:
+            raise WorkloadError(
+                f"agent pod never listened; logs: {logs!r}\n" + describe_pods(kube_api, namespace)
+            )
+        time.sleep(0.5)
+        if core.read_namespaced_pod("agent", namespace).status.phase in ("Running", "Succeeded", "Failed"):
+            logs = core.read_namespaced_pod_log("agent", namespace)
+    # Only the agent: no tracer, no CLI in the image.
+    listing = exec_in_pod(
+        kube_api,
+        namespace,
+        "agent",
+        ["python3", "-c", "import os; print(sorted(os.listdir('/opt/mtrace/mtrace')))"],
+    )
+    assert listing.strip() == "['agent']"

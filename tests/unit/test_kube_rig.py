@@ -110,3 +110,40 @@ def test_cluster_dns_answers_service_names_and_nothing_else() -> None:
     assert [item.to_text() for item in srv.answer[0]] == ["0 100 80 web.ns.svc.cluster.local."]
     pod = _ask(records, "172-17-0-5.ns.pod.cluster.local")
     assert [item.to_text() for item in pod.answer[0]] == ["172.17.0.5"]
+
+
+@pytest.fixture
+def fresh_cluster_choice(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """kube.fixtures' session choice, reset for one test and put back afterwards."""
+    from kube import fixtures
+
+    for attribute, value in (("cluster", None), ("problem", None), ("resolved", False)):
+        monkeypatch.setattr(fixtures._Session, attribute, value)
+    return fixtures
+
+
+def test_cluster_tests_use_kubeconfigs_cluster_and_leave_the_rig_alone(
+    fresh_cluster_choice: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "other.kubeconfig"))
+    monkeypatch.setattr(fresh_cluster_choice.cluster, "up", lambda: pytest.fail("the rig must not start"))
+    fresh_cluster_choice.resolve_cluster()
+    chosen = fresh_cluster_choice._Session.cluster
+    assert (chosen.kubeconfig, chosen.is_rig) == (tmp_path / "other.kubeconfig", False)
+
+
+def test_without_root_cluster_tests_skip_with_the_reason_and_fail_under_ci(
+    fresh_cluster_choice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    fresh_cluster_choice.resolve_cluster()
+    assert fresh_cluster_choice._Session.cluster is None
+    problem = fresh_cluster_choice._Session.problem
+    assert "needs root" in problem
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        fresh_cluster_choice.cannot_run(problem)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"CI=true: .*needs root"):
+        fresh_cluster_choice.cannot_run(problem)
