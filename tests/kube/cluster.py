@@ -58,9 +58,10 @@ PAUSE_IMAGE = f"mtrace-rig/pause:{VERSION}"
 # Components in start order; `down` stops them in reverse.
 COMPONENTS = ("dockerd", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "dns",
               "kube-proxy", "kubelet")  # fmt: skip
-# kubelet writes pod logs here whatever its root dir is: removed by `down` when the rig made them.
-_POD_LOG_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"))
-_CREATED_RECORD = STATE_DIR / "created-paths"
+# kubelet 1.20 writes here whatever its root dir is (pod logs; the device-plugin socket
+# directory is a constant): `down` removes those the machine did not have before the rig.
+_HARDCODED_PATHS = (Path("/var/log/pods"), Path("/var/log/containers"), Path("/var/lib/kubelet"))
+_PREEXISTING_RECORD = CACHE_ROOT / "preexisting-paths"
 _LOCK = CACHE_ROOT / ".rig.lock"
 
 
@@ -207,8 +208,9 @@ def _up(timings: dict[str, float], build_images: bool) -> None:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     STATE_DIR.chmod(0o700)
     host.record_sysctls()
-    created = [str(path) for path in _POD_LOG_DIRS if not path.exists()]
-    _CREATED_RECORD.write_text("".join(f"{path}\n" for path in created))
+    if not _PREEXISTING_RECORD.exists():
+        # Once per machine: after a crash the paths exist because of the rig.
+        _PREEXISTING_RECORD.write_text("".join(f"{path}\n" for path in _HARDCODED_PATHS if path.exists()))
     with phase("dockerd, certificates", timings):
         _start_dockerd()
         pki = make_pki(PKI_DIR)  # while dockerd starts
@@ -511,15 +513,20 @@ def _down() -> None:
     host.remove_iptables_chains()
     host.remove_bridge()
     host.restore_sysctls()
-    try:
-        for line in _CREATED_RECORD.read_text().splitlines():
-            shutil.rmtree(line, ignore_errors=True)
-    except OSError:
-        pass
+    for path in _rig_made_paths():
+        shutil.rmtree(path, ignore_errors=True)
     # Docker's container store lives with its images in the cache; containers are gone by now.
     shutil.rmtree(VAR_DIR, ignore_errors=True)
     shutil.rmtree(STATE_DIR, ignore_errors=True)
     log("down")
+
+
+def _rig_made_paths() -> list[Path]:
+    try:
+        preexisting = set(_PREEXISTING_RECORD.read_text().splitlines())
+    except OSError:
+        return []
+    return [path for path in _HARDCODED_PATHS if path.exists() and str(path) not in preexisting]
 
 
 def leftovers() -> list[str]:
@@ -533,6 +540,7 @@ def leftovers() -> list[str]:
         found.append("bridge docker0")
     found += [f"cgroup {path}" for path in host.rig_cgroups()]
     found += [f"path {path}" for path in (STATE_DIR, VAR_DIR) if path.exists()]
+    found += [f"path {path}" for path in _rig_made_paths()]
     found += [
         f"process {pid} mentions {DOCKER_EXEC_ROOT}"
         for pid in processes.pids_mentioning(str(DOCKER_EXEC_ROOT))
