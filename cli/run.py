@@ -91,9 +91,12 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
         target_env = (_wait(side, client.environ(), 30, "the environment request")
                       if config.feature.env.enabled else {})
         env = merge_environment(os.environ, target_env, config.feature.env)
+        local_target = target is not None and target.kind == "pid" and not config.agent.address
         context = RemoteContext(client=client, async_side=side, features=config.feature,
                                 session_dir=session_dir,
-                                executable=resolve_executable(command, env))
+                                executable=resolve_executable(command, env),
+                                target_network=(f"/proc/{target.pid}/ns/net"
+                                                if local_target and target is not None else None))
         return _serve_remote(command, config, context, env, observer, trapped)
     finally:
         if client is not None:

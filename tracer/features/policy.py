@@ -70,6 +70,9 @@ class OutgoingConfig(_Config):
     # Connections to 127.0.0.0/8 and ::1 stay on this machine.
     ignore_localhost: bool = False
     filter: OutgoingFilter | None = None
+    # Local targets (pid/N): TCP sockets are made in the target's network
+    # namespace and handed to the program instead of relayed (docs/network.md).
+    direct: bool = True
 
 
 class DnsFilter(_Config):
