@@ -552,6 +552,20 @@ except OSError as error:
 """
 
 
+DUP_FIRST = r"""
+import os, socket, sys
+s = socket.socket()
+copy = socket.socket(fileno=os.dup(s.fileno()))
+s.connect(("127.0.0.1", int(sys.argv[1])))
+print(copy.recv(100).decode().strip())
+"""
+
+
+def test_socket_dup_before_connect_is_relayed(netns_target: NetnsTarget) -> None:
+    out = assert_like_inside(netns_target, [*_python(DUP_FIRST), str(netns_target.tcp_port)])
+    assert out.strip() == netns_target.tcp_banner.strip()
+
+
 def test_direct_connection_outlives_the_agent(netns_target: NetnsTarget) -> None:
     import psutil
 

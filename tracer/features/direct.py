@@ -23,6 +23,8 @@ When the relay is kept instead (``Direct.usable`` and ``why_not``):
   ``connect``): a registration names the open file, and the replacement would
   silently leave the program waiting on the old one. Go, libuv, mio/tokio,
   asyncio and curl register after ``connect``, so they take the direct path;
+* another fd of the process names the same socket (``dup`` before
+  ``connect``); a copy held by a child process is not looked for;
 * UDP sockets (DNS filter, source rewriting) always keep the relay.
 """
 
@@ -125,19 +127,26 @@ def close_on_exec(tid: int, fd: int) -> bool | None:
     return None
 
 
-def registered_in_epoll(tid: int, fd: int, inode: int) -> bool:
-    """Whether the tracee's socket ``fd`` (inode ``inode``) is in any of its
-    process's epoll instances (``tfd: FD ... ino:INODE`` in their fdinfo)."""
+def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
+    """Whether the tracee's socket ``fd`` (inode ``inode``) is also named by
+    another fd of its process (``dup``) or is in one of its epoll instances
+    (``tfd: FD ... ino:INODE`` in their fdinfo): either would keep the old,
+    unconnected socket after the swap."""
     base = f"/proc/{tid}/fd"
     try:
         entries = os.listdir(base)
     except OSError:
         return True  # cannot tell: the relay is always right
+    own = str(fd)
+    socket_link = f"socket:[{inode}]"
     wanted_fd = f"tfd: {fd:8d}".encode()
     wanted_inode = f"ino:{inode:x}".encode()
     for entry in entries:
         try:
-            if os.readlink(f"{base}/{entry}") != "anon_inode:[eventpoll]":
+            link = os.readlink(f"{base}/{entry}")
+            if link == socket_link and entry != own:
+                return True
+            if link != "anon_inode:[eventpoll]":
                 continue
             with open(f"/proc/{tid}/fdinfo/{entry}", "rb") as info:
                 for line in info:

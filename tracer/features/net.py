@@ -544,8 +544,8 @@ class Outgoing:
         if direct_path.is_bound(sock):
             log.debug("tcp %s relayed: the socket is bound", endpoint)
             return None
-        if direct_path.registered_in_epoll(tid, tracee_fd, inode):
-            log.debug("tcp %s relayed: the socket is in an epoll set", endpoint)
+        if direct_path.held_elsewhere(tid, tracee_fd, inode):
+            log.debug("tcp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
             return None
         cloexec = direct_path.close_on_exec(tid, tracee_fd)
         if cloexec is None:
