@@ -76,15 +76,17 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     from ..tracer.backend import AsyncSide
     from ..tracer.features.env import merge_environment
     from ..tracer.features.remote import RemoteContext
-    from .target import connect_agent, progress
+    from .target import connect_agent, fork_local_agent, progress
 
+    # Forked before the first thread starts (the async side's).
+    forked = fork_local_agent(config, target, verbose=verbose)
     side = AsyncSide()
     session_dir = Path(tempfile.mkdtemp(prefix="mtrace-session-"))
     client: AgentClient | None = None
     try:
         where = config.agent.address or (target.describe() if target else "")
         progress(f"connecting to the agent for {where}...")
-        client = _wait(side, connect_agent(config, target, verbose=verbose),
+        client = _wait(side, connect_agent(config, target, verbose=verbose, forked=forked),
                        config.agent.startup_timeout + 5, "the start-up handshake")
         latency = _wait(side, client.ping(), 10, "a ping")
         progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
@@ -102,6 +104,8 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
         if client is not None:
             with contextlib.suppress(Exception):
                 side.call(client.close(), timeout=5)
+        elif forked is not None:
+            forked.abandon()
         side.stop()
         shutil.rmtree(session_dir, ignore_errors=True)
 

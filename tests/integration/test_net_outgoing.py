@@ -441,7 +441,7 @@ def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget)
         assert process.stdout is not None and process.stdin is not None
         assert process.stdout.readline() == b"ready\n"
         agents = [child for child in psutil.Process(process.pid).children(recursive=True)
-                  if "mtrace.agent" in " ".join(child.cmdline())]
+                  if _is_agent(child)]
         assert len(agents) == 1
         agents[0].kill()
         agents[0].wait(10)
@@ -578,7 +578,7 @@ def test_direct_connection_outlives_the_agent(netns_target: NetnsTarget) -> None
         assert process.stdout is not None and process.stdin is not None
         assert process.stdout.readline() == b"ready\n"
         agents = [child for child in psutil.Process(process.pid).children(recursive=True)
-                  if "mtrace.agent" in " ".join(child.cmdline())]
+                  if _is_agent(child)]
         agents[0].kill()
         agents[0].wait(10)
         stdout, stderr = process.communicate(b"go\n", timeout=30)
@@ -590,6 +590,12 @@ def test_direct_connection_outlives_the_agent(netns_target: NetnsTarget) -> None
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def _is_agent(process: Any) -> bool:
+    """A local agent: forked by mtrace (named mtrace-agent) or spawned."""
+    return process.name() == "mtrace-agent" or "mtrace.agent" in " ".join(process.cmdline())
+
 
 
 @contextlib.contextmanager
