@@ -106,8 +106,10 @@ TRAPPED: tuple[str, ...] = (
 )
 #: recv() is recvfrom(fd, buf, len, flags, NULL, NULL): only a caller that asks
 #: for the source address (argument 4) can need its answer rewritten, so the
-#: filter lets every other recvfrom run at full speed.
-TRAP_IF_NONZERO: dict[str, int] = {"recvfrom": 4}
+#: filter lets every other recvfrom run at full speed. Likewise send() is
+#: sendto(fd, buf, len, flags, NULL, 0): only a destination (argument 4) can
+#: need relaying (a key-value client's every request is a send()).
+TRAP_IF_NONZERO: dict[str, int] = {"recvfrom": 4, "sendto": 4}
 
 #: How long the target may take to connect when the socket sets no SO_SNDTIMEO.
 CONNECT_TIMEOUT = 60.0
