@@ -34,9 +34,13 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import socket
 
 _CLONE_NEWNET = 0x40000000
+#: How long the trap loop may wait for a blocking caller's connect before
+#: handing the wait to the async side (other threads' calls wait meanwhile).
+INLINE_WAIT_MS = 1
 _O_CLOEXEC_FDINFO = 0o2000000
 
 #: Options copied from the program's socket when they differ from a fresh
@@ -206,6 +210,16 @@ def is_bound(sock: socket.socket) -> bool:
     except OSError:
         return True
     return bool(address[1]) if isinstance(address, tuple) else True
+
+
+def connected_soon(sock: socket.socket) -> bool:
+    """Whether a connect in progress has its answer within ``INLINE_WAIT_MS``
+    (a peer on the target's loopback or next hop answers in microseconds): the
+    blocking caller is then answered from the trap loop, without the hop to
+    the async side and back."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(INLINE_WAIT_MS))
 
 
 def pending_error(sock: socket.socket) -> int:

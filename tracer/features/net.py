@@ -565,6 +565,11 @@ class Outgoing:
                     Errno(errno.EINPROGRESS)
                 log.debug("tcp %s direct (inode %d)", endpoint, inode)
                 return ReplaceFd(made.detach(), tracee_fd, then, cloexec=cloexec)
+            if result != 0 and direct_path.connected_soon(made):
+                result = direct_path.pending_error(made)
+                if result:
+                    made.close()
+                    return Errno(result)
             if result == 0:
                 direct_path.set_blocking(made, True)
                 return ReplaceFd(made.detach(), tracee_fd, ReturnValue(0), cloexec=cloexec)
