@@ -12,6 +12,12 @@ dynamically linked client with its own epoll loop) does GET and SET with 1 and
   connection, 127.0.0.1 included, goes through the SOCKS server.
 
 The value is requests per second (the mean of GET and SET), a median over runs.
+
+Coverage rows: each probe flavour (``tests/programs``: dynamic glibc, static
+glibc, musl, static Go) sends ``PING`` to the target's server under each tool;
+1 if the target's ``+PONG`` came back (the connection left from the target),
+0 if not: ``ECONNREFUSED`` means it escaped (nothing listens on that port on
+this machine).
 """
 
 from __future__ import annotations
@@ -176,4 +182,39 @@ def run(ctx: Context) -> list[Row]:
     for row in rows:
         if row.variant != DIRECT and row.value is not None:
             compare(rows, row, DIRECT)
+    return rows + _coverage(ctx)
+
+
+FLAVOURS = ("probe-dynamic", "probe-glibc-static", "probe-musl", "probe-go")
+
+
+def _coverage(ctx: Context) -> list[Row]:
+    from bench.program import httpclient
+
+    rows: list[Row] = []
+    try:
+        client = httpclient()  # builds every test program, the probes included
+        programs = {path.name: path for path in client.parent.iterdir()}
+        with _redis(ctx) as (pid, port), _socks(ctx) as proxychains_config:
+            for flavour in FLAVOURS:
+                name = f"coverage: {flavour} tcp connect reaches the target"
+                probe = programs.get(flavour)
+                if probe is None:
+                    rows += [Row.missing(GROUP, name, variant, "reached", "not built")
+                             for variant in (MTRACE_TARGET, PROXYCHAINS)]
+                    continue
+                argv = [str(probe), "tcp", "127.0.0.1", str(port), "PING"]
+                for variant, command in (
+                        (MTRACE_TARGET, [*mtrace_argv(), "exec", "--target", f"pid/{pid}",
+                                         "--", *argv]),
+                        (PROXYCHAINS, ["proxychains4", "-q", "-f", proxychains_config, *argv])):
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                          check=False)
+                    reached = "+PONG" in done.stdout
+                    output = done.stderr.strip() or done.stdout.strip() or "no output"
+                    note = "" if reached else f"no +PONG: {output[-80:]}"
+                    rows.append(Row(GROUP, name, variant, 1.0 if reached else 0.0, "reached",
+                                    samples=[1.0 if reached else 0.0], note=note))
+    except (Unavailable, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        rows.append(Row.missing(GROUP, "coverage", PROXYCHAINS, "reached", str(error)))
     return rows
