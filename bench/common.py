@@ -233,6 +233,14 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
 class PeakMemory:
     """Samples VmHWM (peak resident set) of a process tree until stopped.
 
@@ -263,7 +271,8 @@ class PeakMemory:
                 kib = _vm_hwm_kib(pid)
                 if kib is None:
                     continue
-                name = self.peaks[pid][0] if pid in self.peaks else _cmdline(pid)
+                # A forked agent renames itself (comm) after its first sample.
+                name = _cmdline(pid) + " comm=" + _comm(pid)
                 self.peaks[pid] = (name, max(kib, self.peaks.get(pid, ("", 0))[1]))
             self._stop.wait(self.interval)
 
@@ -273,7 +282,8 @@ class PeakMemory:
         return self.peaks
 
     def peak_mib(self, match: Callable[[int, str], bool]) -> float | None:
-        """Largest peak among the processes ``match(pid, cmdline)`` selects, in MiB."""
+        """Largest peak among the processes ``match(pid, cmdline)`` selects, in MiB
+        (``cmdline`` ends with `` comm=NAME``)."""
         found = [kib for pid, (name, kib) in self.peaks.items() if match(pid, name)]
         return max(found) / 1024 if found else None
 

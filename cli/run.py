@@ -75,15 +75,17 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     from ..tracer.backend import AsyncSide
     from ..tracer.features.env import merge_environment, read_env_file
     from ..tracer.features.remote import RemoteContext
-    from .target import connect_agent, progress
+    from .target import connect_agent, fork_local_agent, progress
 
+    # Forked before the first thread starts (the async side's).
+    forked = fork_local_agent(config, target, verbose=verbose)
     side = AsyncSide()
     client: AgentClient | None = None
     with session_directory() as session_dir:
         try:
             where = config.agent.address or (target.describe() if target else "")
             progress(f"connecting to the agent for {where}...")
-            client = _wait(side, connect_agent(config, target, verbose=verbose),
+            client = _wait(side, connect_agent(config, target, verbose=verbose, forked=forked),
                            config.agent.startup_timeout + 5, "the start-up handshake")
             latency = _wait(side, client.ping(), 10, "a ping")
             progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
@@ -96,14 +98,21 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
             env_file = (read_env_file(config.feature.env.env_file)
                         if config.feature.env.env_file else None)
             env = merge_environment(os.environ, target_env, config.feature.env, env_file)
+            local_target = (target is not None and target.kind == "pid"
+                            and not config.agent.address)
             context = RemoteContext(client=client, async_side=side, features=config.feature,
                                     session_dir=session_dir,
-                                    executable=resolve_executable(command, env))
+                                    executable=resolve_executable(command, env),
+                                    target_network=(f"/proc/{target.pid}/ns/net"
+                                                    if local_target and target is not None
+                                                    else None))
             return _serve_remote(command, config, context, env, observer, trapped)
         finally:
             if client is not None:
                 with contextlib.suppress(Exception):
                     side.call(client.close(), timeout=5)
+            elif forked is not None:
+                forked.abandon()
             side.stop()
 
 

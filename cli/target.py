@@ -9,12 +9,16 @@ import secrets
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
 from ..agent.errors import AgentError, AuthenticationError
 from ..agent.secret import GENERATE_HINT, weakness
 from .config import Config, parse_address
 from .errors import ConfigError, TargetError
+
+if TYPE_CHECKING:
+    from .local_agent import ForkedAgent
 
 SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
 _KUBERNETES_KINDS = ("pod", "deployment", "statefulset", "daemonset", "job", "cronjob",
@@ -78,11 +82,27 @@ def agent_secret(config: Config) -> str:
     return config.agent.secret or os.environ.get(SECRET_VARIABLE) or secrets.token_hex(16)
 
 
-async def connect_agent(config: Config, target: Target | None, *, verbose: int = 0) -> AgentClient:
+def fork_local_agent(config: Config, target: Target | None, *, verbose: int = 0
+                     ) -> ForkedAgent | None:
+    """The local agent of a pid/N target, forked now (before any thread starts:
+    ``mtrace.cli.local_agent``); None where it is spawned later instead."""
+    from .local_agent import can_fork, fork_agent
+
+    if config.agent.address or target is None or target.kind != "pid" or not can_fork():
+        return None
+    argv = agent_argv(target_pid=target.pid, write=config.agent.write, verbose=verbose)
+    return fork_agent(argv[3:], agent_secret(config), quiet=not verbose)
+
+
+async def connect_agent(config: Config, target: Target | None, *, verbose: int = 0,
+                        forked: ForkedAgent | None = None) -> AgentClient:
     """The agent for this run: a TCP one if an address is configured, else a
-    local one spawned over stdio and attached to the target. A local agent
-    that fails to start is reported with the last line it logged."""
+    local one (``forked`` already, or spawned over stdio) attached to the
+    target. A local agent that fails to start is reported with the last line
+    it logged."""
     timeout = config.agent.startup_timeout
+    if forked is not None:
+        return await forked.connect(timeout=timeout)
     if config.agent.address:
         host, port = parse_address(config.agent.address)
         secret = config.agent.secret or os.environ.get(SECRET_VARIABLE)

@@ -36,6 +36,7 @@ from .outcome import (
     InjectFd,
     OnTraceeFd,
     Outcome,
+    ReplaceFd,
     ReturnValue,
     RewriteArgs,
 )
@@ -136,6 +137,14 @@ class NotifyBackend:
                     finally:
                         if close_after:
                             os.close(fd)
+                case ReplaceFd(fd=fd, tracee_fd=tracee_fd, then=then, cloexec=cloexec):
+                    try:
+                        listener.inject_fd(nid, fd, cloexec=cloexec, target_fd=tracee_fd,
+                                           send=False)
+                    finally:
+                        os.close(fd)
+                    self._carry_out(notification, call, then, started, token)
+                    return
                 case OnTraceeFd(tracee_fd=tracee_fd, action=action):
                     acted = self._act_on_fd(nid, call, tracee_fd, action)
                     if acted is not None:

@@ -10,6 +10,11 @@ interface themselves.
 - ``Errno``: skip the call; the tracee sees ``-1`` with this errno.
 - ``InjectFd``: skip the call; a supervisor fd is installed in the tracee and
   its number is the call's result (openat of a shadow file, socket()).
+- ``ReplaceFd``: skip the call; a supervisor fd takes the place of the
+  tracee's fd ``tracee_fd`` (an atomic ``dup2`` into the tracee), then the call
+  returns ``then`` (a socket made in the target's namespace, connected for the
+  program). Backends that cannot install an fd at a number (ptrace) answer
+  ``ENOSYS``; handlers offer it only where ``not call.sees_results``.
 - ``OnTraceeFd``: act on the tracee's own object: the backend duplicates the
   tracee's fd into the supervisor (``pidfd_getfd``), calls ``action`` with it,
   and carries out the outcome ``action`` returns (connect a tracee socket to a
@@ -61,6 +66,15 @@ class InjectFd:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplaceFd:
+    fd: int
+    tracee_fd: int
+    then: ReturnValue | Errno
+    cloexec: bool = False
+    # The supervisor's copy is always closed once carried out (or not).
+
+
+@dataclass(frozen=True, slots=True)
 class OnTraceeFd:
     tracee_fd: int
     action: Callable[[int], Outcome]
@@ -77,7 +91,8 @@ class Defer:
     coroutine: Coroutine[Any, Any, Outcome] = field(compare=False)
 
 
-Outcome = Continue | ReturnValue | Errno | InjectFd | OnTraceeFd | RewriteArgs | Defer
+Outcome = (Continue | ReturnValue | Errno | InjectFd | ReplaceFd | OnTraceeFd | RewriteArgs
+           | Defer)
 
 
 def errno_of(exc: OSError) -> Errno:

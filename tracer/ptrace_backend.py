@@ -57,6 +57,7 @@ from .outcome import (
     InjectFd,
     OnTraceeFd,
     Outcome,
+    ReplaceFd,
     ReturnValue,
     RewriteArgs,
 )
@@ -346,6 +347,12 @@ class PtraceBackend:
                     return
                 case InjectFd():
                     self._inject_by_reopen(tid, thread, registers, call, outcome, started, token)
+                    return
+                case ReplaceFd(fd=fd):
+                    # No fd can be installed at a number from here.
+                    os.close(fd)
+                    self._skip(tid, registers, -errno.ENOSYS)
+                    self._record(call, outcome, started, -errno.ENOSYS, token)
                     return
                 case OnTraceeFd(tracee_fd=tracee_fd, action=action):
                     follow_up = self._act_on_fd(call, tracee_fd, action)

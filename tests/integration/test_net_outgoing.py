@@ -430,15 +430,17 @@ print("sendto", outcome(lambda: v.sendto(b"x", ("127.0.0.1", int(sys.argv[2]))))
 def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget) -> None:
     import psutil
 
+    # Relayed connections (direct ones do not depend on the agent: below).
     argv = mtrace_argv(netns_target, [*_python(AGENT_LOSS), str(netns_target.tcp_port),
-                                      str(netns_target.udp_port)])
+                                      str(netns_target.udp_port)],
+                       features={"network": {"outgoing": {"direct": False}}})
     process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     try:
         assert process.stdout is not None and process.stdin is not None
         assert process.stdout.readline() == b"ready\n"
         agents = [child for child in psutil.Process(process.pid).children(recursive=True)
-                  if "mtrace.agent" in " ".join(child.cmdline())]
+                  if _is_agent(child)]
         assert len(agents) == 1
         agents[0].kill()
         agents[0].wait(10)
@@ -457,7 +459,142 @@ def test_agent_lost_mid_stream_fails_with_real_errnos(netns_target: NetnsTarget)
     assert len(lost) == 1 and lost[0].startswith("mtrace: error: "), stderr
 
 
+# --- the direct path (local targets) ---------------------------------------------------
+
+DIRECT_STATE = r"""
+import fcntl, os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
+s.settimeout(5)
+s.connect(("127.0.0.1", int(sys.argv[1])))
+print(s.recv(100).decode().strip())
+print("nodelay", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+      "keepalive", s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+      "keepidle", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+      "nonblock", bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK),
+      "cloexec", bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
+print("inode", os.fstat(s.fileno()).st_ino, flush=True)
+"""
+
+
+def _target_tcp_inodes(target: NetnsTarget) -> set[int]:
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{target.pid}/net/{table}") as lines:
+            next(lines)
+            inodes |= {int(line.split()[9]) for line in lines}
+    return inodes
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_socket_lives_in_the_target_and_keeps_the_programs_options(
+        netns_target: NetnsTarget, direct: bool) -> None:
+    argv = mtrace_argv(netns_target, [*_python(DIRECT_STATE), str(netns_target.tcp_port)],
+                       features={"network": {"outgoing": {"direct": direct}}})
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        state = process.stdout.readline().decode().split()
+        inode = int(process.stdout.readline().split()[1])
+        in_target = inode in _target_tcp_inodes(netns_target)
+    finally:
+        process.wait(30)
+    assert banner.strip() == netns_target.tcp_banner.strip()
+    # settimeout makes Python's socket non-blocking; the program's flags stay.
+    assert state == ["nodelay", "1", "keepalive", "1", "keepidle", "77",
+                     "nonblock", "True", "cloexec", "True"]
+    assert in_target == direct
+
+
+EPOLL_FIRST = r"""
+import select, socket, sys
+s = socket.socket()
+s.setblocking(False)
+poller = select.epoll()
+poller.register(s.fileno(), select.EPOLLOUT | select.EPOLLIN)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+except BlockingIOError:
+    pass
+for _ in range(2):
+    events = poller.poll(5)
+    assert events, "no event: the epoll registration lost its socket"
+    if events[0][1] & select.EPOLLIN:
+        break
+    poller.modify(s.fileno(), select.EPOLLIN)
+print(s.recv(100).decode().strip())
+"""
+
+
+def test_socket_registered_with_epoll_before_connect_is_relayed(
+        netns_target: NetnsTarget) -> None:
+    out = assert_like_inside(netns_target, [*_python(EPOLL_FIRST), str(netns_target.tcp_port)])
+    assert out.strip() == netns_target.tcp_banner.strip()
+
+
+DIRECT_AGENT_LOSS = r"""
+import errno, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.recv(100)
+print("ready", flush=True)
+sys.stdin.readline()
+s.sendall(b"still\n")
+print("echo", s.recv(100).decode().strip())
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5)
+    print("connect ok")
+except OSError as error:
+    print("connect", errno.errorcode[error.errno])
+"""
+
+
+DUP_FIRST = r"""
+import os, socket, sys
+s = socket.socket()
+copy = socket.socket(fileno=os.dup(s.fileno()))
+s.connect(("127.0.0.1", int(sys.argv[1])))
+print(copy.recv(100).decode().strip())
+"""
+
+
+def test_socket_dup_before_connect_is_relayed(netns_target: NetnsTarget) -> None:
+    out = assert_like_inside(netns_target, [*_python(DUP_FIRST), str(netns_target.tcp_port)])
+    assert out.strip() == netns_target.tcp_banner.strip()
+
+
+def test_direct_connection_outlives_the_agent(netns_target: NetnsTarget) -> None:
+    import psutil
+
+    # The open connection is the target's own socket, not a relay: it goes on
+    # working without the agent; new connections fail as relayed ones do.
+    argv = mtrace_argv(netns_target, [*_python(DIRECT_AGENT_LOSS), str(netns_target.tcp_port)])
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == b"ready\n"
+        agents = [child for child in psutil.Process(process.pid).children(recursive=True)
+                  if _is_agent(child)]
+        agents[0].kill()
+        agents[0].wait(10)
+        stdout, stderr = process.communicate(b"go\n", timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert stdout.decode().splitlines() == ["echo still", "connect ENETUNREACH"], stderr
+
+
 # --- helpers --------------------------------------------------------------------------
+
+
+def _is_agent(process: Any) -> bool:
+    """A local agent: forked by mtrace (named mtrace-agent) or spawned."""
+    return process.name() == "mtrace-agent" or "mtrace.agent" in " ".join(process.cmdline())
+
 
 
 @contextlib.contextmanager

@@ -74,8 +74,10 @@ from ..outcome import (
     Errno,
     OnTraceeFd,
     Outcome,
+    ReplaceFd,
     ReturnValue,
 )
+from . import direct as direct_path
 from .dns import (
     DnsSetup,
     IPAddress,
@@ -106,8 +108,10 @@ TRAPPED: tuple[str, ...] = (
 )
 #: recv() is recvfrom(fd, buf, len, flags, NULL, NULL): only a caller that asks
 #: for the source address (argument 4) can need its answer rewritten, so the
-#: filter lets every other recvfrom run at full speed.
-TRAP_IF_NONZERO: dict[str, int] = {"recvfrom": 4}
+#: filter lets every other recvfrom run at full speed. Likewise send() is
+#: sendto(fd, buf, len, flags, NULL, 0): only a destination (argument 4) can
+#: need relaying (a key-value client's every request is a send()).
+TRAP_IF_NONZERO: dict[str, int] = {"recvfrom": 4, "sendto": 4}
 
 #: How long the target may take to connect when the socket sets no SO_SNDTIMEO.
 CONNECT_TIMEOUT = 60.0
@@ -404,10 +408,14 @@ class _Receive:
 class Outgoing:
     """The state of one session's outgoing network and its syscall handlers."""
 
-    def __init__(self, context: RemoteContext, rules: OutgoingRules, dns: DnsSetup) -> None:
+    def __init__(self, context: RemoteContext, rules: OutgoingRules, dns: DnsSetup,
+                 target_network: direct_path.TargetNetwork | None = None) -> None:
         self.context = context
         self.rules = rules
         self.dns = dns
+        # Local targets: TCP sockets are made in the target's namespace and
+        # handed to the program (mtrace.tracer.features.direct), no relay.
+        self.target_network = target_network
         # Written on the event loop, read by the trap loop (single dict operations).
         self.relayed: dict[int, Relayed] = {}
         self.udp_relays: dict[int, UdpRelay] = {}
@@ -490,8 +498,10 @@ class Outgoing:
             if self.relayed:
                 self._forget(call.tid, call.int_arg(0))
             return CONTINUE
+        direct = self.target_network is not None and not call.sees_results
         return OnTraceeFd(call.int_arg(0), partial(self._connect_action, call.tid,
-                                                   call.int_arg(0), family, endpoint, tcp, udp))
+                                                   call.int_arg(0), family, endpoint, tcp, udp,
+                                                   raw if direct else None))
 
     def _forget(self, tid: int, fd: int) -> None:
         inode = socket_inode(tid, fd)
@@ -504,7 +514,7 @@ class Outgoing:
                 relay.connected_peer = None
 
     def _connect_action(self, tid: int, tracee_fd: int, family: int, endpoint: Endpoint,
-                        tcp: bool, udp: bool, fd: int) -> Outcome:
+                        tcp: bool, udp: bool, sockaddr: bytes | None, fd: int) -> Outcome:
         with borrowed(fd) as sock:
             if sock.family != family:
                 return CONTINUE  # the kernel's EAFNOSUPPORT / EINVAL
@@ -520,6 +530,11 @@ class Outgoing:
                     return Errno(errno.ENETUNREACH)
                 timeout = _timeout_option(sock, socket.SO_SNDTIMEO) or CONNECT_TIMEOUT
                 inode = os.fstat(fd).st_ino
+                if sockaddr is not None:
+                    outcome = self._connect_direct(tid, tracee_fd, sock, inode, sockaddr,
+                                                   endpoint, timeout)
+                    if outcome is not None:
+                        return outcome
                 return Defer(self._connect_tcp(os.dup(fd), family, endpoint, inode, timeout))
             if kind == socket.SOCK_DGRAM and udp and protocol in (0, socket.IPPROTO_UDP):
                 if self.agent_gone():
@@ -595,6 +610,66 @@ class Outgoing:
             return ReturnValue(0) if result == 0 else Errno(result)
         finally:
             os.close(fd)
+
+    def _connect_direct(self, tid: int, tracee_fd: int, sock: socket.socket, inode: int,
+                        sockaddr: bytes, endpoint: Endpoint, timeout: float) -> Outcome | None:
+        """The direct path (see ``mtrace.tracer.features.direct``); None: relay instead."""
+        assert self.target_network is not None
+        if direct_path.is_bound(sock):
+            log.debug("tcp %s relayed: the socket is bound", endpoint)
+            return None
+        if direct_path.held_elsewhere(tid, tracee_fd, inode):
+            log.debug("tcp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
+            return None
+        cloexec = direct_path.close_on_exec(tid, tracee_fd)
+        if cloexec is None:
+            return Errno(errno.EBADF)
+        made = self.target_network.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            direct_path.copy_socket_state(sock, made)
+            result = direct_path.connect_raw(made, sockaddr)
+            nonblocking = _nonblocking(sock.fileno())
+            if result not in (0, *direct_path.IN_PROGRESS):
+                made.close()
+                return Errno(result)
+            if nonblocking:
+                then: ReturnValue | Errno = ReturnValue(0) if result == 0 else \
+                    Errno(errno.EINPROGRESS)
+                log.debug("tcp %s direct (inode %d)", endpoint, inode)
+                return ReplaceFd(made.detach(), tracee_fd, then, cloexec=cloexec)
+            if result != 0 and direct_path.connected_soon(made):
+                result = direct_path.pending_error(made)
+                if result:
+                    made.close()
+                    return Errno(result)
+            if result == 0:
+                direct_path.set_blocking(made, True)
+                return ReplaceFd(made.detach(), tracee_fd, ReturnValue(0), cloexec=cloexec)
+        except BaseException:
+            made.close()
+            raise
+        return Defer(self._finish_direct(made, tracee_fd, cloexec, endpoint, timeout))
+
+    async def _finish_direct(self, made: socket.socket, tracee_fd: int, cloexec: bool,
+                             endpoint: Endpoint, timeout: float) -> Outcome:
+        """A blocking caller's direct connect: wait for the target's answer."""
+        loop = asyncio.get_running_loop()
+        writable: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(made.fileno(), _set_once, writable)
+        try:
+            await asyncio.wait_for(writable, timeout)
+        except TimeoutError:
+            made.close()
+            return Errno(errno.ETIMEDOUT)
+        finally:
+            loop.remove_writer(made.fileno())
+        result = direct_path.pending_error(made)
+        if result:
+            made.close()
+            return Errno(result)
+        direct_path.set_blocking(made, True)
+        log.debug("tcp %s direct, blocking caller", endpoint)
+        return ReplaceFd(made.detach(), tracee_fd, ReturnValue(0), cloexec=cloexec)
 
     # -- UDP relays --
 
@@ -894,6 +969,8 @@ class Outgoing:
         for relay in list(self.udp_relays.values()):
             await relay.close()
         self.udp_relays.clear()
+        if self.target_network is not None:
+            self.target_network.close()
 
 
 # -- set-up -------------------------------------------------------------------------------------
@@ -946,7 +1023,13 @@ def setup(context: RemoteContext, *, local_resolvers: Sequence[tuple[str, int]] 
     dns = DnsSetup(names, nameservers,
                    list(local_resolvers) if local_resolvers is not None else local_nameservers())
     log.debug("target nameservers: %s", ", ".join(map(str, nameservers)) or "none")
-    return Outgoing(context, rules, dns)
+    target_network = None
+    if context.target_network is not None and network.outgoing.direct:
+        try:
+            target_network = direct_path.TargetNetwork(context.target_network)
+        except OSError as error:
+            log.info("no direct path (%s): every connection is relayed", error)
+    return Outgoing(context, rules, dns, target_network)
 
 
 def handlers(context: RemoteContext, *,

@@ -85,6 +85,9 @@ class OutgoingConfig(_Config):
     # Regexes (re.search) of Unix socket paths whose stream connects go to the
     # target's socket of that path (an abstract name is matched as "@name").
     unix_streams: list[str] = msgspec.field(default_factory=list)
+    # Local targets (pid/N): TCP sockets are made in the target's network
+    # namespace and handed to the program instead of relayed (docs/network.md).
+    direct: bool = True
 
 
 class DnsFilter(_Config):

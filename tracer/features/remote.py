@@ -37,6 +37,9 @@ class RemoteContext:
     agent_lost: bool = field(default=False)
     # Set when the session is ending: the agent closing then is not a failure.
     closing: bool = field(default=False)
+    # The target's network namespace when it is on this machine (pid/N with a
+    # local agent): outgoing TCP takes the direct path (features/direct.py).
+    target_network: str | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
         """Run a coroutine on the agent's loop and wait (start-up work only,

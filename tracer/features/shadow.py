@@ -145,6 +145,16 @@ class ShadowTree:
 
     # --- files -------------------------------------------------------------
 
+    def cached_file(self, remote_path: bytes, info: FileStat) -> bytes | None:
+        """The shadow path of ``remote_path`` if its copy matches ``info`` now
+        (no fetch, no wait: callable from the trap loop); else None."""
+        key = normalize(remote_path)
+        copy = self._copies.get(key)
+        if copy is None or key in self._fetching or not (
+                copy.pinned or copy.key == (info.size, info.mtime_ns)):
+            return None
+        return self.shadow_path(key)
+
     async def file(self, client: AgentClient, remote_path: bytes, info: FileStat) -> bytes:
         """The shadow path of an up-to-date copy of the regular file ``remote_path``."""
         key = normalize(remote_path)
