@@ -43,9 +43,11 @@ def strategy_for(
     if annotation is bytes:
         return st.binary(max_size=200)
     if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
-        hints = typing.get_type_hints(annotation)
-        return st.builds(
-            annotation,
-            **{name: strategy_for(hints[name], overrides) for name in annotation.__struct_fields__},
-        )
+        struct = annotation
+        # Deferred: a struct may contain itself (HttpRequestFilter.any_of).
+        return st.deferred(lambda: st.builds(
+            struct,
+            **{name: strategy_for(typing.get_type_hints(struct)[name], overrides)
+               for name in struct.__struct_fields__},
+        ))
     raise TypeError(f"no strategy for {annotation!r}")
