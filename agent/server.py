@@ -35,6 +35,7 @@ from .protocol import (
     CAP_ENV,
     CAP_FILES,
     CAP_FILES_WRITE,
+    CAP_INCOMING,
     CAP_TCP,
     CAP_UDP,
     GOODBYE_SHUTDOWN,
@@ -140,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot open the root of {target.describe()}: {error.strerror}",
             hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
         ) from error
-    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS]
+    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS, CAP_INCOMING]
     if args.write:
         capabilities.append(CAP_FILES_WRITE)
     context = AgentContext(

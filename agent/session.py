@@ -25,6 +25,7 @@ from typing import Any, TypeVar, get_args
 
 from .errors import ProtocolError
 from .files import FileService, HandleTable
+from .incoming import Incoming
 from .logs import event
 from .names import TargetNameResolver
 from .net import Outgoing
@@ -51,6 +52,8 @@ from .protocol import (
     FrameEncoder,
     GetEnviron,
     Goodbye,
+    IncomingSubscribe,
+    IncomingUnsubscribe,
     LinkTarget,
     MakeDir,
     Open,
@@ -146,6 +149,7 @@ class Session:
         self._encoder = FrameEncoder()
         self._names = TargetNameResolver(context.read_target_file)
         self._outgoing = Outgoing(self.send, self.send_nowait, self._resolve_host)
+        self._incoming = Incoming(self._outgoing)
         self._handles = HandleTable()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
@@ -302,6 +306,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        self._incoming.close_all()
         self._outgoing.close_all()
         self._handles.close_all()
         tasks = list(self._tasks)
@@ -395,6 +400,11 @@ class Session:
                 return Sent(size=await self._outgoing.udp_send(operation))
             case UdpClose(socket=socket_id):
                 self._outgoing.udp_close(socket_id)
+                return Done()
+            case IncomingSubscribe():
+                return await self._incoming.subscribe(operation)
+            case IncomingUnsubscribe(port=port):
+                await self._incoming.unsubscribe(port)
                 return Done()
         raise OSError(errno.ENOSYS, f"unsupported operation {type(operation).__name__}")
 
