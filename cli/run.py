@@ -134,18 +134,19 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
                   env: dict[str, str], observer: Observer | None,
                   shown: Sequence[str] | None) -> int:
     from ..tracer.backend import Handlers
-    from ..tracer.features import files, net
+    from ..tracer.features import files, incoming, net
     from ..tracer.syscalls import DEFAULT_TRAPPED
 
     side = context.async_side
     files_feature = files.FilesFeature(context)
     outgoing = net.setup(context)
-    table = {**files_feature.handlers(), **outgoing.handlers()}
+    incoming_feature = incoming.setup(context, outgoing)
+    table = {**files_feature.handlers(), **outgoing.handlers(), **incoming_feature.handlers()}
     if observer is not None:
         table = _showing_results(table)
     handlers = Handlers(table)
     trapped = tuple(dict.fromkeys([*DEFAULT_TRAPPED, *files.trapped_for(config.feature.fs),
-                                   *net.TRAPPED, *(shown or ())]))
+                                   *net.TRAPPED, *incoming.TRAPPED, *(shown or ())]))
     if observer is not None and shown:
         observer = _ShownOnly(observer, set(shown))
     watcher = side.submit(_watch_agent(context.client, context))
@@ -161,6 +162,8 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
         with contextlib.suppress(Exception):
             side.call(files_feature.flush(), timeout=30)
         files_feature.close()
+        with contextlib.suppress(Exception):
+            side.call(incoming_feature.close(), timeout=5)
         with contextlib.suppress(Exception):
             side.call(outgoing.close(), timeout=5)
 

@@ -130,8 +130,10 @@ class NotifyBackend:
                     if listener.is_valid(nid):
                         listener.respond(nid, value=value)
                     result = value
-                case InjectFd(fd=fd, cloexec=cloexec, close_after=close_after):
+                case InjectFd(fd=fd, cloexec=cloexec, close_after=close_after, writes=writes):
                     try:
+                        for address, data in writes:
+                            call.write(address, data)
                         result = listener.inject_fd(nid, fd, cloexec=cloexec)
                     finally:
                         if close_after:

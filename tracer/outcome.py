@@ -9,7 +9,8 @@ interface themselves.
   (address, bytes) were stored into its memory (a stat buffer, a sockaddr).
 - ``Errno``: skip the call; the tracee sees ``-1`` with this errno.
 - ``InjectFd``: skip the call; a supervisor fd is installed in the tracee and
-  its number is the call's result (openat of a shadow file, socket()).
+  its number is the call's result (openat of a shadow file, socket(),
+  accept()), after ``writes`` were stored as for ``ReturnValue``.
 - ``OnTraceeFd``: act on the tracee's own object: the backend duplicates the
   tracee's fd into the supervisor (``pidfd_getfd``), calls ``action`` with it,
   and carries out the outcome ``action`` returns (connect a tracee socket to a
@@ -58,6 +59,8 @@ class InjectFd:
     cloexec: bool = False
     # The supervisor's copy is closed once the tracee has its own.
     close_after: bool = True
+    # Stored into the tracee's memory first (accept's peer address).
+    writes: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

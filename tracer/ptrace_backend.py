@@ -411,6 +411,8 @@ class PtraceBackend:
         assert isinstance(outcome, InjectFd)
         fd = outcome.fd
         try:
+            for address, data in outcome.writes:
+                call.write(address, data)
             status_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         except OSError:
             if outcome.close_after:
