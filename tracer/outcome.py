@@ -22,6 +22,10 @@ interface themselves.
   and restores memory and registers at syscall exit. Only backends that see
   results (``call.sees_results``) carry it out; under seccomp notify the
   handler emulates the call instead.
+- ``AfterResult``: let the kernel run the call, then, once it succeeded,
+  store ``after(result)``'s writes into the tracee's memory (accept's peer
+  address). Only backends that see results carry it out (ptrace); under
+  notify the handler emulates the call instead.
 - ``Defer``: the answer needs the agent; the backend runs the coroutine on the
   async side and carries out the outcome it returns, so one slow remote call
   never stalls the tracee's other threads.
@@ -80,7 +84,12 @@ class Defer:
     coroutine: Coroutine[Any, Any, Outcome] = field(compare=False)
 
 
-Outcome = Continue | ReturnValue | Errno | InjectFd | OnTraceeFd | RewriteArgs | Defer
+@dataclass(frozen=True, slots=True)
+class AfterResult:
+    after: Callable[[int], tuple[tuple[int, bytes], ...]] = field(compare=False)
+
+
+Outcome = Continue | ReturnValue | Errno | InjectFd | OnTraceeFd | RewriteArgs | Defer | AfterResult
 
 
 def errno_of(exc: OSError) -> Errno:

@@ -35,6 +35,7 @@ import fcntl
 import logging
 import os
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +46,7 @@ from ...agent.errors import AgentError, RemoteError
 from ...agent.protocol import HttpRequestFilter, IncomingConnection
 from ..backend import Handler
 from ..call import SyscallCall
-from ..outcome import CONTINUE, Defer, Errno, InjectFd, OnTraceeFd, Outcome, ReturnValue
+from ..outcome import CONTINUE, AfterResult, Defer, Errno, InjectFd, OnTraceeFd, Outcome, ReturnValue
 from .net import Outgoing, Relayed, _address_reply, socket_inode
 from .policy import HttpFilter, IncomingConfig
 from .relay import Endpoint, borrowed, build_sockaddr, endpoint_of, reachable_address, relay_tcp
@@ -208,6 +209,13 @@ class IncomingFeature:
         flags = call.int_arg(3) if call.name == "accept4" else 0
         if flags & ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC):
             return Errno(errno.EINVAL)
+        if call.sees_results:
+            # ptrace cannot install a socket in the tracee (no reopen through
+            # /proc): the kernel accepts, and the peer address is fixed after.
+            capacity = 0
+            if call.pointer_arg(1) and call.pointer_arg(2):
+                capacity = struct.unpack("=I", call.read(call.pointer_arg(2), 4))[0]
+            return AfterResult(partial(self._after_accept, call, listener, capacity))
         return OnTraceeFd(call.int_arg(0), partial(self._accept_action, call, listener, flags))
 
     def _accept_action(self, call: SyscallCall, listener: Listener, flags: int,
@@ -262,6 +270,29 @@ class IncomingFeature:
             os.close(fd)
             raise
         return InjectFd(fd, cloexec=bool(flags & socket.SOCK_CLOEXEC), writes=writes)
+
+    def _after_accept(self, call: SyscallCall, listener: Listener, capacity: int,
+                      result: int) -> tuple[tuple[int, bytes], ...]:
+        from ..seccomp import take_tracee_fd
+
+        fd = take_tracee_fd(call.tid, result)
+        try:
+            with borrowed(fd) as sock:
+                found = endpoint_of(sock.getpeername())
+            arrival = self.arrivals.pop(found.port, None) if found is not None else None
+            if arrival is None:
+                return ()
+            sockaddr = build_sockaddr(listener.family, arrival.peer)
+            local = build_sockaddr(listener.family, arrival.local)
+            self.outgoing._remember(os.fstat(fd).st_ino, Relayed(sockaddr, local))
+        except ValueError:
+            return ()
+        finally:
+            os.close(fd)
+        if not (call.pointer_arg(1) and call.pointer_arg(2)):
+            return ()
+        return ((call.pointer_arg(1), sockaddr[:capacity]),
+                (call.pointer_arg(2), struct.pack("=I", len(sockaddr))))
 
     async def close(self) -> None:
         for task in list(self._tasks):
