@@ -13,7 +13,7 @@ and removes them all when the client goes away.
   each other one to the target's process over the agent's own connection to
   the original destination (marked, so not redirected again), and the
   answers go back in order, so keep-alive and pipelined requests mix freely.
-  An HTTP/2 connection (its preface) goes to the target whole (see docs/network.md).
+  An HTTP/2 connection (its preface) is sorted per stream the same way, with h2.
 * **mirror**: nothing in the target's path changes. An ``AF_PACKET`` socket
   with a BPF filter on the subscribed ports sees the packets the target
   receives; a small TCP reassembly per connection (from its SYN) turns them
@@ -354,8 +354,14 @@ class FilteredConnection:
         downstream = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HTTP_BUFFER)
         try:
             first = await reader.read(1 << 16)
-            if first.startswith(HTTP2_PREFACE[: len(first)]) and first:
-                await self._whole_to_target(first, reader, writer)
+            while first and len(first) < len(HTTP2_PREFACE) \
+                    and HTTP2_PREFACE.startswith(first):
+                more = await reader.read(1 << 16)
+                if not more:
+                    break
+                first += more
+            if first.startswith(HTTP2_PREFACE):
+                await FilteredHttp2(self).run(first, reader, writer)
                 return
             downstream.receive_data(first)
             while True:
@@ -463,22 +469,250 @@ class FilteredConnection:
             self._target = _Upstream(reader, writer)
         return self._target
 
-    async def _whole_to_target(self, first: bytes, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
-        target_reader, target_writer = await self._connect_target()
-        target_writer.write(first)
+    async def client_socket(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new stream to the client for this connection (HTTP/2: one, lazily)."""
+        ours, theirs = socket.socketpair()
+        self.incoming._new_stream(theirs, self.port, self.peer, self.local)
+        return await asyncio.open_connection(sock=ours, limit=1 << 16)
 
-        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(1 << 16):
-                sink.write(data)
-                await sink.drain()
-            with contextlib.suppress(OSError):
-                sink.write_eof()
 
+class _H2Side:
+    """One HTTP/2 connection of a filtered steal (the peer's, the target's or the client's)."""
+
+    def __init__(self, name: str, client_side: bool, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        import h2.config
+        import h2.connection
+
+        self.name = name
+        self.reader = reader
+        self.writer = writer
+        self.http = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None, validate_inbound_headers=False,
+            normalize_inbound_headers=False, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+        # Data waiting for flow-control window: stream -> [bytes, end the stream after].
+        self.pending: dict[int, list[Any]] = {}
+        # Streams whose end was already sent (trailers end a stream themselves).
+        self.ended: set[int] = set()
+
+    def flush(self) -> None:
+        data = self.http.data_to_send()
+        if data:
+            self.writer.write(data)
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        if not data:
+            return
+        entry = self.pending.setdefault(stream_id, [bytearray(), False])
+        entry[0] += data
+        self.push(stream_id)
+
+    def finish(self, stream_id: int) -> None:
+        """End the stream once its pending data is sent."""
+        if stream_id in self.ended:
+            return
+        if stream_id in self.pending:
+            self.pending[stream_id][1] = True
+            self.push(stream_id)
+            return
+        self.ended.add(stream_id)
+        with contextlib.suppress(Exception):
+            self.http.end_stream(stream_id)
+
+    def trailers(self, stream_id: int, headers: list[Any]) -> None:
+        self.ended.add(stream_id)
+        with contextlib.suppress(Exception):
+            self.http.send_headers(stream_id, headers, end_stream=True)
+
+    def push(self, stream_id: int) -> None:
+        """Send what the windows allow of ``stream_id``'s pending data."""
+        entry = self.pending.get(stream_id)
+        if entry is None:
+            return
+        buffer, end = entry
         try:
-            await asyncio.gather(copy(reader, target_writer), copy(target_reader, writer))
+            while buffer:
+                window = min(self.http.local_flow_control_window(stream_id),
+                             self.http.max_outbound_frame_size)
+                if window <= 0:
+                    return
+                chunk = bytes(buffer[:window])
+                del buffer[:window]
+                last = end and not buffer
+                self.http.send_data(stream_id, chunk, end_stream=last)
+                if last:
+                    self.ended.add(stream_id)
+        except Exception:  # the stream was reset or closed meanwhile
+            pass
+        self.pending.pop(stream_id, None)
+
+
+class FilteredHttp2:
+    """An HTTP/2 connection whose requests (streams) are sorted by the filter.
+
+    Each request stream of the peer's connection is opened again on the
+    target's connection or on the client's, with the same headers; data,
+    trailers, ends and resets follow it in order, and the answer comes back on
+    the peer's stream. Flow control is each connection's own (h2): data waits
+    for window before it is sent on.
+    """
+
+    def __init__(self, owner: FilteredConnection) -> None:
+        self.owner = owner
+        self.peer: _H2Side | None = None
+        self.sides: dict[str, _H2Side] = {}
+        # (side name, its stream) <-> the peer's stream.
+        self.to_peer: dict[tuple[str, int], int] = {}
+        self.from_peer: dict[int, tuple[str, int]] = {}
+        # Events of peer streams whose other side is still being opened.
+        self.waiting: dict[int, list[Any]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self, first: bytes, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
+        self.peer = _H2Side("peer", False, reader, writer)
+        self.peer.http.initiate_connection()
+        self._handle(self.peer, first)
+        try:
+            await self._pump(self.peer)
         finally:
-            target_writer.close()
+            for task in self._tasks:
+                task.cancel()
+            for side in self.sides.values():
+                with contextlib.suppress(Exception):
+                    side.writer.close()
+
+    async def _pump(self, side: _H2Side) -> None:
+        while data := await side.reader.read(1 << 16):
+            self._handle(side, data)
+            for each in (self.peer, *self.sides.values()):
+                if each is not None:
+                    await each.writer.drain()
+
+    async def _side(self, name: str) -> _H2Side:
+        side = self.sides.get(name)
+        if side is None:
+            if name == "client":
+                reader, writer = await self.owner.client_socket()
+            else:
+                reader, writer = await self.owner._connect_target()
+            side = self.sides.get(name)  # another stream may have opened it meanwhile
+            if side is not None:
+                writer.close()
+                return side
+            side = _H2Side(name, True, reader, writer)
+            side.http.initiate_connection()
+            side.flush()
+            self.sides[name] = side
+            self._tasks.append(asyncio.create_task(self._pump_side(side)))
+        return side
+
+    async def _pump_side(self, side: _H2Side) -> None:
+        with contextlib.suppress(OSError):
+            await self._pump(side)
+
+    def _handle(self, side: _H2Side, data: bytes) -> None:
+        import h2.events
+
+        assert self.peer is not None
+        for found in side.http.receive_data(data):
+            if side is self.peer:
+                self._from_peer(found)
+            else:
+                self._from_side(side, found)
+            if isinstance(found, h2.events.WindowUpdated) and found.stream_id:
+                side.push(found.stream_id)
+            elif isinstance(found, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                for stream_id in list(side.pending):
+                    side.push(stream_id)
+        self._flush_all()
+
+    def _flush_all(self) -> None:
+        for each in (self.peer, *self.sides.values()):
+            if each is not None:
+                each.flush()
+
+    def _from_peer(self, found: Any) -> None:
+        import h2.events
+
+        if isinstance(found, h2.events.RequestReceived):
+            headers = [(bytes(name), bytes(value)) for name, value in found.headers]
+            fields = {name: value.decode("latin-1") for name, value in headers}
+            lines = [f"{name.decode('latin-1')}: {value.decode('latin-1')}"
+                     for name, value in headers if not name.startswith(b":")]
+            matched = self.owner.filter.matches(fields.get(b":method", ""),
+                                                fields.get(b":path", ""), lines)
+            event(logger, logging.DEBUG, "filtered_request", port=self.owner.port,
+                  to="client" if matched else "target", method=fields.get(b":method", ""),
+                  target=fields.get(b":path", ""), http=2)
+            self.waiting[found.stream_id] = []
+            self._tasks.append(asyncio.create_task(
+                self._open("client" if matched else "target", found.stream_id, headers)))
+            return
+        stream_id = getattr(found, "stream_id", None)
+        if stream_id in self.from_peer:
+            self._forward(found)
+        elif stream_id in self.waiting:
+            self.waiting[stream_id].append(found)
+
+    async def _open(self, name: str, peer_stream: int, headers: list[tuple[bytes, bytes]]) -> None:
+        try:
+            side = await self._side(name)
+        except OSError:
+            assert self.peer is not None
+            self.waiting.pop(peer_stream, None)
+            with contextlib.suppress(Exception):
+                self.peer.http.reset_stream(peer_stream, 0x7)  # REFUSED_STREAM
+            self._flush_all()
+            return
+        stream_id = side.http.get_next_available_stream_id()
+        self.from_peer[peer_stream] = (name, stream_id)
+        self.to_peer[(name, stream_id)] = peer_stream
+        side.http.send_headers(stream_id, headers)
+        for found in self.waiting.pop(peer_stream, []):
+            self._forward(found)
+        self._flush_all()
+
+    def _forward(self, found: Any) -> None:
+        """An event of a peer stream, carried over to its other side."""
+        import h2.events
+
+        assert self.peer is not None
+        name, stream_id = self.from_peer[found.stream_id]
+        side = self.sides[name]
+        if isinstance(found, h2.events.DataReceived):
+            self.peer.http.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
+            side.send_data(stream_id, found.data)
+        elif isinstance(found, h2.events.TrailersReceived):
+            side.trailers(stream_id, list(found.headers))
+        elif isinstance(found, h2.events.StreamEnded):
+            side.finish(stream_id)
+        elif isinstance(found, h2.events.StreamReset):
+            with contextlib.suppress(Exception):
+                side.http.reset_stream(stream_id, found.error_code)
+
+    def _from_side(self, side: _H2Side, found: Any) -> None:
+        import h2.events
+
+        assert self.peer is not None
+        stream_id = getattr(found, "stream_id", None)
+        peer_stream = self.to_peer.get((side.name, stream_id)) if stream_id else None
+        if peer_stream is None:
+            return
+        if isinstance(found, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
+            with contextlib.suppress(Exception):
+                self.peer.http.send_headers(peer_stream, list(found.headers))
+        elif isinstance(found, h2.events.DataReceived):
+            side.http.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
+            self.peer.send_data(peer_stream, found.data)
+        elif isinstance(found, h2.events.TrailersReceived):
+            self.peer.trailers(peer_stream, list(found.headers))
+        elif isinstance(found, h2.events.StreamEnded):
+            self.peer.finish(peer_stream)
+        elif isinstance(found, h2.events.StreamReset):
+            with contextlib.suppress(Exception):
+                self.peer.http.reset_stream(peer_stream, found.error_code)
 
 
 # -- mirror: capture and reassembly -------------------------------------------------------------

@@ -473,3 +473,64 @@ def test_unknown_incoming_flag_is_exit_78() -> None:
     assert result.returncode == 78
     assert "--incoming nope" in result.stderr
 
+
+
+# --- filtered steal over HTTP/2 (h2c, as gRPC speaks it) ----------------------------------
+
+H2_CLIENT = r"""
+import json, socket, sys
+import h2.connection, h2.events
+host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+sock = socket.create_connection((host, port), timeout=20)
+connection = h2.connection.H2Connection()
+connection.initiate_connection()
+streams = []
+for path, headers in requests:
+    stream_id = connection.get_next_available_stream_id()
+    connection.send_headers(stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                        (":authority", "target"), *headers.items()],
+                            end_stream=True)
+    streams.append(stream_id)
+sock.sendall(connection.data_to_send())
+bodies = {stream_id: b"" for stream_id in streams}
+ended = set()
+while len(ended) < len(streams):
+    data = sock.recv(65536)
+    if not data:
+        break
+    for found in connection.receive_data(data):
+        if isinstance(found, h2.events.DataReceived):
+            bodies[found.stream_id] += found.data
+            connection.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
+        elif isinstance(found, (h2.events.StreamEnded, h2.events.StreamReset)):
+            ended.add(found.stream_id)
+    sock.sendall(connection.data_to_send())
+print(json.dumps([bodies[stream_id].decode() for stream_id in streams]))
+"""
+
+
+def test_filter_over_http2_on_one_connection(incoming: Incoming, programs: ProgramPaths) -> None:
+    port = free_port()
+    target_server = subprocess.Popen(
+        ["ip", "netns", "exec", incoming.target.netns, str(programs["httpserve"]), "-h2c",
+         "-name", "target", f"[::]:{port}"], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert target_server.stdout is not None
+        assert target_server.stdout.readline().startswith(b"listening on")
+        traced = Traced(incoming.target, [str(programs["httpserve"]), "-h2c", "-name", "local",
+                                          f"[::]:{port}"],
+                        {"mode": "steal", "http_filter": {"header_filter": "^x-mtrace: yes$"}})
+        try:
+            requests = [["/hello", {"x-mtrace": "yes"}], ["/hello", {}],
+                        ["/hello", {"x-mtrace": "yes"}], ["/env/X", {}]]
+            result = subprocess.run(incoming.target.nsenter_argv(
+                sys.executable, "-c", H2_CLIENT, "127.0.0.1", str(port), json.dumps(requests),
+                environment=False), capture_output=True, timeout=60, check=False)
+            assert result.returncode == 0, result.stderr.decode()[-2000:]
+        finally:
+            traced.stop()
+    finally:
+        target_server.kill()
+        target_server.wait(timeout=10)
+    assert json.loads(result.stdout) == ["hello from local\n", "hello from target\n",
+                                         "hello from local\n", "X unset\n"]
