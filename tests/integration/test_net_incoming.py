@@ -534,3 +534,20 @@ def test_filter_over_http2_on_one_connection(incoming: Incoming, programs: Progr
         target_server.wait(timeout=10)
     assert json.loads(result.stdout) == ["hello from local\n", "hello from target\n",
                                          "hello from local\n", "X unset\n"]
+
+
+def test_trace_shows_the_incoming_peer(incoming: Incoming, programs: ProgramPaths) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli.main", "trace", "-e", "accept,accept4", "--backend",
+         "notify", "--target", f"pid/{incoming.target.pid}", "-f", _config("steal"), "--",
+         *serve(programs["probe-dynamic"], incoming.port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, bufsize=0)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith(b"listening on")
+        _, own = incoming.request("/traced")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    assert re.search(rf"accept4?\(.*\) = \d+ <[\d.]+> \(peer 127\.0\.0\.1:{own}\)",
+                     err.decode()), err.decode()[-3000:]
