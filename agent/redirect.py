@@ -5,7 +5,8 @@ A steal redirects new TCP connections to the target's port P (from other hosts:
 listener for P. The rules live in one table (nftables: ``table inet
 mtrace_<pid>``; iptables where nft is missing: chains ``MTRACE_<pid>`` in the
 ``nat`` tables of iptables and ip6tables, jumped to from PREROUTING and
-OUTPUT) named after the agent's pid, so whose rules they are is plain.
+OUTPUT) named after the agent's pid and the client session (``mtrace_<pid>_<n>``),
+so whose rules they are is plain.
 
 The agent's own connections to the target's port (requests a filtered steal
 leaves to the target) carry the socket mark :data:`AGENT_MARK` and are never
@@ -30,6 +31,7 @@ Needs NET_ADMIN in the namespace (and the ``nft`` or ``iptables`` command).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -42,8 +44,10 @@ from .errors import AgentError
 #: "mtrc": the mark on the agent's own connections to a stolen port.
 AGENT_MARK = 0x6D747263
 TABLE_PREFIX = "mtrace_"
-_TABLE_LINE = re.compile(rf"^table inet ({TABLE_PREFIX}(\d+))$")
-_CHAIN_LINE = re.compile(r"^:(MTRACE_(\d+)) ")
+_TABLE_LINE = re.compile(rf"^table inet ({TABLE_PREFIX}(\d+)_\d+)$")
+_CHAIN_LINE = re.compile(r"^:(MTRACE_(\d+)_\d+) ")
+#: One table per client session of an agent (an agent started with --listen serves several).
+_sessions = itertools.count(1)
 COMMAND_TIMEOUT = 10.0
 
 NEEDS_NET_ADMIN = (
@@ -90,7 +94,9 @@ class Redirector:
             raise RedirectError("neither nft nor iptables is installed where the agent runs",
                                 hint="install nftables (or iptables) in the agent's image")
         self.backend = backend
-        self.name = f"{TABLE_PREFIX}{self.owner}" if backend == "nft" else f"MTRACE_{self.owner}"
+        session = next(_sessions)
+        self.name = (f"{TABLE_PREFIX}{self.owner}_{session}" if backend == "nft"
+                     else f"MTRACE_{self.owner}_{session}")
         self._ports: dict[int, int] = {}
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._installed = False

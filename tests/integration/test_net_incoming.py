@@ -551,3 +551,46 @@ def test_trace_shows_the_incoming_peer(incoming: Incoming, programs: ProgramPath
         _, err = process.communicate(timeout=60)
     assert re.search(rf"accept4?\(.*\) = \d+ <[\d.]+> \(peer 127\.0\.0\.1:{own}\)",
                      err.decode()), err.decode()[-3000:]
+
+
+# --- the redirect rules themselves ---------------------------------------------------------
+
+REDIRECT_CHECK = r"""
+import socket, subprocess, sys
+from mtrace.agent.redirect import Redirector
+backend, port = sys.argv[1], int(sys.argv[2])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(4)
+redirector = Redirector(backend)
+redirector.set(port, listener.getsockname()[1])
+client = socket.create_connection(("127.0.0.1", port), timeout=5)
+accepted, _ = listener.accept()
+client.sendall(b"via redirect")
+print(accepted.recv(100).decode())
+redirector.close()
+listing = subprocess.run(["iptables-save", "-t", "nat"] if backend == "iptables"
+                         else ["nft", "list", "tables"], capture_output=True, text=True).stdout
+print("left:", redirector.name in listing)
+"""
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_redirect_rules_take_the_port_and_go_away(incoming: Incoming, backend: str) -> None:
+    port = free_port()
+    result = subprocess.run(incoming.target.nsenter_argv(
+        sys.executable, "-c", REDIRECT_CHECK, backend, str(port), environment=False),
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.splitlines() == ["via redirect", "left: False"], result.stderr[-2000:]
+
+
+def test_a_dead_agents_table_is_swept_by_the_next(incoming: Incoming,
+                                                  programs: ProgramPaths) -> None:
+    stale = "mtrace_999999999_1"  # no such pid
+    subprocess.run(incoming.target.nsenter_argv("nft", "add", "table", "inet", stale,
+                                                environment=False), check=True, timeout=30)
+    traced = Traced(incoming.target, serve(programs["probe-go"], incoming.port), "steal")
+    try:
+        assert stale not in incoming.mtrace_tables()
+    finally:
+        traced.stop()

@@ -60,8 +60,8 @@ def test_config_filter_becomes_the_protocol_filter() -> None:
 
 
 def test_nft_table_redirects_both_hooks_and_skips_the_agents_mark() -> None:
-    script = nft_script("mtrace_42", {80: 40000, 443: 40001})
-    assert script.startswith("add table inet mtrace_42\ndelete table inet mtrace_42\n")
+    script = nft_script("mtrace_42_1", {80: 40000, 443: 40001})
+    assert script.startswith("add table inet mtrace_42_1\ndelete table inet mtrace_42_1\n")
     assert "type nat hook prerouting" in script and "type nat hook output" in script
     rule = f"tcp dport 80 meta mark != {AGENT_MARK:#x} redirect to :40000"
     assert script.count(rule) == 2

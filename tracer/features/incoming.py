@@ -43,7 +43,7 @@ from typing import Any
 
 from ...agent.client import TcpStream
 from ...agent.errors import AgentError, RemoteError
-from ...agent.protocol import HttpRequestFilter, IncomingConnection
+from ...agent.protocol import CAP_INCOMING, HttpRequestFilter, IncomingConnection
 from ..backend import Handler
 from ..call import SyscallCall
 from ..outcome import CONTINUE, AfterResult, Defer, Errno, InjectFd, OnTraceeFd, Outcome, ReturnValue
@@ -102,6 +102,11 @@ class IncomingFeature:
 
     def handlers(self) -> dict[str, Handler]:
         if self.config.mode == "off":
+            return {}
+        if CAP_INCOMING not in self.context.client.capabilities:
+            # An older agent: listening stays local, said once.
+            log.warning("incoming: the agent does not serve incoming traffic (an older mtrace); "
+                        "the program's listeners stay local")
             return {}
         return {"listen": self.handle_listen, "accept": self.handle_accept,
                 "accept4": self.handle_accept}
