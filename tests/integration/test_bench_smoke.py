@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GROUPS = ("syscall", "remote", "startup", "program")
+GROUPS = ("syscall", "remote", "startup", "program", "incoming")
 
 
 @pytest.mark.timeout(60)
