@@ -64,7 +64,7 @@ import msgspec
 from .errors import ProtocolError
 
 PROTOCOL_VERSION: Final = 2
-MIN_PROTOCOL_VERSION: Final = 2
+MIN_PROTOCOL_VERSION: Final = 1
 
 #: Largest frame either side accepts after the handshake (length prefix excluded).
 MAX_FRAME_SIZE: Final = 8 * 1024 * 1024
