@@ -171,3 +171,11 @@ def test_good_incoming_config_passes() -> None:
         "mode": "steal", "port_mapping": [[8080, 80]],
         "http_filter": {"header_filter": "^User-Agent: (?!kube-probe/)"}}}}}, Config)
     validate(config)
+
+
+def test_protocol_2_still_speaks_to_version_1_peers() -> None:
+    # Regression: bumping PROTOCOL_VERSION for the incoming messages once raised
+    # MIN_PROTOCOL_VERSION too, and every version-1 agent was refused.
+    from mtrace.agent import protocol
+
+    assert protocol.MIN_PROTOCOL_VERSION == 1 < protocol.PROTOCOL_VERSION
