@@ -16,7 +16,7 @@ Modules:
 | `remote` | remote operations through the agent, bulk throughput, peak memory |
 | `startup` | process startup under mtrace against a plain run |
 | `program` | a real program: the Go HTTP client doing 1,000 requests |
-| `incoming` | a stolen HTTP request against the target's own answer; what a mirror adds to the target's answers |
+| `incoming` | a stolen HTTP request against the target's own; what a mirror adds to the target's |
 | `report` | targets (pass/miss), the markdown table, JSON and the chart |
 
 Every comparison is a ratio against a baseline measured in the same run; every
