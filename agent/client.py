@@ -85,6 +85,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import (
@@ -128,6 +129,11 @@ from .protocol import (
     FrameEncoder,
     GetEnviron,
     Goodbye,
+    HttpRequestFilter,
+    IncomingConnection,
+    IncomingSubscribe,
+    IncomingSubscribed,
+    IncomingUnsubscribe,
     LinkTarget,
     MakeDir,
     Open,
@@ -332,6 +338,7 @@ class AgentClient:
         self._pending: dict[int, asyncio.Future[Result]] = {}
         self._streams: dict[int, TcpStream] = {}
         self._udp: dict[int, UdpSocket] = {}
+        self._incoming: dict[int, IncomingHandler] = {}
         self._reader_task: asyncio.Task[None] | None = None
         self._failure: AgentUnavailable | AuthenticationError | ProtocolError | None = None
         self._closed_event = asyncio.Event()
@@ -520,6 +527,8 @@ class AgentClient:
                     case Datagram(socket=socket_id):
                         if udp := self._udp.get(socket_id):
                             udp._on_datagram(message)
+                    case IncomingConnection():
+                        self._on_incoming(message)
                     case Goodbye(code=code, message=text):
                         failure = (TargetExited(text) if code == GOODBYE_TARGET_EXITED else
                                    AgentUnavailable(f"the agent closed the connection: {text}"))
@@ -734,11 +743,44 @@ class AgentClient:
         udp.local_address = (opened.local_host, opened.local_port)
         return udp
 
+    async def subscribe_incoming(self, port: int, mode: str, handler: IncomingHandler, *,
+                                 http_filter: HttpRequestFilter | None = None
+                                 ) -> IncomingSubscribed:
+        """Take the target's ``port`` ("steal" or "mirror"): ``handler(connection,
+        stream)`` is called, on this loop, for each connection the agent announces."""
+        self._incoming[port] = handler
+        try:
+            return await self._call(IncomingSubscribe(port=port, mode=mode, http_filter=http_filter),
+                                    IncomingSubscribed)
+        except BaseException:
+            self._incoming.pop(port, None)
+            raise
+
+    async def unsubscribe_incoming(self, port: int) -> None:
+        self._incoming.pop(port, None)
+        await self._call(IncomingUnsubscribe(port=port), Done)
+
+    def _on_incoming(self, connection: IncomingConnection) -> None:
+        stream = TcpStream(self, connection.stream, DEFAULT_WINDOW)
+        self._streams[connection.stream] = stream
+        stream._on_connected(TcpConnected(
+            stream=connection.stream, local_host=connection.local_host,
+            local_port=connection.local_port, peer_host=connection.peer_host,
+            peer_port=connection.peer_port, window=DEFAULT_WINDOW))
+        handler = self._incoming.get(connection.port)
+        if handler is None:
+            stream.abort()
+            return
+        handler(connection, stream)
+
     def _forget_stream(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
 
     def _forget_udp(self, socket_id: int) -> None:
         self._udp.pop(socket_id, None)
+
+
+IncomingHandler = Callable[[IncomingConnection, "TcpStream"], None]
 
 
 class TcpStream:

@@ -389,6 +389,20 @@ class Outgoing:
         return TcpConnected(stream=request.stream, local_host="", local_port=0,
                             peer_host=shown, peer_port=0, window=DEFAULT_WINDOW)
 
+    async def adopt(self, stream_id: int, sock: socket.socket) -> None:
+        """Pump an already connected socket as stream ``stream_id`` (incoming
+        connections: the client learnt of it from an ``IncomingConnection``)."""
+        if self._closed:
+            sock.close()
+            return
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_CHUNK)
+        if self._closed:
+            writer.close()
+            return
+        self._streams[stream_id] = TcpStream(stream_id, reader, writer, send_window=DEFAULT_WINDOW,
+                                             receive_window=DEFAULT_WINDOW, outgoing=self)
+
     def stream(self, stream_id: int) -> TcpStream | None:
         return self._streams.get(stream_id)
 

@@ -104,6 +104,8 @@ CAP_UNIX_STREAM: Final = "unix-stream"
 # Channels (AgentHello.channels, ClientHello.channel).
 CHANNEL_PLAIN: Final = "plain"
 CHANNEL_CHACHA20_POLY1305: Final = "chacha20-poly1305"
+#: IncomingSubscribe and friends (protocol 2): mirror and steal the target's ports.
+CAP_INCOMING: Final = "incoming"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -318,6 +320,37 @@ class UploadCommit(_Message, tag="upload-commit"):
     handle: int
 
 
+class HttpRequestFilter(_Message, tag="http-filter"):
+    """Which HTTP requests a filtered steal takes: Python regular expressions
+    (``re.search``) on each ``Name: value`` header line, the request target and
+    the method; ``all_of``/``any_of`` nest; ``ports``: only filter there."""
+
+    header: str | None = None
+    path: str | None = None
+    method: str | None = None
+    all_of: list[HttpRequestFilter] | None = None
+    any_of: list[HttpRequestFilter] | None = None
+    ports: list[int] | None = None
+
+
+class IncomingSubscribe(_Message, tag="incoming-subscribe"):
+    """Version 2: deliver connections to the target's ``port`` to the client
+    (``IncomingConnection`` events): ``mode`` is "steal" (the client answers
+    instead of the target) or "mirror" (a copy of the bytes the target
+    receives; the client's answers are dropped). ``http_filter`` (steal only):
+    only matching HTTP requests go to the client."""
+
+    port: int
+    mode: str
+    http_filter: HttpRequestFilter | None = None
+
+
+class IncomingUnsubscribe(_Message, tag="incoming-unsubscribe"):
+    """Version 2: stop taking the port; the target's process gets it back at once."""
+
+    port: int
+
+
 Operation = (
     Ping
     | Stat
@@ -342,6 +375,8 @@ Operation = (
     | UploadBegin
     | UploadCommit
     | UnixConnect
+    | IncomingSubscribe
+    | IncomingUnsubscribe
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
@@ -444,6 +479,14 @@ class Sent(_Message, tag="sent"):
     size: int
 
 
+class IncomingSubscribed(_Message, tag="incoming-subscribed"):
+    """``target_listening``: something in the target listens on the port (a
+    mirror of a port nobody listens on sees nothing)."""
+
+    port: int
+    target_listening: bool
+
+
 Result = (
     Error
     | Done
@@ -459,6 +502,7 @@ Result = (
     | TcpConnected
     | UdpOpened
     | Sent
+    | IncomingSubscribed
 )
 
 
@@ -524,9 +568,38 @@ class Datagram(_Message, tag="datagram"):
     data: bytes
 
 
+class IncomingConnection(_Message, tag="incoming-connection"):
+    """Agent -> client (version 2): a connection to a subscribed port, now a
+    stream (``stream`` chosen by the agent, from :data:`AGENT_STREAM_BASE` up;
+    both windows :data:`DEFAULT_WINDOW`). ``peer_*`` is the real remote peer,
+    ``local_*`` the address it reached in the target. A mirror stream carries
+    a copy of what the peer sent; what the client writes to it is dropped."""
+
+    stream: int
+    port: int
+    peer_host: str
+    peer_port: int
+    local_host: str
+    local_port: int
+    mirror: bool = False
+
+
+#: Stream ids the agent picks for incoming connections start here (the client's
+#: own ids count up from 1, so the two never meet).
+AGENT_STREAM_BASE: Final = 1 << 48
+
 ToAgent = ClientHello | Request | StreamData | StreamCredit | StreamShutdown | StreamClose
 FromAgent = (
-    AgentHello | Welcome | Goodbye | Response | StreamData | StreamCredit | StreamEof | StreamReset | Datagram
+    AgentHello
+    | Welcome
+    | Goodbye
+    | Response
+    | StreamData
+    | StreamCredit
+    | StreamEof
+    | StreamReset
+    | Datagram
+    | IncomingConnection
 )
 
 

@@ -38,6 +38,7 @@ from .protocol import (
     CAP_FILES,
     CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
+    CAP_INCOMING,
     CAP_TCP,
     CAP_UDP,
     CAP_UNIX_STREAM,
@@ -175,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot open the root of {target.describe()}: {error.strerror}",
             hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
         ) from error
-    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS, CAP_UNIX_STREAM]
+    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS, CAP_UNIX_STREAM, CAP_INCOMING]
     if args.write:
         capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD]
     context = AgentContext(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 from .errors import ProtocolError
 from .files import FileService, HandleTable, Upload
+from .incoming import Incoming
 from .logs import event
 from .names import TargetNameResolver
 from .net import Outgoing
@@ -62,6 +63,8 @@ from .protocol import (
     FrameEncoder,
     GetEnviron,
     Goodbye,
+    IncomingSubscribe,
+    IncomingUnsubscribe,
     LinkTarget,
     MakeDir,
     Open,
@@ -208,6 +211,7 @@ class Session:
         self._encoder = FrameEncoder()
         self._names = TargetNameResolver(context.read_target_file)
         self._outgoing = Outgoing(self.send, self.send_nowait, self._resolve_host)
+        self._incoming = Incoming(self._outgoing)
         self._handles = HandleTable()
         # Uploads not yet committed, by handle: discarded on Close and at teardown.
         self._uploads: dict[int, Upload] = {}
@@ -413,6 +417,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        self._incoming.close_all()
         self._outgoing.close_all()
         self._handles.close_all()
         for upload in self._uploads.values():
@@ -534,6 +539,11 @@ class Session:
                 return Done()
             case UnixConnect():
                 return await self._outgoing.connect_unix(operation, self.context.files.resolver)
+            case IncomingSubscribe():
+                return await self._incoming.subscribe(operation)
+            case IncomingUnsubscribe(port=port):
+                await self._incoming.unsubscribe(port)
+                return Done()
         raise OSError(errno.ENOSYS, f"unsupported operation {type(operation).__name__}")
 
     def _read(self, handle: int, size: int, offset: int | None) -> Result:

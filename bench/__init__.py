@@ -17,6 +17,7 @@ Modules:
 | `startup` | process startup under mtrace against a plain run |
 | `program` | a real program: the Go HTTP client doing 1,000 requests |
 | `kv` | a key-value server's GET/SET load (redis-benchmark), proxychains4 as a peer |
+| `incoming` | a stolen HTTP request against the target's own; what a mirror adds to the target's |
 | `report` | targets (pass/miss), the markdown table, JSON and the chart |
 
 Every comparison is a ratio against a baseline measured in the same run; every

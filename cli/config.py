@@ -18,6 +18,10 @@ follow mirrord's where they mean the same thing::
     filter = { local = ["tcp://10.0.0.0/8:5432"] }
     [feature.network.dns.filter]
     local = ["*.internal.example"]
+    [feature.network.incoming]         # or: incoming = "steal"
+    mode = "steal"                     # mirror (default) | steal | off
+    port_mapping = [[8080, 80]]
+    http_filter = { header_filter = "^User-Agent: (?!kube-probe/)" }
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ..tracer.features.policy import FeatureConfig, compile_pattern
+from ..tracer.features.policy import FeatureConfig, HttpFilter, IncomingConfig, compile_pattern
 from .errors import ConfigError
 
 Backend = Literal["auto", "notify", "ptrace"]
@@ -177,10 +181,48 @@ def validate(config: Config, origin: str = "config") -> None:
     if dns.filter and dns.filter.remote is not None and dns.filter.local is not None:
         raise ConfigError(f"{origin} at `feature.network.dns.filter`: give either `remote` or "
                           "`local`, not both")
+    _validate_incoming(config.feature.network.incoming_config, origin)
     if fs.mode == "write" or (fs.read_write and fs.mode != "local"):
         config.agent.write = True
     if config.agent.address:
         parse_address(config.agent.address, origin=f"{origin} at `agent.address`")
+
+
+def _validate_incoming(incoming: IncomingConfig, origin: str) -> None:
+    key = "feature.network.incoming"
+
+    def check_port(port: int, where: str, *, zero: bool = False) -> None:
+        if not (0 if zero else 1) <= port < 65536:
+            raise ConfigError(f"{origin} at `{key}.{where}`: port {port} is out of range",
+                              hint="ports are 1..65535")
+
+    for index, port in enumerate(incoming.ports or []):
+        check_port(port, f"ports[{index}]")
+    for index, port in enumerate(incoming.ignore_ports):
+        check_port(port, f"ignore_ports[{index}]")
+    for index, (local, remote) in enumerate(incoming.port_mapping):
+        check_port(local, f"port_mapping[{index}][0]")
+        check_port(remote, f"port_mapping[{index}][1]")
+
+    def check_filter(found: HttpFilter, where: str) -> None:
+        for name in ("header_filter", "path_filter", "method_filter"):
+            pattern = getattr(found, name)
+            if pattern is None:
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{origin} at `{key}.{where}.{name}`: bad regular expression "
+                                  f"{pattern!r}: {exc}",
+                                  hint="filters are Python regular expressions") from exc
+        for index, port in enumerate(found.ports or []):
+            check_port(port, f"{where}.ports[{index}]")
+        for name in ("all_of", "any_of"):
+            for index, nested in enumerate(getattr(found, name) or []):
+                check_filter(nested, f"{where}.{name}[{index}]")
+
+    if incoming.http_filter is not None:
+        check_filter(incoming.http_filter, "http_filter")
 
 
 def parse_address(text: str, *, origin: str = "--agent") -> tuple[str, int]:

@@ -125,6 +125,10 @@ def exec_command(
     ignore_localhost: Annotated[bool | None, typer.Option(
         "--ignore-localhost/--no-ignore-localhost",
         help="Keep connections to 127.0.0.0/8 and ::1 local.", show_default=False)] = None,
+    steal: Annotated[bool, typer.Option(
+        "--steal", help="Steal the target's incoming traffic (same as --incoming steal).")] = False,
+    incoming: Annotated[str | None, typer.Option(
+        "--incoming", help="Incoming traffic: mirror, steal or off.", show_default=False)] = None,
     backend: Backend = None,
     verbose: Verbose = 0,
     quiet: Annotated[bool, typer.Option(
@@ -155,6 +159,7 @@ def exec_command(
             features.env.enabled = False
         if ignore_localhost is not None:
             features.network.outgoing.ignore_localhost = ignore_localhost
+        _apply_incoming_flags(features, "steal" if steal else incoming)
         if backend is not None:
             config.backend = backend
         config = _revalidate(config)
@@ -166,6 +171,19 @@ def exec_command(
     except MtraceError as error:
         fail(error, verbose)
     raise SystemExit(code)
+
+
+def _apply_incoming_flags(features: Any, mode: str | None) -> None:
+    """--steal / --incoming MODE over feature.network.incoming (a table keeps its other keys)."""
+    if mode is None:
+        return
+    if mode not in ("mirror", "steal", "off"):
+        raise ConfigError(f"--incoming {mode}: unknown mode", hint="use mirror, steal or off")
+    network = features.network
+    if isinstance(network.incoming, str):
+        network.incoming = mode
+    else:
+        network.incoming.mode = mode
 
 
 @app.command("verify-config")

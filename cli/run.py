@@ -147,13 +147,14 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
                   env: dict[str, str], observer: Observer | None,
                   shown: Sequence[str] | None) -> int:
     from ..tracer.backend import Handlers
-    from ..tracer.features import files, hostname, net
+    from ..tracer.features import files, hostname, incoming, net
     from ..tracer.syscalls import DEFAULT_TRAPPED
 
     side = context.async_side
     files_feature = files.FilesFeature(context)
     outgoing = net.setup(context)
-    table = {**files_feature.handlers(), **outgoing.handlers()}
+    incoming_feature = incoming.setup(context, outgoing)
+    table = {**files_feature.handlers(), **outgoing.handlers(), **incoming_feature.handlers()}
     target_hostname = context.client.target_hostname if config.feature.hostname else None
     if target_hostname:
         table.update(hostname.handlers(target_hostname))
@@ -161,7 +162,7 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
         table = _showing_results(table)
     handlers = Handlers(table)
     trapped = tuple(dict.fromkeys([*DEFAULT_TRAPPED, *files.trapped_for(config.feature.fs),
-                                   *net.TRAPPED,
+                                   *net.TRAPPED, *incoming.TRAPPED,
                                    *(hostname.TRAPPED if target_hostname else ()),
                                    *(shown or ())]))
     if observer is not None and shown:
@@ -179,6 +180,8 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
         with contextlib.suppress(Exception):
             side.call(files_feature.flush(), timeout=30)
         files_feature.close()
+        with contextlib.suppress(Exception):
+            side.call(incoming_feature.close(), timeout=5)
         with contextlib.suppress(Exception):
             side.call(outgoing.close(), timeout=5)
     return _report_unsaved(files_feature.unsaved(), code)

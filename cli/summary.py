@@ -5,7 +5,6 @@ when stderr is not a terminal only ``-v`` shows it."""
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from .config import Config
 
@@ -55,10 +54,14 @@ def _fs(config: Config) -> str:
 
 
 def _incoming(config: Config) -> str:
-    incoming: Any = getattr(config.feature.network, "incoming", None)
-    if incoming is None:
-        return "not handled: bind, listen and accept stay local"
-    return str(getattr(incoming, "mode", incoming))
+    incoming = config.feature.network.incoming_config
+    if incoming.mode == "off":
+        return "off: bind, listen and accept stay local"
+    what = ("the program answers instead of the target" if incoming.mode == "steal"
+            else "the program gets a copy, the target answers")
+    if incoming.mode == "steal" and incoming.http_filter is not None:
+        what = "matching HTTP requests go to the program, the rest to the target"
+    return f"{incoming.mode} ({what}) on the ports the program listens on"
 
 
 def _outgoing(config: Config) -> str:

@@ -30,6 +30,7 @@ from .call import SyscallCall
 from .errors import TraceeGone
 from .memory import TraceeMemory
 from .outcome import (
+    AfterResult,
     Continue,
     Defer,
     Errno,
@@ -131,8 +132,10 @@ class NotifyBackend:
                     if listener.is_valid(nid):
                         listener.respond(nid, value=value)
                     result = value
-                case InjectFd(fd=fd, cloexec=cloexec, close_after=close_after):
+                case InjectFd(fd=fd, cloexec=cloexec, close_after=close_after, writes=writes):
                     try:
+                        for address, data in writes:
+                            call.write(address, data)
                         result = listener.inject_fd(nid, fd, cloexec=cloexec)
                     finally:
                         if close_after:
@@ -153,6 +156,12 @@ class NotifyBackend:
                 case Defer(coroutine=coroutine):
                     self._defer(notification, call, coroutine, started, token)
                     return
+                case AfterResult():
+                    # Notify never sees results; handlers offer it only where
+                    # call.sees_results (ptrace).
+                    log.error("handler for %s asked notify to act after the result", call.name)
+                    listener.respond(nid, error=errno.ENOSYS)
+                    result = -errno.ENOSYS
                 case RewriteArgs():
                     # Notify cannot change a waiting call's arguments; handlers
                     # offer it only where call.sees_results (ptrace).

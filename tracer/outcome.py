@@ -9,7 +9,8 @@ interface themselves.
   (address, bytes) were stored into its memory (a stat buffer, a sockaddr).
 - ``Errno``: skip the call; the tracee sees ``-1`` with this errno.
 - ``InjectFd``: skip the call; a supervisor fd is installed in the tracee and
-  its number is the call's result (openat of a shadow file, socket()).
+  its number is the call's result (openat of a shadow file, socket(),
+  accept()), after ``writes`` were stored as for ``ReturnValue``.
 - ``ReplaceFd``: skip the call; a supervisor fd takes the place of the
   tracee's fd ``tracee_fd`` (an atomic ``dup2`` into the tracee), then the call
   returns ``then`` (a socket made in the target's namespace, connected for the
@@ -26,6 +27,10 @@ interface themselves.
   and restores memory and registers at syscall exit. Only backends that see
   results (``call.sees_results``) carry it out; under seccomp notify the
   handler emulates the call instead.
+- ``AfterResult``: let the kernel run the call, then, once it succeeded,
+  store ``after(result)``'s writes into the tracee's memory (accept's peer
+  address). Only backends that see results carry it out (ptrace); under
+  notify the handler emulates the call instead.
 - ``Defer``: the answer needs the agent; the backend runs the coroutine on the
   async side and carries out the outcome it returns, so one slow remote call
   never stalls the tracee's other threads.
@@ -63,6 +68,8 @@ class InjectFd:
     cloexec: bool = False
     # The supervisor's copy is closed once the tracee has its own.
     close_after: bool = True
+    # Stored into the tracee's memory first (accept's peer address).
+    writes: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +98,13 @@ class Defer:
     coroutine: Coroutine[Any, Any, Outcome] = field(compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class AfterResult:
+    after: Callable[[int], tuple[tuple[int, bytes], ...]] = field(compare=False)
+
+
 Outcome = (Continue | ReturnValue | Errno | InjectFd | ReplaceFd | OnTraceeFd | RewriteArgs
-           | Defer)
+           | Defer | AfterResult)
 
 
 def errno_of(exc: OSError) -> Errno:

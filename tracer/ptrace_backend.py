@@ -51,6 +51,7 @@ from .errors import KernelFeatureMissing, TraceeGone, TracerError
 from .launcher import Launch
 from .memory import TraceeMemory
 from .outcome import (
+    AfterResult,
     Continue,
     Defer,
     Errno,
@@ -95,6 +96,8 @@ class _InFlight:
     restore: _Restore | None = None
     # The call was an execve that succeeded: the old memory image is gone.
     exec_happened: bool = False
+    # AfterResult: writes to make once the call succeeded.
+    after: Callable[[int], tuple[tuple[int, bytes], ...]] | None = None
 
 
 @dataclass(slots=True)
@@ -307,6 +310,14 @@ class PtraceBackend:
                 self.abi.set_arguments(registers, restore.arguments)
                 self.abi.set_number(registers, restore.number)
                 ptrace_abi.set_registers(tid, registers)
+            if in_flight.after is not None and result >= 0:
+                try:
+                    writes = in_flight.after(result)
+                except OSError as error:
+                    log.debug("after %s: %s", in_flight.call.name, error)
+                    writes = ()
+                for address, data in writes:
+                    self._write_quietly(tid, address, data)
         finally:
             if restore is not None and restore.close_fd is not None:
                 os.close(restore.close_fd)
@@ -344,6 +355,10 @@ class PtraceBackend:
                 case RewriteArgs(pointers=pointers, values=values):
                     self._rewrite(tid, thread, registers, call, outcome, started, token,
                                   dict(pointers), dict(values))
+                    return
+                case AfterResult(after=after):
+                    thread.in_flight = _InFlight(call, outcome, started, token, after=after)
+                    ptrace_abi.resume(tid, to_syscall_exit=True)
                     return
                 case InjectFd():
                     self._inject_by_reopen(tid, thread, registers, call, outcome, started, token)
@@ -418,6 +433,8 @@ class PtraceBackend:
         assert isinstance(outcome, InjectFd)
         fd = outcome.fd
         try:
+            for address, data in outcome.writes:
+                call.write(address, data)
             status_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         except OSError:
             if outcome.close_after:

@@ -40,6 +40,9 @@ class TracePrinter:
         duration = record.finished - record.started
         rendered = ", ".join(text for _name, text in arguments)
         suffix = f" <{duration:.6f}>" if record.result is not None else ""
+        incoming = _incoming_peer(record)
+        if incoming is not None:
+            suffix += f" (peer {incoming})"
         return f"[pid {call.tid:>6}] {call.name}({rendered}) = {format_result(record.result)}{suffix}"
 
     @staticmethod
@@ -56,4 +59,20 @@ class TracePrinter:
             "duration_us": round((record.finished - record.started) * 1e6, 1),
             "fd_injected": isinstance(record.outcome, InjectFd),
         }
+        incoming = _incoming_peer(record)
+        if incoming is not None:
+            document["incoming_peer"] = incoming
         return json.dumps(document, separators=(",", ":"))
+
+
+def _incoming_peer(record: CallRecord) -> str | None:
+    """The remote peer of a connection the target's traffic brought to an
+    accept (mtrace accepted it for the program and wrote the peer's address)."""
+    outcome = record.outcome
+    if record.call.name not in ("accept", "accept4") or not isinstance(outcome, InjectFd) \
+            or not outcome.writes:
+        return None
+    from .features.relay import parse_sockaddr
+
+    parsed = parse_sockaddr(outcome.writes[0][1])
+    return str(parsed[1]) if parsed is not None else None

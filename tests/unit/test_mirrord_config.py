@@ -207,7 +207,7 @@ def test_start_summary_lines() -> None:
         "target: pid/7",
         "env: the target's DB_*; PATH, TERM, HOME kept local; unset X",
         "fs: write: reads and writes go to the target",
-        "incoming: not handled: bind, listen and accept stay local",
+        "incoming: mirror (the program gets a copy, the target answers) on the ports the program listens on",
         "outgoing: tcp connections leave from the target, except to :53",
         "dns: off: names are resolved by this machine",
         "hostname: the target's (web-1)",

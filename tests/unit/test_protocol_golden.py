@@ -115,6 +115,17 @@ SAMPLES = {
     "stream-eof": p.StreamEof(stream=3),
     "stream-reset": p.StreamReset(stream=3, errno=104, message="Connection reset by peer"),
     "datagram": p.Datagram(socket=4, host="10.0.0.53", port=53, data=b"r"),
+    # version 2: incoming traffic
+    "incoming-subscribe": p.Request(id=21, operation=p.IncomingSubscribe(port=80, mode="steal")),
+    "incoming-subscribe-filtered": p.Request(id=22, operation=p.IncomingSubscribe(
+        port=80, mode="steal", http_filter=p.HttpRequestFilter(
+            header="^x: 1$", any_of=[p.HttpRequestFilter(path="^/a"), p.HttpRequestFilter(method="GET")],
+            ports=[80]))),
+    "incoming-unsubscribe": p.Request(id=23, operation=p.IncomingUnsubscribe(port=80)),
+    "incoming-subscribed": p.Response(id=21, result=p.IncomingSubscribed(port=80, target_listening=True)),
+    "incoming-connection": p.IncomingConnection(
+        stream=1 << 48, port=80, peer_host="10.0.0.2", peer_port=40000, local_host="10.0.0.1",
+        local_port=80, mirror=True),
 }
 
 GOLDEN = {
@@ -172,6 +183,11 @@ GOLDEN = {
     "stream-eof": "0000000d92aa73747265616d2d656f6603",
     "stream-reset": "0000002994ac73747265616d2d72657365740368b8436f6e6e656374696f6e2072657365742062792070656572",
     "datagram": "0000001995a8646174616772616d04a931302e302e302e353335c40172",
+    "incoming-subscribe": "0000002293a37265711594b2696e636f6d696e672d73756273637269626550a5737465616cc0",
+    "incoming-subscribe-filtered": "0000006793a37265711694b2696e636f6d696e672d73756273637269626550a5737465616c97ab687474702d66696c746572a65e783a203124c0c0c09297ab687474702d66696c746572c0a35e2f61c0c0c0c097ab687474702d66696c746572c0c0a3474554c0c0c09150",
+    "incoming-unsubscribe": "0000001d93a37265711792b4696e636f6d696e672d756e73756273637269626550",
+    "incoming-subscribed": "0000001d93a37265731593b3696e636f6d696e672d7375627363726962656450c3",
+    "incoming-connection": "0000003698b3696e636f6d696e672d636f6e6e656374696f6ecf000100000000000050a831302e302e302e32cd9c40a831302e302e302e3150c3",
 }
 
 

@@ -103,9 +103,52 @@ class DnsConfig(_Config):
     filter: DnsFilter | None = None
 
 
+IncomingMode = Literal["mirror", "steal", "off"]
+
+
+class HttpFilter(_Config):
+    """Which HTTP requests a filtered steal takes (the others reach the target's
+    process unchanged). Every pattern is a Python regular expression, matched
+    with ``re.search``: ``header_filter`` against each ``Name: value`` header
+    line, ``path_filter`` against the request target (path and query),
+    ``method_filter`` against the method. ``all_of``/``any_of`` combine nested
+    filters; ``ports`` limits filtering to those ports (others are stolen whole)."""
+
+    header_filter: str | None = None
+    path_filter: str | None = None
+    method_filter: str | None = None
+    all_of: list[HttpFilter] | None = None
+    any_of: list[HttpFilter] | None = None
+    ports: list[int] | None = None
+
+
+class IncomingConfig(_Config):
+    """Traffic to the target's ports the program listens on: ``mirror`` (a copy
+    of each connection's incoming bytes; the target answers), ``steal`` (the
+    program answers instead of the target) or ``off``."""
+
+    mode: IncomingMode = "mirror"
+    # Only these ports (the program's own port numbers); None: every port it listens on.
+    ports: list[int] | None = None
+    ignore_ports: list[int] = msgspec.field(default_factory=list)
+    # [[local, remote], ...]: the program's port `local` subscribes to the target's `remote`.
+    port_mapping: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    # Listening on 127.0.0.0/8 or ::1 only subscribes to nothing.
+    ignore_localhost: bool = False
+    http_filter: HttpFilter | None = None
+
+
 class NetworkConfig(_Config):
     outgoing: OutgoingConfig = msgspec.field(default_factory=OutgoingConfig)
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+    # A mode string ("mirror", "steal", "off") or a table (IncomingConfig).
+    incoming: IncomingMode | IncomingConfig = "mirror"
+
+    @property
+    def incoming_config(self) -> IncomingConfig:
+        if isinstance(self.incoming, str):
+            return IncomingConfig(mode=self.incoming)
+        return self.incoming
 
 
 class FeatureConfig(_Config):

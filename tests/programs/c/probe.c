@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/stat.h>
@@ -91,7 +92,8 @@ static void usage(void)
           "  unix-connect PATH MSG\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
           "  exit N | kill SIG | loop-getpid N | loop-open PATH N\n"
-          "  exec PATH ARGS... | fork-exec PATH ARGS... | hostname\n",
+          "  exec PATH ARGS... | fork-exec PATH ARGS... | hostname\n"
+          "  serve ADDR PORT NAME [PORT2]\n",
           stderr);
     exit(2);
 }
@@ -642,6 +644,122 @@ static int cmd_fork_exec(char **argv)
     return WEXITSTATUS(status);
 }
 
+/* "a.b.c.d:port" or "[v6]:port"; an IPv4-mapped address prints as IPv4 (as Go does). */
+static void format_peer(const struct sockaddr_storage *address, char *text, size_t size)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (address->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)address;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+        snprintf(text, size, "%s:%u", host, ntohs(in->sin_port));
+        return;
+    }
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)address;
+    if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+        inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], host, sizeof(host));
+        snprintf(text, size, "%s:%u", host, ntohs(in6->sin6_port));
+        return;
+    }
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+    snprintf(text, size, "[%s]:%u", host, ntohs(in6->sin6_port));
+}
+
+static int listen_on(const char *addr, const char *port)
+{
+    struct addrinfo hints = {0}, *found;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV;
+    if (getaddrinfo(addr, port, &hints, &found) != 0)
+        fail_text("EINVAL");
+    int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        fail_errno(errno);
+    int one = 1, zero = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (found->ai_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    if (bind(fd, found->ai_addr, found->ai_addrlen) != 0 || listen(fd, 128) != 0)
+        fail_errno(errno);
+    freeaddrinfo(found);
+    struct sockaddr_storage bound;
+    socklen_t length = sizeof(bound);
+    if (getsockname(fd, (struct sockaddr *)&bound, &length) != 0)
+        fail_errno(errno);
+    unsigned bound_port = bound.ss_family == AF_INET
+        ? ntohs(((struct sockaddr_in *)&bound)->sin_port)
+        : ntohs(((struct sockaddr_in6 *)&bound)->sin6_port);
+    printf("listening on %u\n", bound_port);
+    fflush(stdout);
+    return fd;
+}
+
+/* One HTTP/1.1 request per connection: answer "NAME METHOD PATH from PEER". */
+static void serve_one(int listener, const char *name)
+{
+    struct sockaddr_storage peer, named;
+    socklen_t length = sizeof(peer), named_length = sizeof(named);
+    int fd = accept(listener, (struct sockaddr *)&peer, &length);
+    if (fd < 0) {
+        if (errno == EINTR || errno == ECONNABORTED)
+            return;
+        fail_errno(errno);
+    }
+    char peer_text[80], named_text[80];
+    format_peer(&peer, peer_text, sizeof(peer_text));
+    if (getpeername(fd, (struct sockaddr *)&named, &named_length) != 0)
+        fail_errno(errno);
+    format_peer(&named, named_text, sizeof(named_text));
+    char request[8192];
+    size_t used = 0;
+    while (used < sizeof(request) - 1) {
+        ssize_t n = read(fd, request + used, sizeof(request) - 1 - used);
+        if (n <= 0)
+            break;
+        used += (size_t)n;
+        request[used] = 0;
+        if (strstr(request, "\r\n\r\n"))
+            break;
+    }
+    request[used] = 0;
+    char method[16] = "?", path[1024] = "?";
+    sscanf(request, "%15s %1023s", method, path);
+    char body[1400];
+    int body_length = snprintf(body, sizeof(body), "%s %s %s from %s%s\n", name, method, path,
+                               peer_text, strcmp(peer_text, named_text) ? " getpeername differs" : "");
+    char head[200];
+    int head_length = snprintf(head, sizeof(head),
+                               "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n",
+                               body_length);
+    send_all(fd, head, (size_t)head_length);
+    send_all(fd, body, (size_t)body_length);
+    close(fd);
+    fputs(body, stdout);
+    fflush(stdout);
+}
+
+static int cmd_serve(const char *addr, const char *port, const char *name, const char *port2)
+{
+    int listeners[2];
+    int count = 0;
+    listeners[count++] = listen_on(addr, port);
+    if (port2)
+        listeners[count++] = listen_on(addr, port2);
+    for (;;) {
+        fd_set ready;
+        FD_ZERO(&ready);
+        for (int i = 0; i < count; i++)
+            FD_SET(listeners[i], &ready);
+        if (select(listeners[count - 1] + 1, &ready, NULL, NULL, NULL) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail_errno(errno);
+        }
+        for (int i = 0; i < count; i++)
+            if (FD_ISSET(listeners[i], &ready))
+                serve_one(listeners[i], name);
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -687,6 +805,8 @@ int main(int argc, char **argv)
         return cmd_fork_exec(args);
     if (!strcmp(cmd, "hostname") && nargs == 0)
         return cmd_hostname();
+    if (!strcmp(cmd, "serve") && (nargs == 3 || nargs == 4))
+        return cmd_serve(args[0], args[1], args[2], nargs == 4 ? args[3] : NULL);
     usage();
     return 2;
 }

@@ -1,6 +1,6 @@
 // httpserve: a small Go HTTP server for incoming-traffic tests.
 //
-//	httpserve [-name TEXT] ADDR
+//	httpserve [-name TEXT] [-h2c] ADDR
 //
 // GET /hello     -> "hello from TEXT\n" (TEXT defaults to the hostname)
 // GET /env/NAME  -> "NAME=value\n" or "NAME unset\n" (as probe's env command)
@@ -24,9 +24,10 @@ import (
 
 func main() {
 	name := flag.String("name", "", "text after \"hello from\" (default: the hostname)")
+	h2c := flag.Bool("h2c", false, "also speak HTTP/2 without TLS (prior knowledge), as gRPC servers do")
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: httpserve [-name TEXT] ADDR")
+		fmt.Fprintln(os.Stderr, "usage: httpserve [-name TEXT] [-h2c] ADDR")
 		os.Exit(2)
 	}
 	if *name == "" {
@@ -60,6 +61,11 @@ func main() {
 		os.Exit(1)
 	}
 	server := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	if *h2c {
+		server.Protocols = new(http.Protocols)
+		server.Protocols.SetHTTP1(true)
+		server.Protocols.SetUnencryptedHTTP2(true)
+	}
 
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)

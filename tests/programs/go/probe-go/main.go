@@ -28,6 +28,7 @@ const usage = `usage: probe COMMAND ARGS...
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
   exit N | kill SIG | loop-getpid N | loop-open PATH N
   exec PATH ARGS... | fork-exec PATH ARGS... | hostname
+  serve ADDR PORT NAME [PORT2]
 `
 
 const receiveTimeout = 2 * time.Second
@@ -81,6 +82,8 @@ func main() {
 			fail(err)
 		}
 		fmt.Println(name)
+	case cmd == "serve" && (len(args) == 3 || len(args) == 4):
+		cmdServe(args[0], args[1:2], args[2], args[3:])
 	default:
 		badUsage()
 	}
@@ -415,4 +418,89 @@ func cmdForkExec(args []string) {
 	}
 	fmt.Printf("child exit %d\n", status.ExitStatus())
 	os.Exit(status.ExitStatus())
+}
+
+// formatPeer prints an address as the C probe does: "a.b.c.d:port" (IPv4 and
+// IPv4-mapped) or "[v6]:port".
+func formatPeer(ip net.IP, port int) string {
+	if v4 := ip.To4(); v4 != nil {
+		return fmt.Sprintf("%s:%d", v4, port)
+	}
+	return fmt.Sprintf("[%s]:%d", ip, port)
+}
+
+func sockaddrText(sa syscall.Sockaddr) string {
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet4:
+		return formatPeer(net.IP(a.Addr[:]), a.Port)
+	case *syscall.SockaddrInet6:
+		return formatPeer(net.IP(a.Addr[:]), a.Port)
+	}
+	return "?"
+}
+
+var serveOutput = make(chan string)
+
+func cmdServe(addr string, port []string, name string, more []string) {
+	ports := append(port, more...)
+	listeners := make([]net.Listener, 0, len(ports))
+	for _, p := range ports {
+		listener, err := net.Listen("tcp", net.JoinHostPort(addr, p))
+		if err != nil {
+			fail(err)
+		}
+		fmt.Printf("listening on %d\n", listener.Addr().(*net.TCPAddr).Port)
+		listeners = append(listeners, listener)
+	}
+	for _, listener := range listeners {
+		go serveListener(listener, name)
+	}
+	for line := range serveOutput {
+		fmt.Print(line)
+	}
+}
+
+func serveListener(listener net.Listener, name string) {
+	for {
+		conn, err := listener.Accept()
+		if err != nil {
+			fail(err)
+		}
+		serveConn(conn.(*net.TCPConn), name)
+	}
+}
+
+func serveConn(conn *net.TCPConn, name string) {
+	defer conn.Close()
+	remote := conn.RemoteAddr().(*net.TCPAddr)
+	peer := formatPeer(remote.IP, remote.Port)
+	named := "?"
+	if raw, err := conn.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) {
+			if sa, err := syscall.Getpeername(int(fd)); err == nil {
+				named = sockaddrText(sa)
+			}
+		})
+	}
+	request := make([]byte, 0, 8192)
+	buffer := make([]byte, 8192)
+	for len(request) < 8191 && !strings.Contains(string(request), "\r\n\r\n") {
+		n, err := conn.Read(buffer[:8191-len(request)])
+		request = append(request, buffer[:n]...)
+		if err != nil {
+			break
+		}
+	}
+	method, path := "?", "?"
+	if fields := strings.Fields(string(request)); len(fields) >= 2 {
+		method, path = fields[0], fields[1]
+	}
+	differs := ""
+	if peer != named {
+		differs = " getpeername differs"
+	}
+	body := fmt.Sprintf("%s %s %s from %s%s\n", name, method, path, peer, differs)
+	head := fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n", len(body))
+	conn.Write([]byte(head + body))
+	serveOutput <- body
 }

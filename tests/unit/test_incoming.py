@@ -1,0 +1,181 @@
+"""Incoming traffic pieces that need no privileges: the HTTP filter, the
+redirect table, the BPF program, TCP reassembly, the config checks."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from mtrace.agent.incoming import CompiledFilter, MirrorCapture, _Flow, bpf_for_ports
+from mtrace.agent.protocol import HttpRequestFilter
+from mtrace.agent.redirect import AGENT_MARK, iptables_script, nft_script
+from mtrace.cli.config import Config, load, validate
+from mtrace.cli.errors import ConfigError
+from mtrace.tracer.features.incoming import protocol_filter
+from mtrace.tracer.features.policy import HttpFilter, IncomingConfig, NetworkConfig
+
+KUBE = CompiledFilter.of(HttpRequestFilter(header="^User-Agent: (?!kube-probe/)"))
+
+
+def test_negative_lookahead_leaves_kube_probes_to_the_target() -> None:
+    assert not KUBE.matches("GET", "/healthz", ["Host: a", "User-Agent: kube-probe/1.30"])
+    assert KUBE.matches("GET", "/", ["Host: a", "User-Agent: curl/8.5"])
+    assert not KUBE.matches("GET", "/", ["Host: a"])  # no User-Agent at all: nothing to match
+
+
+def test_filter_keys_in_one_table_must_all_hold() -> None:
+    both = CompiledFilter.of(HttpRequestFilter(path="^/api/", method="^POST$"))
+    assert both.matches("POST", "/api/x", [])
+    assert not both.matches("GET", "/api/x", [])
+    assert not both.matches("POST", "/other", [])
+
+
+def test_any_of_and_all_of_nest() -> None:
+    spec = HttpRequestFilter(any_of=[
+        HttpRequestFilter(header="^X-Dev: 1$"),
+        HttpRequestFilter(all_of=[HttpRequestFilter(method="GET"), HttpRequestFilter(path="v2")])])
+    found = CompiledFilter.of(spec)
+    assert found.matches("PUT", "/", ["X-Dev: 1"])
+    assert found.matches("GET", "/v2/items", [])
+    assert not found.matches("PUT", "/v2/items", [])
+
+
+def test_an_empty_filter_matches_nothing() -> None:
+    assert not CompiledFilter.of(HttpRequestFilter()).matches("GET", "/", ["A: b"])
+
+
+def test_filter_ports() -> None:
+    found = CompiledFilter.of(HttpRequestFilter(path="/", ports=[80]))
+    assert found.applies_to(80) and not found.applies_to(81)
+
+
+def test_config_filter_becomes_the_protocol_filter() -> None:
+    spec = HttpFilter(header_filter="h", any_of=[HttpFilter(path_filter="p")], ports=[8080])
+    assert protocol_filter(spec) == HttpRequestFilter(
+        header="h", any_of=[HttpRequestFilter(path="p")], ports=[8080])
+
+
+def test_nft_table_redirects_both_hooks_and_skips_the_agents_mark() -> None:
+    script = nft_script("mtrace_42_1", {80: 40000, 443: 40001})
+    assert script.startswith("add table inet mtrace_42_1\ndelete table inet mtrace_42_1\n")
+    assert "type nat hook prerouting" in script and "type nat hook output" in script
+    rule = f"tcp dport 80 meta mark != {AGENT_MARK:#x} redirect to :40000"
+    assert script.count(rule) == 2
+    assert script.count("redirect to :40001") == 2
+
+
+def test_iptables_chain_is_jumped_to_once() -> None:
+    first = iptables_script("MTRACE_42", {80: 40000}, first=True)
+    assert "-I PREROUTING -j MTRACE_42" in first and "-I OUTPUT -j MTRACE_42" in first
+    again = iptables_script("MTRACE_42", {}, first=False)
+    assert "PREROUTING" not in again and "-F MTRACE_42" in again
+
+
+def _run_bpf(program: list[tuple[int, int, int, int]], packet: bytes, protocol: int) -> int:
+    """A tiny classic-BPF interpreter for the opcodes the filter uses."""
+    a = x = 0
+    pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        if code == 0x28:  # ldh [k]
+            a = protocol if k == 0xFFFFF000 else struct.unpack_from("!H", packet, k)[0]
+        elif code == 0x30:  # ldb [k]
+            a = packet[k]
+        elif code == 0xB1:  # ldxb 4*([k]&0xf)
+            x = 4 * (packet[k] & 0xF)
+        elif code == 0x48:  # ldh [x+k]
+            a = struct.unpack_from("!H", packet, x + k)[0]
+        elif code == 0x15:  # jeq
+            pc += jt if a == k else jf
+        elif code == 0x45:  # jset
+            pc += jt if a & k else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"opcode {code:#x}")
+
+
+def _ipv4_tcp(port: int, fragment: int = 0) -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, fragment, 64, 6, 0,
+                         socket.inet_aton("10.0.0.2"), socket.inet_aton("10.0.0.1"))
+    return header + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 0x50, 0x02, 0, 0, 0)
+
+
+def _ipv6_tcp(port: int) -> bytes:
+    header = struct.pack("!IHBB16s16s", 0x60000000, 20, 6, 64,
+                         socket.inet_pton(socket.AF_INET6, "fd00::2"),
+                         socket.inet_pton(socket.AF_INET6, "fd00::1"))
+    return header + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 0x50, 0x02, 0, 0, 0)
+
+
+def test_bpf_takes_tcp_to_the_mirrored_ports_only() -> None:
+    program = bpf_for_ports({80, 8080})
+    assert _run_bpf(program, _ipv4_tcp(80), 0x0800)
+    assert _run_bpf(program, _ipv4_tcp(8080), 0x0800)
+    assert not _run_bpf(program, _ipv4_tcp(81), 0x0800)
+    assert not _run_bpf(program, _ipv4_tcp(80, fragment=0x0010), 0x0800)
+    assert _run_bpf(program, _ipv6_tcp(8080), 0x86DD)
+    assert not _run_bpf(program, _ipv6_tcp(22), 0x86DD)
+    assert not _run_bpf(program, _ipv4_tcp(80), 0x0806)
+
+
+def test_reassembly_orders_segments_and_trims_overlaps() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        capture = MirrorCapture.__new__(MirrorCapture)
+        flow = _Flow(ours, next_seq=1000)
+        capture._segment(flow, 1005, b"world")       # ahead: buffered
+        capture._segment(flow, 1000, b"hello")       # fills the gap
+        capture._segment(flow, 1003, b"loworld!")    # overlaps: only "!" is new
+        capture._segment(flow, (1 << 32) - 2, b"xx")  # far behind (wrapped): dropped
+        theirs.settimeout(2)
+        assert theirs.recv(100) == b"helloworld!"
+        assert flow.next_seq == 1011
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_incoming_is_a_mode_string_or_a_table() -> None:
+    assert msgspec.convert({"incoming": "steal"}, NetworkConfig).incoming_config == \
+        IncomingConfig(mode="steal")
+    table = msgspec.convert({"incoming": {"mode": "off", "ports": [80]}}, NetworkConfig)
+    assert table.incoming_config.mode == "off" and table.incoming_config.ports == [80]
+    assert NetworkConfig().incoming_config.mode == "mirror"
+
+
+@pytest.mark.parametrize(("incoming", "key"), [
+    ('"sideways"', "feature.network.incoming"),
+    ('{ mode = "steal", port_mapping = [[8080, 70000]] }',
+     "feature.network.incoming.port_mapping[0][1]"),
+    ('{ ignore_ports = [0] }', "feature.network.incoming.ignore_ports[0]"),
+    ('{ http_filter = { any_of = [{ path_filter = "(" }] } }',
+     "feature.network.incoming.http_filter.any_of[0].path_filter"),
+])
+def test_bad_incoming_config_names_the_key(tmp_path: Path, incoming: str, key: str) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text(f"[feature.network]\nincoming = {incoming}\n")
+    with pytest.raises(ConfigError) as caught:
+        load(file)
+    assert key in caught.value.message
+    assert caught.value.exit_code == 78
+
+
+def test_good_incoming_config_passes() -> None:
+    config = msgspec.convert({"feature": {"network": {"incoming": {
+        "mode": "steal", "port_mapping": [[8080, 80]],
+        "http_filter": {"header_filter": "^User-Agent: (?!kube-probe/)"}}}}}, Config)
+    validate(config)
+
+
+def test_protocol_2_still_speaks_to_version_1_peers() -> None:
+    # Regression: bumping PROTOCOL_VERSION for the incoming messages once raised
+    # MIN_PROTOCOL_VERSION too, and every version-1 agent was refused.
+    from mtrace.agent import protocol
+
+    assert protocol.MIN_PROTOCOL_VERSION == 1 < protocol.PROTOCOL_VERSION

@@ -1,0 +1,324 @@
+"""Incoming traffic: the target's connections delivered to the tracee's listeners.
+
+What is trapped and what it becomes (``feature.network.incoming``):
+
+* ``listen`` on a TCP socket (IPv4 or IPv6, any address): the supervisor makes
+  the call itself on the tracee's socket (so the result is the kernel's), then
+  asks the agent to subscribe to the target's port (the same number, or the
+  one ``port_mapping`` gives) and only then returns: once the program says it
+  is ready, the target's traffic is already on its way. The socket keeps
+  listening locally too. A port excluded by ``ports``/``ignore_ports``, a
+  loopback-only listener with ``ignore_localhost``, or mode ``off``: plain
+  ``listen``.
+* for each connection the agent announces (``IncomingConnection``), the
+  supervisor connects a loopback socket to the tracee's listener and relays
+  bytes between it and the agent stream (:func:`mtrace.tracer.features.relay.relay_tcp`).
+  In mirror mode the agent drops what the program answers.
+* ``accept``/``accept4`` on a subscribed listener: the supervisor accepts on
+  the tracee's behalf and installs the connection in the tracee (``InjectFd``),
+  so the peer address it reports is the real remote peer's, not the relay's;
+  ``getpeername``/``getsockname`` on that socket then answer the peer and the
+  address the peer reached in the target (through the outgoing feature's
+  table of relayed sockets). A non-blocking listener with nothing pending gets
+  ``EAGAIN``; a blocking one waits on the async side, never in the trap loop.
+
+A subscription fails with one line on stderr (the agent lacks NET_ADMIN, say)
+and the program keeps running with its local listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ...agent.client import TcpStream
+from ...agent.errors import AgentError, RemoteError
+from ...agent.protocol import CAP_INCOMING, HttpRequestFilter, IncomingConnection
+from ..backend import Handler
+from ..call import SyscallCall
+from ..outcome import CONTINUE, AfterResult, Defer, Errno, InjectFd, OnTraceeFd, Outcome, ReturnValue
+from .net import Outgoing, Relayed, _address_reply, socket_inode
+from .policy import HttpFilter, IncomingConfig
+from .relay import Endpoint, borrowed, build_sockaddr, endpoint_of, reachable_address, relay_tcp
+from .remote import RemoteContext
+
+log = logging.getLogger("mtrace.tracer.features.incoming")
+
+TRAPPED: tuple[str, ...] = ("listen", "accept", "accept4")
+CONNECT_TIMEOUT = 10.0
+
+
+def protocol_filter(spec: HttpFilter) -> HttpRequestFilter:
+    return HttpRequestFilter(
+        header=spec.header_filter, path=spec.path_filter, method=spec.method_filter,
+        all_of=[protocol_filter(nested) for nested in spec.all_of] if spec.all_of else None,
+        any_of=[protocol_filter(nested) for nested in spec.any_of] if spec.any_of else None,
+        ports=list(spec.ports) if spec.ports is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A tracee socket listening on a subscribed port."""
+
+    family: int
+    address: tuple[Any, ...]  # where the supervisor reaches it
+    local_port: int
+    remote_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrival:
+    peer: Endpoint
+    local: Endpoint
+
+
+class IncomingFeature:
+    """One session's subscriptions and the handlers of ``TRAPPED``."""
+
+    def __init__(self, context: RemoteContext, outgoing: Outgoing,
+                 config: IncomingConfig | None = None) -> None:
+        self.context = context
+        self.outgoing = outgoing
+        self.config = config if config is not None else context.features.network.incoming_config
+        self.mapping = {local: remote for local, remote in self.config.port_mapping}
+        self.http_filter = (protocol_filter(self.config.http_filter)
+                            if self.config.http_filter is not None else None)
+        # Read by the trap loop, written on the event loop (single dict operations).
+        self.listeners: dict[int, Listener] = {}
+        self.by_remote_port: dict[int, Listener] = {}
+        # The relay socket's port -> who it stands for, until the tracee accepts it.
+        self.arrivals: dict[int, _Arrival] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def handlers(self) -> dict[str, Handler]:
+        if self.config.mode == "off":
+            return {}
+        if CAP_INCOMING not in self.context.client.capabilities:
+            # An older agent: listening stays local, said once.
+            log.warning("incoming: the agent does not serve incoming traffic (an older mtrace); "
+                        "the program's listeners stay local")
+            return {}
+        return {"listen": self.handle_listen, "accept": self.handle_accept,
+                "accept4": self.handle_accept}
+
+    # -- listen --
+
+    def wanted(self, host: str, port: int) -> bool:
+        if self.config.ports is not None and port not in self.config.ports:
+            return False
+        if port in self.config.ignore_ports:
+            return False
+        if self.config.ignore_localhost:
+            with contextlib.suppress(ValueError):
+                if Endpoint.of(host, port).address.is_loopback:
+                    return False
+        return True
+
+    def handle_listen(self, call: SyscallCall) -> Outcome:
+        return OnTraceeFd(call.int_arg(0), partial(self._listen_action, call.int_arg(1)))
+
+    def _listen_action(self, backlog: int, fd: int) -> Outcome:
+        with borrowed(fd) as sock:
+            if sock.type != socket.SOCK_STREAM or \
+                    sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return CONTINUE
+            try:
+                sock.listen(backlog)
+            except OSError as error:
+                return Errno(error.errno or errno.EIO)
+            family = sock.family
+            bound = sock.getsockname()
+        host, port = bound[0], bound[1]
+        if not self.wanted(host, port) or self.context.agent_lost:
+            return ReturnValue(0)
+        remote_port = self.mapping.get(port, port)
+        listener = Listener(family, reachable_address(family, bound), port, remote_port)
+        inode = os.fstat(fd).st_ino
+        self.listeners[inode] = listener
+        if remote_port in self.by_remote_port:
+            self.by_remote_port[remote_port] = listener
+            return ReturnValue(0)
+        self.by_remote_port[remote_port] = listener
+        return Defer(self._subscribe(listener))
+
+    async def _subscribe(self, listener: Listener) -> Outcome:
+        mode = self.config.mode
+        try:
+            subscribed = await self.context.client.subscribe_incoming(
+                listener.remote_port, mode, self._on_connection, http_filter=self.http_filter)
+        except (RemoteError, AgentError) as error:
+            self.by_remote_port.pop(listener.remote_port, None)
+            detail = error.strerror if isinstance(error, RemoteError) else error.message
+            _say(f"cannot {mode} port {listener.remote_port} of the target: {detail}; "
+                 f"the program listens locally only")
+            return ReturnValue(0)
+        log.info("incoming: %s of the target's port %d -> local port %d", mode,
+                 listener.remote_port, listener.local_port)
+        if mode == "mirror" and not subscribed.target_listening:
+            _say(f"mirror of port {listener.remote_port}: nothing in the target listens there, "
+                 f"so the mirror sees nothing (steal would take new connections)")
+        return ReturnValue(0)
+
+    # -- connections from the agent --
+
+    def _on_connection(self, connection: IncomingConnection, stream: TcpStream) -> None:
+        listener = self.by_remote_port.get(connection.port)
+        if listener is None:
+            stream.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver(listener, connection, stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, listener: Listener, connection: IncomingConnection,
+                       stream: TcpStream) -> None:
+        sock = socket.socket(listener.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        port = 0
+        try:
+            sock.setblocking(False)
+            sock.bind(("0.0.0.0", 0) if listener.family == socket.AF_INET else ("::", 0))
+            port = sock.getsockname()[1]
+            self.arrivals[port] = _Arrival(Endpoint.of(connection.peer_host, connection.peer_port),
+                                           Endpoint.of(connection.local_host, connection.local_port))
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await asyncio.get_running_loop().sock_connect(sock, listener.address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, TimeoutError, ValueError) as error:
+            log.info("incoming connection from %s:%d not delivered: %s", connection.peer_host,
+                     connection.peer_port, error)
+            self.arrivals.pop(port, None)
+            sock.close()
+            stream.abort()
+            return
+        await relay_tcp(sock, stream, on_agent_lost=self.outgoing.agent_lost)
+
+    # -- accept --
+
+    def handle_accept(self, call: SyscallCall) -> Outcome:
+        if not self.listeners:
+            return CONTINUE
+        inode = socket_inode(call.tid, call.int_arg(0))
+        listener = self.listeners.get(inode) if inode is not None else None
+        if listener is None:
+            return CONTINUE
+        flags = call.int_arg(3) if call.name == "accept4" else 0
+        if flags & ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC):
+            return Errno(errno.EINVAL)
+        if call.sees_results:
+            # ptrace cannot install a socket in the tracee (no reopen through
+            # /proc): the kernel accepts, and the peer address is fixed after.
+            capacity = 0
+            if call.pointer_arg(1) and call.pointer_arg(2):
+                capacity = struct.unpack("=I", call.read(call.pointer_arg(2), 4))[0]
+            return AfterResult(partial(self._after_accept, call, listener, capacity))
+        return OnTraceeFd(call.int_arg(0), partial(self._accept_action, call, listener, flags))
+
+    def _accept_action(self, call: SyscallCall, listener: Listener, flags: int,
+                       fd: int) -> Outcome:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+            try:
+                accepted, address = _accept(fd)
+            except BlockingIOError:
+                return Errno(errno.EAGAIN)
+            except OSError as error:
+                return Errno(error.errno or errno.EIO)
+            return self._accepted(call, listener, flags, accepted, address)
+        return Defer(self._accept_blocking(call, listener, flags, os.dup(fd)))
+
+    async def _accept_blocking(self, call: SyscallCall, listener: Listener, flags: int,
+                               fd: int) -> Outcome:
+        loop = asyncio.get_running_loop()
+        try:
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _set_once, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+            # Another tracee thread may have taken it meanwhile: then this one
+            # waits for the next connection, as the kernel's accept would.
+            accepted, address = await asyncio.to_thread(_accept, fd)
+        except OSError as error:
+            return Errno(error.errno or errno.EIO)
+        finally:
+            os.close(fd)
+        return self._accepted(call, listener, flags, accepted, address)
+
+    def _accepted(self, call: SyscallCall, listener: Listener, flags: int, fd: int,
+                  address: Any) -> Outcome:
+        try:
+            if flags & socket.SOCK_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            found = endpoint_of(address)
+            arrival = self.arrivals.pop(found.port, None) if found is not None else None
+            sockaddr = b""
+            if arrival is not None:
+                with contextlib.suppress(ValueError):
+                    sockaddr = build_sockaddr(listener.family, arrival.peer)
+                    local = build_sockaddr(listener.family, arrival.local)
+                    self.outgoing._remember(os.fstat(fd).st_ino, Relayed(sockaddr, local))
+            if not sockaddr and found is not None:
+                with contextlib.suppress(ValueError):
+                    sockaddr = build_sockaddr(listener.family, found)
+            writes = tuple(_address_reply(call, call.pointer_arg(1), call.pointer_arg(2), sockaddr))
+        except BaseException:
+            os.close(fd)
+            raise
+        return InjectFd(fd, cloexec=bool(flags & socket.SOCK_CLOEXEC), writes=writes)
+
+    def _after_accept(self, call: SyscallCall, listener: Listener, capacity: int,
+                      result: int) -> tuple[tuple[int, bytes], ...]:
+        from ..seccomp import take_tracee_fd
+
+        fd = take_tracee_fd(call.tid, result)
+        try:
+            with borrowed(fd) as sock:
+                found = endpoint_of(sock.getpeername())
+            arrival = self.arrivals.pop(found.port, None) if found is not None else None
+            if arrival is None:
+                return ()
+            sockaddr = build_sockaddr(listener.family, arrival.peer)
+            local = build_sockaddr(listener.family, arrival.local)
+            self.outgoing._remember(os.fstat(fd).st_ino, Relayed(sockaddr, local))
+        except ValueError:
+            return ()
+        finally:
+            os.close(fd)
+        if not (call.pointer_arg(1) and call.pointer_arg(2)):
+            return ()
+        return ((call.pointer_arg(1), sockaddr[:capacity]),
+                (call.pointer_arg(2), struct.pack("=I", len(sockaddr))))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _accept(fd: int) -> tuple[int, Any]:
+    with borrowed(fd) as sock:
+        accepted, address = sock._accept()  # type: ignore[attr-defined]
+    return int(accepted), address
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"mtrace: incoming: {message}\n")
+    sys.stderr.flush()
+
+
+def setup(context: RemoteContext, outgoing: Outgoing) -> IncomingFeature:
+    return IncomingFeature(context, outgoing)
