@@ -40,7 +40,7 @@ from .protocol import (
     GOODBYE_SHUTDOWN,
 )
 from .session import AgentContext, Session
-from .target import SECRET_VARIABLE, Target
+from .target import SECRET_VARIABLE, Target, find_container_process
 
 logger = logging.getLogger("mtrace.agent.server")
 
@@ -86,7 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
         "variable: command lines are visible to every user)",
     )
     parser.add_argument(
+        "--target-container-id",
+        metavar="ID",
+        help="serve the main process of the container with this runtime ID (as a pod's "
+        "status shows it, with or without its docker:// or containerd:// prefix), found in "
+        "/proc/*/cgroup: containerd, CRI-O and Docker alike",
+    )
+    parser.add_argument(
         "--write", action="store_true", help="allow write, truncate, mkdir, unlink and rename"
+    )
+    parser.add_argument(
+        "--one-client",
+        action="store_true",
+        help="with --listen: exit when the first client leaves (an agent started for one session)",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=float,
+        metavar="SECONDS",
+        help="with --listen: exit if no client has connected within SECONDS",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="-v: connections, -vv: every request"
@@ -130,7 +148,12 @@ def _run(args: argparse.Namespace) -> int:
             "no shared secret",
             hint=f"pass --secret or set {SECRET_VARIABLE}; clients must present the same one",
         )
-    target = Target(args.target_pid)
+    if args.target_pid is not None and args.target_container_id:
+        raise AgentError("give --target-pid or --target-container-id, not both")
+    pid = args.target_pid
+    if args.target_container_id:
+        pid = find_container_process(args.target_container_id)
+    target = Target(pid)
     listener = _bind(*args.listen) if args.listen else None
     target.enter_network()
     try:
@@ -160,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         if listener is not None:
-            run_loop(_serve_tcp(context, listener))
+            run_loop(_serve_tcp(context, listener, one_client=args.one_client, ttl=args.ttl))
         else:
             run_loop(_serve_stdio(context))
     finally:
@@ -187,15 +210,18 @@ def _install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
-async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
+async def _serve_tcp(context: AgentContext, listener: socket.socket, *, one_client: bool = False,
+                     ttl: float | None = None) -> None:
     stop = asyncio.Event()
     _install_stop_signals(stop)
     sessions: set[Session] = set()
     runs: set[asyncio.Task[None]] = set()
+    connected = asyncio.Event()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
+        connected.set()
         sessions.add(session)
         task = asyncio.current_task()
         if task is not None:
@@ -206,10 +232,15 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
             sessions.discard(session)
             if task is not None:
                 runs.discard(task)
+            if one_client and session.authenticated and not sessions:
+                logs.event(logger, logging.INFO, "client_left_exiting")
+                stop.set()
 
     server = await asyncio.start_server(on_client, sock=listener, limit=READ_LIMIT)
     host, port = listener.getsockname()[:2]
     print(f"LISTENING {host}:{port}", flush=True)
+    if ttl is not None:
+        asyncio.get_running_loop().call_later(ttl, _stop_if_unused, stop, connected, ttl)
     await stop.wait()
     logs.event(logger, logging.INFO, "shutting_down", clients=len(sessions))
     server.close()
@@ -217,6 +248,12 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket) -> None:
         session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")
     if runs:
         await asyncio.wait(list(runs), timeout=SHUTDOWN_GRACE)
+
+
+def _stop_if_unused(stop: asyncio.Event, connected: asyncio.Event, ttl: float) -> None:
+    if not connected.is_set():
+        logs.event(logger, logging.WARNING, "no_client_within_ttl", ttl=ttl)
+        stop.set()
 
 
 async def _serve_stdio(context: AgentContext) -> None:

@@ -151,6 +151,7 @@ class Session:
         self._slots = asyncio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
         self._requests = 0
         self._closed = False
+        self.authenticated = False
 
     # --- sending ---
 
@@ -254,6 +255,7 @@ class Session:
         version = min(hello.version, PROTOCOL_VERSION)
         await self.send(Welcome(version=version, proof=agent_proof(self.context.secret, nonce, hello.nonce)))
         event(logger, logging.INFO, "client_authenticated", peer=self.peer, version=version)
+        self.authenticated = True
         return True
 
     async def _serve(self) -> None:

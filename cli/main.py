@@ -60,6 +60,26 @@ AgentSecretOption = Annotated[str | None, typer.Option(
     show_default=False)]
 ConfigFileOption = Annotated[str | None, typer.Option(
     "--config-file", "-f", help="Config file (TOML, JSON or YAML).", show_default=False)]
+NamespaceOption = Annotated[str | None, typer.Option(
+    "--namespace", "-n", help="Kubernetes namespace of the target.", show_default=False)]
+ContextOption = Annotated[str | None, typer.Option(
+    "--context", help="kubeconfig context to use.", show_default=False)]
+KubeconfigOption = Annotated[str | None, typer.Option(
+    "--kubeconfig", help="kubeconfig file (else KUBECONFIG, else ~/.kube/config).",
+    show_default=False)]
+
+
+def _apply_kube_flags(config: Any, namespace: str | None, context: str | None,
+                      kubeconfig: str | None) -> None:
+    from .config import TargetConfig, target_path
+
+    if namespace is not None:
+        path, _ = target_path(config)
+        config.target = TargetConfig(path=path, namespace=namespace)
+    if context is not None:
+        config.kube_context = context
+    if kubeconfig is not None:
+        config.kubeconfig = kubeconfig
 
 
 def _base_config(config_file: str | None, target: str | None, agent: str | None,
@@ -103,6 +123,9 @@ def exec_command(
         "--ignore-localhost/--no-ignore-localhost",
         help="Keep connections to 127.0.0.0/8 and ::1 local.", show_default=False)] = None,
     backend: Backend = None,
+    namespace: NamespaceOption = None,
+    context: ContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     verbose: Verbose = 0,
 ) -> None:
     """Run COMMAND under mtrace, in the context of a target if one is given."""
@@ -112,6 +135,7 @@ def exec_command(
     _configure_logging(verbose)
     try:
         config = _base_config(config_file, target, agent, agent_secret)
+        _apply_kube_flags(config, namespace, context, kubeconfig)
         features = config.feature
         if fs_mode is not None:
             features.fs.mode = fs_mode
@@ -169,6 +193,9 @@ def trace_command(
     agent_secret: AgentSecretOption = None,
     config_file: ConfigFileOption = None,
     backend: Backend = None,
+    namespace: NamespaceOption = None,
+    context: ContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     verbose: Verbose = 0,
 ) -> None:
     """Run COMMAND and show each trapped system call, strace-style; with a
@@ -197,6 +224,7 @@ def trace_command(
                 raise MtraceError(f"cannot write the trace to {output}: {exc.strerror}") from exc
         printer = TracePrinter(stream, as_json=as_json)
         config = _base_config(config_file, target, agent, agent_secret)
+        _apply_kube_flags(config, namespace, context, kubeconfig)
         if config.target or config.agent.address:
             if expression:
                 from ..tracer.syscalls import table

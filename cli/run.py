@@ -8,6 +8,7 @@ files, network and DNS handlers route its calls to the target.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -55,9 +56,9 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
     call the features need is trapped all the same)."""
     # Imported here: a run without a target should not pay for asyncio and the
     # agent client at start-up.
-    from .target import parse_target
+    from .target import target_of
 
-    target: Target | None = parse_target(config.target) if config.target else None
+    target: Target | None = target_of(config)
     if target is None and not config.agent.address:
         raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")
     # Signals meant for the program are blocked before the first thread starts,
@@ -76,7 +77,7 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     from ..tracer.backend import AsyncSide
     from ..tracer.features.env import merge_environment
     from ..tracer.features.remote import RemoteContext
-    from .target import connect_agent, progress
+    from .target import connect_agent, progress, release_agent
 
     side = AsyncSide()
     session_dir = Path(tempfile.mkdtemp(prefix="mtrace-session-"))
@@ -100,6 +101,7 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
             with contextlib.suppress(Exception):
                 side.call(client.close(), timeout=5)
         side.stop()
+        release_agent()
         shutil.rmtree(session_dir, ignore_errors=True)
 
 
@@ -205,7 +207,11 @@ async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     if context.closing:
         return
     context.agent_lost = True
+    from .target import explain_agent_loss
+
+    why = await asyncio.to_thread(explain_agent_loss)
     sys.stderr.write(
-        "mtrace: error: lost the connection to the agent; the program's remote operations "
-        "now fail (files: EIO, open connections: ECONNRESET, new ones: ENETUNREACH)\n")
+        f"mtrace: error: lost the connection to the agent{f' ({why})' if why else ''}; the "
+        "program's remote operations now fail (files: EIO, open connections: ECONNRESET, new "
+        "ones: ENETUNREACH)\n")
     sys.stderr.flush()
