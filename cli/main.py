@@ -254,6 +254,37 @@ def trace_command(
     raise SystemExit(code)
 
 
+@app.command("ls")
+def ls_command(
+    namespace: NamespaceOption = None,
+    all_namespaces: Annotated[bool, typer.Option(
+        "--all-namespaces", "-A", help="List targets in every namespace.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {path, namespace}.")] = False,
+    context: ContextOption = None,
+    kubeconfig: KubeconfigOption = None,
+    config_file: ConfigFileOption = None,
+    verbose: Verbose = 0,
+) -> None:
+    """List the Kubernetes targets you can name with --target."""
+    _configure_logging(verbose)
+    try:
+        from .config import Config, load, target_path
+        from .kube.client import Kube, KubeSettings
+        from .kube.listing import run_ls
+
+        config = load(config_file) if config_file else Config()
+        _, table_namespace = target_path(config)
+        kube = Kube(KubeSettings(kubeconfig or config.kubeconfig, context or config.kube_context,
+                                 namespace or table_namespace))
+        try:
+            code = run_ls(kube, kube.namespace, all_namespaces, as_json, sys.stdout)
+        finally:
+            kube.close()
+    except MtraceError as error:
+        fail(error, verbose)
+    raise SystemExit(code)
+
+
 @app.command("demo")
 def demo_command(verbose: Verbose = 0) -> None:
     """Run mtrace's main job against a throwaway local target and show the difference."""

@@ -128,7 +128,7 @@ def resolve(kube: Kube, target: KubeTarget) -> ResolvedTarget:
             raise NoReadyPod(f"pod/{target.name} is not running and ready (phase {phase})",
                              hint="wait for it, or name its workload to pick a ready pod")
         return _container(pod, target, namespace, [])
-    pods, template = _pods_of(kube, target, namespace)
+    pods, template = pods_of(kube, target, namespace)
     ready = sorted((pod for pod in pods if is_ready(pod)), key=lambda p: p["metadata"]["name"])
     if not ready:
         raise NoReadyPod(
@@ -153,7 +153,7 @@ def _get(kube: Kube, path: str, target: KubeTarget, namespace: str) -> Any:
         ) from None
 
 
-def _pods_of(kube: Kube, target: KubeTarget, namespace: str) -> tuple[list[dict[str, Any]], Template]:
+def pods_of(kube: Kube, target: KubeTarget, namespace: str) -> tuple[list[dict[str, Any]], Template]:
     """The pods a workload or Service selects, and its pod template."""
     pods_path = f"/api/v1/namespaces/{namespace}/pods"
     if target.kind == "service":

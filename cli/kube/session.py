@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import copies
 from . import placement as placements
 from .client import Kube, KubeError, KubeForbidden, KubeSettings, KubeUnreachable
 from .portforward import connect as port_forward
-from .resolve import KubeTarget, ResolvedTarget, resolve
+from .resolve import KubeTarget, NoReadyPod, ResolvedTarget, resolve
 
 if TYPE_CHECKING:
     from ...agent.client import AgentClient
@@ -33,6 +34,7 @@ class Active:
     kube: Kube
     placement: placements.Placement | None = None
     target: ResolvedTarget | None = None
+    copy: copies.Copy | None = None
 
 
 _active: list[Active] = []
@@ -54,11 +56,36 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
         _active.append(active)
     deadline = time.monotonic() + config.agent.startup_timeout
     progress(f"resolving {target.describe()}...")
-    resolved = await asyncio.to_thread(resolve, kube, target)
+    session = placements.new_session()
+    copy_target = config.feature.copy_target
+    wants_copy = copy_target is not False
+    resolved: ResolvedTarget | None = None
+    if not wants_copy:
+        try:
+            resolved = await asyncio.to_thread(resolve, kube, target)
+        except NoReadyPod as error:
+            if target.kind not in ("job", "cronjob") or error.template is None or not error.template.spec:
+                raise
+            note(f"{target.describe()} has no running pod; running a copy of its pod template")
+            wants_copy = True
+    if resolved is None:
+        namespace = target.namespace or kube.namespace
+        scale_down = not isinstance(copy_target, bool) and copy_target.scale_down
+
+        def make() -> copies.Copy:
+            made = copies.make_copy(kube, target, namespace, session, scale_down=scale_down)
+            active.copy = made
+            return made
+
+        progress(f"starting a copy of {target.describe()}...")
+        made = await asyncio.to_thread(make)
+        await asyncio.to_thread(copies.wait_ready, kube, made, deadline)
+        resolved = await asyncio.to_thread(
+            resolve, kube, KubeTarget("pod", made.pod, target.container, namespace))
+        note(f"targeting pod/{made.pod}, a copy of {target.describe()} (deleted at exit)")
     active.target = resolved
     for message in resolved.notes:
         note(message)
-    session = placements.new_session()
     port = random.randint(*PORT_RANGE)
     secret = placements.secrets.token_hex(16)
     agent = config.agent
@@ -66,20 +93,21 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
     def place() -> placements.Placement:
         if agent.ephemeral:
             try:
-                placed = placements.start_ephemeral(kube, resolved, agent, session=session,
+                placed = placements.start_ephemeral(kube, target_pod, agent, session=session,
                                                     port=port, secret=secret, write=agent.write)
                 active.placement = placed
                 return placed
             except placements.EphemeralUnavailable as error:
                 note(f"ephemeral containers are unavailable here ({error.message}); "
-                     f"running the agent as a Job on node {resolved.node}")
+                     f"running the agent as a Job on node {target_pod.node}")
         with contextlib.suppress(KubeError):
-            placements.sweep(kube, agent.namespace or resolved.namespace)
-        placed = placements.start_job(kube, resolved, agent, session=session, port=port,
+            placements.sweep(kube, agent.namespace or target_pod.namespace)
+        placed = placements.start_job(kube, target_pod, agent, session=session, port=port,
                                       secret=secret, write=agent.write)
         active.placement = placed
         return placed
 
+    target_pod = resolved
     progress(f"starting the agent for {resolved.describe()}...")
     placed = await asyncio.to_thread(place)
     await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
@@ -97,6 +125,9 @@ def release_all() -> None:
         if active.placement is not None:
             with contextlib.suppress(KubeError, KubeUnreachable, KubeForbidden, OSError):
                 placements.release(active.kube, active.placement)
+        if active.copy is not None:
+            with contextlib.suppress(KubeError, OSError):
+                copies.remove(active.kube, active.copy)
         with contextlib.suppress(Exception):
             active.kube.close()
 

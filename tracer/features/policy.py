@@ -90,7 +90,14 @@ class NetworkConfig(_Config):
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
 
 
+class CopyTargetConfig(_Config):
+    # Kubernetes targets: scale the deployment to 0 while its copy serves as the target.
+    scale_down: bool = False
+
+
 class FeatureConfig(_Config):
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     fs: FsConfig = msgspec.field(default_factory=FsConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    # Kubernetes targets: run a copy of the target's pod (deleted at exit) and target it.
+    copy_target: bool | CopyTargetConfig = False
