@@ -41,7 +41,13 @@ def target_of(config: Config, namespace: str | None = None) -> Target | None:
     path, table_namespace = target_path(config)
     if not path:
         return None
-    return parse_target(path, namespace=namespace or table_namespace)
+    namespace = namespace or table_namespace
+    if path == "targetless" and (namespace or config.kubeconfig or config.kube_context):
+        # A Kubernetes setting says where: the agent runs in that cluster.
+        from .kube.resolve import KubeTarget
+
+        return Target("kube", kube=KubeTarget("targetless", namespace=namespace))
+    return parse_target(path, namespace=namespace)
 
 
 def parse_target(text: str, *, namespace: str | None = None) -> Target:

@@ -141,17 +141,20 @@ class EphemeralUnavailable(KubeError):
 
 # --- job on the target's node ---
 
-def start_job(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *, session: str, port: int,
-              secret: str, write: bool) -> Placement:
-    namespace = agent.namespace or target.namespace
+def start_job(kube: Kube, target: ResolvedTarget | None, agent: AgentConfig, *, session: str,
+              port: int, secret: str, write: bool, namespace: str | None = None) -> Placement:
+    """The node agent for ``target``; with no target (``targetless``), an
+    agent pod anywhere in the cluster serving its own network, no privileges."""
+    namespace = agent.namespace or (target.namespace if target else namespace) or "default"
     name = f"mtrace-agent-{session}"
     container = agent_container("agent", agent,
-                                agent_argv(port, target.container_id, agent.ttl, write),
-                                secret, ["SYS_ADMIN", "SYS_PTRACE"])
+                                agent_argv(port, target.container_id if target else None,
+                                           agent.ttl, write),
+                                secret, ["SYS_ADMIN", "SYS_PTRACE"] if target else [])
+    if target is None and not agent.privileged:
+        container["securityContext"] = {"allowPrivilegeEscalation": False}
     pod_labels = labels(session, agent.labels)
     pod_spec: dict[str, Any] = {
-        "nodeName": target.node,
-        "hostPID": True,
         "restartPolicy": "Never",
         "containers": [container],
         "terminationGracePeriodSeconds": 5,
@@ -160,6 +163,8 @@ def start_job(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *, session
         "tolerations": agent.tolerations if agent.tolerations is not None
         else [{"operator": "Exists"}],
     }
+    if target is not None:
+        pod_spec.update(nodeName=target.node, hostPID=True)
     if agent.service_account:
         pod_spec["serviceAccountName"] = agent.service_account
     if agent.image_pull_secrets:

@@ -55,6 +55,8 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
     with _lock:
         _active.append(active)
     deadline = time.monotonic() + config.agent.startup_timeout
+    if target.kind == "targetless":
+        return await _targetless(config, kube, active, target, deadline, progress)
     progress(f"resolving {target.describe()}...")
     session = placements.new_session()
     copy_target = config.feature.copy_target
@@ -109,6 +111,32 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
 
     target_pod = resolved
     progress(f"starting the agent for {resolved.describe()}...")
+    placed = await asyncio.to_thread(place)
+    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
+    progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
+    return await port_forward(
+        kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
+        alive=lambda: placements.check_alive(kube, placed, agent))
+
+
+async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTarget,
+                      deadline: float, progress: Callable[[str], None]) -> AgentClient:
+    """An agent pod with no target: the cluster's network and DNS, the agent's own files."""
+    agent = config.agent
+    namespace = agent.namespace or target.namespace or kube.namespace
+    session = placements.new_session()
+    port = random.randint(*PORT_RANGE)
+    secret = placements.secrets.token_hex(16)
+
+    def place() -> placements.Placement:
+        with contextlib.suppress(KubeError):
+            placements.sweep(kube, namespace)
+        placed = placements.start_job(kube, None, agent, session=session, port=port, secret=secret,
+                                      write=agent.write, namespace=namespace)
+        active.placement = placed
+        return placed
+
+    progress(f"starting a targetless agent in namespace {namespace}...")
     placed = await asyncio.to_thread(place)
     await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
     progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")

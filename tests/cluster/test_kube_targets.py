@@ -331,3 +331,13 @@ def test_kill_9_agent_exits_and_next_run_sweeps(kube_api: Any, kubeconfig: Path,
                     "--", str(programs["probe-go"]), "env", "TARGET_ONLY")
     assert traced.stdout == b"TARGET_ONLY=from-the-pod\n", traced.stderr.decode()[-2000:]
     assert wait_clean(kube_api, web.namespace) == []
+
+
+def test_targetless_agent_in_the_cluster_reaches_services(kube_api: Any, kubeconfig: Path,
+                                                          web: Workload, agent_image: str,
+                                                          programs: Any, tmp_path: Path,
+                                                          clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "targetless",
+                    "--", str(programs["probe-go"]), "http", f"http://web.{web.namespace}/hello")
+    assert traced.stdout == b"status 200\nhello from web\n", traced.stderr.decode()[-2000:]
