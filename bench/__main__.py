@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import program, remote, report, startup, syscalls
+from bench import kube, program, remote, report, startup, syscalls
 from bench.common import RESULTS_DIR, Context, Row, Settings
 
 GROUPS: dict[str, Callable[[Context], list[Row]]] = {
@@ -19,6 +19,7 @@ GROUPS: dict[str, Callable[[Context], list[Row]]] = {
     "remote": remote.run,
     "startup": startup.run,
     "program": program.run,
+    "kube": kube.run,
 }
 
 

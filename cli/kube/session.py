@@ -48,9 +48,13 @@ def note(message: str) -> None:
 
 
 async def connect(config: Config, target: KubeTarget, *, verbose: int,
-                  progress: Callable[[str], None]) -> AgentClient:
+                  progress: Callable[[str], None],
+                  timings: dict[str, float] | None = None) -> AgentClient:
+    """The agent for ``target``, authenticated; ``timings`` (bench) gets each phase's seconds."""
+    clock = _Clock(timings)
     settings = KubeSettings(config.kubeconfig, config.kube_context, target.namespace)
     kube = await asyncio.to_thread(Kube, settings)
+    clock.lap("kubeconfig")
     active = Active(kube)
     with _lock:
         _active.append(active)
@@ -86,6 +90,7 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
             resolve, kube, KubeTarget("pod", made.pod, target.container, namespace))
         note(f"targeting pod/{made.pod}, a copy of {target.describe()} (deleted at exit)")
     active.target = resolved
+    clock.lap("resolve (API)")
     for message in resolved.notes:
         note(message)
     port = random.randint(*PORT_RANGE)
@@ -112,11 +117,27 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
     target_pod = resolved
     progress(f"starting the agent for {resolved.describe()}...")
     placed = await asyncio.to_thread(place)
+    clock.lap("place agent (API)")
     await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
+    clock.lap("agent container start")
     progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
-    return await port_forward(
+    client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
         alive=lambda: placements.check_alive(kube, placed, agent))
+    clock.lap("port-forward + handshake")
+    return client
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTarget,
