@@ -22,6 +22,7 @@ Rows:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -71,9 +72,9 @@ def _setup(kubeconfig: Path) -> tuple[Any, str]:
     deadline = time.monotonic() + 120
     while True:
         pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
-        if pods and all(c.ready for p in pods for c in (p.status.container_statuses or [])):
-            if pods[0].status.container_statuses:
-                return api, namespace
+        statuses = [c for p in pods for c in (p.status.container_statuses or [])]
+        if statuses and all(c.ready for c in statuses):
+            return api, namespace
         if time.monotonic() > deadline:
             raise Unavailable("the bench deployment did not become ready in 120 s")
         time.sleep(0.5)
@@ -102,6 +103,32 @@ async def _round_trips(reader: Any, writer: Any, count: int) -> list[float]:
     return samples
 
 
+class _StreamReader:
+    """readuntil/readexactly over an agent TcpStream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def _fill(self) -> None:
+        chunk = await self.stream.read(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        self.buffer += chunk
+
+    async def readuntil(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            await self._fill()
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head + marker
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            await self._fill()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+
 async def _through_agent(config: Any, runs: int, requests: int) -> tuple[dict[str, list[float]],
                                                                          list[float]]:
     from mtrace.cli.kube import session
@@ -118,36 +145,7 @@ async def _through_agent(config: Any, runs: int, requests: int) -> tuple[dict[st
             phases.setdefault(name, []).append(seconds)
         if run == 0:
             stream = await client.open_tcp(f"web.{namespace}.svc.cluster.local", 80)
-
-            class Writer:
-                def write(self, data: bytes) -> None:
-                    stream.write(data)
-
-                async def drain(self) -> None:
-                    await stream.drain()
-
-            class Reader:
-                buffer = b""
-
-                async def _fill(self) -> None:
-                    chunk = await stream.read(65536)
-                    if not chunk:
-                        raise ConnectionError("closed")
-                    self.buffer += chunk
-
-                async def readuntil(self, marker: bytes) -> bytes:
-                    while marker not in self.buffer:
-                        await self._fill()
-                    head, _, self.buffer = self.buffer.partition(marker)
-                    return head + marker
-
-                async def readexactly(self, n: int) -> bytes:
-                    while len(self.buffer) < n:
-                        await self._fill()
-                    data, self.buffer = self.buffer[:n], self.buffer[n:]
-                    return data
-
-            latencies = await _round_trips(Reader(), Writer(), requests)
+            latencies = await _round_trips(_StreamReader(stream), stream, requests)
             stream.close()
         await client.close()
         await asyncio.to_thread(session.release_all)
@@ -176,7 +174,7 @@ def _exec_wall(kubeconfig: Path, namespace: str, runs: int) -> list[float]:
 
     image = os.environ.get("MTRACE_AGENT_IMAGE", "mtrace-agent:rig")
     config = Path(f"/tmp/mtrace-bench-{namespace}.json")
-    config.write_text('{"agent": {"image": "%s", "startup_timeout": 60}}' % image)
+    config.write_text(json.dumps({"agent": {"image": image, "startup_timeout": 60}}))
     samples = []
     try:
         for _ in range(runs):
