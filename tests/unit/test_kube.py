@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +182,87 @@ def test_agent_without_a_client_exits_after_ttl() -> None:
         assert agent.wait(timeout=20) == 0
     finally:
         agent.kill()
+
+
+class FakeKube:
+    """Answers GETs from a dict of path -> object; records the query of list calls."""
+
+    namespace = "default"
+
+    def __init__(self, objects: dict[str, Any]) -> None:
+        self.objects = objects
+        self.queries: list[tuple[str, dict[str, str]]] = []
+
+    def get(self, path: str, **query: str) -> Any:
+        self.queries.append((path, query))
+        if path not in self.objects:
+            raise KubeNotFound(f"not found: {path}")
+        return self.objects[path]
+
+
+def _ready_pod(name: str, *containers: str, ready: bool = True) -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": name},
+            "spec": {"nodeName": "node-1", "containers": [{"name": c} for c in containers]},
+            "status": {"phase": "Running",
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                       "containerStatuses": [{"name": c, "containerID": f"docker://{'a' * 64}",
+                                              "state": {"running": {}}} for c in containers]}}
+
+
+def test_deployment_resolves_to_its_first_ready_pod_and_says_which() -> None:
+    from mtrace.cli.kube.resolve import resolve
+
+    kube = FakeKube({
+        "/apis/apps/v1/namespaces/ns/deployments/api": {
+            "metadata": {"uid": "d"},
+            "spec": {"selector": {"matchLabels": {"app": "api"}}, "template": {"spec": {}}}},
+        "/api/v1/namespaces/ns/pods": {"items": [
+            _ready_pod("api-b", "istio-proxy", "api"), _ready_pod("api-a", "istio-proxy", "api"),
+            _ready_pod("api-0", "api", ready=False)]},
+    })
+    resolved = resolve(kube, KubeTarget("deployment", "api", None, "ns"))  # type: ignore[arg-type]
+    assert (resolved.pod, resolved.container, resolved.node) == ("api-a", "api", "node-1")
+    assert any("2 ready pods; using pod/api-a" in note for note in resolved.notes)
+    assert ("/api/v1/namespaces/ns/pods", {"labelSelector": "app=api"}) in kube.queries
+
+
+def test_workload_without_ready_pods_carries_its_template() -> None:
+    from mtrace.cli.kube.resolve import NoReadyPod, resolve
+
+    kube = FakeKube({
+        "/apis/batch/v1/namespaces/ns/jobs/once": {
+            "metadata": {"uid": "j"},
+            "spec": {"selector": {"matchLabels": {"job-name": "once"}},
+                     "template": {"spec": {"containers": [{"name": "once"}]}}}},
+        "/api/v1/namespaces/ns/pods": {"items": []},
+    })
+    with pytest.raises(NoReadyPod) as caught:
+        resolve(kube, KubeTarget("job", "once", None, "ns"))  # type: ignore[arg-type]
+    assert caught.value.template is not None
+    assert caught.value.template.spec["containers"][0]["name"] == "once"
+
+
+def test_missing_target_names_kind_and_namespace() -> None:
+    from mtrace.cli.kube.resolve import resolve
+
+    with pytest.raises(KubeNotFound) as caught:
+        resolve(FakeKube({}), KubeTarget("statefulset", "db", None, "ns"))  # type: ignore[arg-type]
+    assert caught.value.message == "statefulset/db not found in namespace ns"
+
+
+def test_copy_target_config_forms() -> None:
+    from mtrace.tracer.features.policy import CopyTargetConfig
+
+    assert Config().feature.copy_target is False
+    import msgspec
+
+    config = msgspec.convert({"feature": {"copy_target": {"scale_down": True}}}, Config)
+    assert config.feature.copy_target == CopyTargetConfig(scale_down=True)
+    assert msgspec.convert({"feature": {"copy_target": True}}, Config).feature.copy_target is True
+
+
+def test_targetless_goes_to_the_cluster_only_with_a_kubernetes_setting() -> None:
+    assert target_of(Config(target="targetless")) == parse_target("targetless")
+    in_cluster = target_of(Config(target="targetless", kube_context="rig"))
+    assert in_cluster is not None and in_cluster.kube is not None
+    assert in_cluster.kube.kind == "targetless"
