@@ -216,12 +216,11 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket, *, one_clie
     _install_stop_signals(stop)
     sessions: set[Session] = set()
     runs: set[asyncio.Task[None]] = set()
-    connected = asyncio.Event()
+    served: list[Session] = []  # sessions that authenticated (the ttl's "a client came")
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
-        connected.set()
         sessions.add(session)
         task = asyncio.current_task()
         if task is not None:
@@ -232,15 +231,23 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket, *, one_clie
             sessions.discard(session)
             if task is not None:
                 runs.discard(task)
-            if one_client and session.authenticated and not sessions:
-                logs.event(logger, logging.INFO, "client_left_exiting")
-                stop.set()
+            if session.authenticated:
+                served.append(session)
+                if one_client and not any(other.authenticated for other in sessions):
+                    logs.event(logger, logging.INFO, "client_left_exiting")
+                    stop.set()
 
     server = await asyncio.start_server(on_client, sock=listener, limit=READ_LIMIT)
     host, port = listener.getsockname()[:2]
     print(f"LISTENING {host}:{port}", flush=True)
     if ttl is not None:
-        asyncio.get_running_loop().call_later(ttl, _stop_if_unused, stop, connected, ttl)
+        def stop_if_unused() -> None:
+            # Connections that never authenticated (probes, a wrong secret) do not count.
+            if not served and not any(session.authenticated for session in sessions):
+                logs.event(logger, logging.WARNING, "no_client_within_ttl", ttl=ttl)
+                stop.set()
+
+        asyncio.get_running_loop().call_later(ttl, stop_if_unused)
     await stop.wait()
     logs.event(logger, logging.INFO, "shutting_down", clients=len(sessions))
     server.close()
@@ -248,12 +255,6 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket, *, one_clie
         session.goodbye(GOODBYE_SHUTDOWN, "the agent is shutting down")
     if runs:
         await asyncio.wait(list(runs), timeout=SHUTDOWN_GRACE)
-
-
-def _stop_if_unused(stop: asyncio.Event, connected: asyncio.Event, ttl: float) -> None:
-    if not connected.is_set():
-        logs.event(logger, logging.WARNING, "no_client_within_ttl", ttl=ttl)
-        stop.set()
 
 
 async def _serve_stdio(context: AgentContext) -> None:

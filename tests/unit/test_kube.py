@@ -266,3 +266,17 @@ def test_targetless_goes_to_the_cluster_only_with_a_kubernetes_setting() -> None
     in_cluster = target_of(Config(target="targetless", kube_context="rig"))
     assert in_cluster is not None and in_cluster.kube is not None
     assert in_cluster.kube.kind == "targetless"
+
+
+def test_ttl_counts_only_clients_that_authenticated() -> None:
+    """A connection that never proves the secret (a port-forward probe) must not
+    keep an unused agent alive past its ttl."""
+    import socket as socket_module
+
+    agent, port = _start_agent("--one-client", "--ttl", "1")
+    try:
+        probe = socket_module.create_connection(("127.0.0.1", port))
+        assert agent.wait(timeout=20) == 0
+        probe.close()
+    finally:
+        agent.kill()
