@@ -110,6 +110,46 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
     container = agent_container(name, agent, agent_argv(port, target.container_id, agent.ttl, write),
                                 secret, ["SYS_PTRACE"])
     container["targetContainerName"] = target.container
+    try:
+        _add_ephemeral(kube, target, container)
+    except (KubeForbidden, KubeRejected) as error:
+        if agent.privileged or not _refuses_capabilities(error.message):
+            raise
+        # Pod Security "baseline" refuses SYS_PTRACE: ask for nothing and run
+        # as the target's user instead (same uid: /proc access needs no capability).
+        container["securityContext"] = {"capabilities": {"drop": ["ALL"]},
+                                        "allowPrivilegeEscalation": False}
+        user = _run_as_user(target)
+        if user is not None:
+            container["securityContext"]["runAsUser"] = user
+        try:
+            _add_ephemeral(kube, target, container)
+        except (KubeForbidden, KubeRejected) as again:
+            raise AdmissionRefused(
+                f"admission refused the agent's ephemeral container: {again.message}",
+                hint="the namespace's policy refuses even an agent with no capabilities; ask "
+                     "for an exemption, or try the node placement (agent.ephemeral = false)",
+            ) from again
+    return Placement("ephemeral", target.namespace, target.pod, name, port, secret, session)
+
+
+def _refuses_capabilities(message: str) -> bool:
+    lowered = message.lower()
+    return "podsecurity" in lowered or "capabilit" in lowered
+
+
+def _run_as_user(target: ResolvedTarget) -> int | None:
+    spec = target.pod_object["spec"]
+    for container in spec["containers"]:
+        if container["name"] == target.container:
+            user = (container.get("securityContext") or {}).get("runAsUser")
+            if user is not None:
+                return int(user)
+    user = (spec.get("securityContext") or {}).get("runAsUser")
+    return int(user) if user is not None else None
+
+
+def _add_ephemeral(kube: Kube, target: ResolvedTarget, container: dict[str, Any]) -> None:
     path = f"/api/v1/namespaces/{target.namespace}/pods/{target.pod}/ephemeralcontainers"
     try:
         if kube.server_version() >= (1, 22):
@@ -121,6 +161,8 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
             current["ephemeralContainers"] = [*(current.get("ephemeralContainers") or []), container]
             kube.request("PUT", path, current)
     except KubeForbidden as error:
+        if _refuses_capabilities(error.message):
+            raise  # admission, not RBAC: the caller may ask for less
         raise EphemeralUnavailable(error.message) from error
     except KubeNotFound as error:
         if "ephemeralcontainers" in error.message or "the server could not find" in error.message:
@@ -129,10 +171,9 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
                 "(the EphemeralContainers feature gate is off before 1.23)") from error
         raise
     except KubeRejected as error:
-        if "Forbidden" in error.message or "not supported" in error.message.lower():
+        if "not supported" in error.message.lower():
             raise EphemeralUnavailable(error.message) from error
         raise
-    return Placement("ephemeral", target.namespace, target.pod, name, port, secret, session)
 
 
 class EphemeralUnavailable(KubeError):

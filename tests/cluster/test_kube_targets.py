@@ -341,3 +341,24 @@ def test_targetless_agent_in_the_cluster_reaches_services(kube_api: Any, kubecon
     traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "targetless",
                     "--", str(programs["probe-go"]), "http", f"http://web.{web.namespace}/hello")
     assert traced.stdout == b"status 200\nhello from web\n", traced.stderr.decode()[-2000:]
+
+
+def test_admission_refusing_the_agent_names_the_policy(kube_api: Any, kubeconfig: Path,
+                                                       web: Workload, agent_image: str,
+                                                       tmp_path: Path, clean: None) -> None:
+    """A LimitRange (admission plugin LimitRanger) refuses the agent Job's pod
+    because of the resources it asks for: the error says so, and no Job is left."""
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_limit_range(web.namespace, client.V1LimitRange.from_dict({
+        "metadata": {"name": "small"},
+        "spec": {"limits": [{"type": "Container", "max": {"cpu": "100m"}}]}}))
+    try:
+        config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False,
+                              resources={"limits": {"cpu": "1"}, "requests": {"cpu": "1"}})
+        result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                        "--", "true")
+        assert result.returncode == 77, result.stderr.decode()
+        assert b"admission refused the agent's pod" in result.stderr
+        assert b"cpu" in result.stderr and b"ephemeral" in result.stderr
+    finally:
+        core.delete_namespaced_limit_range("small", web.namespace)
