@@ -112,7 +112,15 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
     container["targetContainerName"] = target.container
     try:
         _add_ephemeral(kube, target, container)
-    except (KubeForbidden, KubeRejected) as error:
+    except KubeRejected as error:
+        if "securityContext" not in error.message:
+            raise
+        # Before 1.23 an ephemeral container may not have a securityContext: the
+        # agent runs with the runtime's default capabilities, which read /proc of a
+        # process of the same user (a target running as another user is refused).
+        del container["securityContext"]
+        _add_ephemeral(kube, target, container)
+    except KubeForbidden as error:
         if agent.privileged or not _refuses_capabilities(error.message):
             raise
         # Pod Security "baseline" refuses SYS_PTRACE: ask for nothing and run
