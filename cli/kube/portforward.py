@@ -24,14 +24,18 @@ if TYPE_CHECKING:
 
 
 def open_socket(kube: Kube, namespace: str, pod: str, port: int) -> object:
-    """A connected socket to ``pod``'s ``127.0.0.1:port`` (blocking: call in a thread)."""
-    from kubernetes.client import CoreV1Api
-    from kubernetes.client.exceptions import ApiException
-    from kubernetes.stream import portforward
+    """A connected socket to ``pod``'s ``127.0.0.1:port`` (blocking: call in a thread).
 
+    The websocket is opened directly, not through ``CoreV1Api``: building that
+    class (pydantic validators for every call of the core API) costs seconds."""
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.stream.ws_client import portforward_call
+
+    _, url, headers, _, _ = kube.api.param_serialize(
+        "GET", f"/api/v1/namespaces/{namespace}/pods/{pod}/portforward",
+        query_params=[("ports", str(port))], auth_settings=["BearerToken"])
     try:
-        forward = portforward(CoreV1Api(kube.api).connect_get_namespaced_pod_portforward,
-                              pod, namespace, ports=str(port))
+        forward = portforward_call(kube.api.configuration, "GET", url, headers=headers)
     except ApiException as error:
         status = error.status or 0
         if status >= 400:
