@@ -239,9 +239,7 @@ def test_target_pod_deleted_mid_run_is_reported(
     assert process.stdout.readline() == b"started\n"
     client.CoreV1Api(kube_api).delete_namespaced_pod(doomed.pod, namespace, grace_period_seconds=0)
     time.sleep(3)
-    process.stdin.write(b"go\n")
-    process.stdin.close()
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(input=b"go\n", timeout=60)
     assert b"rc=0" not in out, (out, err)
     assert b"lost the connection to the agent" in err, err
 
