@@ -49,7 +49,7 @@ from .protocol import (
 )
 from .secret import GENERATE_HINT, scrub_from_proc, weakness
 from .session import FRAME_TIMEOUT, AgentContext, Session
-from .target import SECRET_VARIABLE, Target
+from .target import SECRET_VARIABLE, Target, find_container_process
 
 logger = logging.getLogger("mtrace.agent.server")
 
@@ -108,9 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="drop a client that starts a frame and does not finish it within this time "
         f"(default {FRAME_TIMEOUT:g})",
+)
+    parser.add_argument(
+        "--target-container-id",
+        metavar="ID",
+        help="serve the main process of the container with this runtime ID (as a pod's "
+        "status shows it, with or without its docker:// or containerd:// prefix), found in "
+        "/proc/*/cgroup: containerd, CRI-O and Docker alike",
     )
     parser.add_argument(
         "--write", action="store_true", help="allow write, truncate, mkdir, unlink and rename"
+    )
+    parser.add_argument(
+        "--one-client",
+        action="store_true",
+        help="with --listen: exit when the first client leaves (an agent started for one session)",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=float,
+        metavar="SECONDS",
+        help="with --listen: exit if no client has connected within SECONDS",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="-v: connections, -vv: every request"
@@ -166,7 +184,12 @@ def _run(args: argparse.Namespace) -> int:
             raise AgentError(problem, hint=GENERATE_HINT)
         # over --stdio the pipe is private and the secret made up by whoever spawned us
         logs.event(logger, logging.WARNING, "weak_secret", problem=problem)
-    target = Target(args.target_pid)
+    if args.target_pid is not None and args.target_container_id:
+        raise AgentError("give --target-pid or --target-container-id, not both")
+    pid = args.target_pid
+    if args.target_container_id:
+        pid = find_container_process(args.target_container_id)
+    target = Target(pid)
     listener = _bind(*args.listen) if args.listen else None
     target.enter_network()
     try:
@@ -202,7 +225,8 @@ def _run(args: argparse.Namespace) -> int:
                 channels.append(CHANNEL_PLAIN)
                 host, port = args.listen
                 logs.event(logger, logging.WARNING, "plaintext_allowed", listen=f"{host}:{port}")
-            run_loop(_serve_tcp(context, listener, channels))
+            run_loop(_serve_tcp(context, listener, channels, one_client=args.one_client,
+                               ttl=args.ttl))
         else:
             run_loop(_serve_stdio(context))
     finally:
@@ -264,17 +288,25 @@ def _exit_message(target: Target) -> str:
     return f"the target {target.describe()} exited"
 
 
-async def _serve_tcp(context: AgentContext, listener: socket.socket, channels: list[str]) -> None:
+async def _serve_tcp(context: AgentContext, listener: socket.socket, channels: list[str], *,
+                     one_client: bool = False, ttl: float | None = None) -> None:
     stop = asyncio.Event()
     _install_stop_signals(stop)
     target_exited = asyncio.create_task(_target_exited(context.target))
     target_exited.add_done_callback(lambda _: stop.set())
     sessions: set[Session] = set()
     runs: set[asyncio.Task[None]] = set()
+    served: list[Session] = []  # sessions that authenticated (the ttl's "a client came")
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         _keep_alive(writer.get_extra_info("socket"))
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Replies and credits are small frames: Nagle plus a delayed ACK
+            # would hold each one 40 ms (measured through a port-forward).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = Session(context, reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?", channels)
         sessions.add(session)
         task = asyncio.current_task()
@@ -286,10 +318,23 @@ async def _serve_tcp(context: AgentContext, listener: socket.socket, channels: l
             sessions.discard(session)
             if task is not None:
                 runs.discard(task)
+            if session.authenticated:
+                served.append(session)
+                if one_client and not any(other.authenticated for other in sessions):
+                    logs.event(logger, logging.INFO, "client_left_exiting")
+                    stop.set()
 
     server = await asyncio.start_server(on_client, sock=listener, limit=READ_LIMIT)
     host, port = listener.getsockname()[:2]
     print(f"LISTENING {host}:{port}", flush=True)
+    if ttl is not None:
+        def stop_if_unused() -> None:
+            # Connections that never authenticated (probes, a wrong secret) do not count.
+            if not served and not any(session.authenticated for session in sessions):
+                logs.event(logger, logging.WARNING, "no_client_within_ttl", ttl=ttl)
+                stop.set()
+
+        asyncio.get_running_loop().call_later(ttl, stop_if_unused)
     await stop.wait()
     gone = target_exited.done() and not target_exited.cancelled()
     target_exited.cancel()

@@ -221,6 +221,7 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._requests = 0
         self._closed = False
+        self.authenticated = False
 
     # --- sending ---
 
@@ -368,6 +369,7 @@ class Session:
             version=version,
             channel=hello.channel,
         )
+        self.authenticated = True
         return True
 
     async def _serve(self) -> None:

@@ -10,8 +10,10 @@ before any thread exists, so every socket it opens later lives there.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import re
 
 from .errors import AgentError
 
@@ -64,6 +66,11 @@ class Target:
         if self.pid is None:
             return
         path = f"/proc/{self.pid}/ns/net"
+        with contextlib.suppress(OSError):
+            # Already there (an ephemeral container shares its pod's network):
+            # setns would need CAP_SYS_ADMIN for nothing.
+            if os.stat(path).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as error:
@@ -96,6 +103,40 @@ class Target:
             pass
         finally:
             os.close(fd)
+
+
+_RUNTIME_PREFIX = re.compile(r"^[a-z0-9-]+://")
+
+
+def find_container_process(container_id: str, proc: str = "/proc") -> int:
+    """The main process of the container with this runtime ID: the lowest pid
+    whose ``/proc/PID/cgroup`` names the ID. Every runtime (containerd,
+    CRI-O, Docker, with cgroup v1 or v2, systemd or cgroupfs drivers) puts
+    the container's ID in its cgroup path, so this needs nothing
+    runtime-specific. The agent must see the target's processes: a hostPID
+    pod, or an ephemeral container sharing the target's PID namespace."""
+    wanted = _RUNTIME_PREFIX.sub("", container_id.strip())
+    if len(wanted) < 12 or not re.fullmatch(r"[0-9a-f]+", wanted):
+        raise AgentError(f"--target-container-id {container_id!r} is not a container ID",
+                         hint="give the containerID of the pod's status (docker://..., containerd://...)")
+    found: list[int] = []
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{name}/cgroup", "rb") as file:
+                cgroups = file.read().decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        if wanted in cgroups:
+            found.append(int(name))
+    if not found:
+        raise AgentError(
+            f"no process of container {wanted[:12]} is visible",
+            hint="the agent needs the target's PID namespace: hostPID for a node agent, "
+            "targetContainerName for an ephemeral one; is the container still running?",
+        )
+    return min(found)
 
 
 def _setns(fd: int, nstype: int) -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import incoming, kv, program, remote, report, startup, syscalls
+from bench import incoming, kube, kv, program, remote, report, startup, syscalls
 from bench.common import RESULTS_DIR, Context, Row, Settings
 
 GROUPS: dict[str, Callable[[Context], list[Row]]] = {
@@ -21,6 +21,7 @@ GROUPS: dict[str, Callable[[Context], list[Row]]] = {
     "program": program.run,
     "kv": kv.run,
     "incoming": incoming.run,
+    "kube": kube.run,
 }
 
 

@@ -54,11 +54,36 @@ class AgentConfig(_Config):
     write: bool = False
     # Seconds to wait for the agent to start and answer the handshake.
     startup_timeout: float = 15.0
+    # Kubernetes targets (docs/kubernetes.md): where and how the agent runs.
+    # An ephemeral container in the target pod; false: a Job on its node.
+    ephemeral: bool = True
+    namespace: str | None = None  # of the agent Job (default: the target's)
+    image: str = "mtrace-agent:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = msgspec.field(default_factory=list)
+    # Seconds the agent waits for its client before exiting; also the Job's
+    # ttlSecondsAfterFinished.
+    ttl: int = 60
+    tolerations: list[dict[str, Any]] | None = None
+    resources: dict[str, Any] | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
+    service_account: str | None = None
+    privileged: bool = False
+
+
+class TargetConfig(_Config):
+    """``target = { path = "deployment/api", namespace = "staging" }`` as mirrord writes it."""
+
+    path: str | None = None
+    namespace: str | None = None
 
 
 class Config(_Config):
-    # pid/N, targetless (or, later, pod/NAME, deployment/NAME).
-    target: str | None = None
+    # pid/N, targetless, pod/NAME, deployment/NAME[/container/C], ... or a table.
+    target: str | TargetConfig | None = None
+    kubeconfig: str | None = None
+    kube_context: str | None = None
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     feature: FeatureConfig = msgspec.field(default_factory=FeatureConfig)
     backend: Backend = "auto"
@@ -184,6 +209,9 @@ def validate(config: Config, origin: str = "config") -> None:
     _validate_incoming(config.feature.network.incoming_config, origin)
     if fs.mode == "write" or (fs.read_write and fs.mode != "local"):
         config.agent.write = True
+    if config.agent.ttl <= 0 or config.agent.startup_timeout <= 0:
+        raise ConfigError(f"{origin} at `agent.ttl`: agent.ttl and agent.startup_timeout must be "
+                          "positive")
     if config.agent.address:
         parse_address(config.agent.address, origin=f"{origin} at `agent.address`")
 
@@ -223,6 +251,13 @@ def _validate_incoming(incoming: IncomingConfig, origin: str) -> None:
 
     if incoming.http_filter is not None:
         check_filter(incoming.http_filter, "http_filter")
+
+
+def target_path(config: Config) -> tuple[str | None, str | None]:
+    """(path, namespace) of ``target``, a string or a table."""
+    if isinstance(config.target, TargetConfig):
+        return config.target.path, config.target.namespace
+    return config.target, None
 
 
 def parse_address(text: str, *, origin: str = "--agent") -> tuple[str, int]:

@@ -81,6 +81,26 @@ AgentSecretOption = Annotated[str | None, typer.Option(
     show_default=False)]
 ConfigFileOption = Annotated[str | None, typer.Option(
     "--config-file", "-f", help="Config file (TOML, JSON or YAML).", show_default=False)]
+NamespaceOption = Annotated[str | None, typer.Option(
+    "--namespace", "-n", help="Kubernetes namespace of the target.", show_default=False)]
+ContextOption = Annotated[str | None, typer.Option(
+    "--context", help="kubeconfig context to use.", show_default=False)]
+KubeconfigOption = Annotated[str | None, typer.Option(
+    "--kubeconfig", help="kubeconfig file (else KUBECONFIG, else ~/.kube/config).",
+    show_default=False)]
+
+
+def _apply_kube_flags(config: Any, namespace: str | None, context: str | None,
+                      kubeconfig: str | None) -> None:
+    from .config import TargetConfig, target_path
+
+    if namespace is not None:
+        path, _ = target_path(config)
+        config.target = TargetConfig(path=path, namespace=namespace)
+    if context is not None:
+        config.kube_context = context
+    if kubeconfig is not None:
+        config.kubeconfig = kubeconfig
 
 
 def _base_config(config_file: str | None, target: str | None, agent: str | None,
@@ -130,6 +150,9 @@ def exec_command(
     incoming: Annotated[str | None, typer.Option(
         "--incoming", help="Incoming traffic: mirror, steal or off.", show_default=False)] = None,
     backend: Backend = None,
+    namespace: NamespaceOption = None,
+    context: ContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     verbose: Verbose = 0,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No start-up summary of what each feature does.")] = False,
@@ -141,6 +164,7 @@ def exec_command(
     _configure_logging(verbose)
     try:
         config = _base_config(config_file, target, agent, agent_secret)
+        _apply_kube_flags(config, namespace, context, kubeconfig)
         features = config.feature
         if fs_mode is not None:
             features.fs.mode = fs_mode
@@ -324,6 +348,9 @@ def trace_command(
     agent_secret: AgentSecretOption = None,
     config_file: ConfigFileOption = None,
     backend: Backend = None,
+    namespace: NamespaceOption = None,
+    context: ContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     verbose: Verbose = 0,
 ) -> None:
     """Run COMMAND and show each trapped system call, strace-style; with a
@@ -354,6 +381,7 @@ def trace_command(
                                        "you can write to") from exc
         printer = TracePrinter(stream, as_json=as_json)
         config = _base_config(config_file, target, agent, agent_secret)
+        _apply_kube_flags(config, namespace, context, kubeconfig)
         if config.target or config.agent.address:
             if expression:
                 from ..tracer.syscalls import table
@@ -380,6 +408,37 @@ def trace_command(
     finally:
         if stream is not sys.stderr:
             stream.close()
+    raise SystemExit(code)
+
+
+@app.command("ls")
+def ls_command(
+    namespace: NamespaceOption = None,
+    all_namespaces: Annotated[bool, typer.Option(
+        "--all-namespaces", "-A", help="List targets in every namespace.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {path, namespace}.")] = False,
+    context: ContextOption = None,
+    kubeconfig: KubeconfigOption = None,
+    config_file: ConfigFileOption = None,
+    verbose: Verbose = 0,
+) -> None:
+    """List the Kubernetes targets you can name with --target."""
+    _configure_logging(verbose)
+    try:
+        from .config import Config, load, target_path
+        from .kube.client import Kube, KubeSettings
+        from .kube.listing import run_ls
+
+        config = load(config_file) if config_file else Config()
+        _, table_namespace = target_path(config)
+        kube = Kube(KubeSettings(kubeconfig or config.kubeconfig, context or config.kube_context,
+                                 namespace or table_namespace))
+        try:
+            code = run_ls(kube, kube.namespace, all_namespaces, as_json, sys.stdout)
+        finally:
+            kube.close()
+    except MtraceError as error:
+        fail(error, verbose)
     raise SystemExit(code)
 
 

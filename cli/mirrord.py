@@ -31,8 +31,11 @@ class MirrordKey:
     note: str = ""
 
 
-_K8S = "Kubernetes targets and agent placement (issue 10)"
-_INCOMING = "incoming traffic, mirror and steal (issue 13)"
+# Keys of the Kubernetes and incoming-traffic features: supported where mtrace's
+# config types have them (docs/kubernetes.md, docs/network.md), else ignored
+# with this reason.
+_K8S = "a Kubernetes option mtrace does not implement (docs/kubernetes.md lists those it has)"
+_INCOMING = "an incoming-traffic option mtrace does not implement (docs/network.md)"
 _OPERATOR = "needs the mirrord Operator (a commercial cluster component); mtrace has no operator"
 _HOOKS = "tunes mirrord's LD_PRELOAD hooks; mtrace traps system calls, so there is nothing to tune"
 _PROXY = "mirrord's local proxy process; mtrace's supervisor talks to the agent directly"
@@ -47,7 +50,7 @@ def _agent(name: str, status: Status = "issue 10", note: str = _K8S) -> MirrordK
 KEYS: tuple[MirrordKey, ...] = (
     MirrordKey("accept_invalid_certificates", "issue 10", _K8S),
     MirrordKey("agent", "differs", "the agent's section: `address`, `secret`, `write` and "
-               "`startup_timeout` are mtrace's own; the Kubernetes keys are issue 10's"),
+               "`startup_timeout` are mtrace's own; the Kubernetes ones as docs/kubernetes.md lists"),
     _agent("annotations"), _agent("check_out_of_pods"),
     _agent("clean_iptables_on_start", "issue 13", _INCOMING),
     _agent("communication_timeout"), _agent("disable_mesh_sidecar_injection"),
@@ -182,8 +185,8 @@ KEYS: tuple[MirrordKey, ...] = (
     MirrordKey("startup_retry.max_ms", "issue 10", _K8S),
     MirrordKey("startup_retry.max_retries", "issue 10", _K8S),
     MirrordKey("startup_retry.min_ms", "issue 10", _K8S),
-    MirrordKey("target", "differs", "`pid/N` and `targetless` here; `pod/...`, `deployment/...` "
-               "and the `{path, namespace}` table are issue 10's"),
+    MirrordKey("target", "differs", "mirrord's `pod/...`, `deployment/...` and the `{path, "
+               "namespace}` table, plus mtrace's `pid/N`"),
     MirrordKey("telemetry", "ignored", "mtrace sends no telemetry"),
     MirrordKey("traceparent", "ignored", _OPERATOR),
     MirrordKey("use_proxy", "ignored", "unset HTTP_PROXY/HTTPS_PROXY with feature.env.unset"),
@@ -227,6 +230,18 @@ def _takes(annotation: Any, kind: type[msgspec.inspect.Type]) -> bool:
     info = msgspec.inspect.type_info(annotation)
     candidates = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
     return any(isinstance(candidate, kind) for candidate in candidates)
+
+
+def _has_key(struct: type[msgspec.Struct], dotted: str) -> bool:
+    """Whether the config types take ``dotted`` (``agent.image``)."""
+    head, _, rest = dotted.partition(".")
+    fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
+    if head not in fields:
+        return False
+    if not rest:
+        return True
+    inner = _struct_of(fields[head].type)
+    return inner is not None and _has_key(inner, rest)
 
 
 class UnknownKey(Exception):
@@ -284,24 +299,25 @@ def _drop(key: str, value: Any, warn: Callable[[str], None]) -> None:
             _drop(child, inner, warn)
         return
     entry = BY_KEY[key]
-    if entry.status in ("issue 10", "issue 13"):
-        why = f"not in this build: {entry.note}"
-    else:
-        why = entry.note or "not implemented"
-    warn(f"`{key}` is a mirrord key mtrace ignores: {why}")
+    warn(f"`{key}` is a mirrord key mtrace ignores: {entry.note or 'not implemented'}")
 
 
 def markdown_table() -> str:
     """The table of docs/mirrord.md."""
+    from .config import Config
+
     labels = {
         "supported": "supported",
         "differs": "supported differently",
-        "issue 10": "supported (issue 10)",
-        "issue 13": "supported (issue 13)",
         "ignored": "ignored, with a warning",
     }
     lines = ["| mirrord key | in mtrace | how, or why not |", "| --- | --- | --- |"]
     for entry in sorted(KEYS, key=lambda entry: entry.key):
-        note = entry.note.replace("|", "\\|")
-        lines.append(f"| `{entry.key}` | {labels[entry.status]} | {note} |")
+        status, note = entry.status, entry.note
+        if status in ("issue 10", "issue 13"):
+            # the Kubernetes and incoming features: what their config types take
+            status, note = (("supported", "") if _has_key(Config, entry.key)
+                            else ("ignored", note))
+        note = note.replace("|", "\\|")
+        lines.append(f"| `{entry.key}` | {labels[status]} | {note} |")
     return "\n".join(lines) + "\n"

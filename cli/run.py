@@ -8,6 +8,7 @@ files, network and DNS handlers route its calls to the target.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -54,9 +55,9 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
     call the features need is trapped all the same)."""
     # Imported here: a run without a target should not pay for asyncio and the
     # agent client at start-up.
-    from .target import parse_target
+    from .target import target_of
 
-    target: Target | None = parse_target(config.target) if config.target else None
+    target: Target | None = target_of(config)
     if target is None and not config.agent.address:
         raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")
     # Signals meant for the program are blocked before the first thread starts,
@@ -75,7 +76,7 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     from ..tracer.backend import AsyncSide
     from ..tracer.features.env import merge_environment, read_env_file
     from ..tracer.features.remote import RemoteContext
-    from .target import connect_agent, fork_local_agent, progress
+    from .target import connect_agent, fork_local_agent, progress, release_agent
 
     # Forked before the first thread starts (the async side's).
     forked = fork_local_agent(config, target, verbose=verbose)
@@ -114,6 +115,7 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
             elif forked is not None:
                 forked.abandon()
             side.stop()
+            release_agent()
 
 
 def _wait(side: AsyncSide, coroutine: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
@@ -243,8 +245,13 @@ async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     if context.closing:
         return
     context.agent_lost = True
-    what = (f"{why.message}" if isinstance(why, TargetExited)
-            else "lost the connection to the agent")
+    from .target import explain_agent_loss
+
+    if isinstance(why, TargetExited):
+        what = why.message
+    else:
+        detail = await asyncio.to_thread(explain_agent_loss)
+        what = f"lost the connection to the agent{f' ({detail})' if detail else ''}"
     sys.stderr.write(
         f"mtrace: error: {what}; the program's remote operations "
         "now fail (files: EIO, open connections: ECONNRESET, new ones: ENETUNREACH)\n")

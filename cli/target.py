@@ -14,28 +14,48 @@ from typing import TYPE_CHECKING
 from ..agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
 from ..agent.errors import AgentError, AuthenticationError
 from ..agent.secret import GENERATE_HINT, weakness
-from .config import Config, parse_address
+from .config import Config, parse_address, target_path
 from .errors import ConfigError, TargetError
 
 if TYPE_CHECKING:
     from .local_agent import ForkedAgent
 
+if TYPE_CHECKING:
+    from .kube.resolve import KubeTarget
+
 SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
 _KUBERNETES_KINDS = ("pod", "deployment", "statefulset", "daemonset", "job", "cronjob",
-                     "replicaset", "rollout")
+                     "replicaset", "rollout", "service")
 
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "pid" or "targetless"
+    kind: str  # "pid", "targetless" or "kube"
     pid: int | None = None
+    kube: KubeTarget | None = None
 
     def describe(self) -> str:
+        if self.kube is not None:
+            return self.kube.describe()
         return f"pid/{self.pid}" if self.kind == "pid" else self.kind
 
 
-def parse_target(text: str) -> Target:
-    """``pid/N`` or ``targetless``; a clear error for anything else."""
+def target_of(config: Config, namespace: str | None = None) -> Target | None:
+    """The configured target (a string or a table), ``-n`` over the table's namespace."""
+    path, table_namespace = target_path(config)
+    if not path:
+        return None
+    namespace = namespace or table_namespace
+    if path == "targetless" and (namespace or config.kubeconfig or config.kube_context):
+        # A Kubernetes setting says where: the agent runs in that cluster.
+        from .kube.resolve import KubeTarget
+
+        return Target("kube", kube=KubeTarget("targetless", namespace=namespace))
+    return parse_target(path, namespace=namespace)
+
+
+def parse_target(text: str, *, namespace: str | None = None) -> Target:
+    """``pid/N``, ``targetless`` or a Kubernetes target; a clear error for anything else."""
     kind, _, rest = text.partition("/")
     if text == "targetless":
         return Target("targetless")
@@ -47,13 +67,11 @@ def parse_target(text: str) -> Target:
         check_pid_target(target)
         return target
     if kind in _KUBERNETES_KINDS:
-        raise TargetError(
-            f"--target {text}: Kubernetes targets are not available in this version",
-            hint="run `mtrace agent --listen HOST:PORT --target-pid N` next to the workload "
-                 "and use --agent HOST:PORT",
-        )
+        from .kube.resolve import parse_path
+
+        return Target("kube", kube=parse_path(text, namespace))
     raise TargetError(f"--target {text}: unknown target kind {kind!r}",
-                      hint="use pid/N or targetless")
+                      hint="use pid/N, targetless, pod/NAME, deployment/NAME, ...")
 
 
 def check_pid_target(target: Target) -> None:
@@ -103,6 +121,10 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
     timeout = config.agent.startup_timeout
     if forked is not None:
         return await forked.connect(timeout=timeout)
+    if target is not None and target.kube is not None and not config.agent.address:
+        from .kube.session import connect
+
+        return await connect(config, target.kube, verbose=verbose, progress=progress)
     if config.agent.address:
         host, port = parse_address(config.agent.address)
         secret = config.agent.secret or os.environ.get(SECRET_VARIABLE)
@@ -136,6 +158,19 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
             if lines:
                 error.message = f"{error.message}; the agent said: {lines[-1].strip()}"
             raise
+
+
+def release_agent() -> None:
+    """Delete what a Kubernetes session created (nothing for other targets)."""
+    session = sys.modules.get(f"{__package__}.kube.session")
+    if session is not None:
+        session.release_all()
+
+
+def explain_agent_loss() -> str | None:
+    """What the cluster says about a lost agent (the pod deleted, evicted), if anything."""
+    session = sys.modules.get(f"{__package__}.kube.session")
+    return session.explain_loss() if session is not None else None
 
 
 def progress(message: str) -> None:

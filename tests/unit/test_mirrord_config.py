@@ -72,9 +72,9 @@ def test_basic_mirrord_file_is_accepted_without_warnings(tmp_path: Path) -> None
 def test_everyday_mirrord_file_warns_once_per_ignored_key(tmp_path: Path) -> None:
     config, warnings = load_with_warnings(write(tmp_path, "mirrord.json", EVERYDAY))
     named = [warning.split("`")[1] for warning in warnings]
-    assert named == ["skip_processes", "agent.ttl", "agent.log_level",
+    assert named == ["skip_processes", "agent.log_level",
                      "feature.env.load_from_process", "feature.fs.readonly_file_buffer",
-                     "feature.network.ipv6", "feature.copy_target",
+                     "feature.network.ipv6",
                      "experimental.hook_rename", "experimental.latency.receive_delay",
                      "telemetry"]
     assert all(warning.startswith(f"{tmp_path / 'mirrord.json'}: ") for warning in warnings)
@@ -257,17 +257,7 @@ def test_complete_mirrord_file_names_each_ignored_key(tmp_path: Path) -> None:
     named = {warning.split("`")[1] for warning in warnings}
     expected = {"accept_invalid_certificates", "skip_processes", "operator", "telemetry",
                 "sip_binaries", "internal_proxy.start_idle_timeout", "internal_proxy.idle_timeout",
-                "startup_retry.min_ms", "startup_retry.max_retries", "agent.namespace",
-                "agent.image", "agent.ephemeral", "agent.dns.timeout",
-                "feature.copy_target"}
-    # Keys of other issues warn only until those land (their structs take them).
-    for key in ("kubeconfig", "kube_context"):
-        if key not in {field.name for field in __import__("msgspec").structs.fields(Config)}:
-            expected.add(key)
-    if "incoming" not in config.feature.network.__struct_fields__:
-        expected |= {"feature.network.incoming.mode",
-                     "feature.network.incoming.http_filter.header_filter",
-                     "feature.network.incoming.port_mapping"}
+                "startup_retry.min_ms", "startup_retry.max_retries", "agent.dns.timeout"}
     assert named == expected, warnings
     assert len(warnings) == len(named)
     assert config.feature.network.outgoing.unix_streams == ["bear.+"]

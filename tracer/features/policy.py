@@ -151,12 +151,19 @@ class NetworkConfig(_Config):
         return self.incoming
 
 
+class CopyTargetConfig(_Config):
+    # Kubernetes targets: scale the deployment to 0 while its copy serves as the target.
+    scale_down: bool = False
+
+
 class FeatureConfig(_Config):
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     fs: FsConfig = msgspec.field(default_factory=FsConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     # uname()'s nodename (gethostname) and /etc/hostname are the target's.
     hostname: bool = True
+    # Kubernetes targets: run a copy of the target's pod (deleted at exit) and target it.
+    copy_target: bool | CopyTargetConfig = False
 
 
 _RUST_GROUP = re.compile(r"\(\?<([A-Za-z_][A-Za-z0-9_]*)>")

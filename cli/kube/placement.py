@@ -1,0 +1,386 @@
+"""Where the agent runs, and making sure it stops.
+
+* ``ephemeral`` (default): an ephemeral container in the target pod with
+  ``targetContainerName``, so it shares the target container's PID namespace
+  (and, as every container of the pod, its network). No hostPID, no
+  privileged pod: it asks only for ``SYS_PTRACE`` (to read another user's
+  ``/proc/PID/root`` and ``environ``). The 1.20 API (an
+  ``EphemeralContainers`` object, get then update) or the current one (a
+  strategic-merge patch of the Pod), chosen by the server's version.
+* ``job``: a Job pinned to the target's node, ``hostPID``, ``SYS_ADMIN`` and
+  ``SYS_PTRACE`` (to join the target's network namespace); the agent finds
+  the target container's process by its container ID in ``/proc/*/cgroup``.
+
+Either way the agent listens on the loopback of its own pod, exits when its
+one client leaves (``--one-client``) or if none came within ``agent.ttl``.
+Every object carries :data:`MANAGED_BY` and :data:`SESSION_LABEL`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...agent.errors import AgentError, AgentUnavailable
+from .client import (
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
+    SESSION_LABEL,
+    Kube,
+    KubeError,
+    KubeForbidden,
+    KubeNotFound,
+    KubeRejected,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..config import AgentConfig
+    from .resolve import ResolvedTarget
+
+AGENT_SECRET_VARIABLE = "MTRACE_AGENT_SECRET"
+#: activeDeadlineSeconds of an agent Job: a backstop should everything else fail.
+MAX_SESSION_SECONDS = 24 * 3600
+_IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
+                 "ImageInspectError", "RegistryUnavailable"}
+_CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+                  "PreCreateHookError", "PreStartHookError"}
+
+
+@dataclass
+class Placement:
+    """A started agent: the pod to port-forward to and what to delete at the end."""
+
+    kind: str  # "ephemeral" or "job"
+    namespace: str
+    pod: str  # the pod the agent runs in (the target's, or the Job's)
+    container: str
+    port: int
+    secret: str
+    session: str
+    job: str | None = None
+    created: list[str] = field(default_factory=list)  # API paths to delete at exit
+
+
+def new_session() -> str:
+    return secrets.token_hex(4)
+
+
+def labels(session: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**(extra or {}), MANAGED_BY: MANAGED_BY_VALUE, SESSION_LABEL: session}
+
+
+def agent_argv(port: int, container_id: str | None, ttl: int, write: bool) -> list[str]:
+    # --allow-plaintext: the agent listens on its pod's loopback, reached only
+    # through the API server's port-forward (TLS to the API server, the
+    # kubelet's own channel to the pod), so the session does not seal frames
+    # a second time and the image needs no crypto library (docs/design.md).
+    argv = ["python3", "-m", "mtrace.agent", "--listen", f"127.0.0.1:{port}", "--one-client",
+            "--ttl", str(ttl), "--allow-plaintext"]
+    if container_id:
+        argv += ["--target-container-id", container_id]
+    if write:
+        argv.append("--write")
+    return argv
+
+
+def agent_container(name: str, agent: AgentConfig, argv: list[str], secret: str,
+                    capabilities: list[str]) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": agent.image,
+        "imagePullPolicy": agent.image_pull_policy,
+        "command": argv,
+        "env": [{"name": AGENT_SECRET_VARIABLE, "value": secret}],
+        "securityContext": ({"privileged": True} if agent.privileged
+                            else {"capabilities": {"add": capabilities}}),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "stdin": False,
+        "tty": False,
+    }
+    if agent.resources:
+        container["resources"] = agent.resources
+    return container
+
+
+# --- ephemeral container ---
+
+def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
+                    session: str, port: int, secret: str, write: bool) -> Placement:
+    name = f"mtrace-agent-{session}"
+    container = agent_container(name, agent, agent_argv(port, target.container_id, agent.ttl, write),
+                                secret, ["SYS_PTRACE"])
+    container["targetContainerName"] = target.container
+    try:
+        _add_ephemeral(kube, target, container)
+    except KubeRejected as error:
+        if "securityContext" not in error.message:
+            raise
+        # Before 1.23 an ephemeral container may not have a securityContext: the
+        # agent runs with the runtime's default capabilities, which read /proc of a
+        # process of the same user (a target running as another user is refused).
+        del container["securityContext"]
+        _add_ephemeral(kube, target, container)
+    except KubeForbidden as error:
+        if agent.privileged or not _refuses_capabilities(error.message):
+            raise
+        # Pod Security "baseline" refuses SYS_PTRACE: ask for nothing and run
+        # as the target's user instead (same uid: /proc access needs no capability).
+        container["securityContext"] = {"capabilities": {"drop": ["ALL"]},
+                                        "allowPrivilegeEscalation": False}
+        user = _run_as_user(target)
+        if user is not None:
+            container["securityContext"]["runAsUser"] = user
+        try:
+            _add_ephemeral(kube, target, container)
+        except (KubeForbidden, KubeRejected) as again:
+            raise AdmissionRefused(
+                f"admission refused the agent's ephemeral container: {again.message}",
+                hint="the namespace's policy refuses even an agent with no capabilities; ask "
+                     "for an exemption, or try the node placement (agent.ephemeral = false)",
+            ) from again
+    return Placement("ephemeral", target.namespace, target.pod, name, port, secret, session)
+
+
+def _refuses_capabilities(message: str) -> bool:
+    lowered = message.lower()
+    return "podsecurity" in lowered or "capabilit" in lowered
+
+
+def _run_as_user(target: ResolvedTarget) -> int | None:
+    spec = target.pod_object["spec"]
+    for container in spec["containers"]:
+        if container["name"] == target.container:
+            user = (container.get("securityContext") or {}).get("runAsUser")
+            if user is not None:
+                return int(user)
+    user = (spec.get("securityContext") or {}).get("runAsUser")
+    return int(user) if user is not None else None
+
+
+def _add_ephemeral(kube: Kube, target: ResolvedTarget, container: dict[str, Any]) -> None:
+    path = f"/api/v1/namespaces/{target.namespace}/pods/{target.pod}/ephemeralcontainers"
+    try:
+        if kube.server_version() >= (1, 22):
+            kube.request("PATCH", path, {"spec": {"ephemeralContainers": [container]}},
+                         content_type="application/strategic-merge-patch+json")
+        else:
+            # 1.16-1.21: the subresource is an EphemeralContainers object.
+            current = kube.get(path)
+            current["ephemeralContainers"] = [*(current.get("ephemeralContainers") or []), container]
+            kube.request("PUT", path, current)
+    except KubeForbidden as error:
+        if _refuses_capabilities(error.message):
+            raise  # admission, not RBAC: the caller may ask for less
+        raise EphemeralUnavailable(error.message) from error
+    except KubeNotFound as error:
+        if "ephemeralcontainers" in error.message or "the server could not find" in error.message:
+            raise EphemeralUnavailable(
+                "this cluster does not serve pods/ephemeralcontainers "
+                "(the EphemeralContainers feature gate is off before 1.23)") from error
+        raise
+    except KubeRejected as error:
+        if "not supported" in error.message.lower():
+            raise EphemeralUnavailable(error.message) from error
+        raise
+
+
+class EphemeralUnavailable(KubeError):
+    """Ephemeral containers are off or forbidden here: the caller falls back to a Job."""
+
+
+# --- job on the target's node ---
+
+def start_job(kube: Kube, target: ResolvedTarget | None, agent: AgentConfig, *, session: str,
+              port: int, secret: str, write: bool, namespace: str | None = None) -> Placement:
+    """The node agent for ``target``; with no target (``targetless``), an
+    agent pod anywhere in the cluster serving its own network, no privileges."""
+    namespace = agent.namespace or (target.namespace if target else namespace) or "default"
+    name = f"mtrace-agent-{session}"
+    container = agent_container("agent", agent,
+                                agent_argv(port, target.container_id if target else None,
+                                           agent.ttl, write),
+                                secret, ["SYS_ADMIN", "SYS_PTRACE"] if target else [])
+    if target is None and not agent.privileged:
+        container["securityContext"] = {"allowPrivilegeEscalation": False}
+    pod_labels = labels(session, agent.labels)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "terminationGracePeriodSeconds": 5,
+        "automountServiceAccountToken": False,
+        # A node agent tolerates whatever taints the target's node has.
+        "tolerations": agent.tolerations if agent.tolerations is not None
+        else [{"operator": "Exists"}],
+    }
+    if target is not None:
+        pod_spec.update(nodeName=target.node, hostPID=True)
+    if agent.service_account:
+        pod_spec["serviceAccountName"] = agent.service_account
+    if agent.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret_name} for secret_name in agent.image_pull_secrets]
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": pod_labels, "annotations": agent.annotations},
+        "spec": {
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": agent.ttl,
+            # Backstop: a session longer than this loses its agent.
+            "activeDeadlineSeconds": MAX_SESSION_SECONDS,
+            "template": {"metadata": {"labels": pod_labels, "annotations": agent.annotations},
+                         "spec": pod_spec},
+        },
+    }
+    path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    kube.request("POST", path, job)
+    placement = Placement("job", namespace, "", "agent", port, secret, session, job=name)
+    placement.created.append(f"{path}/{name}")
+    return placement
+
+
+def release(kube: Kube, placement: Placement) -> None:
+    """Delete what this session created (the Job and its pod, at once)."""
+    for path in placement.created:
+        try:
+            kube.request("DELETE", path, {"propagationPolicy": "Background",
+                                          "gracePeriodSeconds": 0}, timeout=10)
+        except KubeNotFound:
+            pass
+
+
+def sweep(kube: Kube, namespace: str) -> int:
+    """Delete finished agent Jobs an earlier run left (killed before it could)."""
+    jobs = kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs",
+                    labelSelector=f"{MANAGED_BY}={MANAGED_BY_VALUE}")["items"]
+    swept = 0
+    for job in jobs:
+        status = job.get("status") or {}
+        if status.get("active") or not (status.get("succeeded") or status.get("failed")):
+            continue  # another session's, still running
+        try:
+            kube.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/"
+                         f"{job['metadata']['name']}", {"propagationPolicy": "Background"})
+            swept += 1
+        except (KubeNotFound, KubeForbidden):
+            pass
+    return swept
+
+
+# --- waiting for the agent's container ---
+
+def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline: float,
+                 progress: Callable[[str], None]) -> None:
+    """Until the agent's container runs; a clear error if it cannot."""
+    said: set[str] = set()
+    while True:
+        status, pod = _agent_status(kube, placement)
+        if status is not None:
+            state = status.get("state") or {}
+            if "running" in state:
+                return
+            check_failed(kube, placement, agent, status, pod)
+            waiting = state.get("waiting") or {}
+            if waiting.get("reason") == "ContainerCreating" and "pull" not in said:
+                said.add("pull")
+                progress(f"starting the agent container ({agent.image})...")
+        elif placement.kind == "job":
+            _check_job_not_refused(kube, placement, pod)
+        if time.monotonic() > deadline:
+            where = f"pod/{placement.pod}" if placement.pod else f"job/{placement.job}"
+            raise AgentUnavailable(
+                f"the agent ({where}) did not start within agent.startup_timeout",
+                hint=f"is the image {agent.image} pullable from the node? raise "
+                     "agent.startup_timeout for a slow pull")
+        time.sleep(0.1)
+
+
+def check_alive(kube: Kube, placement: Placement, agent: AgentConfig) -> None:
+    status, pod = _agent_status(kube, placement)
+    if status is not None:
+        check_failed(kube, placement, agent, status, pod)
+
+
+def _agent_status(kube: Kube, placement: Placement) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    if placement.kind == "job" and not placement.pod:
+        pods = kube.get(f"/api/v1/namespaces/{placement.namespace}/pods",
+                        labelSelector=f"{SESSION_LABEL}={placement.session}")["items"]
+        if not pods:
+            return None, None
+        placement.pod = pods[0]["metadata"]["name"]
+    try:
+        pod = kube.get(f"/api/v1/namespaces/{placement.namespace}/pods/{placement.pod}")
+    except KubeNotFound:
+        raise AgentUnavailable(f"pod/{placement.pod} was deleted while the agent started") from None
+    key = "ephemeralContainerStatuses" if placement.kind == "ephemeral" else "containerStatuses"
+    for status in (pod.get("status") or {}).get(key) or []:
+        if status.get("name") == placement.container:
+            return status, pod
+    if placement.kind == "job":
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                raise AgentUnavailable(f"the agent's pod cannot be scheduled: "
+                                       f"{condition.get('message', condition.get('reason'))}")
+    return None, pod
+
+
+def check_failed(kube: Kube, placement: Placement, agent: AgentConfig, status: dict[str, Any],
+                 pod: dict[str, Any] | None) -> None:
+    state = status.get("state") or {}
+    waiting = state.get("waiting") or {}
+    reason = waiting.get("reason", "")
+    if reason in _IMAGE_ERRORS:
+        raise AgentImageError(
+            f"cannot pull the agent image {agent.image}: {reason}: "
+            f"{(waiting.get('message') or '').strip()[:300]}",
+            hint="build and push it (docs/kubernetes.md, The agent image) and set agent.image")
+    if reason in _CONFIG_ERRORS:
+        raise AgentUnavailable(f"the agent container cannot start: {reason}: "
+                               f"{(waiting.get('message') or '').strip()[:300]}",
+                               hint="see docs/kubernetes.md for what the agent asks for")
+    terminated = state.get("terminated")
+    if terminated:
+        said = (terminated.get("message") or "").strip().splitlines()
+        if not said:
+            said = logs_tail(kube, placement)
+        last = said[-1] if said else f"exit code {terminated.get('exitCode')}"
+        raise AgentUnavailable(f"the agent exited before answering: {last}",
+                               hint="run with -v for the agent's log")
+
+
+def logs_tail(kube: Kube, placement: Placement) -> list[str]:
+    try:
+        response = kube.api.call_api(*kube.api.param_serialize(
+            "GET", f"/api/v1/namespaces/{placement.namespace}/pods/{placement.pod}/log",
+            query_params=[("container", placement.container), ("tailLines", "5")],
+            auth_settings=["BearerToken"])[:4], _request_timeout=5)
+        text = response.read().decode(errors="replace")
+    except Exception:  # the log is a nicety for the message
+        return []
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _check_job_not_refused(kube: Kube, placement: Placement, pod: dict[str, Any] | None) -> None:
+    """Admission refuses a Job's pod when the job controller creates it: the
+    refusal shows only as a FailedCreate event on the Job."""
+    if pod is not None or placement.job is None:
+        return
+    events = kube.get(f"/api/v1/namespaces/{placement.namespace}/events",
+                      fieldSelector=f"involvedObject.name={placement.job},involvedObject.kind=Job")
+    for event in events.get("items") or []:
+        if event.get("reason") == "FailedCreate":
+            raise AdmissionRefused(
+                f"admission refused the agent's pod: {event.get('message', '')[:400]}",
+                hint="the node agent needs hostPID and SYS_ADMIN; where policy forbids them, "
+                     "use the ephemeral placement (agent.ephemeral = true)")
+
+
+class AgentImageError(AgentError):
+    exit_code = 71
+
+
+class AdmissionRefused(KubeRejected):
+    pass

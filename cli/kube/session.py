@@ -1,0 +1,213 @@
+"""One Kubernetes session, start to end: resolve the target, place the agent,
+port-forward to it, and delete what was created when mtrace exits (normally,
+on Ctrl-C, or on an error half-way through start-up)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import copies
+from . import placement as placements
+from .client import Kube, KubeError, KubeForbidden, KubeSettings, KubeUnreachable
+from .portforward import connect as port_forward
+from .resolve import KubeTarget, NoReadyPod, ResolvedTarget, resolve
+
+if TYPE_CHECKING:
+    from ...agent.client import AgentClient
+    from ..config import Config
+
+#: The agent's port on its pod's loopback: high and random, away from the
+#: ports a workload listens on (the ephemeral agent shares the pod's network).
+PORT_RANGE = (40000, 59999)
+
+
+@dataclass
+class Active:
+    kube: Kube
+    placement: placements.Placement | None = None
+    target: ResolvedTarget | None = None
+    copy: copies.Copy | None = None
+
+
+_active: list[Active] = []
+_lock = threading.Lock()
+
+
+def note(message: str) -> None:
+    """What mtrace chose for the user (a pod among several, a container): always shown."""
+    sys.stderr.write(f"mtrace: {message}\n")
+    sys.stderr.flush()
+
+
+async def connect(config: Config, target: KubeTarget, *, verbose: int,
+                  progress: Callable[[str], None],
+                  timings: dict[str, float] | None = None) -> AgentClient:
+    """The agent for ``target``, authenticated; ``timings`` (bench) gets each phase's seconds."""
+    clock = _Clock(timings)
+    settings = KubeSettings(config.kubeconfig, config.kube_context, target.namespace)
+    kube = await asyncio.to_thread(Kube, settings)
+    clock.lap("kubeconfig")
+    active = Active(kube)
+    with _lock:
+        _active.append(active)
+    deadline = time.monotonic() + config.agent.startup_timeout
+    if target.kind == "targetless":
+        return await _targetless(config, kube, active, target, deadline, progress)
+    progress(f"resolving {target.describe()}...")
+    session = placements.new_session()
+    copy_target = config.feature.copy_target
+    wants_copy = copy_target is not False
+    resolved: ResolvedTarget | None = None
+    if not wants_copy:
+        try:
+            resolved = await asyncio.to_thread(resolve, kube, target)
+        except NoReadyPod as error:
+            if target.kind not in ("job", "cronjob") or error.template is None or not error.template.spec:
+                raise
+            note(f"{target.describe()} has no running pod; running a copy of its pod template")
+            wants_copy = True
+    if resolved is None:
+        namespace = target.namespace or kube.namespace
+        scale_down = not isinstance(copy_target, bool) and copy_target.scale_down
+
+        def make() -> copies.Copy:
+            made = copies.make_copy(kube, target, namespace, session, scale_down=scale_down)
+            active.copy = made
+            return made
+
+        progress(f"starting a copy of {target.describe()}...")
+        made = await asyncio.to_thread(make)
+        await asyncio.to_thread(copies.wait_ready, kube, made, deadline)
+        resolved = await asyncio.to_thread(
+            resolve, kube, KubeTarget("pod", made.pod, target.container, namespace))
+        note(f"targeting pod/{made.pod}, a copy of {target.describe()} (deleted at exit)")
+    active.target = resolved
+    clock.lap("resolve (API)")
+    for message in resolved.notes:
+        note(message)
+    port = random.randint(*PORT_RANGE)
+    secret = placements.secrets.token_hex(16)
+    agent = config.agent
+
+    def place() -> placements.Placement:
+        if agent.ephemeral:
+            try:
+                placed = placements.start_ephemeral(kube, target_pod, agent, session=session,
+                                                    port=port, secret=secret, write=agent.write)
+                active.placement = placed
+                return placed
+            except placements.EphemeralUnavailable as error:
+                note(f"ephemeral containers are unavailable here ({error.message}); "
+                     f"running the agent as a Job on node {target_pod.node}")
+        with contextlib.suppress(KubeError):
+            placements.sweep(kube, agent.namespace or target_pod.namespace)
+        placed = placements.start_job(kube, target_pod, agent, session=session, port=port,
+                                      secret=secret, write=agent.write)
+        active.placement = placed
+        return placed
+
+    target_pod = resolved
+    progress(f"starting the agent for {resolved.describe()}...")
+    placed = await asyncio.to_thread(place)
+    clock.lap("place agent (API)")
+    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
+    clock.lap("agent container start")
+    progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
+    client = await port_forward(
+        kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
+        alive=lambda: placements.check_alive(kube, placed, agent))
+    clock.lap("port-forward + handshake")
+    return client
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTarget,
+                      deadline: float, progress: Callable[[str], None]) -> AgentClient:
+    """An agent pod with no target: the cluster's network and DNS, the agent's own files."""
+    agent = config.agent
+    namespace = agent.namespace or target.namespace or kube.namespace
+    session = placements.new_session()
+    port = random.randint(*PORT_RANGE)
+    secret = placements.secrets.token_hex(16)
+
+    def place() -> placements.Placement:
+        with contextlib.suppress(KubeError):
+            placements.sweep(kube, namespace)
+        placed = placements.start_job(kube, None, agent, session=session, port=port, secret=secret,
+                                      write=agent.write, namespace=namespace)
+        active.placement = placed
+        return placed
+
+    progress(f"starting a targetless agent in namespace {namespace}...")
+    placed = await asyncio.to_thread(place)
+    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
+    progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
+    return await port_forward(
+        kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
+        alive=lambda: placements.check_alive(kube, placed, agent))
+
+
+def release_all() -> None:
+    """Delete what every session of this process created; safe to call twice."""
+    with _lock:
+        actives, _active[:] = list(_active), []
+    for active in actives:
+        if active.placement is not None:
+            with contextlib.suppress(KubeError, KubeUnreachable, KubeForbidden, OSError):
+                placements.release(active.kube, active.placement)
+        if active.copy is not None:
+            with contextlib.suppress(KubeError, OSError):
+                copies.remove(active.kube, active.copy)
+        with contextlib.suppress(Exception):
+            active.kube.close()
+
+
+def explain_loss() -> str | None:
+    """Why the agent went away, when the cluster can say (the pod deleted, evicted)."""
+    with _lock:
+        actives = list(_active)
+    for active in actives:
+        placed, resolved = active.placement, active.target
+        if placed is None or resolved is None:
+            continue
+        try:
+            pod = active.kube.get(f"/api/v1/namespaces/{resolved.namespace}/pods/{resolved.pod}")
+        except KubeError as error:
+            if "not found" in error.message:
+                return f"the target pod/{resolved.pod} was deleted"
+            return None
+        if pod["metadata"].get("deletionTimestamp"):
+            return f"the target pod/{resolved.pod} is being deleted"
+        if pod["metadata"]["uid"] != resolved.uid:
+            return f"the target pod/{resolved.pod} was replaced"
+        status = pod.get("status") or {}
+        if status.get("reason") == "Evicted":
+            return f"the target pod/{resolved.pod} was evicted: {status.get('message', '')}"
+        if placed.kind == "job":
+            try:
+                agent_pod = active.kube.get(f"/api/v1/namespaces/{placed.namespace}/pods/{placed.pod}")
+            except KubeError:
+                return f"the agent's pod/{placed.pod} was deleted"
+            agent_status = agent_pod.get("status") or {}
+            if agent_status.get("reason") == "Evicted":
+                return f"the agent's pod/{placed.pod} was evicted: {agent_status.get('message', '')}"
+    return None

@@ -1,0 +1,362 @@
+"""Kubernetes targets end to end on a real cluster: each probe flavour run
+under `mtrace exec --target deployment/web` prints what it prints when run
+inside the pod (env, a file only the pod has, a Service name resolved by the
+cluster DNS, HTTP to the Service and to the pod's own loopback); every target
+kind; both agent placements; the errors, provoked for real; and after each
+test no mtrace Job, pod or running ephemeral container is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube.images import PROGRAMS, build_agent_image
+from kube.workloads import Workload, create_workload, exec_in_pod
+from kubernetes import client
+
+pytestmark = [pytest.mark.timeout(300)]
+
+AGENT_IMAGE = "mtrace-agent:cluster-tests"
+MANAGED = "app.kubernetes.io/managed-by=mtrace"
+
+
+@pytest.fixture(scope="session")
+def agent_image(kube_cluster: Any) -> str:
+    """The agent image of this checkout (the rig builds it with its local base)."""
+    if not kube_cluster.is_rig:
+        image = os.environ.get("MTRACE_AGENT_IMAGE")
+        if not image:
+            pytest.skip("set MTRACE_AGENT_IMAGE to an agent image the cluster can pull")
+        return image
+    build_agent_image(AGENT_IMAGE)
+    return AGENT_IMAGE
+
+
+@pytest.fixture(scope="module")
+def web(kube_api: Any, namespace: str) -> Workload:
+    return create_workload(
+        kube_api, namespace, "web",
+        env={"TARGET_ONLY": "from-the-pod"},
+        files={"/etc/target-file": "a file only the target has\n"},
+        service_port=80,
+    )  # fmt: skip
+
+
+def write_config(directory: Path, kubeconfig: Path, image: str, **agent: Any) -> Path:
+    config = {"kubeconfig": str(kubeconfig),
+              "agent": {"image": image, "image_pull_policy": "Never", "startup_timeout": 60, **agent}}
+    path = directory / "mtrace.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def mtrace(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "mtrace.cli", *args], capture_output=True,
+                          timeout=timeout, check=False)
+
+
+def leftovers(api: Any, namespace: str) -> list[str]:
+    """mtrace's Jobs and pods, and ephemeral agent containers still running."""
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    found = [f"job/{job.metadata.name}" for job in
+             batch.list_namespaced_job(namespace, label_selector=MANAGED).items]
+    for pod in core.list_namespaced_pod(namespace).items:
+        labels = pod.metadata.labels or {}
+        if labels.get("app.kubernetes.io/managed-by") == "mtrace" and pod.metadata.deletion_timestamp is None:
+            found.append(f"pod/{pod.metadata.name}")
+        for status in pod.status.ephemeral_container_statuses or []:
+            if status.state and status.state.running:
+                found.append(f"pod/{pod.metadata.name}/ephemeral/{status.name}")
+    return found
+
+
+def wait_clean(api: Any, namespace: str, timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = leftovers(api, namespace)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def clean(kube_api: Any, namespace: str) -> Iterator[None]:
+    yield
+    assert wait_clean(kube_api, namespace) == []
+
+
+def commands(web: Workload) -> list[list[str]]:
+    service = f"web.{web.namespace}.svc.cluster.local"
+    return [
+        ["env", "TARGET_ONLY"],
+        ["env", "HOSTNAME"],
+        ["cat", "/etc/target-file"],
+        ["stat", "/etc/target-file"],
+        ["resolve", service],
+        ["http", f"http://{service}/hello"],
+        ["http", "http://web/hello"],
+        ["http", "http://127.0.0.1:8080/env/TARGET_ONLY"],
+        ["tcp", "127.0.0.1", "1", "x"],
+    ]
+
+
+def test_probe_in_a_deployment_sees_what_the_pod_sees(
+        probe: Path, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
+        tmp_path: Path, clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    for command in commands(web):
+        inside = exec_in_pod(kube_api, web.namespace, web.pod, [f"/programs/{probe.name}", *command])
+        traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                        "--", str(probe), *command)
+        stderr = traced.stderr.decode(errors="replace")
+        assert traced.stdout.decode() == inside, (command, stderr[-2000:])
+
+
+@pytest.mark.parametrize("kind", ["pod", "deployment", "replicaset", "service"])
+def test_every_target_kind_reaches_the_pod(kind: str, kube_api: Any, kubeconfig: Path,
+                                           web: Workload, agent_image: str, programs: Any,
+                                           tmp_path: Path, clean: None) -> None:
+    name = web.pod if kind == "pod" else web.name
+    if kind == "replicaset":
+        apps = client.AppsV1Api(kube_api)
+        sets = apps.list_namespaced_replica_set(web.namespace, label_selector="app=web").items
+        name = sets[0].metadata.name
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", f"{kind}/{name}",
+                    "--", str(programs["probe-go"]), "env", "TARGET_ONLY")
+    assert traced.stdout == b"TARGET_ONLY=from-the-pod\n", traced.stderr.decode()[-2000:]
+
+
+def test_job_placement_on_the_node(kube_api: Any, kubeconfig: Path, web: Workload,
+                                   agent_image: str, programs: Any, tmp_path: Path,
+                                   clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False)
+    for command, expected in ((["cat", "/etc/target-file"], b"a file only the target has\n"),
+                              (["http", "http://127.0.0.1:8080/hello"], b"status 200\nhello from web\n")):
+        traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                        "--", str(programs["probe-musl"]), *command)
+        assert traced.stdout == expected, traced.stderr.decode()[-2000:]
+
+
+def test_ptrace_backend_against_a_pod(kube_api: Any, kubeconfig: Path, web: Workload,
+                                      agent_image: str, programs: Any, tmp_path: Path,
+                                      clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "--backend", "ptrace", "-f", str(config), "-n", web.namespace,
+                    "--target", f"pod/{web.pod}", "--", str(programs["probe-dynamic"]),
+                    "cat", "/etc/target-file")
+    assert traced.stdout == b"a file only the target has\n", traced.stderr.decode()[-2000:]
+
+
+def test_job_without_running_pods_is_targeted_through_a_copy(
+        kube_api: Any, kubeconfig: Path, namespace: str, agent_image: str, programs: Any,
+        tmp_path: Path, clean: None) -> None:
+    batch = client.BatchV1Api(kube_api)
+    batch.create_namespaced_job(namespace, client.V1Job.from_dict({
+        "metadata": {"name": "once"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "once", "image": PROGRAMS, "imagePullPolicy": "Never",
+                            "command": ["/programs/probe-go", "exit", "0"],
+                            "env": [{"name": "JOB_ONLY", "value": "from-the-job"}]}]}}}}))
+    deadline = time.monotonic() + 60
+    while not (batch.read_namespaced_job("once", namespace).status.succeeded or 0):
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.5)
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", namespace, "--target", "job/once",
+                    "--", str(programs["probe-go"]), "env", "JOB_ONLY")
+    assert traced.stdout == b"JOB_ONLY=from-the-job\n", traced.stderr.decode()[-2000:]
+    assert b"copy" in traced.stderr
+
+
+def test_ls_lists_the_targets(kubeconfig: Path, web: Workload) -> None:
+    listed = mtrace("ls", "--kubeconfig", str(kubeconfig), "-n", web.namespace, "--json")
+    assert listed.returncode == 0, listed.stderr.decode()
+    paths = {item["path"] for item in json.loads(listed.stdout)}
+    assert {f"pod/{web.pod}", "deployment/web", "service/web"} <= paths
+
+
+# --- errors, provoked for real ---------------------------------------------------
+
+def test_unknown_target_is_a_clear_error(kubeconfig: Path, web: Workload, agent_image: str,
+                                         tmp_path: Path) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/nope",
+                    "--", "true")
+    assert result.returncode == 79
+    assert b"deployment/nope not found" in result.stderr
+
+
+def test_wrong_container_lists_the_containers(kubeconfig: Path, web: Workload,
+                                              agent_image: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    result = mtrace("exec", "-f", str(config), "-n", web.namespace,
+                    "--target", "deployment/web/container/nope", "--", "true")
+    assert result.returncode == 79 and b"its containers: web" in result.stderr
+
+
+def test_unreachable_api_is_a_clear_error(kubeconfig: Path, tmp_path: Path) -> None:
+    text = kubeconfig.read_text()
+    import re
+
+    broken = tmp_path / "broken.kubeconfig"
+    broken.write_text(re.sub(r"server: https://[^\s]+", "server: https://127.0.0.1:1", text))
+    result = mtrace("exec", "--kubeconfig", str(broken), "--target", "pod/x", "--", "true")
+    assert result.returncode == 69 and b"does not answer" in result.stderr
+
+
+def test_missing_agent_image_names_the_image_and_leaves_nothing(
+        kube_api: Any, kubeconfig: Path, web: Workload, tmp_path: Path, clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, "mtrace-agent:does-not-exist", ephemeral=False)
+    result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                    "--", "true")
+    assert result.returncode == 71, result.stderr.decode()
+    assert b"mtrace-agent:does-not-exist" in result.stderr and b"agent.image" in result.stderr
+
+
+def test_target_pod_deleted_mid_run_is_reported(
+        kube_api: Any, kubeconfig: Path, namespace: str, agent_image: str, programs: Any,
+        tmp_path: Path) -> None:
+    doomed = create_workload(kube_api, namespace, "doomed")
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    script = tmp_path / "wait.sh"
+    script.write_text("#!/bin/sh\necho started\nread line\ncat /etc/hostname\necho rc=$?\n")
+    script.chmod(0o755)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", namespace,
+         "--target", f"pod/{doomed.pod}", "--", str(script)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stdin is not None
+    assert process.stdout.readline() == b"started\n"
+    client.CoreV1Api(kube_api).delete_namespaced_pod(doomed.pod, namespace, grace_period_seconds=0)
+    time.sleep(3)
+    out, err = process.communicate(input=b"go\n", timeout=60)
+    assert b"rc=0" not in out, (out, err)
+    assert b"lost the connection to the agent" in err, err
+
+
+def test_forbidden_names_the_verb_and_resource(kube_api: Any, kubeconfig: Path, web: Workload,
+                                               agent_image: str, tmp_path: Path) -> None:
+    """A ServiceAccount bound to a Role that can read pods but not add ephemeral
+    containers nor create Jobs: the error names what is missing."""
+    import base64
+
+    core, rbac = client.CoreV1Api(kube_api), client.RbacAuthorizationV1Api(kube_api)
+    ns = web.namespace
+    core.create_namespaced_service_account(
+        ns, client.V1ServiceAccount.from_dict({"metadata": {"name": "reader"}}))
+    rbac.create_namespaced_role(ns, client.V1Role.from_dict({
+        "metadata": {"name": "reader"},
+        "rules": [{"apiGroups": ["", "apps"], "resources": ["pods", "deployments"],
+                   "verbs": ["get", "list"]}]}))
+    rbac.create_namespaced_role_binding(ns, client.V1RoleBinding.from_dict({
+        "metadata": {"name": "reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}]}))
+    core.create_namespaced_secret(ns, client.V1Secret.from_dict({
+        "metadata": {"name": "reader-token",
+                     "annotations": {"kubernetes.io/service-account.name": "reader"}},
+        "type": "kubernetes.io/service-account-token"}))
+    token = ""
+    deadline = time.monotonic() + 30
+    while not token:
+        data = core.read_namespaced_secret("reader-token", ns).data or {}
+        token = base64.b64decode(data.get("token", "")).decode()
+        assert token or time.monotonic() < deadline
+        time.sleep(0.3)
+    import yaml
+
+    original = yaml.safe_load(kubeconfig.read_text())
+    cluster = original["clusters"][0]
+    restricted = {"apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+                  "users": [{"name": "reader", "user": {"token": token}}],
+                  "contexts": [{"name": "reader", "context": {
+                      "cluster": cluster["name"], "user": "reader", "namespace": ns}}],
+                  "current-context": "reader"}
+    path = tmp_path / "reader.kubeconfig"
+    path.write_text(yaml.safe_dump(restricted))
+    config = write_config(tmp_path, path, agent_image)
+    result = mtrace("exec", "-f", str(config), "--target", "deployment/web", "--", "true")
+    assert result.returncode == 77, result.stderr.decode()
+    assert b"cannot create jobs.batch" in result.stderr, result.stderr.decode()
+    assert b"ephemeral containers are unavailable" in result.stderr
+
+
+def test_ctrl_c_during_a_session_leaves_nothing(kube_api: Any, kubeconfig: Path, web: Workload,
+                                                agent_image: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
+         "--target", "deployment/web", "--", "sh", "-c", "echo started; sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"started\n"
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert wait_clean(kube_api, web.namespace) == []
+
+
+def test_kill_9_agent_exits_and_next_run_sweeps(kube_api: Any, kubeconfig: Path, web: Workload,
+                                                agent_image: str, programs: Any,
+                                                tmp_path: Path) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False, ttl=5)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
+         "--target", "deployment/web", "--", "sh", "-c", "echo started; sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"started\n"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    batch = client.BatchV1Api(kube_api)
+    deadline = time.monotonic() + 60
+    while True:  # the agent sees its port-forward close and exits: the Job completes
+        jobs = batch.list_namespaced_job(web.namespace, label_selector=MANAGED).items
+        if all(not (job.status.active or 0) for job in jobs):
+            break
+        assert time.monotonic() < deadline, "the agent did not exit after kill -9"
+        time.sleep(0.5)
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                    "--", str(programs["probe-go"]), "env", "TARGET_ONLY")
+    assert traced.stdout == b"TARGET_ONLY=from-the-pod\n", traced.stderr.decode()[-2000:]
+    assert wait_clean(kube_api, web.namespace) == []
+
+
+def test_targetless_agent_in_the_cluster_reaches_services(kube_api: Any, kubeconfig: Path,
+                                                          web: Workload, agent_image: str,
+                                                          programs: Any, tmp_path: Path,
+                                                          clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "targetless",
+                    "--", str(programs["probe-go"]), "http", f"http://web.{web.namespace}/hello")
+    assert traced.stdout == b"status 200\nhello from web\n", traced.stderr.decode()[-2000:]
+
+
+def test_admission_refusing_the_agent_names_the_policy(kube_api: Any, kubeconfig: Path,
+                                                       web: Workload, agent_image: str,
+                                                       tmp_path: Path, clean: None) -> None:
+    """A LimitRange (admission plugin LimitRanger) refuses the agent Job's pod
+    because of the resources it asks for: the error says so, and no Job is left."""
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_limit_range(web.namespace, client.V1LimitRange.from_dict({
+        "metadata": {"name": "small"},
+        "spec": {"limits": [{"type": "Container", "max": {"cpu": "100m"}}]}}))
+    try:
+        config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False,
+                              resources={"limits": {"cpu": "1"}, "requests": {"cpu": "1"}})
+        result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                        "--", "true")
+        assert result.returncode == 77, result.stderr.decode()
+        assert b"admission refused the agent's pod" in result.stderr
+        assert b"cpu" in result.stderr and b"ephemeral" in result.stderr
+    finally:
+        core.delete_namespaced_limit_range("small", web.namespace)
