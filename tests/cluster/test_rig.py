@@ -6,6 +6,7 @@ through the Python `kubernetes` client (the client mtrace uses).
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -225,7 +226,7 @@ def test_the_agent_image_runs_the_agent_in_a_pod(kube_api: Any, kube_cluster: An
             "name": "agent",
             "image": AGENT,
             "imagePullPolicy": "Never",
-            "args": ["--listen", "127.0.0.1:0", "--secret", "not-used"],
+            "args": ["--listen", "127.0.0.1:0", "--secret", secrets.token_hex(16)],
         }],
     }  # fmt: skip
     core = client.CoreV1Api(kube_api)

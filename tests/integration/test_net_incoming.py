@@ -206,11 +206,14 @@ class Traced:
         return out.decode(), err.decode()
 
     def agent_pid(self) -> int:
-        children = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", "mtrace.agent"],
-                                  capture_output=True, text=True, timeout=10,
-                                  check=False).stdout.split()
+        """The local agent: forked by mtrace (named mtrace-agent) or spawned."""
+        import psutil
+
+        children = [child.pid for child in psutil.Process(self.process.pid).children()
+                    if child.name() == "mtrace-agent"
+                    or "mtrace.agent" in " ".join(child.cmdline())]
         assert children, "no agent process"
-        return int(children[0])
+        return children[0]
 
 
 def serve(probe: Path, port: int | str, *more: int) -> list[str]:
