@@ -41,6 +41,8 @@ REQUEST = b"GET /hello HTTP/1.1\r\nHost: web\r\n\r\n"
 def _kubeconfig() -> Path:
     path = os.environ.get("KUBECONFIG")
     if path:
+        if not Path(path).is_file():
+            raise Unavailable(f"no cluster: KUBECONFIG={path} is not a file")
         return Path(path)
     if RIG_KUBECONFIG.exists():
         return RIG_KUBECONFIG

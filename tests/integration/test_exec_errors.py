@@ -44,7 +44,8 @@ def test_target_that_does_not_exist(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("target", "text"), [
     ("pid/abc", "needs a process id"),
-    ("deployment/api", "Kubernetes targets are not available"),
+    ("pod/", "is not a Kubernetes name"),
+    ("deployment/api/sidecar", "expected deployment/NAME or deployment/NAME/container/C"),
     ("vm/1", "unknown target kind"),
 ])
 def test_malformed_targets(tmp_path: Path, target: str, text: str) -> None:
@@ -52,6 +53,15 @@ def test_malformed_targets(tmp_path: Path, target: str, text: str) -> None:
     result = run_mtrace("exec", "--target", target, "--", *command)
     assert result.returncode == 79
     _assert_clear_error(result.stderr, text)
+    assert not marker.exists()
+
+
+def test_kubernetes_target_without_a_kubeconfig(tmp_path: Path) -> None:
+    marker, command = _marker_command(tmp_path)
+    result = run_mtrace("exec", "--target", "deployment/api", "--kubeconfig",
+                        str(tmp_path / "missing"), "--", *command)
+    assert result.returncode == 78
+    _assert_clear_error(result.stderr, "no kubeconfig")
     assert not marker.exists()
 
 
