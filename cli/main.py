@@ -317,9 +317,10 @@ def config_schema_command() -> None:
 @config_app.command("mirrord-keys")
 def config_mirrord_keys_command() -> None:
     """Print every mirrord config key and what mtrace does with it (markdown)."""
+    from .config import Config
     from .mirrord import markdown_table
 
-    sys.stdout.write(markdown_table())
+    sys.stdout.write(markdown_table(Config))
 
 
 def _revalidate(config: Any) -> Any:

@@ -302,10 +302,9 @@ def _drop(key: str, value: Any, warn: Callable[[str], None]) -> None:
     warn(f"`{key}` is a mirrord key mtrace ignores: {entry.note or 'not implemented'}")
 
 
-def markdown_table() -> str:
-    """The table of docs/mirrord.md."""
-    from .config import Config
-
+def markdown_table(root: type[msgspec.Struct]) -> str:
+    """The table of docs/mirrord.md; ``root`` is mtrace's config type (the
+    Kubernetes and incoming keys are supported where it takes them)."""
     labels = {
         "supported": "supported",
         "differs": "supported differently",
@@ -316,7 +315,7 @@ def markdown_table() -> str:
         status, note = entry.status, entry.note
         if status in ("issue 10", "issue 13"):
             # the Kubernetes and incoming features: what their config types take
-            status, note = (("supported", "") if _has_key(Config, entry.key)
+            status, note = (("supported", "") if _has_key(root, entry.key)
                             else ("ignored", note))
         note = note.replace("|", "\\|")
         lines.append(f"| `{entry.key}` | {labels[status]} | {note} |")

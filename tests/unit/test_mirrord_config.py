@@ -170,7 +170,7 @@ def test_schema_is_generated_and_shipped_copy_matches() -> None:
 def test_docs_table_lists_every_mirrord_key() -> None:
     assert len(BY_KEY) == len(KEYS)
     text = (ROOT / "docs" / "mirrord.md").read_text()
-    assert markdown_table() in text, "regenerate: mtrace config mirrord-keys"
+    assert markdown_table(Config) in text, "regenerate: mtrace config mirrord-keys"
 
 
 def test_environment_unset_env_file_and_mapping(tmp_path: Path) -> None:
