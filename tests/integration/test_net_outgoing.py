@@ -476,6 +476,7 @@ print("nodelay", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
       "nonblock", bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK),
       "cloexec", bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
 print("inode", os.fstat(s.fileno()).st_ino, flush=True)
+sys.stdin.read()  # the socket stays open until the test has looked for it
 """
 
 
@@ -493,14 +494,17 @@ def test_direct_socket_lives_in_the_target_and_keeps_the_programs_options(
         netns_target: NetnsTarget, direct: bool) -> None:
     argv = mtrace_argv(netns_target, [*_python(DIRECT_STATE), str(netns_target.tcp_port)],
                        features={"network": {"outgoing": {"direct": direct}}})
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     try:
-        assert process.stdout is not None
+        assert process.stdout is not None and process.stdin is not None
         banner = process.stdout.readline()
         state = process.stdout.readline().decode().split()
         inode = int(process.stdout.readline().split()[1])
         in_target = inode in _target_tcp_inodes(netns_target)
     finally:
+        if process.stdin is not None:
+            process.stdin.close()
         process.wait(30)
     assert banner.strip() == netns_target.tcp_banner.strip()
     # settimeout makes Python's socket non-blocking; the program's flags stay.
