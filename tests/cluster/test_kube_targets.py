@@ -24,7 +24,8 @@ from kubernetes import client
 
 pytestmark = [pytest.mark.timeout(300)]
 
-AGENT_IMAGE = "mtrace-agent:cluster-tests"
+# One tag per checkout when several run the cluster tests at once (each builds its own agent).
+AGENT_IMAGE = os.environ.get("MTRACE_TEST_AGENT_TAG", "mtrace-agent:cluster-tests")
 MANAGED = "app.kubernetes.io/managed-by=mtrace"
 
 
