@@ -15,6 +15,7 @@ and the agent image is a `docker build` (its layer cache makes a rebuild quick).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -40,7 +41,9 @@ _PROGRAM_NAMES = ("httpserve", "probe-go", "probe-glibc-static", "probe-musl", "
                   "goroutines", "httpclient", "static-true")  # fmt: skip
 _LABEL = "mtrace.rig.content"
 _PATH = "/programs:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_BASE_PACKAGES = ("python3", "python3-psutil", "python3-dnspython")
+# The agent's imports, and nft/iptables for incoming traffic's redirect rules.
+_BASE_PACKAGES = ("python3", "python3-psutil", "python3-dnspython", "python3-h11", "python3-h2",
+                  "python3-cryptography", "nftables", "iptables")  # fmt: skip
 _BASE_DIR = CACHE_ROOT / "base"
 
 
@@ -194,7 +197,8 @@ def _msgspec_wheel(wheels: Path) -> Path:
 def _base_tarball() -> Path:
     """Debian bookworm with Python and the agent's dependencies (mmdebstrap), cached as a tarball."""
     wheel = _msgspec_wheel(_BASE_DIR / "wheels")
-    tarball = _BASE_DIR / f"bookworm-python-{wheel.stem}.tar"
+    packages = hashlib.sha256(",".join(_BASE_PACKAGES).encode()).hexdigest()[:8]
+    tarball = _BASE_DIR / f"bookworm-python-{packages}-{wheel.stem}.tar"
     if tarball.exists():
         return tarball
     with tempfile.TemporaryDirectory(dir=_BASE_DIR) as scratch:
