@@ -41,10 +41,20 @@ def agent_image(kube_cluster: Any) -> str:
     return AGENT_IMAGE
 
 
+UDP_PORT = 7007
+
+
 @pytest.fixture(scope="module")
 def web(kube_api: Any, namespace: str) -> Workload:
+    """httpserve on 8080 (Service web:80) and a UDP echo on 7007 (Service echo:7007/UDP)."""
+    client.CoreV1Api(kube_api).create_namespaced_service(namespace, client.V1Service.from_dict({
+        "metadata": {"name": "echo"},
+        "spec": {"selector": {"app": "web"},
+                 "ports": [{"protocol": "UDP", "port": UDP_PORT, "targetPort": UDP_PORT}]}}))
     return create_workload(
         kube_api, namespace, "web",
+        command=["/programs/httpserve", "-name", "web", "-udp-echo", f"0.0.0.0:{UDP_PORT}",
+                 "0.0.0.0:8080"],
         env={"TARGET_ONLY": "from-the-pod"},
         files={"/etc/target-file": "a file only the target has\n"},
         service_port=80,
@@ -123,6 +133,27 @@ def test_probe_in_a_deployment_sees_what_the_pod_sees(
                         "--", str(probe), *command)
         stderr = traced.stderr.decode(errors="replace")
         assert traced.stdout.decode() == inside, (command, stderr[-2000:])
+
+
+def udp_script(probe: str, namespace: str) -> str:
+    service = f"echo.{namespace}.svc.cluster.local"
+    return "; ".join(f"{probe} {command} {host} {UDP_PORT} ping"
+                     for host in (service, "127.0.0.1") for command in ("udp", "udp-unconnected"))
+
+
+def test_udp_to_a_service_and_the_pods_loopback(
+        probe: Path, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
+        tmp_path: Path, clean: None) -> None:
+    """Connected and unconnected UDP to a Service (cluster DNS, kube-proxy) and
+    to the pod's own loopback: the same answers, from the same addresses, as
+    inside the pod. One mtrace session per flavour runs the four exchanges."""
+    inside = exec_in_pod(kube_api, web.namespace, web.pod,
+                         ["/bin/sh", "-c", udp_script(f"/programs/{probe.name}", web.namespace)])
+    assert inside.count("ping") == 4, inside
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                    "--", "/bin/sh", "-c", udp_script(str(probe), web.namespace))
+    assert traced.stdout.decode() == inside, traced.stderr.decode()[-2000:]
 
 
 @pytest.mark.parametrize("kind", ["pod", "deployment", "replicaset", "service"])
