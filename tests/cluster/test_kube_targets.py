@@ -1,8 +1,8 @@
 """Kubernetes targets end to end on a real cluster: each probe flavour run
 under `mtrace exec --target deployment/web` prints what it prints when run
 inside the pod (env, a file only the pod has, a Service name resolved by the
-cluster DNS, HTTP to the Service and to the pod's own loopback); every target
-kind; both agent placements; the errors, provoked for real; and after each
+cluster DNS, HTTP and UDP to a Service and to the pod's own loopback); every
+target kind; both agent placements; the errors, provoked for real; and after each
 test no mtrace Job, pod or running ephemeral container is left."""
 
 from __future__ import annotations
