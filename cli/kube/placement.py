@@ -273,10 +273,14 @@ def sweep(kube: Kube, namespace: str) -> int:
 # --- waiting for the agent's container ---
 
 def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline: float,
-                 progress: Callable[[str], None]) -> None:
-    """Until the agent's container runs; a clear error if it cannot."""
+                 progress: Callable[[str], None],
+                 cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Until the agent's container runs; a clear error if it cannot (or, when
+    ``cancelled()`` says the session was given up, as soon as it is)."""
     said: set[str] = set()
     while True:
+        if cancelled():
+            raise AgentUnavailable("interrupted while the agent started")
         status, pod = _agent_status(kube, placement)
         if status is not None:
             state = status.get("state") or {}

@@ -559,3 +559,65 @@ def test_admission_refusing_the_agent_names_the_policy(kube_api: Any, kubeconfig
         assert b"cpu" in result.stderr and b"ephemeral" in result.stderr
     finally:
         core.delete_namespaced_limit_range("small", web.namespace)
+
+
+def _interrupt_when(kube_api: Any, namespace: str, pod: str, moment: str,
+                    process: subprocess.Popen[bytes], seen_before: set[str]) -> None:
+    """SIGINT to ``process`` the instant the API shows the agent's object:
+    ``job`` (the Job exists), ``ephemeral`` (the pod has a new agent
+    ephemeral container, not one of ``seen_before``), ``running`` (it runs)."""
+    from kubernetes import watch
+
+    core, batch = client.CoreV1Api(kube_api), client.BatchV1Api(kube_api)
+    watcher = watch.Watch()
+    if moment == "job":
+        events = watcher.stream(batch.list_namespaced_job, namespace, label_selector=MANAGED,
+                                timeout_seconds=60)
+    else:
+        events = watcher.stream(core.list_namespaced_pod, namespace,
+                                field_selector=f"metadata.name={pod}", timeout_seconds=60)
+    try:
+        for event in events:
+            item = event["object"]
+            if moment == "job":
+                hit = True
+            elif moment == "ephemeral":
+                hit = any(container.name.startswith("mtrace-agent-")
+                          and container.name not in seen_before
+                          for container in item.spec.ephemeral_containers or [])
+            else:
+                hit = any(status.name not in seen_before and status.state and status.state.running
+                          for status in item.status.ephemeral_container_statuses or [])
+            if hit:
+                process.send_signal(signal.SIGINT)
+                return
+            assert process.poll() is None, process.communicate()
+    finally:
+        watcher.stop()
+    raise AssertionError(f"the API never showed the agent's {moment}")
+
+
+
+@pytest.mark.parametrize("moment", ["job", "ephemeral", "running"])
+def test_ctrl_c_while_the_agent_is_being_created_leaves_nothing(
+        moment: str, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
+        tmp_path: Path) -> None:
+    """A SIGINT that lands the instant the agent's Job or ephemeral container
+    appears (before mtrace has read the API's answer): mtrace still deletes the
+    Job, and stops an ephemeral agent that no client will ever reach (it
+    would otherwise wait for agent.ttl)."""
+    pod = client.CoreV1Api(kube_api).read_namespaced_pod(web.pod, web.namespace)
+    seen_before = {container.name for container in pod.spec.ephemeral_containers or []}
+    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=moment != "job", ttl=600)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
+         "--target", f"pod/{web.pod}", "--", "sh", "-c", "echo started; sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _interrupt_when(kube_api, web.namespace, web.pod, moment, process, seen_before)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert b"started" not in out, err
+    assert process.returncode != 0
+    assert wait_clean(kube_api, web.namespace) == [], err.decode()[-2000:]

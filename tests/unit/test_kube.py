@@ -284,3 +284,54 @@ def test_ttl_counts_only_clients_that_authenticated() -> None:
         probe.close()
     finally:
         agent.kill()
+
+
+class RecordingKube:
+    """Records every request; answers none (what release sends)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+
+    def request(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
+        self.requests.append((method, path))
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_ctrl_c_while_the_job_is_being_created_still_deletes_it() -> None:
+    """Regression: Ctrl-C landed while a thread was creating the agent Job; the
+    release ran before the thread recorded it, and the Job was left behind."""
+    import threading
+
+    from mtrace.cli.errors import Interrupted
+    from mtrace.cli.kube import session
+    from mtrace.cli.kube.placement import Placement
+
+    kube = RecordingKube()
+    active = session.Active(kube)  # type: ignore[arg-type]
+    session._active.append(active)
+    in_flight, answer = threading.Event(), threading.Event()
+    job_path = "/apis/batch/v1/namespaces/ns/jobs/mtrace-agent-s1"
+
+    def create() -> None:
+        with active.creating():
+            in_flight.set()
+            answer.wait(10)  # the API has made the Job; its answer is not read yet
+            active.placement = Placement("job", "ns", "", "agent", 1, "x", "s1", job="mtrace-agent-s1",
+                                         created=[job_path])
+
+    creator = threading.Thread(target=create)
+    creator.start()
+    assert in_flight.wait(10)
+    releaser = threading.Thread(target=session.release_all)
+    releaser.start()
+    releaser.join(0.3)
+    assert releaser.is_alive(), "release did not wait for the creation in flight"
+    answer.set()
+    creator.join(10)
+    releaser.join(10)
+    assert ("DELETE", job_path) in kube.requests
+    with pytest.raises(Interrupted), active.creating():  # nothing is created after the release
+        pass
