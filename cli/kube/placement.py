@@ -29,6 +29,7 @@ from .client import (
     MANAGED_BY_VALUE,
     SESSION_LABEL,
     Kube,
+    KubeConflict,
     KubeError,
     KubeForbidden,
     KubeNotFound,
@@ -168,10 +169,19 @@ def _add_ephemeral(kube: Kube, target: ResolvedTarget, container: dict[str, Any]
             kube.request("PATCH", path, {"spec": {"ephemeralContainers": [container]}},
                          content_type="application/strategic-merge-patch+json")
         else:
-            # 1.16-1.21: the subresource is an EphemeralContainers object.
-            current = kube.get(path)
-            current["ephemeralContainers"] = [*(current.get("ephemeralContainers") or []), container]
-            kube.request("PUT", path, current)
+            # 1.16-1.21: the subresource is an EphemeralContainers object, read
+            # and written back whole; the kubelet's status updates change the
+            # pod in between (409), so read again and retry.
+            for attempt in range(5):
+                current = kube.get(path)
+                current["ephemeralContainers"] = [*(current.get("ephemeralContainers") or []),
+                                                  container]
+                try:
+                    kube.request("PUT", path, current)
+                    break
+                except KubeConflict:
+                    if attempt == 4:
+                        raise
     except KubeForbidden as error:
         if _refuses_capabilities(error.message):
             raise  # admission, not RBAC: the caller may ask for less

@@ -335,3 +335,35 @@ def test_ctrl_c_while_the_job_is_being_created_still_deletes_it() -> None:
     assert ("DELETE", job_path) in kube.requests
     with pytest.raises(Interrupted), active.creating():  # nothing is created after the release
         pass
+
+
+def test_ephemeral_container_on_1_20_retries_when_the_pod_changed_meanwhile() -> None:
+    """Regression: the 1.20 API's read-modify-write of EphemeralContainers lost
+    the race with a kubelet status update (HTTP 409) and the session failed."""
+    from mtrace.cli.config import AgentConfig
+    from mtrace.cli.kube.client import KubeConflict
+    from mtrace.cli.kube.placement import start_ephemeral
+    from mtrace.cli.kube.resolve import ResolvedTarget
+
+    class ConflictingKube:
+        def __init__(self) -> None:
+            self.puts = 0
+
+        def server_version(self) -> tuple[int, int]:
+            return (1, 20)
+
+        def get(self, path: str, **query: str) -> Any:
+            return {"kind": "EphemeralContainers", "ephemeralContainers": []}
+
+        def request(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
+            assert method == "PUT"
+            self.puts += 1
+            if self.puts < 3:
+                raise KubeConflict("conflict: the object has been modified")
+            return body
+
+    kube = ConflictingKube()
+    target = ResolvedTarget("ns", "p", "c", "docker://" + "a" * 64, "node", _ready_pod("p", "c"))
+    placed = start_ephemeral(kube, target, AgentConfig(), session="s1", port=1, secret="x",  # type: ignore[arg-type]
+                             write=False)
+    assert kube.puts == 3 and placed.pod == "p"
