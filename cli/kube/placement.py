@@ -88,6 +88,25 @@ def agent_argv(port: int, container_id: str | None, ttl: int, write: bool) -> li
     return argv
 
 
+def agent_capabilities(kind: str, *, targeted: bool = True, incoming: bool = False) -> list[str]:
+    """The capabilities the agent asks for, from its placement and the session's features.
+
+    ``ephemeral``: ``SYS_PTRACE`` (``/proc/PID/root`` and ``environ`` of
+    another user's process are ptrace-mode accesses). ``job``: also
+    ``SYS_ADMIN`` (``setns`` into the target's network namespace). Incoming
+    traffic adds ``NET_ADMIN`` (redirect rules) and ``NET_RAW`` (mirroring).
+    A targetless agent asks for nothing. Before 1.23 an ephemeral container
+    takes no securityContext at all (checked on the 1.20 rig): there the
+    runtime's default set applies whatever this says (docs/kubernetes.md).
+    """
+    if not targeted:
+        return []
+    wanted = ["SYS_ADMIN", "SYS_PTRACE"] if kind == "job" else ["SYS_PTRACE"]
+    if incoming:
+        wanted += ["NET_ADMIN", "NET_RAW"]
+    return wanted
+
+
 def agent_container(name: str, agent: AgentConfig, argv: list[str], secret: str,
                     capabilities: list[str]) -> dict[str, Any]:
     container: dict[str, Any] = {
@@ -113,16 +132,17 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
                     session: str, port: int, secret: str, write: bool) -> Placement:
     name = f"mtrace-agent-{session}"
     container = agent_container(name, agent, agent_argv(port, target.container_id, agent.ttl, write),
-                                secret, ["SYS_PTRACE"])
+                                secret, agent_capabilities("ephemeral"))
     container["targetContainerName"] = target.container
     try:
         _add_ephemeral(kube, target, container)
     except KubeRejected as error:
         if "securityContext" not in error.message:
             raise
-        # Before 1.23 an ephemeral container may not have a securityContext: the
-        # agent runs with the runtime's default capabilities, which read /proc of a
-        # process of the same user (a target running as another user is refused).
+        # Before 1.23 an ephemeral container may not have a securityContext (any
+        # field: tried on 1.20): the agent runs with the runtime's default
+        # capabilities, which read /proc of a process of the same user (a target
+        # running as another user is refused).
         del container["securityContext"]
         _add_ephemeral(kube, target, container)
     except KubeForbidden as error:
@@ -213,7 +233,7 @@ def start_job(kube: Kube, target: ResolvedTarget | None, agent: AgentConfig, *, 
     container = agent_container("agent", agent,
                                 agent_argv(port, target.container_id if target else None,
                                            agent.ttl, write),
-                                secret, ["SYS_ADMIN", "SYS_PTRACE"] if target else [])
+                                secret, agent_capabilities("job", targeted=target is not None))
     if target is None and not agent.privileged:
         container["securityContext"] = {"allowPrivilegeEscalation": False}
     pod_labels = labels(session, agent.labels)

@@ -134,6 +134,15 @@ def test_agent_container_asks_only_for_what_it_needs() -> None:
     assert agent_container("a", config.agent, [], "s", [])["securityContext"] == {"privileged": True}
 
 
+def test_agent_capabilities_follow_placement_and_features() -> None:
+    from mtrace.cli.kube.placement import agent_capabilities
+
+    assert agent_capabilities("ephemeral") == ["SYS_PTRACE"]
+    assert agent_capabilities("job") == ["SYS_ADMIN", "SYS_PTRACE"]
+    assert agent_capabilities("job", targeted=False) == []
+    assert agent_capabilities("ephemeral", incoming=True) == ["SYS_PTRACE", "NET_ADMIN", "NET_RAW"]
+
+
 def test_find_container_process_by_cgroup(tmp_path: Path) -> None:
     cid = "0123456789abcdef" * 4
     for pid, cgroup in ((7, f"4:memory:/kubepods/pod1/{cid}\n"),
