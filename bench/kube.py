@@ -13,7 +13,8 @@ Rows:
   resolve, place the agent, its container start, port-forward + handshake),
   measured in-process with the image already on the node;
 * ``exec to first instruction``: `mtrace exec --target deployment/NAME --
-  static-true`, wall time (goal: <= 3 s on the rig);
+  date +%s.%N`, from the start to the time the program prints (goal: <= 3 s
+  on the rig), and to mtrace's exit;
 * ``small request``: one HTTP/1.1 request and its answer on a kept-alive
   connection to the Service, through the agent vs through a port-forward to
   the pod (median ms);
@@ -221,13 +222,16 @@ def _mtrace_exec(kubeconfig: Path, namespace: str, argv: list[str]) -> bytes:
         config.unlink(missing_ok=True)
 
 
-def _exec_wall(kubeconfig: Path, namespace: str, runs: int) -> list[float]:
-    samples = []
+def _exec_wall(kubeconfig: Path, namespace: str, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds from `mtrace exec` to the program's first instruction (the
+    program prints the wall clock), and to mtrace's exit."""
+    first, total = [], []
     for _ in range(runs):
-        started = time.monotonic()
-        _mtrace_exec(kubeconfig, namespace, ["/bin/true"])
-        samples.append(time.monotonic() - started)
-    return samples
+        started = time.time()
+        printed = _mtrace_exec(kubeconfig, namespace, ["/bin/date", "+%s.%N"])
+        total.append(time.time() - started)
+        first.append(float(printed) - started)
+    return first, total
 
 
 def _curl_bulk(url: str, size: int, count: int) -> list[str]:
@@ -287,9 +291,11 @@ def run(ctx: Context) -> list[Row]:
             _through_agent(_config(kubeconfig, namespace), runs, requests, bulk))
         for name, samples in phases.items():
             rows.append(Row(GROUP, "start-up phases", name, median(samples), "s", samples=samples))
-        wall = _exec_wall(kubeconfig, namespace, runs)
+        first, wall = _exec_wall(kubeconfig, namespace, runs)
         rows.append(Row(GROUP, "exec to first instruction", "mtrace exec --target deployment/NAME",
-                        median(wall), "s", samples=wall, note="goal <= 3 s on the rig"))
+                        median(first), "s", samples=first, note="goal <= 3 s on the rig"))
+        rows.append(Row(GROUP, "exec to exit (date)", "mtrace exec --target deployment/NAME",
+                        median(wall), "s", samples=wall))
         through_forward = asyncio.run(_through_port_forward(kubeconfig, namespace, requests))
         rows.append(Row(GROUP, "small request to a Service", "API port-forward (kubectl's path)",
                         median(through_forward), "ms", samples=through_forward))
