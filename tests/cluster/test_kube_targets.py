@@ -123,16 +123,31 @@ def commands(web: Workload) -> list[list[str]]:
     ]
 
 
+def probe_script(probe: str, web: Workload) -> str:
+    """Every command of :func:`commands`, each output under a ``--- command`` line."""
+    import shlex
+
+    return "; ".join(f"echo {shlex.quote('--- ' + ' '.join(command))}; "
+                     f"{probe} {' '.join(shlex.quote(word) for word in command)}"
+                     for command in commands(web))
+
+
 def test_probe_in_a_deployment_sees_what_the_pod_sees(
         probe: Path, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
         tmp_path: Path, clean: None) -> None:
+    """One mtrace session per flavour runs every command (one agent start, not
+    one per command), each output compared with the same command's in the pod."""
     config = write_config(tmp_path, kubeconfig, agent_image)
-    for command in commands(web):
-        inside = exec_in_pod(kube_api, web.namespace, web.pod, [f"/programs/{probe.name}", *command])
-        traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
-                        "--", str(probe), *command)
-        stderr = traced.stderr.decode(errors="replace")
-        assert traced.stdout.decode() == inside, (command, stderr[-2000:])
+    inside = exec_in_pod(kube_api, web.namespace, web.pod,
+                         ["/bin/sh", "-c", probe_script(f"/programs/{probe.name}", web)])
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                    "--", "/bin/sh", "-c", probe_script(str(probe), web))
+    stderr = traced.stderr.decode(errors="replace")
+    expected, got = inside.split("--- ")[1:], traced.stdout.decode().split("--- ")[1:]
+    assert len(expected) == len(commands(web)), inside
+    for want, have in zip(expected, got, strict=False):
+        assert have == want, stderr[-2000:]
+    assert len(got) == len(expected), stderr[-2000:]
 
 
 def udp_script(probe: str, namespace: str) -> str:
