@@ -28,6 +28,7 @@ Rows:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Context, Row, Unavailable, median
+from bench.common import Context, Row, Unavailable, compare, median
 
 GROUP = "kube"
 RIG_KUBECONFIG = Path("/run/mtrace-rig/admin.kubeconfig")
@@ -153,6 +154,9 @@ async def _bulk_transfers(reader: Any, writer: Any, size: int, count: int) -> li
         head = await reader.readuntil(b"\r\n\r\n")
         left = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                     if line.lower().startswith(b"content-length:"))
+        if not head.startswith(b"HTTP/1.1 200") or left != size:
+            raise Unavailable(f"httpserve answered {head.splitlines()[0].decode()!r} to /bulk: "
+                              "an older programs image? (tests/kube/images.py rebuilds it)")
         while left:
             chunk = await reader.read(min(left, 1 << 20))
             if not chunk:
@@ -182,7 +186,8 @@ async def _through_agent(config: Any, runs: int, requests: int, bulk: tuple[int,
             latencies = await _round_trips(_StreamReader(stream), stream, requests)
             stream.close()
             stream = await client.open_tcp(f"web.{namespace}.svc.cluster.local", 80)
-            throughput = await _bulk_transfers(_StreamReader(stream), stream, *bulk)
+            with contextlib.suppress(Unavailable):  # the curl rows say why
+                throughput = await _bulk_transfers(_StreamReader(stream), stream, *bulk)
             stream.close()
         await client.close()
         await asyncio.to_thread(session.release_all)
@@ -237,17 +242,25 @@ def _exec_wall(kubeconfig: Path, namespace: str, runs: int) -> tuple[list[float]
 def _curl_bulk(url: str, size: int, count: int) -> list[str]:
     """curl fetching ``url`` ``count`` times (one process), each download's
     ``speed_download`` in bytes/s; the argv, to run as it is or under mtrace."""
-    argv = ["curl", "--silent", "--show-error", "--fail"]
+    argv = ["curl"]
     for index in range(count):
         if index:
             argv.append("--next")
-        argv += ["--output", "/dev/null", "--write-out", "%{speed_download}\\n",
+        argv += ["--silent", "--show-error", "--output", "/dev/null",
+                 "--write-out", "%{http_code} %{size_download} %{speed_download}\\n",
                  f"{url}/bulk?bytes={size}"]
     return argv
 
 
-def _speeds(output: bytes) -> list[float]:
-    return [float(line) / (1 << 20) for line in output.decode().split()]
+def _speeds(output: bytes, size: int) -> list[float]:
+    speeds = []
+    for line in output.decode().splitlines():
+        code, downloaded, speed = line.split()
+        if code != "200" or int(downloaded) != size:
+            raise Unavailable(f"curl got HTTP {code} and {downloaded} bytes from /bulk: "
+                              "an older programs image? (tests/kube/images.py rebuilds it)")
+        speeds.append(float(speed) / (1 << 20))
+    return speeds
 
 
 def _kubectl_bulk(kubeconfig: Path, namespace: str, size: int, count: int) -> list[float]:
@@ -268,7 +281,8 @@ def _kubectl_bulk(kubeconfig: Path, namespace: str, size: int, count: int) -> li
             raise Unavailable(f"kubectl port-forward said: {line.strip() or 'nothing'}")
         port = int(line.split("->")[0].rsplit(":", 1)[1])
         argv = _curl_bulk(f"http://127.0.0.1:{port}", size, count)
-        return _speeds(subprocess.run(argv, check=True, capture_output=True, timeout=300).stdout)
+        return _speeds(subprocess.run(argv, check=True, capture_output=True, timeout=300).stdout,
+                       size)
     finally:
         forward.terminate()
         forward.wait(timeout=10)
@@ -307,16 +321,20 @@ def run(ctx: Context) -> list[Row]:
             forwarded = _kubectl_bulk(kubeconfig, namespace, *bulk)
             rows.append(Row(GROUP, name, peer, median(forwarded), "MiB/s", samples=forwarded,
                             note="kubectl port-forward to the pod"))
+            traced = _speeds(_mtrace_exec(kubeconfig, namespace, _curl_bulk(
+                f"http://web.{namespace}.svc.cluster.local", *bulk)), bulk[0])
+            rows.append(Row(GROUP, name, "curl, mtrace exec", median(traced), "MiB/s",
+                            samples=traced, baseline=peer))
         except Unavailable as error:
             rows.append(Row.missing(GROUP, name, peer, "MiB/s", str(error)))
-        traced = _speeds(_mtrace_exec(kubeconfig, namespace, _curl_bulk(
-            f"http://web.{namespace}.svc.cluster.local", *bulk)))
-        rows.append(Row(GROUP, name, "curl, mtrace exec", median(traced), "MiB/s", samples=traced,
-                        baseline=peer))
-        rows.append(Row(GROUP, name, "mtrace agent stream", median(agent_bulk), "MiB/s",
-                        samples=agent_bulk, baseline=peer, note="in-process: no trap, no relay"))
+        if agent_bulk:
+            rows.append(Row(GROUP, name, "mtrace agent stream", median(agent_bulk), "MiB/s",
+                            samples=agent_bulk, baseline=peer, note="in-process: no trap, no relay"))
     finally:
         from kubernetes import client
 
         client.CoreV1Api(api).delete_namespace(namespace)
+    for row in rows:
+        if row.baseline:
+            compare(rows, row, row.baseline)
     return rows
