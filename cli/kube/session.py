@@ -222,7 +222,7 @@ def release_all() -> None:
 
 
 #: How long stopping an agent no client reached may take (its container may still be starting).
-STOP_UNREACHED_SECONDS = 20.0
+STOP_UNREACHED_SECONDS = 15.0
 
 
 def _stop_unreached(kube: Kube, placed: placements.Placement, agent: AgentConfig) -> None:
