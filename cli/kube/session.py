@@ -240,7 +240,7 @@ def _stop_unreached(kube: Kube, placed: placements.Placement, agent: AgentConfig
 
     try:
         asyncio.run(reach_and_leave())
-    except (AgentError, KubeError, OSError):
+    except (AgentError, KubeError, OSError, RuntimeError):
         pass  # it exits after agent.ttl all the same
 
 
