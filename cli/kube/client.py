@@ -15,6 +15,7 @@ Errors::
         ├── KubeUnreachable          the API server does not answer
         ├── KubeForbidden            RBAC said no: names the verb and resource (77)
         ├── KubeNotFound             the object does not exist
+        ├── KubeConflict             the object changed between our read and our write (409)
         └── KubeRejected             admission refused what mtrace asked for (77)
 """
 
@@ -58,6 +59,10 @@ class KubeNotFound(KubeError):
 
 class KubeRejected(KubeError):
     exit_code = 77
+
+
+class KubeConflict(KubeError):
+    """409: a read-modify-write lost a race (read again and retry)."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,8 @@ def api_error(method: str, path: str, status: int, data: bytes | str | None) -> 
         return KubeForbidden(f"forbidden: cannot {verb} {resource}: {message}", hint=RBAC_HINT)
     if status == 404:
         return KubeNotFound(f"not found: {message}")
+    if status == 409:
+        return KubeConflict(f"conflict: cannot {verb} {resource}: {message}")
     if status in (400, 422):
         return KubeRejected(f"the API refused to {verb} {resource}: {message}")
     return KubeError(f"the Kubernetes API failed to {verb} {resource}: HTTP {status}: {message}")

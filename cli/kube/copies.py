@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,12 +78,20 @@ def make_copy(kube: Kube, target: KubeTarget, namespace: str, session: str, *,
                                      "spec": {"replicas": 0}},
                      content_type="application/merge-patch+json")
         scaled = (path, replicas)
-    kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+    try:
+        kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+    except BaseException:
+        if scaled is not None:
+            remove(kube, Copy(namespace, name, scaled))
+        raise
     return Copy(namespace, name, scaled)
 
 
-def wait_ready(kube: Kube, made: Copy, deadline: float) -> None:
+def wait_ready(kube: Kube, made: Copy, deadline: float,
+               cancelled: Callable[[], bool] = lambda: False) -> None:
     while True:
+        if cancelled():
+            raise AgentUnavailable("interrupted while the target copy started")
         try:
             pod = kube.get(f"/api/v1/namespaces/{made.namespace}/pods/{made.pod}")
         except KubeNotFound:

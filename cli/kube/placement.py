@@ -29,6 +29,7 @@ from .client import (
     MANAGED_BY_VALUE,
     SESSION_LABEL,
     Kube,
+    KubeConflict,
     KubeError,
     KubeForbidden,
     KubeNotFound,
@@ -87,6 +88,25 @@ def agent_argv(port: int, container_id: str | None, ttl: int, write: bool) -> li
     return argv
 
 
+def agent_capabilities(kind: str, *, targeted: bool = True, incoming: bool = False) -> list[str]:
+    """The capabilities the agent asks for, from its placement and the session's features.
+
+    ``ephemeral``: ``SYS_PTRACE`` (``/proc/PID/root`` and ``environ`` of
+    another user's process are ptrace-mode accesses). ``job``: also
+    ``SYS_ADMIN`` (``setns`` into the target's network namespace). Incoming
+    traffic adds ``NET_ADMIN`` (redirect rules) and ``NET_RAW`` (mirroring).
+    A targetless agent asks for nothing. Before 1.23 an ephemeral container
+    takes no securityContext at all (checked on the 1.20 rig): there the
+    runtime's default set applies whatever this says (docs/kubernetes.md).
+    """
+    if not targeted:
+        return []
+    wanted = ["SYS_ADMIN", "SYS_PTRACE"] if kind == "job" else ["SYS_PTRACE"]
+    if incoming:
+        wanted += ["NET_ADMIN", "NET_RAW"]
+    return wanted
+
+
 def agent_container(name: str, agent: AgentConfig, argv: list[str], secret: str,
                     capabilities: list[str]) -> dict[str, Any]:
     container: dict[str, Any] = {
@@ -112,16 +132,17 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
                     session: str, port: int, secret: str, write: bool) -> Placement:
     name = f"mtrace-agent-{session}"
     container = agent_container(name, agent, agent_argv(port, target.container_id, agent.ttl, write),
-                                secret, ["SYS_PTRACE"])
+                                secret, agent_capabilities("ephemeral"))
     container["targetContainerName"] = target.container
     try:
         _add_ephemeral(kube, target, container)
     except KubeRejected as error:
         if "securityContext" not in error.message:
             raise
-        # Before 1.23 an ephemeral container may not have a securityContext: the
-        # agent runs with the runtime's default capabilities, which read /proc of a
-        # process of the same user (a target running as another user is refused).
+        # Before 1.23 an ephemeral container may not have a securityContext (any
+        # field: tried on 1.20): the agent runs with the runtime's default
+        # capabilities, which read /proc of a process of the same user (a target
+        # running as another user is refused).
         del container["securityContext"]
         _add_ephemeral(kube, target, container)
     except KubeForbidden as error:
@@ -168,10 +189,19 @@ def _add_ephemeral(kube: Kube, target: ResolvedTarget, container: dict[str, Any]
             kube.request("PATCH", path, {"spec": {"ephemeralContainers": [container]}},
                          content_type="application/strategic-merge-patch+json")
         else:
-            # 1.16-1.21: the subresource is an EphemeralContainers object.
-            current = kube.get(path)
-            current["ephemeralContainers"] = [*(current.get("ephemeralContainers") or []), container]
-            kube.request("PUT", path, current)
+            # 1.16-1.21: the subresource is an EphemeralContainers object, read
+            # and written back whole; the kubelet's status updates change the
+            # pod in between (409), so read again and retry.
+            for attempt in range(5):
+                current = kube.get(path)
+                current["ephemeralContainers"] = [*(current.get("ephemeralContainers") or []),
+                                                  container]
+                try:
+                    kube.request("PUT", path, current)
+                    break
+                except KubeConflict:
+                    if attempt == 4:
+                        raise
     except KubeForbidden as error:
         if _refuses_capabilities(error.message):
             raise  # admission, not RBAC: the caller may ask for less
@@ -203,7 +233,7 @@ def start_job(kube: Kube, target: ResolvedTarget | None, agent: AgentConfig, *, 
     container = agent_container("agent", agent,
                                 agent_argv(port, target.container_id if target else None,
                                            agent.ttl, write),
-                                secret, ["SYS_ADMIN", "SYS_PTRACE"] if target else [])
+                                secret, agent_capabilities("job", targeted=target is not None))
     if target is None and not agent.privileged:
         container["securityContext"] = {"allowPrivilegeEscalation": False}
     pod_labels = labels(session, agent.labels)
@@ -273,10 +303,14 @@ def sweep(kube: Kube, namespace: str) -> int:
 # --- waiting for the agent's container ---
 
 def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline: float,
-                 progress: Callable[[str], None]) -> None:
-    """Until the agent's container runs; a clear error if it cannot."""
+                 progress: Callable[[str], None],
+                 cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Until the agent's container runs; a clear error if it cannot (or, when
+    ``cancelled()`` says the session was given up, as soon as it is)."""
     said: set[str] = set()
     while True:
+        if cancelled():
+            raise AgentUnavailable("interrupted while the agent started")
         status, pod = _agent_status(kube, placement)
         if status is not None:
             state = status.get("state") or {}

@@ -1,6 +1,15 @@
 """One Kubernetes session, start to end: resolve the target, place the agent,
 port-forward to it, and delete what was created when mtrace exits (normally,
-on Ctrl-C, or on an error half-way through start-up)."""
+on Ctrl-C, or on an error half-way through start-up).
+
+Ctrl-C can land while a thread is creating an object (the API has made it,
+its answer is not read yet): every creation holds its session's lock until
+the object is recorded, and :func:`release_all` takes that lock, so it waits
+for the answer and deletes what was made; a creation that starts after the
+release is refused. An ephemeral agent cannot be deleted: one that no client
+reached is connected to and left, so it exits (``--one-client``) instead of
+waiting for ``agent.ttl``.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +19,11 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..errors import Interrupted
 from . import copies
 from . import placement as placements
 from .client import Kube, KubeError, KubeForbidden, KubeSettings, KubeUnreachable
@@ -22,7 +32,7 @@ from .resolve import KubeTarget, NoReadyPod, ResolvedTarget, resolve
 
 if TYPE_CHECKING:
     from ...agent.client import AgentClient
-    from ..config import Config
+    from ..config import AgentConfig, Config
 
 #: The agent's port on its pod's loopback: high and random, away from the
 #: ports a workload listens on (the ephemeral agent shares the pod's network).
@@ -35,6 +45,21 @@ class Active:
     placement: placements.Placement | None = None
     target: ResolvedTarget | None = None
     copy: copies.Copy | None = None
+    agent: AgentConfig | None = None
+    reached: bool = False  # a client authenticated to the agent (it exits when that one leaves)
+    released: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def creating(self) -> Iterator[None]:
+        """Hold off :func:`release_all` while an object is created and recorded."""
+        with self.lock:
+            if self.released:
+                raise Interrupted("interrupted while starting")
+            yield
+
+    def cancelled(self) -> bool:
+        return self.released
 
 
 _active: list[Active] = []
@@ -55,7 +80,7 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
     settings = KubeSettings(config.kubeconfig, config.kube_context, target.namespace)
     kube = await asyncio.to_thread(Kube, settings)
     clock.lap("kubeconfig")
-    active = Active(kube)
+    active = Active(kube, agent=config.agent)
     with _lock:
         _active.append(active)
     deadline = time.monotonic() + config.agent.startup_timeout
@@ -79,13 +104,14 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
         scale_down = not isinstance(copy_target, bool) and copy_target.scale_down
 
         def make() -> copies.Copy:
-            made = copies.make_copy(kube, target, namespace, session, scale_down=scale_down)
-            active.copy = made
+            with active.creating():
+                made = copies.make_copy(kube, target, namespace, session, scale_down=scale_down)
+                active.copy = made
             return made
 
         progress(f"starting a copy of {target.describe()}...")
         made = await asyncio.to_thread(make)
-        await asyncio.to_thread(copies.wait_ready, kube, made, deadline)
+        await asyncio.to_thread(copies.wait_ready, kube, made, deadline, active.cancelled)
         resolved = await asyncio.to_thread(
             resolve, kube, KubeTarget("pod", made.pod, target.container, namespace))
         note(f"targeting pod/{made.pod}, a copy of {target.describe()} (deleted at exit)")
@@ -100,30 +126,34 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
     def place() -> placements.Placement:
         if agent.ephemeral:
             try:
-                placed = placements.start_ephemeral(kube, target_pod, agent, session=session,
-                                                    port=port, secret=secret, write=agent.write)
-                active.placement = placed
+                with active.creating():
+                    placed = placements.start_ephemeral(kube, target_pod, agent, session=session,
+                                                        port=port, secret=secret, write=agent.write)
+                    active.placement = placed
                 return placed
             except placements.EphemeralUnavailable as error:
                 note(f"ephemeral containers are unavailable here ({error.message}); "
                      f"running the agent as a Job on node {target_pod.node}")
         with contextlib.suppress(KubeError):
             placements.sweep(kube, agent.namespace or target_pod.namespace)
-        placed = placements.start_job(kube, target_pod, agent, session=session, port=port,
-                                      secret=secret, write=agent.write)
-        active.placement = placed
+        with active.creating():
+            placed = placements.start_job(kube, target_pod, agent, session=session, port=port,
+                                          secret=secret, write=agent.write)
+            active.placement = placed
         return placed
 
     target_pod = resolved
     progress(f"starting the agent for {resolved.describe()}...")
     placed = await asyncio.to_thread(place)
     clock.lap("place agent (API)")
-    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
+    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress,
+                            active.cancelled)
     clock.lap("agent container start")
     progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
     client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
         alive=lambda: placements.check_alive(kube, placed, agent))
+    active.reached = True
     clock.lap("port-forward + handshake")
     return client
 
@@ -152,33 +182,66 @@ async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTa
     def place() -> placements.Placement:
         with contextlib.suppress(KubeError):
             placements.sweep(kube, namespace)
-        placed = placements.start_job(kube, None, agent, session=session, port=port, secret=secret,
-                                      write=agent.write, namespace=namespace)
-        active.placement = placed
+        with active.creating():
+            placed = placements.start_job(kube, None, agent, session=session, port=port,
+                                          secret=secret, write=agent.write, namespace=namespace)
+            active.placement = placed
         return placed
 
     progress(f"starting a targetless agent in namespace {namespace}...")
     placed = await asyncio.to_thread(place)
-    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress)
+    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress,
+                            active.cancelled)
     progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
-    return await port_forward(
+    client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
         alive=lambda: placements.check_alive(kube, placed, agent))
+    active.reached = True
+    return client
 
 
 def release_all() -> None:
-    """Delete what every session of this process created; safe to call twice."""
+    """Delete what every session of this process created; safe to call twice.
+
+    Waits for a creation in flight (another thread) to be recorded first."""
     with _lock:
         actives, _active[:] = list(_active), []
     for active in actives:
+        with active.lock:
+            active.released = True
         if active.placement is not None:
             with contextlib.suppress(KubeError, KubeUnreachable, KubeForbidden, OSError):
                 placements.release(active.kube, active.placement)
+            if active.placement.kind == "ephemeral" and not active.reached and active.agent:
+                _stop_unreached(active.kube, active.placement, active.agent)
         if active.copy is not None:
             with contextlib.suppress(KubeError, OSError):
                 copies.remove(active.kube, active.copy)
         with contextlib.suppress(Exception):
             active.kube.close()
+
+
+#: How long stopping an agent no client reached may take (its container may still be starting).
+STOP_UNREACHED_SECONDS = 15.0
+
+
+def _stop_unreached(kube: Kube, placed: placements.Placement, agent: AgentConfig) -> None:
+    """Connect to an ephemeral agent no client reached and leave, so it exits
+    now rather than after ``agent.ttl`` (its container cannot be deleted)."""
+    from ...agent.errors import AgentError
+
+    deadline = time.monotonic() + STOP_UNREACHED_SECONDS
+
+    async def reach_and_leave() -> None:
+        client = await port_forward(kube, placed.namespace, placed.pod, placed.port, placed.secret,
+                                    deadline=deadline,
+                                    alive=lambda: placements.check_alive(kube, placed, agent))
+        await client.close()
+
+    try:
+        asyncio.run(reach_and_leave())
+    except (AgentError, KubeError, OSError, RuntimeError):
+        pass  # it exits after agent.ttl all the same
 
 
 def explain_loss() -> str | None:

@@ -1,8 +1,8 @@
 """Kubernetes targets end to end on a real cluster: each probe flavour run
 under `mtrace exec --target deployment/web` prints what it prints when run
 inside the pod (env, a file only the pod has, a Service name resolved by the
-cluster DNS, HTTP to the Service and to the pod's own loopback); every target
-kind; both agent placements; the errors, provoked for real; and after each
+cluster DNS, HTTP and UDP to a Service and to the pod's own loopback); every
+target kind; both agent placements; the errors, provoked for real; and after each
 test no mtrace Job, pod or running ephemeral container is left."""
 
 from __future__ import annotations
@@ -41,19 +41,33 @@ def agent_image(kube_cluster: Any) -> str:
     return AGENT_IMAGE
 
 
+UDP_PORT = 7007
+
+
 @pytest.fixture(scope="module")
 def web(kube_api: Any, namespace: str) -> Workload:
+    """httpserve on 8080 (Service web:80) and a UDP echo on 7007 (Service echo:7007/UDP)."""
+    client.CoreV1Api(kube_api).create_namespaced_service(namespace, client.V1Service.from_dict({
+        "metadata": {"name": "echo"},
+        "spec": {"selector": {"app": "web"},
+                 "ports": [{"protocol": "UDP", "port": UDP_PORT, "targetPort": UDP_PORT}]}}))
     return create_workload(
         kube_api, namespace, "web",
+        command=["/programs/httpserve", "-name", "web", "-udp-echo", f"0.0.0.0:{UDP_PORT}",
+                 "0.0.0.0:8080"],
         env={"TARGET_ONLY": "from-the-pod"},
         files={"/etc/target-file": "a file only the target has\n"},
         service_port=80,
     )  # fmt: skip
 
 
-def write_config(directory: Path, kubeconfig: Path, image: str, **agent: Any) -> Path:
-    config = {"kubeconfig": str(kubeconfig),
-              "agent": {"image": image, "image_pull_policy": "Never", "startup_timeout": 60, **agent}}
+def write_config(directory: Path, kubeconfig: Path, image: str, *,
+                 feature: dict[str, Any] | None = None, **agent: Any) -> Path:
+    config: dict[str, Any] = {
+        "kubeconfig": str(kubeconfig),
+        "agent": {"image": image, "image_pull_policy": "Never", "startup_timeout": 60, **agent}}
+    if feature:
+        config["feature"] = feature
     path = directory / "mtrace.json"
     path.write_text(json.dumps(config))
     return path
@@ -109,16 +123,52 @@ def commands(web: Workload) -> list[list[str]]:
     ]
 
 
+def probe_script(probe: str, web: Workload) -> str:
+    """Every command of :func:`commands`, each output under a ``--- command`` line."""
+    import shlex
+
+    return "; ".join(f"echo {shlex.quote('--- ' + ' '.join(command))}; "
+                     f"{probe} {' '.join(shlex.quote(word) for word in command)}"
+                     for command in commands(web))
+
+
 def test_probe_in_a_deployment_sees_what_the_pod_sees(
         probe: Path, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
         tmp_path: Path, clean: None) -> None:
+    """One mtrace session per flavour runs every command (one agent start, not
+    one per command), each output compared with the same command's in the pod."""
     config = write_config(tmp_path, kubeconfig, agent_image)
-    for command in commands(web):
-        inside = exec_in_pod(kube_api, web.namespace, web.pod, [f"/programs/{probe.name}", *command])
-        traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
-                        "--", str(probe), *command)
-        stderr = traced.stderr.decode(errors="replace")
-        assert traced.stdout.decode() == inside, (command, stderr[-2000:])
+    inside = exec_in_pod(kube_api, web.namespace, web.pod,
+                         ["/bin/sh", "-c", probe_script(f"/programs/{probe.name}", web)])
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                    "--", "/bin/sh", "-c", probe_script(str(probe), web))
+    stderr = traced.stderr.decode(errors="replace")
+    expected, got = inside.split("--- ")[1:], traced.stdout.decode().split("--- ")[1:]
+    assert len(expected) == len(commands(web)), inside
+    for want, have in zip(expected, got, strict=False):
+        assert have == want, stderr[-2000:]
+    assert len(got) == len(expected), stderr[-2000:]
+
+
+def udp_script(probe: str, namespace: str) -> str:
+    service = f"echo.{namespace}.svc.cluster.local"
+    return "; ".join(f"{probe} {command} {host} {UDP_PORT} ping"
+                     for host in (service, "127.0.0.1") for command in ("udp", "udp-unconnected"))
+
+
+def test_udp_to_a_service_and_the_pods_loopback(
+        probe: Path, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
+        tmp_path: Path, clean: None) -> None:
+    """Connected and unconnected UDP to a Service (cluster DNS, kube-proxy) and
+    to the pod's own loopback: the same answers, from the same addresses, as
+    inside the pod. One mtrace session per flavour runs the four exchanges."""
+    inside = exec_in_pod(kube_api, web.namespace, web.pod,
+                         ["/bin/sh", "-c", udp_script(f"/programs/{probe.name}", web.namespace)])
+    assert inside.count("ping") == 4, inside
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                    "--", "/bin/sh", "-c", udp_script(str(probe), web.namespace))
+    assert traced.stdout.decode() == inside, traced.stderr.decode()[-2000:]
 
 
 @pytest.mark.parametrize("kind", ["pod", "deployment", "replicaset", "service"])
@@ -177,6 +227,169 @@ def test_job_without_running_pods_is_targeted_through_a_copy(
                     "--", str(programs["probe-go"]), "env", "JOB_ONLY")
     assert traced.stdout == b"JOB_ONLY=from-the-job\n", traced.stderr.decode()[-2000:]
     assert b"copy" in traced.stderr
+
+
+# --- the other target kinds ----------------------------------------------------
+
+IDLE = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done"]
+
+
+def idle_pod_template(kind: str, command: list[str] | None = None,
+                      restart: str = "Always") -> dict[str, Any]:
+    """A pod template whose container says which kind made it (env KIND_ONLY)."""
+    return {"metadata": {"labels": {"app": kind}},
+            "spec": {"restartPolicy": restart, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": kind, "image": PROGRAMS, "imagePullPolicy": "Never",
+                                     "command": command or IDLE,
+                                     "env": [{"name": "KIND_ONLY", "value": f"from-a-{kind}"}]}]}}
+
+
+def cronjob(name: str, command: list[str], restart: str = "Never") -> dict[str, Any]:
+    # Suspended: the controller never starts a job on its own; the tests
+    # create the jobs the way `kubectl create job --from=cronjob/NAME` does.
+    return {"apiVersion": "batch/v1beta1", "kind": "CronJob", "metadata": {"name": name},
+            "spec": {"schedule": "0 0 1 1 *", "suspend": True, "jobTemplate": {"spec": {
+                "backoffLimit": 0, "template": idle_pod_template(name, command, restart)}}}}
+
+
+def job_from_cronjob(owner: dict[str, Any], name: str) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {"metadata": {"name": name, "ownerReferences": [{
+                "apiVersion": "batch/v1beta1", "kind": "CronJob", "name": meta["name"],
+                "uid": meta["uid"], "controller": True}]},
+            "spec": owner["spec"]["jobTemplate"]["spec"]}
+
+
+@pytest.fixture(scope="module")
+def kinds(kube_api: Any, namespace: str) -> dict[str, Any]:
+    """A StatefulSet, a DaemonSet, a CronJob with a running job and one whose
+    job finished, all created at once and waited on together (lean)."""
+    apps, batch = client.AppsV1Api(kube_api), client.BatchV1Api(kube_api)
+    custom = client.CustomObjectsApi(kube_api)
+    apps.create_namespaced_stateful_set(namespace, client.V1StatefulSet.from_dict({
+        "metadata": {"name": "statefulset"},
+        "spec": {"serviceName": "statefulset", "replicas": 1,
+                 "selector": {"matchLabels": {"app": "statefulset"}},
+                 "template": idle_pod_template("statefulset")}}))
+    apps.create_namespaced_daemon_set(namespace, client.V1DaemonSet.from_dict({
+        "metadata": {"name": "daemonset"},
+        "spec": {"selector": {"matchLabels": {"app": "daemonset"}},
+                 "template": idle_pod_template("daemonset")}}))
+    made = {}
+    for name, command in (("cronjob", IDLE), ("cronjob-done", ["/bin/true"])):
+        made[name] = custom.create_namespaced_custom_object(
+            "batch", "v1beta1", namespace, "cronjobs", cronjob(name, command))
+        batch.create_namespaced_job(namespace, client.V1Job.from_dict(
+            job_from_cronjob(made[name], f"{name}-manual")))
+    core = client.CoreV1Api(kube_api)
+    deadline = time.monotonic() + 90
+    while True:
+        pods = {pod.metadata.labels.get("app"): pod for pod in core.list_namespaced_pod(namespace).items
+                if pod.metadata.labels}
+        running = {app for app, pod in pods.items()
+                   if any(status.ready for status in pod.status.container_statuses or [])}
+        done = (batch.read_namespaced_job("cronjob-done-manual", namespace).status.succeeded or 0)
+        if {"statefulset", "daemonset", "cronjob"} <= running and done:
+            return made
+        assert time.monotonic() < deadline, f"workloads not ready: {running}, done={done}"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("kind", ["statefulset", "daemonset", "cronjob"])
+def test_workload_kinds_reach_their_pod(kind: str, kinds: dict[str, Any], kube_api: Any,
+                                        kubeconfig: Path, namespace: str, agent_image: str,
+                                        programs: Any, tmp_path: Path, clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", namespace, "--target", f"{kind}/{kind}",
+                    "--", str(programs["probe-go"]), "env", "KIND_ONLY")
+    assert traced.stdout == f"KIND_ONLY=from-a-{kind}\n".encode(), traced.stderr.decode()[-2000:]
+    assert b"copy" not in traced.stderr
+
+
+def test_cronjob_whose_jobs_finished_is_targeted_through_a_copy(
+        kinds: dict[str, Any], kube_api: Any, kubeconfig: Path, namespace: str,
+        agent_image: str, programs: Any, tmp_path: Path, clean: None) -> None:
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    traced = mtrace("exec", "-f", str(config), "-n", namespace, "--target", "cronjob/cronjob-done",
+                    "--", str(programs["probe-musl"]), "env", "KIND_ONLY")
+    assert traced.stdout == b"KIND_ONLY=from-a-cronjob-done\n", traced.stderr.decode()[-2000:]
+    assert b"a copy of cronjob/cronjob-done" in traced.stderr
+
+
+ROLLOUT_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "rollouts.argoproj.io"},
+    "spec": {"group": "argoproj.io", "scope": "Namespaced",
+             "names": {"plural": "rollouts", "singular": "rollout", "kind": "Rollout"},
+             "versions": [{"name": "v1alpha1", "served": True, "storage": True, "schema": {
+                 "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_rollout_is_resolved_through_its_selector(kube_api: Any, kubeconfig: Path, web: Workload,
+                                                  agent_image: str, programs: Any, tmp_path: Path,
+                                                  clean: None) -> None:
+    """Argo Rollouts' CRD alone (no controller on the rig): a Rollout whose
+    selector picks the web pods is resolved to one of them."""
+    extensions, custom = client.ApiextensionsV1Api(kube_api), client.CustomObjectsApi(kube_api)
+    if any(crd.metadata.name == "rollouts.argoproj.io"
+           for crd in extensions.list_custom_resource_definition().items):
+        pytest.skip("this cluster already has Argo Rollouts' CRD: not ours to replace")
+    extensions.create_custom_resource_definition(ROLLOUT_CRD)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", web.namespace,
+                                                       "rollouts", {
+                    "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+                    "metadata": {"name": "roll"},
+                    "spec": {"selector": {"matchLabels": {"app": "web"}},
+                             "template": {"metadata": {"labels": {"app": "web"}},
+                                          "spec": {"containers": [{"name": "web", "image": PROGRAMS}]}}}})
+                break
+            except client.ApiException as error:  # 404 until the CRD is established
+                assert error.status == 404 and time.monotonic() < deadline, error
+                time.sleep(0.3)
+        config = write_config(tmp_path, kubeconfig, agent_image)
+        traced = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "rollout/roll",
+                        "--", str(programs["probe-glibc-static"]), "env", "TARGET_ONLY")
+        assert traced.stdout == b"TARGET_ONLY=from-the-pod\n", traced.stderr.decode()[-2000:]
+    finally:
+        extensions.delete_custom_resource_definition("rollouts.argoproj.io")
+
+
+def test_copy_target_scale_down_restores_the_deployment_after_ctrl_c(
+        kube_api: Any, kubeconfig: Path, namespace: str, agent_image: str, programs: Any,
+        tmp_path: Path, clean: None) -> None:
+    """The deployment is at 0 replicas while the session runs (the copy is the
+    only pod) and back at its count after Ctrl-C, the annotation gone."""
+    apps = client.AppsV1Api(kube_api)
+    create_workload(kube_api, namespace, "scaled", env={"SCALED_ONLY": "from-the-copy"})
+    config = write_config(tmp_path, kubeconfig, agent_image,
+                          feature={"copy_target": {"scale_down": True}})
+    script = tmp_path / "wait.sh"
+    script.write_text(f"#!/bin/sh\n{programs['probe-go']} env SCALED_ONLY\necho started\nexec sleep 60\n")
+    script.chmod(0o755)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", namespace,
+         "--target", "deployment/scaled", "--", str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        first = process.stdout.readline()
+        assert first == b"SCALED_ONLY=from-the-copy\n", first
+        assert process.stdout.readline() == b"started\n"
+        during = apps.read_namespaced_deployment("scaled", namespace)
+        assert during.spec.replicas == 0
+        assert during.metadata.annotations["mtrace.dev/replicas-before-scale-down"] == "1"
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    after = apps.read_namespaced_deployment("scaled", namespace)
+    assert after.spec.replicas == 1
+    assert "mtrace.dev/replicas-before-scale-down" not in (after.metadata.annotations or {})
 
 
 def test_ls_lists_the_targets(kubeconfig: Path, web: Workload) -> None:
@@ -297,7 +510,7 @@ def test_ctrl_c_during_a_session_leaves_nothing(kube_api: Any, kubeconfig: Path,
     config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False)
     process = subprocess.Popen(
         [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
-         "--target", "deployment/web", "--", "sh", "-c", "echo started; sleep 60"],
+         "--target", "deployment/web", "--", "sh", "-c", "echo started; exec sleep 60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout is not None
     assert process.stdout.readline() == b"started\n"
@@ -312,7 +525,7 @@ def test_kill_9_agent_exits_and_next_run_sweeps(kube_api: Any, kubeconfig: Path,
     config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False, ttl=5)
     process = subprocess.Popen(
         [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
-         "--target", "deployment/web", "--", "sh", "-c", "echo started; sleep 60"],
+         "--target", "deployment/web", "--", "sh", "-c", "echo started; exec sleep 60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     assert process.stdout is not None
     assert process.stdout.readline() == b"started\n"
@@ -361,3 +574,66 @@ def test_admission_refusing_the_agent_names_the_policy(kube_api: Any, kubeconfig
         assert b"cpu" in result.stderr and b"ephemeral" in result.stderr
     finally:
         core.delete_namespaced_limit_range("small", web.namespace)
+
+
+def _interrupt_when(kube_api: Any, namespace: str, pod: str, moment: str,
+                    process: subprocess.Popen[bytes], seen_before: set[str]) -> None:
+    """SIGINT to ``process`` the instant the API shows the agent's object:
+    ``job`` (the Job exists), ``ephemeral`` (the pod has a new agent
+    ephemeral container, not one of ``seen_before``), ``running`` (it runs)."""
+    from kubernetes import watch
+
+    core, batch = client.CoreV1Api(kube_api), client.BatchV1Api(kube_api)
+    watcher = watch.Watch()
+    if moment == "job":
+        events = watcher.stream(batch.list_namespaced_job, namespace, label_selector=MANAGED,
+                                timeout_seconds=60)
+    else:
+        events = watcher.stream(core.list_namespaced_pod, namespace,
+                                field_selector=f"metadata.name={pod}", timeout_seconds=60)
+    try:
+        for event in events:
+            item = event["object"]
+            if moment == "job":
+                hit = True
+            elif moment == "ephemeral":
+                hit = any(container.name.startswith("mtrace-agent-")
+                          and container.name not in seen_before
+                          for container in item.spec.ephemeral_containers or [])
+            else:
+                hit = any(status.name not in seen_before and status.state and status.state.running
+                          for status in item.status.ephemeral_container_statuses or [])
+            if hit:
+                process.send_signal(signal.SIGINT)
+                return
+            assert process.poll() is None, process.communicate()
+    finally:
+        watcher.stop()
+    raise AssertionError(f"the API never showed the agent's {moment}")
+
+
+
+@pytest.mark.parametrize("moment", ["job", "ephemeral", "running"])
+def test_ctrl_c_while_the_agent_is_being_created_leaves_nothing(
+        moment: str, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
+        tmp_path: Path) -> None:
+    """A SIGINT that lands the instant the agent's Job or ephemeral container
+    appears (before mtrace has read the API's answer): mtrace still deletes the
+    Job, and stops an ephemeral agent that no client will ever reach (it
+    would otherwise wait for agent.ttl)."""
+    pod = client.CoreV1Api(kube_api).read_namespaced_pod(web.pod, web.namespace)
+    seen_before = {container.name for container in pod.spec.ephemeral_containers or []}
+    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=moment != "job", ttl=600)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
+         "--target", f"pod/{web.pod}", "--", "sh", "-c", "echo started; exec sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _interrupt_when(kube_api, web.namespace, web.pod, moment, process, seen_before)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    if moment != "running":  # the kubelet's "running" may come after the program started
+        assert b"started" not in out, err
+    assert process.returncode != 0
+    assert wait_clean(kube_api, web.namespace) == [], err.decode()[-2000:]

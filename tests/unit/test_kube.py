@@ -134,6 +134,15 @@ def test_agent_container_asks_only_for_what_it_needs() -> None:
     assert agent_container("a", config.agent, [], "s", [])["securityContext"] == {"privileged": True}
 
 
+def test_agent_capabilities_follow_placement_and_features() -> None:
+    from mtrace.cli.kube.placement import agent_capabilities
+
+    assert agent_capabilities("ephemeral") == ["SYS_PTRACE"]
+    assert agent_capabilities("job") == ["SYS_ADMIN", "SYS_PTRACE"]
+    assert agent_capabilities("job", targeted=False) == []
+    assert agent_capabilities("ephemeral", incoming=True) == ["SYS_PTRACE", "NET_ADMIN", "NET_RAW"]
+
+
 def test_find_container_process_by_cgroup(tmp_path: Path) -> None:
     cid = "0123456789abcdef" * 4
     for pid, cgroup in ((7, f"4:memory:/kubepods/pod1/{cid}\n"),
@@ -284,3 +293,86 @@ def test_ttl_counts_only_clients_that_authenticated() -> None:
         probe.close()
     finally:
         agent.kill()
+
+
+class RecordingKube:
+    """Records every request; answers none (what release sends)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+
+    def request(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
+        self.requests.append((method, path))
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_ctrl_c_while_the_job_is_being_created_still_deletes_it() -> None:
+    """Regression: Ctrl-C landed while a thread was creating the agent Job; the
+    release ran before the thread recorded it, and the Job was left behind."""
+    import threading
+
+    from mtrace.cli.errors import Interrupted
+    from mtrace.cli.kube import session
+    from mtrace.cli.kube.placement import Placement
+
+    kube = RecordingKube()
+    active = session.Active(kube)  # type: ignore[arg-type]
+    session._active.append(active)
+    in_flight, answer = threading.Event(), threading.Event()
+    job_path = "/apis/batch/v1/namespaces/ns/jobs/mtrace-agent-s1"
+
+    def create() -> None:
+        with active.creating():
+            in_flight.set()
+            answer.wait(10)  # the API has made the Job; its answer is not read yet
+            active.placement = Placement("job", "ns", "", "agent", 1, "x", "s1", job="mtrace-agent-s1",
+                                         created=[job_path])
+
+    creator = threading.Thread(target=create)
+    creator.start()
+    assert in_flight.wait(10)
+    releaser = threading.Thread(target=session.release_all)
+    releaser.start()
+    releaser.join(0.3)
+    assert releaser.is_alive(), "release did not wait for the creation in flight"
+    answer.set()
+    creator.join(10)
+    releaser.join(10)
+    assert ("DELETE", job_path) in kube.requests
+    with pytest.raises(Interrupted), active.creating():  # nothing is created after the release
+        pass
+
+
+def test_ephemeral_container_on_1_20_retries_when_the_pod_changed_meanwhile() -> None:
+    """Regression: the 1.20 API's read-modify-write of EphemeralContainers lost
+    the race with a kubelet status update (HTTP 409) and the session failed."""
+    from mtrace.cli.config import AgentConfig
+    from mtrace.cli.kube.client import KubeConflict
+    from mtrace.cli.kube.placement import start_ephemeral
+    from mtrace.cli.kube.resolve import ResolvedTarget
+
+    class ConflictingKube:
+        def __init__(self) -> None:
+            self.puts = 0
+
+        def server_version(self) -> tuple[int, int]:
+            return (1, 20)
+
+        def get(self, path: str, **query: str) -> Any:
+            return {"kind": "EphemeralContainers", "ephemeralContainers": []}
+
+        def request(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
+            assert method == "PUT"
+            self.puts += 1
+            if self.puts < 3:
+                raise KubeConflict("conflict: the object has been modified")
+            return body
+
+    kube = ConflictingKube()
+    target = ResolvedTarget("ns", "p", "c", "docker://" + "a" * 64, "node", _ready_pod("p", "c"))
+    placed = start_ephemeral(kube, target, AgentConfig(), session="s1", port=1, secret="x",  # type: ignore[arg-type]
+                             write=False)
+    assert kube.puts == 3 and placed.pod == "p"
