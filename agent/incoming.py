@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .aio import sock_connect
 from .logs import event
 from .net import Outgoing
 from .protocol import (
@@ -457,7 +458,7 @@ class FilteredConnection:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (host, self.local[1]))
+            await sock_connect(sock, (host, self.local[1]))
         except BaseException:
             sock.close()
             raise

@@ -179,3 +179,35 @@ def test_protocol_2_still_speaks_to_version_1_peers() -> None:
     from mtrace.agent import protocol
 
     assert protocol.MIN_PROTOCOL_VERSION == 1 < protocol.PROTOCOL_VERSION
+
+
+def test_direct_connect_connects_and_reports_the_kernels_errors() -> None:
+    """agent.aio.sock_connect (uvloop's resolves even numeric addresses in its
+    thread pool, a wake-up on each incoming connection's path)."""
+    import asyncio
+    import errno
+
+    from mtrace.agent.aio import sock_connect
+
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            await sock_connect(sock, listener.getsockname())
+            assert sock.getpeername() == listener.getsockname()
+        address = listener.getsockname()
+        listener.close()
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            with pytest.raises(OSError) as raised:
+                await sock_connect(sock, address)
+            assert raised.value.errno == errno.ECONNREFUSED
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

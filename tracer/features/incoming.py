@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from ...agent.aio import sock_connect
 from ...agent.client import TcpStream
 from ...agent.errors import AgentError, RemoteError
 from ...agent.protocol import CAP_INCOMING, HttpRequestFilter, IncomingConnection
@@ -191,7 +192,7 @@ class IncomingFeature:
             self.arrivals[port] = _Arrival(Endpoint.of(connection.peer_host, connection.peer_port),
                                            Endpoint.of(connection.local_host, connection.local_port))
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await asyncio.get_running_loop().sock_connect(sock, listener.address)
+                await sock_connect(sock, listener.address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, TimeoutError, ValueError) as error:
             log.info("incoming connection from %s:%d not delivered: %s", connection.peer_host,
