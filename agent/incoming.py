@@ -723,37 +723,90 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
-_SKF_AD_PROTOCOL = -0x1000 + 0
+_SKF_AD_PROTOCOL = (-0x1000 + 0) & 0xFFFFFFFF
+_SKF_AD_PKTTYPE = (-0x1000 + 4) & 0xFFFFFFFF
 # Classic BPF opcodes.
-_LD_H_ABS, _LD_B_ABS, _LDX_B_MSH, _LD_H_IND = 0x28, 0x30, 0xB1, 0x48
-_JEQ_K, _JSET_K, _RET_K = 0x15, 0x45, 0x06
+_LD_H_ABS, _LD_B_ABS, _LDX_B_MSH, _LD_H_IND, _LD_B_IND = 0x28, 0x30, 0xB1, 0x48, 0x50
+_JEQ_K, _JSET_K, _JGT_K, _RET_K = 0x15, 0x45, 0x25, 0x06
+_AND_K, _RSH_K, _ADD_X, _SUB_X, _TAX = 0x54, 0x74, 0x0C, 0x1C, 0x07
+_TCP_SYN_FIN_RST = 0x07
+
+Instruction = tuple[int, int, int, int]
 
 
-def bpf_for_ports(ports: set[int]) -> list[tuple[int, int, int, int]]:
+def _assemble(program: list[tuple[int, str | int, str | int, int] | str]) -> list[Instruction]:
+    """Resolve label names (strings in the list) into classic BPF jump offsets."""
+    labels: dict[str, int] = {}
+    index = 0
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = index
+        else:
+            index += 1
+    out: list[Instruction] = []
+    for item in program:
+        if isinstance(item, str):
+            continue
+        code, jt, jf, k = item
+        here = len(out) + 1
+        true = labels[jt] - here if isinstance(jt, str) else jt
+        false = labels[jf] - here if isinstance(jf, str) else jf
+        assert 0 <= true < 256 and 0 <= false < 256, "a BPF jump out of reach"
+        out.append((code, true, false, k))
+    return out
+
+
+def bpf_for_ports(ports: set[int]) -> list[Instruction]:
     """TCP to one of ``ports`` over IPv4 (unfragmented) or IPv6 (no extension
-    header), on a cooked (SOCK_DGRAM) packet socket: accept, else drop."""
+    header), on a cooked (SOCK_DGRAM) packet socket: accept, else drop.
+
+    Only what the reassembly needs wakes the agent: a segment with data, SYN,
+    FIN or RST. Pure ACKs (half of a connection's packets) and the outgoing
+    copy of each loopback packet (the incoming one follows) are dropped in the
+    kernel; every packet the filter passes is a wake-up of the agent that
+    competes with the target for a CPU.
+    """
     ordered = sorted(ports)[:200]
 
-    def port_tests(accept: int) -> list[tuple[int, int, int, int]]:
-        # The port is in A; jump to the accept instruction `accept` places ahead.
-        tests = []
-        for index, port in enumerate(ordered):
-            tests.append((_JEQ_K, len(ordered) - index - 1 + accept, 0, port))
-        return tests
+    def port_tests(matched: str) -> list[tuple[int, str | int, str | int, int] | str]:
+        # The destination port is in A; no port matches: drop.
+        return [(_JEQ_K, matched, 0, port) for port in ordered] + [(_RET_K, 0, 0, 0)]
 
-    v6: list[tuple[int, int, int, int]] = [
-        (_LD_B_ABS, 0, 0, 6), (_JEQ_K, 0, len(ordered) + 1, socket.IPPROTO_TCP),
-        (_LD_H_ABS, 0, 0, 42), *port_tests(1), (_RET_K, 0, 0, 0), (_RET_K, 0, 0, 0x40000)]
-    v4: list[tuple[int, int, int, int]] = [
-        (_LD_B_ABS, 0, 0, 9), (_JEQ_K, 0, len(ordered) + 4, socket.IPPROTO_TCP),
-        (_LD_H_ABS, 0, 0, 6), (_JSET_K, len(ordered) + 2, 0, 0x1FFF),
-        (_LDX_B_MSH, 0, 0, 0), (_LD_H_IND, 0, 0, 2), *port_tests(1), (_RET_K, 0, 0, 0),
-        (_RET_K, 0, 0, 0x40000)]
-    head = [(_LD_H_ABS, 0, 0, _SKF_AD_PROTOCOL & 0xFFFFFFFF),
-            (_JEQ_K, 0, len(v4), ETH_P_IP), *v4,
-            (_JEQ_K, 0, len(v6), ETH_P_IPV6), *v6,
-            (_RET_K, 0, 0, 0)]
-    return head
+    # Jumps go forward only, by at most 255: each block has its own exits.
+    return _assemble([
+        (_LD_H_ABS, 0, 0, _SKF_AD_PKTTYPE), (_JEQ_K, "drop", 0, PACKET_OUTGOING),
+        (_LD_H_ABS, 0, 0, _SKF_AD_PROTOCOL),
+        (_JEQ_K, "v4", 0, ETH_P_IP), (_JEQ_K, "v6", "drop", ETH_P_IPV6),
+        "drop",
+        (_RET_K, 0, 0, 0),
+        "v4",
+        (_LD_B_ABS, 0, 0, 9), (_JEQ_K, 0, "v4 drop", socket.IPPROTO_TCP),
+        (_LD_H_ABS, 0, 0, 6), (_JSET_K, "v4 drop", 0, 0x1FFF),
+        (_LDX_B_MSH, 0, 0, 0), (_LD_H_IND, 0, 0, 2), *port_tests("v4 flags"),
+        "v4 flags",
+        (_LD_B_IND, 0, 0, 13), (_JSET_K, "v4 accept", 0, _TCP_SYN_FIN_RST),
+        # payload = IP total length - IP header - TCP header
+        (_LD_B_IND, 0, 0, 12), (_AND_K, 0, 0, 0xF0), (_RSH_K, 0, 0, 2), (_ADD_X, 0, 0, 0),
+        (_TAX, 0, 0, 0), (_LD_H_ABS, 0, 0, 2), (_SUB_X, 0, 0, 0),
+        (_JGT_K, "v4 accept", "v4 drop", 0),
+        "v4 drop",
+        (_RET_K, 0, 0, 0),
+        "v4 accept",
+        (_RET_K, 0, 0, 0x40000),
+        "v6",
+        (_LD_B_ABS, 0, 0, 6), (_JEQ_K, 0, "v6 drop", socket.IPPROTO_TCP),
+        (_LD_H_ABS, 0, 0, 42), *port_tests("v6 flags"),
+        "v6 flags",
+        (_LD_B_ABS, 0, 0, 53), (_JSET_K, "v6 accept", 0, _TCP_SYN_FIN_RST),
+        # payload = IPv6 payload length - TCP header
+        (_LD_B_ABS, 0, 0, 52), (_AND_K, 0, 0, 0xF0), (_RSH_K, 0, 0, 2), (_TAX, 0, 0, 0),
+        (_LD_H_ABS, 0, 0, 4), (_SUB_X, 0, 0, 0),
+        (_JGT_K, "v6 accept", "v6 drop", 0),
+        "v6 drop",
+        (_RET_K, 0, 0, 0),
+        "v6 accept",
+        (_RET_K, 0, 0, 0x40000),
+    ])
 
 
 @dataclass
