@@ -597,3 +597,39 @@ def test_a_dead_agents_table_is_swept_by_the_next(incoming: Incoming,
         assert stale not in incoming.mtrace_tables()
     finally:
         traced.stop()
+
+
+# --- a closed listener gives its port back -------------------------------------------------
+
+CLOSING_SERVER = r"""
+import socket, sys, time
+listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("::", int(sys.argv[1])))
+listener.listen(8)
+print("listening on", listener.getsockname()[1], flush=True)
+connection, _ = listener.accept()
+connection.recv(65536)
+body = b"local before close\n"
+connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+connection.close()
+listener.close()
+print("closed", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("backend", ["notify", "ptrace"])
+def test_closing_the_listener_gives_the_port_back_while_mtrace_runs(incoming: Incoming,
+                                                                    backend: str) -> None:
+    traced = Traced(incoming.target, [sys.executable, "-c", CLOSING_SERVER, str(incoming.port)],
+                    "steal", backend=backend)
+    try:
+        assert incoming.request("/before")[0] == "local before close\n"
+        assert traced.process.stdout is not None
+        assert traced.process.stdout.readline() == b"closed\n"
+        # The program runs on; its listener is gone, so the target answers again.
+        assert _wait_for_target(incoming, "/after").startswith("target GET /after")
+        assert traced.process.poll() is None
+    finally:
+        traced.stop()

@@ -37,6 +37,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -75,6 +76,7 @@ class Listener:
     address: tuple[Any, ...]  # where the supervisor reaches it
     local_port: int
     remote_port: int
+    cookie: int = 0  # the kernel's SO_COOKIE of the socket (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,9 @@ class IncomingFeature:
         self.by_remote_port: dict[int, Listener] = {}
         # The relay socket's port -> who it stands for, until the tracee accepts it.
         self.arrivals: dict[int, _Arrival] = {}
+        # SO_COOKIE -> inode of each listener, to see it closed (ListenerCloses).
+        self.cookies: dict[int, int] = {}
+        self._closes: ListenerCloses | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def handlers(self) -> dict[str, Handler]:
@@ -139,13 +144,16 @@ class IncomingFeature:
                 return Errno(error.errno or errno.EIO)
             family = sock.family
             bound = sock.getsockname()
+            cookie = socket_cookie(sock)
         host, port = bound[0], bound[1]
         if not self.wanted(host, port) or self.context.agent_lost:
             return ReturnValue(0)
         remote_port = self.mapping.get(port, port)
-        listener = Listener(family, reachable_address(family, bound), port, remote_port)
+        listener = Listener(family, reachable_address(family, bound), port, remote_port, cookie)
         inode = os.fstat(fd).st_ino
         self.listeners[inode] = listener
+        if cookie:
+            self.cookies[cookie] = inode
         if remote_port in self.by_remote_port:
             self.by_remote_port[remote_port] = listener
             return ReturnValue(0)
@@ -154,6 +162,8 @@ class IncomingFeature:
 
     async def _subscribe(self, listener: Listener) -> Outcome:
         mode = self.config.mode
+        if self._closes is None:
+            self._closes = ListenerCloses.start(self._on_socket_gone)
         try:
             subscribed = await self.context.client.subscribe_incoming(
                 listener.remote_port, mode, self._on_connection, http_filter=self.http_filter)
@@ -169,6 +179,37 @@ class IncomingFeature:
             _say(f"mirror of port {listener.remote_port}: nothing in the target listens there, "
                  f"so the mirror sees nothing (steal would take new connections)")
         return ReturnValue(0)
+
+    # -- a listener closed --
+
+    def _on_socket_gone(self, cookie: int) -> None:
+        """A socket of this namespace is gone: if it was a subscribed listener
+        (its last fd closed, the program's or a child's), give the port back."""
+        inode = self.cookies.pop(cookie, None)
+        if inode is None:
+            return
+        listener = self.listeners.pop(inode, None)
+        if listener is None or self.by_remote_port.get(listener.remote_port) is not listener:
+            return
+        others = [other for other in self.listeners.values()
+                  if other.remote_port == listener.remote_port]
+        if others:  # another socket listens for that port: it takes the connections
+            self.by_remote_port[listener.remote_port] = others[-1]
+            return
+        del self.by_remote_port[listener.remote_port]
+        log.info("incoming: the listener on local port %d closed: the target's port %d is "
+                 "given back", listener.local_port, listener.remote_port)
+        task = asyncio.get_running_loop().create_task(self._unsubscribe(listener.remote_port))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unsubscribe(self, remote_port: int) -> None:
+        if self.context.agent_lost:
+            return
+        try:
+            await self.context.client.unsubscribe_incoming(remote_port)
+        except (RemoteError, AgentError) as error:
+            log.info("incoming: unsubscribing port %d: %s", remote_port, error)
 
     # -- connections from the agent --
 
@@ -301,8 +342,88 @@ class IncomingFeature:
                 (call.pointer_arg(2), struct.pack("=I", len(sockaddr))))
 
     async def close(self) -> None:
+        if self._closes is not None:
+            self._closes.close()
         for task in list(self._tasks):
             task.cancel()
+
+
+SO_COOKIE = 57
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+#: sock_diag multicast groups SKNLGRP_INET_TCP_DESTROY (1) and SKNLGRP_INET6_TCP_DESTROY (3).
+TCP_DESTROY_GROUPS = (1 << 0) | (1 << 2)
+#: Where idiag_cookie sits in a SOCK_DIAG_BY_FAMILY message (nlmsghdr, then
+#: inet_diag_msg: 4 bytes, then inet_diag_sockid: ports 4, addresses 32, interface 4).
+_COOKIE_OFFSET = 16 + 4 + 4 + 32 + 4
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's unique id of a socket (SO_COOKIE, Linux 4.12), 0 if unknown."""
+    try:
+        return int(struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0])
+    except OSError:
+        return 0
+
+
+class ListenerCloses:
+    """TCP sockets of this network namespace as they are destroyed.
+
+    ``close`` is not trapped (it is far too frequent), so a listener closed by
+    the program is seen from the kernel's side: sock_diag broadcasts each
+    destroyed TCP socket (``SKNLGRP_INET*_TCP_DESTROY``, CAP_NET_ADMIN) with its
+    cookie, the moment its last reference goes. The inode is 0 by then, hence
+    the cookie.
+    """
+
+    def __init__(self, sock: socket.socket, on_gone: Callable[[int], None]) -> None:
+        self.sock = sock
+        self._on_gone = on_gone
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    @classmethod
+    def start(cls, on_gone: Callable[[int], None]) -> ListenerCloses | None:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                                 NETLINK_SOCK_DIAG)
+        except OSError as error:
+            log.info("incoming: no sock_diag (%s): a closed listener keeps its subscription "
+                     "until the session ends", error)
+            return None
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.bind((0, TCP_DESTROY_GROUPS))
+        except OSError as error:
+            sock.close()
+            log.info("incoming: cannot watch for closed listeners (%s): a closed listener "
+                     "keeps its subscription until the session ends", error)
+            return None
+        return cls(sock, on_gone)
+
+    def _readable(self) -> None:
+        for _ in range(256):
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as error:  # ENOBUFS: events were lost; later ones still come
+                log.debug("incoming: sock_diag: %s", error)
+                continue
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if length < 16:
+                    break
+                if kind == SOCK_DIAG_BY_FAMILY and offset + _COOKIE_OFFSET + 8 <= len(data):
+                    self._on_gone(struct.unpack_from("=Q", data, offset + _COOKIE_OFFSET)[0])
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 def _accept(fd: int) -> tuple[int, Any]:
