@@ -13,6 +13,7 @@ and getpeername disagree) or the Go ``httpserve`` (keep-alive).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -633,3 +634,77 @@ def test_closing_the_listener_gives_the_port_back_while_mtrace_runs(incoming: In
         assert traced.process.poll() is None
     finally:
         traced.stop()
+
+
+# --- blocking accepts from many threads ------------------------------------------------------
+
+THREADED_SERVER = r"""
+import socket, sys, threading
+port, count = int(sys.argv[1]), int(sys.argv[2])
+listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("::", port))
+listener.listen(64)
+def serve(index):
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError as error:
+            print(f"thread {index} accept: {error.errno}", flush=True)
+            return
+        connection.recv(65536)
+        body = b"local thread\n"
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                           % len(body) + body)
+        connection.close()
+threads = [threading.Thread(target=serve, args=(index,)) for index in range(count)]
+for thread in threads:
+    thread.start()
+print("listening on", port, flush=True)
+sys.stdin.readline()
+listener.shutdown(socket.SHUT_RDWR)  # wakes every thread blocked in accept (EINVAL)
+for thread in threads:
+    thread.join()
+print("all threads done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["notify", "ptrace"])
+def test_blocking_accepts_in_many_threads_stay_blocking_and_lose_nothing(
+        incoming: Incoming, backend: str) -> None:
+    """Eight threads blocked in accept on one blocking listener (more than the
+    supervisor's executor has workers); the listener must stay blocking (a
+    watcher that set O_NONBLOCK on it made the program's accepts fail with
+    EAGAIN) and every connection reach one of them."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli.main", "exec", "--backend", backend,
+         "--target", f"pid/{incoming.target.pid}", "-f", _config("steal"), "--",
+         sys.executable, "-c", THREADED_SERVER, str(incoming.port), "8"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, bufsize=0)
+    script = r"""
+import concurrent.futures, http.client, sys
+def one(index):
+    connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=30)
+    connection.request("GET", f"/{index}")
+    return connection.getresponse().read().decode()
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    print(sorted(set(pool.map(one, range(40)))), len(list(pool.map(one, range(40)))))
+"""
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().startswith(b"listening on")
+        result = subprocess.run(incoming.target.nsenter_argv(
+            sys.executable, "-c", script, str(incoming.port), environment=False),
+            capture_output=True, text=True, timeout=120, check=False)
+        process.stdin.write(b"\n")
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert result.stdout.strip() == "['local thread\\n'] 40", result.stderr[-2000:]
+    lines = out.decode().splitlines()
+    assert lines[-1] == "all threads done", (lines, err.decode()[-2000:])
+    assert sorted(lines[:-1]) == sorted(f"thread {index} accept: {errno.EINVAL}"
+                                        for index in range(8)), lines

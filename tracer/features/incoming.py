@@ -34,9 +34,11 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -104,6 +106,7 @@ class IncomingFeature:
         # SO_COOKIE -> inode of each listener, to see it closed (ListenerCloses).
         self.cookies: dict[int, int] = {}
         self._closes: ListenerCloses | None = None
+        self._accept_waiter: AcceptWaiter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def handlers(self) -> dict[str, Handler]:
@@ -269,7 +272,7 @@ class IncomingFeature:
                        fd: int) -> Outcome:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
             try:
-                accepted, address = _accept(fd)
+                accepted, address = _accept_now(fd)
             except BlockingIOError:
                 return Errno(errno.EAGAIN)
             except OSError as error:
@@ -279,17 +282,20 @@ class IncomingFeature:
 
     async def _accept_blocking(self, call: SyscallCall, listener: Listener, flags: int,
                                fd: int) -> Outcome:
-        loop = asyncio.get_running_loop()
+        """A blocking accept, made without blocking: wait until the listener is
+        readable, then accept only if a connection is still there (another
+        tracee thread may have taken it: then wait for the next, as the
+        kernel's accept would)."""
+        if self._accept_waiter is None:
+            self._accept_waiter = AcceptWaiter()
         try:
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _set_once, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
-            # Another tracee thread may have taken it meanwhile: then this one
-            # waits for the next connection, as the kernel's accept would.
-            accepted, address = await asyncio.to_thread(_accept, fd)
+            while True:
+                await self._accept_waiter.readable(fd)
+                try:
+                    accepted, address = _accept_now(fd)
+                except BlockingIOError:
+                    continue
+                break
         except OSError as error:
             return Errno(error.errno or errno.EIO)
         finally:
@@ -344,6 +350,8 @@ class IncomingFeature:
     async def close(self) -> None:
         if self._closes is not None:
             self._closes.close()
+        if self._accept_waiter is not None:
+            self._accept_waiter.close()
         for task in list(self._tasks):
             task.cancel()
 
@@ -426,10 +434,87 @@ class ListenerCloses:
         self.sock.close()
 
 
-def _accept(fd: int) -> tuple[int, Any]:
-    with borrowed(fd) as sock:
-        accepted, address = sock._accept()  # type: ignore[attr-defined]
+#: Every accept the supervisor makes on a tracee's listener, from the trap
+#: thread or the async side, holds this lock: the readiness check and the
+#: accept are then one step, so an accept on a blocking listener never blocks.
+_accepting = threading.Lock()
+
+
+def _accept_now(fd: int) -> tuple[int, Any]:
+    """Accept a connection waiting on listener ``fd``, never blocking: raises
+    BlockingIOError when none is waiting (whatever the socket's O_NONBLOCK,
+    which is the tracee's and is left alone)."""
+    with _accepting:
+        ready = select.poll()
+        ready.register(fd, select.POLLIN)
+        if not ready.poll(0):
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        with borrowed(fd) as sock:
+            accepted, address = sock._accept()  # type: ignore[attr-defined]
     return int(accepted), address
+
+
+class AcceptWaiter:
+    """Waits for tracee listeners to become readable, in a thread of its own.
+
+    Not the event loop's ``add_reader``: uvloop (libuv) sets O_NONBLOCK on the
+    fd it watches, and a dup of the tracee's listener shares the tracee's file
+    status flags, so the program's blocking listener would turn non-blocking
+    under it (its next ``accept`` failing with EAGAIN). ``epoll`` leaves the
+    flags alone. One thread for every waiting accept: none blocks a worker of
+    the loop's executor.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mtrace-accept", daemon=True)
+        self._thread.start()
+
+    async def readable(self, fd: int) -> None:
+        future: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            self._waiting[fd] = future
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        try:
+            await future
+        finally:
+            with self._lock:
+                self._waiting.pop(fd, None)
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):  # closed
+                return
+            for fd, _ in events:
+                if fd == self._wake:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_read(self._wake)
+                    continue
+                with self._lock:
+                    future = self._waiting.get(fd)
+                if future is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone
+                        self._loop.call_soon_threadsafe(_set_once, future)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake, 1)
+        self._thread.join(timeout=5)
+        self._epoll.close()
+        os.close(self._wake)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
