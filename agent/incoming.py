@@ -452,11 +452,14 @@ class FilteredConnection:
         return self._client
 
     async def _connect_target(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        host = self.local[0]
+        host = _unmapped(self.local[0])
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+            redirector = self.incoming._redirector
+            if redirector is not None and redirector.local_routing:
+                _bind_as_peer(sock, family, _unmapped(self.peer[0]))
             sock.setblocking(False)
             await sock_connect(sock, (host, self.local[1]))
         except BaseException:
@@ -475,6 +478,29 @@ class FilteredConnection:
         ours, theirs = socket.socketpair()
         self.incoming._new_stream(theirs, self.port, self.peer, self.local)
         return await asyncio.open_connection(sock=ours, limit=1 << 16)
+
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+
+
+def _bind_as_peer(sock: socket.socket, family: int, peer_host: str) -> None:
+    """Make ``sock``'s connection leave from the real client's address, so the
+    target's process sees its real peer (the port is a new one: the client's
+    own is taken by its connection to the agent). The target's answers come
+    back through the redirect table's marks and local route. Left as it is
+    (the agent's address) when the peer is of the other family or the bind
+    is refused."""
+    if (":" in peer_host) != (family == socket.AF_INET6):
+        return
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((peer_host, 0))
+    except OSError as error:
+        event(logger, logging.DEBUG, "transparent_bind_failed", peer=peer_host, errno=error.errno)
 
 
 class _H2Side:
@@ -770,7 +796,9 @@ def bpf_for_ports(ports: set[int]) -> list[Instruction]:
 
     def port_tests(matched: str) -> list[tuple[int, str | int, str | int, int] | str]:
         # The destination port is in A; no port matches: drop.
-        return [(_JEQ_K, matched, 0, port) for port in ordered] + [(_RET_K, 0, 0, 0)]
+        tests: list[tuple[int, str | int, str | int, int] | str] = [
+            (_JEQ_K, matched, 0, port) for port in ordered]
+        return [*tests, (_RET_K, 0, 0, 0)]
 
     # Jumps go forward only, by at most 255: each block has its own exits.
     return _assemble([

@@ -32,6 +32,8 @@ import pytest
 from netns_target import NetnsTarget
 from programs_build import ProgramPaths
 
+from mtrace.agent.redirect import ROUTE_TABLE
+
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
 CLIENT_ADDRESS = "10.77.0.2"
@@ -122,6 +124,11 @@ class Incoming:
         result = subprocess.run(argv, capture_output=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
         return [(body, own) for body, own in json.loads(result.stdout)]
+
+    def local_routing_rule(self) -> str:
+        return subprocess.run(self.target.nsenter_argv(
+            "ip", "rule", "show", "pref", str(ROUTE_TABLE), environment=False),
+            capture_output=True, text=True, timeout=30, check=False).stdout.strip()
 
     def mtrace_tables(self) -> str:
         ruleset = subprocess.run(self.target.nsenter_argv("nft", "list", "tables",
@@ -269,6 +276,8 @@ def test_agent_killed_mid_steal_gives_the_port_back(incoming: Incoming,
         # The watchdog removes the rules: the target's process answers again.
         assert _wait_for_target(incoming, "/after-kill").startswith("target GET /after-kill")
         while incoming.mtrace_tables():
+            time.sleep(0.05)
+        while incoming.local_routing_rule():  # the watchdog removes the shared rule too
             time.sleep(0.05)
     finally:
         traced.stop()
@@ -708,3 +717,23 @@ with concurrent.futures.ThreadPoolExecutor(16) as pool:
     assert lines[-1] == "all threads done", (lines, err.decode()[-2000:])
     assert sorted(lines[:-1]) == sorted(f"thread {index} accept: {errno.EINVAL}"
                                         for index in range(8)), lines
+
+
+def test_filtered_out_requests_reach_the_target_from_the_real_client(
+        incoming: Incoming, programs: ProgramPaths) -> None:
+    traced = _httpserve(incoming, programs, {"header_filter": "^X-Mtrace: yes$"})
+    try:
+        answers = incoming.requests([("GET", "/hello", {"X-Mtrace": "yes"}), ("GET", "/hello", {})],
+                                    host=TARGET_ADDRESS, from_client_host=True)
+        answers6 = incoming.requests([("GET", "/v6", {})], host=TARGET_ADDRESS6,
+                                     from_client_host=True)
+        rules = incoming.local_routing_rule()
+    finally:
+        traced.stop()
+    assert answers[0][0] == "hello from local\n"
+    # The target's process sees the real client (a new port of it), not the agent.
+    assert answers[1][0].startswith(f"target GET /hello from {CLIENT_ADDRESS}:"), answers
+    assert answers6[0][0].startswith(f"target GET /v6 from [{CLIENT_ADDRESS6}]:"), answers6
+    assert "lookup" in rules
+    # The session is over: the shared rule went with the last mtrace table.
+    assert incoming.local_routing_rule() == ""
