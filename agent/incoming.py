@@ -379,7 +379,21 @@ class FilteredConnection:
                 event(logger, logging.DEBUG, "filtered_request", port=self.port,
                       to="client" if matched else "target", method=request.method.decode(),
                       target=request.target.decode("latin-1"))
-                await self._exchange(upstream, events, downstream, writer)
+                peer_settings = _h2c_upgrade_settings(request)
+                if peer_settings is not None:
+                    # Asked upstream with our own HTTP2-Settings: if it agrees
+                    # (101), its connection and the peer's both become ours.
+                    events = [_with_settings(request, _H2Side.upgrade_settings()), *events[1:]]
+                if await self._exchange(upstream, events, downstream, writer):
+                    assert peer_settings is not None
+                    if upstream is self._client:
+                        self._client = None
+                    else:
+                        self._target = None
+                    await FilteredHttp2(self).run_upgraded(
+                        "client" if matched else "target", upstream, peer_settings,
+                        downstream.trailing_data[0], reader, writer)
+                    return
                 if downstream.our_state is h11.MUST_CLOSE or downstream.their_state is h11.MUST_CLOSE:
                     return
                 if downstream.our_state is not h11.DONE:
@@ -421,8 +435,9 @@ class FilteredConnection:
                 return events
 
     async def _exchange(self, upstream: _Upstream, events: list[Any], downstream: Any,
-                        writer: asyncio.StreamWriter) -> None:
-        """Send the request upstream; relay its whole response back."""
+                        writer: asyncio.StreamWriter) -> bool:
+        """Send the request upstream; relay its whole response back. True when
+        the answer was ``101 Switching Protocols`` (both connections switched)."""
         import h11
 
         if upstream.http.our_state is h11.DONE and upstream.http.their_state is h11.DONE:
@@ -440,8 +455,10 @@ class FilteredConnection:
                 raise _oserror(errno.ECONNRESET, "the upstream closed mid-response")
             writer.write(downstream.send(found) or b"")
             await writer.drain()
+            if isinstance(found, h11.InformationalResponse) and found.status_code == 101:
+                return True
             if isinstance(found, h11.EndOfMessage):
-                return
+                return False
 
     async def _to_client(self) -> _Upstream:
         if self._client is None:
@@ -503,25 +520,57 @@ def _bind_as_peer(sock: socket.socket, family: int, peer_host: str) -> None:
         event(logger, logging.DEBUG, "transparent_bind_failed", peer=peer_host, errno=error.errno)
 
 
+def _h2c_upgrade_settings(request: Any) -> bytes | None:
+    """The ``HTTP2-Settings`` of an HTTP/1.1 request asking to switch to h2c, else None."""
+    upgrade = b""
+    settings = None
+    for name, value in request.headers:
+        if name == b"upgrade":
+            upgrade += b"," + value.lower()
+        elif name == b"http2-settings":
+            settings = bytes(value)
+    if settings is None or b"h2c" not in [token.strip() for token in upgrade.split(b",")]:
+        return None
+    return settings
+
+
+def _with_settings(request: Any, settings: bytes) -> Any:
+    import h11
+
+    headers = [(name, settings if name.lower() == b"http2-settings" else value)
+               for name, value in request.headers.raw_items()]
+    return h11.Request(method=request.method, target=request.target, headers=headers,
+                       http_version=request.http_version)
+
+
 class _H2Side:
     """One HTTP/2 connection of a filtered steal (the peer's, the target's or the client's)."""
 
     def __init__(self, name: str, client_side: bool, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
-        import h2.config
-        import h2.connection
-
         self.name = name
         self.reader = reader
         self.writer = writer
-        self.http = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=client_side, header_encoding=None, validate_inbound_headers=False,
-            normalize_inbound_headers=False, validate_outbound_headers=False,
-            normalize_outbound_headers=False))
+        self.http = self.connection(client_side)
         # Data waiting for flow-control window: stream -> [bytes, end the stream after].
         self.pending: dict[int, list[Any]] = {}
         # Streams whose end was already sent (trailers end a stream themselves).
         self.ended: set[int] = set()
+
+    @staticmethod
+    def connection(client_side: bool) -> Any:
+        import h2.config
+        import h2.connection
+
+        return h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None, validate_inbound_headers=False,
+            normalize_inbound_headers=False, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+
+    @classmethod
+    def upgrade_settings(cls) -> bytes:
+        """The HTTP2-Settings value our client side announces (its settings are fixed)."""
+        return bytes(cls.connection(True).initiate_upgrade_connection())
 
     def flush(self) -> None:
         data = self.http.data_to_send()
@@ -609,6 +658,35 @@ class FilteredHttp2:
             for side in self.sides.values():
                 with contextlib.suppress(Exception):
                     side.writer.close()
+
+    async def run_upgraded(self, name: str, upstream: _Upstream, peer_settings: bytes,
+                           peer_rest: bytes, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """After a ``101`` to an ``Upgrade: h2c`` request: the request is stream 1
+        of both the peer's connection and ``upstream``'s (whose answer it
+        awaits); later streams are sorted as on any HTTP/2 connection."""
+        self.peer = _H2Side("peer", False, reader, writer)
+        self.peer.http.initiate_upgrade_connection(peer_settings)
+        side = _H2Side(name, True, upstream.reader, upstream.writer)
+        side.http.initiate_upgrade_connection()
+        self.sides[name] = side
+        self.from_peer[1] = (name, 1)
+        self.to_peer[(name, 1)] = 1
+        side_rest = upstream.http.trailing_data[0]
+        if side_rest:
+            self._handle(side, side_rest)
+        self._tasks.append(asyncio.create_task(self._pump_side(side)))
+        if peer_rest:
+            self._handle(self.peer, peer_rest)
+        self._flush_all()
+        try:
+            await self._pump(self.peer)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for each in self.sides.values():
+                with contextlib.suppress(Exception):
+                    each.writer.close()
 
     async def _pump(self, side: _H2Side) -> None:
         while data := await side.reader.read(1 << 16):

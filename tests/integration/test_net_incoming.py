@@ -737,3 +737,141 @@ def test_filtered_out_requests_reach_the_target_from_the_real_client(
     assert "lookup" in rules
     # The session is over: the shared rule went with the last mtrace table.
     assert incoming.local_routing_rule() == ""
+
+
+# --- h2c by HTTP/1.1 Upgrade -------------------------------------------------------------------
+
+H2C_UPGRADE_SERVER = r"""
+import socket, sys, threading
+import h2.config, h2.connection, h2.events
+name, port = sys.argv[1], int(sys.argv[2])
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+def answer(connection, stream_id, path):
+    body = f"{name} {path}\n".encode()
+    connection.send_headers(stream_id, [(":status", "200"), ("content-length", str(len(body)))])
+    connection.send_data(stream_id, body, end_stream=True)
+def serve(sock):
+    with sock:
+        data = sock.recv(65536)
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        if data.startswith(PREFACE[:len(data)]):
+            connection.initiate_connection()
+        else:  # HTTP/1.1: an Upgrade: h2c request (or a plain one)
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, _, data = data.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            path = lines[0].split()[1]
+            fields = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip()
+                      for line in lines[1:]}
+            if fields.get("upgrade", "").lower() != "h2c":
+                body = f"{name} {path} http/1.1\n".encode()
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                return
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: h2c\r\n\r\n")
+            connection.initiate_upgrade_connection(fields["http2-settings"])
+            answer(connection, 1, path)
+        while True:
+            for found in connection.receive_data(data):
+                if isinstance(found, h2.events.RequestReceived):
+                    headers = dict(found.headers)
+                    answer(connection, found.stream_id, headers[b":path"].decode())
+            sock.sendall(connection.data_to_send())
+            data = sock.recv(65536)
+            if not data:
+                return
+listener = socket.socket(socket.AF_INET6)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("::", port))
+listener.listen(16)
+print("listening on", port, flush=True)
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+
+H2C_UPGRADE_CLIENT = r"""
+import json, socket, sys
+import h2.connection, h2.events
+host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+sock = socket.create_connection((host, port), timeout=20)
+connection = h2.connection.H2Connection()
+settings = connection.initiate_upgrade_connection().decode()
+path, headers = requests[0]
+extra = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+sock.sendall((f"GET {path} HTTP/1.1\r\nHost: target\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+              f"Upgrade: h2c\r\nHTTP2-Settings: {settings}\r\n{extra}\r\n").encode())
+data = b""
+while b"\r\n\r\n" not in data:
+    data += sock.recv(65536)
+head, _, data = data.partition(b"\r\n\r\n")
+if not head.startswith(b"HTTP/1.1 101 "):
+    sys.exit(f"no switch: {head!r} {data!r}")
+streams = [1]
+for path, headers in requests[1:]:
+    stream_id = connection.get_next_available_stream_id()
+    connection.send_headers(stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                        (":authority", "target"), *headers.items()],
+                            end_stream=True)
+    streams.append(stream_id)
+sock.sendall(connection.data_to_send())
+bodies = {stream_id: b"" for stream_id in streams}
+ended = set()
+while len(ended) < len(streams):
+    for found in connection.receive_data(data):
+        if isinstance(found, h2.events.DataReceived):
+            bodies[found.stream_id] += found.data
+            connection.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
+        elif isinstance(found, (h2.events.StreamEnded, h2.events.StreamReset)):
+            ended.add(found.stream_id)
+    sock.sendall(connection.data_to_send())
+    if len(ended) < len(streams):
+        data = sock.recv(65536)
+        if not data:
+            break
+print(json.dumps([bodies[stream_id].decode() for stream_id in streams]))
+"""
+
+
+@pytest.mark.parametrize("first_to", ["local", "target"])
+def test_filter_follows_an_http1_upgrade_to_h2c(incoming: Incoming, first_to: str) -> None:
+    port = free_port()
+    target_server = subprocess.Popen(
+        ["ip", "netns", "exec", incoming.target.netns, sys.executable, "-c", H2C_UPGRADE_SERVER,
+         "target", str(port)], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert target_server.stdout is not None
+        assert target_server.stdout.readline().startswith(b"listening on")
+        traced = Traced(incoming.target, [sys.executable, "-c", H2C_UPGRADE_SERVER, "local",
+                                          str(port)],
+                        {"mode": "steal", "http_filter": {"header_filter": "^x-mtrace: yes$"}})
+        try:
+            first = {"x-mtrace": "yes"} if first_to == "local" else {}
+            requests = [["/first", first], ["/a", {"x-mtrace": "yes"}], ["/b", {}]]
+            result = subprocess.run(incoming.target.nsenter_argv(
+                sys.executable, "-c", H2C_UPGRADE_CLIENT, "127.0.0.1", str(port),
+                json.dumps(requests), environment=False), capture_output=True, timeout=60,
+                check=False)
+            assert result.returncode == 0, result.stderr.decode()[-2000:]
+        finally:
+            traced.stop()
+    finally:
+        target_server.kill()
+        target_server.wait(timeout=10)
+    assert json.loads(result.stdout) == [f"{first_to} /first\n", "local /a\n", "target /b\n"]
+
+
+def test_an_upgrade_the_server_declines_stays_http1_and_filtered(incoming: Incoming,
+                                                                 programs: ProgramPaths) -> None:
+    """Go's server does not switch to h2c on Upgrade (as curl --http2 asks on
+    http://): its HTTP/1.1 answer is relayed and the connection stays filtered."""
+    traced = _httpserve(incoming, programs, {"header_filter": "^X-Mtrace: yes$"})
+    try:
+        answers = incoming.requests([
+            ("GET", "/hello", {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+                               "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA"}),
+            ("GET", "/hello", {"X-Mtrace": "yes"})])
+    finally:
+        traced.stop()
+    assert answers[0][0].startswith("target GET /hello from ")
+    assert answers[1][0] == "hello from local\n"
