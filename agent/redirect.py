@@ -149,10 +149,16 @@ class Redirector:
             sweep_stale(self.backend)
             self._start_watchdog()
         if self.backend == "nft":
-            result = _run(["nft", "-f", "-"], stdin=nft_script(self.name, ports))
+            route = self.local_routing or not self._installed
+            result = _run(["nft", "-f", "-"], stdin=nft_script(self.name, ports, route=route))
+            if result.returncode != 0 and route:
+                # A kernel without nftables' route chains (or conntrack marks):
+                # steal all the same, the target sees the agent's address.
+                route = False
+                result = _run(["nft", "-f", "-"], stdin=nft_script(self.name, ports, route=False))
             if result.returncode != 0:
                 raise _failed("cannot install the redirect rules (nft)", result)
-            if not self._installed:
+            if not self._installed and route:
                 self.local_routing = add_local_routing()
         else:
             self._apply_iptables(ports)
@@ -177,8 +183,9 @@ class Redirector:
             start_new_session=True, close_fds=True)
 
 
-def nft_script(name: str, ports: Mapping[int, int]) -> str:
-    """One transaction: the table emptied (created if missing) and refilled."""
+def nft_script(name: str, ports: Mapping[int, int], *, route: bool = True) -> str:
+    """One transaction: the table emptied (created if missing) and refilled;
+    ``route``: with the chain that marks the agent's transparent connections."""
     rules = "".join(
         f"    tcp dport {port} meta mark != {AGENT_MARK:#x} redirect to :{to_port}\n"
         for port, to_port in sorted(ports.items()))
@@ -188,11 +195,11 @@ def nft_script(name: str, ports: Mapping[int, int]) -> str:
             f"{rules}  }}\n"
             f"  chain output {{\n    type nat hook output priority -100; policy accept;\n"
             f"{rules}  }}\n"
-            f"  chain route {{\n    type route hook output priority mangle; policy accept;\n"
-            f"    meta mark {AGENT_MARK:#x} ct mark set {AGENT_MARK:#x}\n"
-            f"    ct direction reply ct mark {AGENT_MARK:#x} meta mark set {AGENT_MARK:#x}\n"
-            f"  }}\n"
-            f"}}\n")
+            + (f"  chain route {{\n    type route hook output priority mangle; policy accept;\n"
+               f"    meta mark {AGENT_MARK:#x} ct mark set {AGENT_MARK:#x}\n"
+               f"    ct direction reply ct mark {AGENT_MARK:#x} meta mark set {AGENT_MARK:#x}\n"
+               f"  }}\n" if route else "")
+            + "}\n")
 
 
 def iptables_script(name: str, ports: Mapping[int, int], *, first: bool) -> str:

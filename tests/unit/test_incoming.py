@@ -69,6 +69,15 @@ def test_nft_table_redirects_both_hooks_and_skips_the_agents_mark() -> None:
     assert script.count("redirect to :40001") == 2
 
 
+def test_nft_table_marks_the_agents_connections_and_their_answers_unless_told_not() -> None:
+    script = nft_script("mtrace_42_1", {80: 40000})
+    assert "type route hook output" in script
+    assert f"meta mark {AGENT_MARK:#x} ct mark set {AGENT_MARK:#x}" in script
+    assert f"ct direction reply ct mark {AGENT_MARK:#x} meta mark set {AGENT_MARK:#x}" in script
+    plain = nft_script("mtrace_42_1", {80: 40000}, route=False)
+    assert "route" not in plain and plain.rstrip().endswith("}")
+
+
 def test_iptables_chain_is_jumped_to_once() -> None:
     first = iptables_script("MTRACE_42", {80: 40000}, first=True)
     assert "-I PREROUTING -j MTRACE_42" in first and "-I OUTPUT -j MTRACE_42" in first
