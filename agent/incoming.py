@@ -13,7 +13,10 @@ and removes them all when the client goes away.
   each other one to the target's process over the agent's own connection to
   the original destination (marked, so not redirected again), and the
   answers go back in order, so keep-alive and pipelined requests mix freely.
-  An HTTP/2 connection (its preface) is sorted per stream the same way, with h2.
+  An HTTP/2 connection (its preface, or an ``Upgrade: h2c`` the chosen side
+  accepts) is sorted per stream the same way, with h2. The agent's connections
+  to the target leave from the client's address where the redirect table can
+  route the answers back (``IP_TRANSPARENT``), so the target sees its real peer.
 * **mirror**: nothing in the target's path changes. An ``AF_PACKET`` socket
   with a BPF filter on the subscribed ports sees the packets the target
   receives; a small TCP reassembly per connection (from its SYN) turns them

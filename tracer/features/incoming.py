@@ -20,7 +20,10 @@ What is trapped and what it becomes (``feature.network.incoming``):
   ``getpeername``/``getsockname`` on that socket then answer the peer and the
   address the peer reached in the target (through the outgoing feature's
   table of relayed sockets). A non-blocking listener with nothing pending gets
-  ``EAGAIN``; a blocking one waits on the async side, never in the trap loop.
+  ``EAGAIN``; a blocking one waits on the async side (:class:`AcceptWaiter`),
+  never in the trap loop, and never changes the listener's flags.
+* a listener closed (its last fd, ``close`` is not trapped): seen from the
+  kernel (:class:`ListenerCloses`), its port is unsubscribed at once.
 
 A subscription fails with one line on stderr (the agent lacks NET_ADMIN, say)
 and the program keeps running with its local listener.
