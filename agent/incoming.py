@@ -13,7 +13,10 @@ and removes them all when the client goes away.
   each other one to the target's process over the agent's own connection to
   the original destination (marked, so not redirected again), and the
   answers go back in order, so keep-alive and pipelined requests mix freely.
-  An HTTP/2 connection (its preface) is sorted per stream the same way, with h2.
+  An HTTP/2 connection (its preface, or an ``Upgrade: h2c`` the chosen side
+  accepts) is sorted per stream the same way, with h2. The agent's connections
+  to the target leave from the client's address where the redirect table can
+  route the answers back (``IP_TRANSPARENT``), so the target sees its real peer.
 * **mirror**: nothing in the target's path changes. An ``AF_PACKET`` socket
   with a BPF filter on the subscribed ports sees the packets the target
   receives; a small TCP reassembly per connection (from its SYN) turns them
@@ -40,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .aio import sock_connect
 from .logs import event
 from .net import Outgoing
 from .protocol import (
@@ -378,7 +382,21 @@ class FilteredConnection:
                 event(logger, logging.DEBUG, "filtered_request", port=self.port,
                       to="client" if matched else "target", method=request.method.decode(),
                       target=request.target.decode("latin-1"))
-                await self._exchange(upstream, events, downstream, writer)
+                peer_settings = _h2c_upgrade_settings(request)
+                if peer_settings is not None:
+                    # Asked upstream with our own HTTP2-Settings: if it agrees
+                    # (101), its connection and the peer's both become ours.
+                    events = [_with_settings(request, _H2Side.upgrade_settings()), *events[1:]]
+                if await self._exchange(upstream, events, downstream, writer):
+                    assert peer_settings is not None
+                    if upstream is self._client:
+                        self._client = None
+                    else:
+                        self._target = None
+                    await FilteredHttp2(self).run_upgraded(
+                        "client" if matched else "target", upstream, peer_settings,
+                        downstream.trailing_data[0], reader, writer)
+                    return
                 if downstream.our_state is h11.MUST_CLOSE or downstream.their_state is h11.MUST_CLOSE:
                     return
                 if downstream.our_state is not h11.DONE:
@@ -420,8 +438,9 @@ class FilteredConnection:
                 return events
 
     async def _exchange(self, upstream: _Upstream, events: list[Any], downstream: Any,
-                        writer: asyncio.StreamWriter) -> None:
-        """Send the request upstream; relay its whole response back."""
+                        writer: asyncio.StreamWriter) -> bool:
+        """Send the request upstream; relay its whole response back. True when
+        the answer was ``101 Switching Protocols`` (both connections switched)."""
         import h11
 
         if upstream.http.our_state is h11.DONE and upstream.http.their_state is h11.DONE:
@@ -439,8 +458,10 @@ class FilteredConnection:
                 raise _oserror(errno.ECONNRESET, "the upstream closed mid-response")
             writer.write(downstream.send(found) or b"")
             await writer.drain()
+            if isinstance(found, h11.InformationalResponse) and found.status_code == 101:
+                return True
             if isinstance(found, h11.EndOfMessage):
-                return
+                return False
 
     async def _to_client(self) -> _Upstream:
         if self._client is None:
@@ -451,13 +472,16 @@ class FilteredConnection:
         return self._client
 
     async def _connect_target(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        host = self.local[0]
+        host = _unmapped(self.local[0])
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+            redirector = self.incoming._redirector
+            if redirector is not None and redirector.local_routing:
+                _bind_as_peer(sock, family, _unmapped(self.peer[0]))
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (host, self.local[1]))
+            await sock_connect(sock, (host, self.local[1]))
         except BaseException:
             sock.close()
             raise
@@ -476,25 +500,80 @@ class FilteredConnection:
         return await asyncio.open_connection(sock=ours, limit=1 << 16)
 
 
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+
+
+def _bind_as_peer(sock: socket.socket, family: int, peer_host: str) -> None:
+    """Make ``sock``'s connection leave from the real client's address, so the
+    target's process sees its real peer (the port is a new one: the client's
+    own is taken by its connection to the agent). The target's answers come
+    back through the redirect table's marks and local route. Left as it is
+    (the agent's address) when the peer is of the other family or the bind
+    is refused."""
+    if (":" in peer_host) != (family == socket.AF_INET6):
+        return
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((peer_host, 0))
+    except OSError as error:
+        event(logger, logging.DEBUG, "transparent_bind_failed", peer=peer_host, errno=error.errno)
+
+
+def _h2c_upgrade_settings(request: Any) -> bytes | None:
+    """The ``HTTP2-Settings`` of an HTTP/1.1 request asking to switch to h2c, else None."""
+    upgrade = b""
+    settings = None
+    for name, value in request.headers:
+        if name == b"upgrade":
+            upgrade += b"," + value.lower()
+        elif name == b"http2-settings":
+            settings = bytes(value)
+    if settings is None or b"h2c" not in [token.strip() for token in upgrade.split(b",")]:
+        return None
+    return settings
+
+
+def _with_settings(request: Any, settings: bytes) -> Any:
+    import h11
+
+    headers = [(name, settings if name.lower() == b"http2-settings" else value)
+               for name, value in request.headers.raw_items()]
+    return h11.Request(method=request.method, target=request.target, headers=headers,
+                       http_version=request.http_version)
+
+
 class _H2Side:
     """One HTTP/2 connection of a filtered steal (the peer's, the target's or the client's)."""
 
     def __init__(self, name: str, client_side: bool, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
-        import h2.config
-        import h2.connection
-
         self.name = name
         self.reader = reader
         self.writer = writer
-        self.http = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=client_side, header_encoding=None, validate_inbound_headers=False,
-            normalize_inbound_headers=False, validate_outbound_headers=False,
-            normalize_outbound_headers=False))
+        self.http = self.connection(client_side)
         # Data waiting for flow-control window: stream -> [bytes, end the stream after].
         self.pending: dict[int, list[Any]] = {}
         # Streams whose end was already sent (trailers end a stream themselves).
         self.ended: set[int] = set()
+
+    @staticmethod
+    def connection(client_side: bool) -> Any:
+        import h2.config
+        import h2.connection
+
+        return h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None, validate_inbound_headers=False,
+            normalize_inbound_headers=False, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+
+    @classmethod
+    def upgrade_settings(cls) -> bytes:
+        """The HTTP2-Settings value our client side announces (its settings are fixed)."""
+        return bytes(cls.connection(True).initiate_upgrade_connection())
 
     def flush(self) -> None:
         data = self.http.data_to_send()
@@ -582,6 +661,35 @@ class FilteredHttp2:
             for side in self.sides.values():
                 with contextlib.suppress(Exception):
                     side.writer.close()
+
+    async def run_upgraded(self, name: str, upstream: _Upstream, peer_settings: bytes,
+                           peer_rest: bytes, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """After a ``101`` to an ``Upgrade: h2c`` request: the request is stream 1
+        of both the peer's connection and ``upstream``'s (whose answer it
+        awaits); later streams are sorted as on any HTTP/2 connection."""
+        self.peer = _H2Side("peer", False, reader, writer)
+        self.peer.http.initiate_upgrade_connection(peer_settings)
+        side = _H2Side(name, True, upstream.reader, upstream.writer)
+        side.http.initiate_upgrade_connection()
+        self.sides[name] = side
+        self.from_peer[1] = (name, 1)
+        self.to_peer[(name, 1)] = 1
+        side_rest = upstream.http.trailing_data[0]
+        if side_rest:
+            self._handle(side, side_rest)
+        self._tasks.append(asyncio.create_task(self._pump_side(side)))
+        if peer_rest:
+            self._handle(self.peer, peer_rest)
+        self._flush_all()
+        try:
+            await self._pump(self.peer)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for each in self.sides.values():
+                with contextlib.suppress(Exception):
+                    each.writer.close()
 
     async def _pump(self, side: _H2Side) -> None:
         while data := await side.reader.read(1 << 16):
@@ -722,37 +830,92 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
-_SKF_AD_PROTOCOL = -0x1000 + 0
+_SKF_AD_PROTOCOL = (-0x1000 + 0) & 0xFFFFFFFF
+_SKF_AD_PKTTYPE = (-0x1000 + 4) & 0xFFFFFFFF
 # Classic BPF opcodes.
-_LD_H_ABS, _LD_B_ABS, _LDX_B_MSH, _LD_H_IND = 0x28, 0x30, 0xB1, 0x48
-_JEQ_K, _JSET_K, _RET_K = 0x15, 0x45, 0x06
+_LD_H_ABS, _LD_B_ABS, _LDX_B_MSH, _LD_H_IND, _LD_B_IND = 0x28, 0x30, 0xB1, 0x48, 0x50
+_JEQ_K, _JSET_K, _JGT_K, _RET_K = 0x15, 0x45, 0x25, 0x06
+_AND_K, _RSH_K, _ADD_X, _SUB_X, _TAX = 0x54, 0x74, 0x0C, 0x1C, 0x07
+_TCP_SYN_FIN_RST = 0x07
+
+Instruction = tuple[int, int, int, int]
 
 
-def bpf_for_ports(ports: set[int]) -> list[tuple[int, int, int, int]]:
+def _assemble(program: list[tuple[int, str | int, str | int, int] | str]) -> list[Instruction]:
+    """Resolve label names (strings in the list) into classic BPF jump offsets."""
+    labels: dict[str, int] = {}
+    index = 0
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = index
+        else:
+            index += 1
+    out: list[Instruction] = []
+    for item in program:
+        if isinstance(item, str):
+            continue
+        code, jt, jf, k = item
+        here = len(out) + 1
+        true = labels[jt] - here if isinstance(jt, str) else jt
+        false = labels[jf] - here if isinstance(jf, str) else jf
+        assert 0 <= true < 256 and 0 <= false < 256, "a BPF jump out of reach"
+        out.append((code, true, false, k))
+    return out
+
+
+def bpf_for_ports(ports: set[int]) -> list[Instruction]:
     """TCP to one of ``ports`` over IPv4 (unfragmented) or IPv6 (no extension
-    header), on a cooked (SOCK_DGRAM) packet socket: accept, else drop."""
+    header), on a cooked (SOCK_DGRAM) packet socket: accept, else drop.
+
+    Only what the reassembly needs wakes the agent: a segment with data, SYN,
+    FIN or RST. Pure ACKs (half of a connection's packets) and the outgoing
+    copy of each loopback packet (the incoming one follows) are dropped in the
+    kernel; every packet the filter passes is a wake-up of the agent that
+    competes with the target for a CPU.
+    """
     ordered = sorted(ports)[:200]
 
-    def port_tests(accept: int) -> list[tuple[int, int, int, int]]:
-        # The port is in A; jump to the accept instruction `accept` places ahead.
-        tests = []
-        for index, port in enumerate(ordered):
-            tests.append((_JEQ_K, len(ordered) - index - 1 + accept, 0, port))
-        return tests
+    def port_tests(matched: str) -> list[tuple[int, str | int, str | int, int] | str]:
+        # The destination port is in A; no port matches: drop.
+        tests: list[tuple[int, str | int, str | int, int] | str] = [
+            (_JEQ_K, matched, 0, port) for port in ordered]
+        return [*tests, (_RET_K, 0, 0, 0)]
 
-    v6: list[tuple[int, int, int, int]] = [
-        (_LD_B_ABS, 0, 0, 6), (_JEQ_K, 0, len(ordered) + 1, socket.IPPROTO_TCP),
-        (_LD_H_ABS, 0, 0, 42), *port_tests(1), (_RET_K, 0, 0, 0), (_RET_K, 0, 0, 0x40000)]
-    v4: list[tuple[int, int, int, int]] = [
-        (_LD_B_ABS, 0, 0, 9), (_JEQ_K, 0, len(ordered) + 4, socket.IPPROTO_TCP),
-        (_LD_H_ABS, 0, 0, 6), (_JSET_K, len(ordered) + 2, 0, 0x1FFF),
-        (_LDX_B_MSH, 0, 0, 0), (_LD_H_IND, 0, 0, 2), *port_tests(1), (_RET_K, 0, 0, 0),
-        (_RET_K, 0, 0, 0x40000)]
-    head = [(_LD_H_ABS, 0, 0, _SKF_AD_PROTOCOL & 0xFFFFFFFF),
-            (_JEQ_K, 0, len(v4), ETH_P_IP), *v4,
-            (_JEQ_K, 0, len(v6), ETH_P_IPV6), *v6,
-            (_RET_K, 0, 0, 0)]
-    return head
+    # Jumps go forward only, by at most 255: each block has its own exits.
+    return _assemble([
+        (_LD_H_ABS, 0, 0, _SKF_AD_PKTTYPE), (_JEQ_K, "drop", 0, PACKET_OUTGOING),
+        (_LD_H_ABS, 0, 0, _SKF_AD_PROTOCOL),
+        (_JEQ_K, "v4", 0, ETH_P_IP), (_JEQ_K, "v6", "drop", ETH_P_IPV6),
+        "drop",
+        (_RET_K, 0, 0, 0),
+        "v4",
+        (_LD_B_ABS, 0, 0, 9), (_JEQ_K, 0, "v4 drop", socket.IPPROTO_TCP),
+        (_LD_H_ABS, 0, 0, 6), (_JSET_K, "v4 drop", 0, 0x1FFF),
+        (_LDX_B_MSH, 0, 0, 0), (_LD_H_IND, 0, 0, 2), *port_tests("v4 flags"),
+        "v4 flags",
+        (_LD_B_IND, 0, 0, 13), (_JSET_K, "v4 accept", 0, _TCP_SYN_FIN_RST),
+        # payload = IP total length - IP header - TCP header
+        (_LD_B_IND, 0, 0, 12), (_AND_K, 0, 0, 0xF0), (_RSH_K, 0, 0, 2), (_ADD_X, 0, 0, 0),
+        (_TAX, 0, 0, 0), (_LD_H_ABS, 0, 0, 2), (_SUB_X, 0, 0, 0),
+        (_JGT_K, "v4 accept", "v4 drop", 0),
+        "v4 drop",
+        (_RET_K, 0, 0, 0),
+        "v4 accept",
+        (_RET_K, 0, 0, 0x40000),
+        "v6",
+        (_LD_B_ABS, 0, 0, 6), (_JEQ_K, 0, "v6 drop", socket.IPPROTO_TCP),
+        (_LD_H_ABS, 0, 0, 42), *port_tests("v6 flags"),
+        "v6 flags",
+        (_LD_B_ABS, 0, 0, 53), (_JSET_K, "v6 accept", 0, _TCP_SYN_FIN_RST),
+        # payload = IPv6 payload length - TCP header
+        (_LD_B_ABS, 0, 0, 52), (_AND_K, 0, 0, 0xF0), (_RSH_K, 0, 0, 2), (_TAX, 0, 0, 0),
+        (_LD_H_ABS, 0, 0, 4), (_SUB_X, 0, 0, 0),
+        (_JGT_K, "v6 accept", "v6 drop", 0),
+        "v6 drop",
+        (_RET_K, 0, 0, 0),
+        "v6 accept",
+        (_RET_K, 0, 0, 0x40000),
+    ])
 
 
 @dataclass

@@ -10,7 +10,15 @@ so whose rules they are is plain.
 
 The agent's own connections to the target's port (requests a filtered steal
 leaves to the target) carry the socket mark :data:`AGENT_MARK` and are never
-redirected.
+redirected. They leave from the real client's address (``IP_TRANSPARENT``),
+so the target's process sees its real peer; the target's answers to that
+address must then come back to the agent, not go out to the client: the
+table's ``route`` chain copies the mark to each such connection (``ct mark``)
+and back onto its reply packets, and a policy rule (``ip rule fwmark
+AGENT_MARK lookup`` :data:`ROUTE_TABLE`, whose only route is ``local default
+dev lo``) delivers marked packets locally. The rule and the route are shared
+by every mtrace table of the namespace: added with the first, removed with the
+last (by the session's end, the watchdog, or the sweep).
 
 Every change rewrites the whole table in one ``nft -f`` transaction. Removing
 the table gives the port back at once to new connections (connections already
@@ -43,6 +51,8 @@ from .errors import AgentError
 
 #: "mtrc": the mark on the agent's own connections to a stolen port.
 AGENT_MARK = 0x6D747263
+#: The routing table (and the rule's priority) that delivers marked answers locally.
+ROUTE_TABLE = 0x6D74
 TABLE_PREFIX = "mtrace_"
 _TABLE_LINE = re.compile(rf"^table inet ({TABLE_PREFIX}(\d+)_\d+)$")
 _CHAIN_LINE = re.compile(r"^:(MTRACE_(\d+)_\d+) ")
@@ -100,6 +110,9 @@ class Redirector:
         self._ports: dict[int, int] = {}
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._installed = False
+        #: The agent's connections to the target may take the client's address
+        #: (nft only: the ``route`` chain; see the module docstring).
+        self.local_routing = False
 
     # -- the rules --
 
@@ -119,6 +132,9 @@ class Redirector:
             with contextlib.suppress(RedirectError, OSError, subprocess.SubprocessError):
                 delete_table(self.backend, self.name)
             self._installed = False
+            if self.local_routing:
+                remove_local_routing_if_unused(self.backend)
+                self.local_routing = False
         self._ports = {}
         if self._watchdog is not None:
             with contextlib.suppress(OSError):
@@ -133,9 +149,17 @@ class Redirector:
             sweep_stale(self.backend)
             self._start_watchdog()
         if self.backend == "nft":
-            result = _run(["nft", "-f", "-"], stdin=nft_script(self.name, ports))
+            route = self.local_routing or not self._installed
+            result = _run(["nft", "-f", "-"], stdin=nft_script(self.name, ports, route=route))
+            if result.returncode != 0 and route:
+                # A kernel without nftables' route chains (or conntrack marks):
+                # steal all the same, the target sees the agent's address.
+                route = False
+                result = _run(["nft", "-f", "-"], stdin=nft_script(self.name, ports, route=False))
             if result.returncode != 0:
                 raise _failed("cannot install the redirect rules (nft)", result)
+            if not self._installed and route:
+                self.local_routing = add_local_routing()
         else:
             self._apply_iptables(ports)
         self._installed = True
@@ -159,8 +183,9 @@ class Redirector:
             start_new_session=True, close_fds=True)
 
 
-def nft_script(name: str, ports: Mapping[int, int]) -> str:
-    """One transaction: the table emptied (created if missing) and refilled."""
+def nft_script(name: str, ports: Mapping[int, int], *, route: bool = True) -> str:
+    """One transaction: the table emptied (created if missing) and refilled;
+    ``route``: with the chain that marks the agent's transparent connections."""
     rules = "".join(
         f"    tcp dport {port} meta mark != {AGENT_MARK:#x} redirect to :{to_port}\n"
         for port, to_port in sorted(ports.items()))
@@ -170,7 +195,11 @@ def nft_script(name: str, ports: Mapping[int, int]) -> str:
             f"{rules}  }}\n"
             f"  chain output {{\n    type nat hook output priority -100; policy accept;\n"
             f"{rules}  }}\n"
-            f"}}\n")
+            + (f"  chain route {{\n    type route hook output priority mangle; policy accept;\n"
+               f"    meta mark {AGENT_MARK:#x} ct mark set {AGENT_MARK:#x}\n"
+               f"    ct direction reply ct mark {AGENT_MARK:#x} meta mark set {AGENT_MARK:#x}\n"
+               f"  }}\n" if route else "")
+            + "}\n")
 
 
 def iptables_script(name: str, ports: Mapping[int, int], *, first: bool) -> str:
@@ -181,6 +210,61 @@ def iptables_script(name: str, ports: Mapping[int, int], *, first: bool) -> str:
         lines += [f"-I PREROUTING -j {name}", f"-I OUTPUT -j {name}"]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def add_local_routing() -> bool:
+    """The policy rule and route that bring the target's answers to the agent's
+    transparent connections back to it (see the module docstring); False
+    where they cannot be set (no ``ip`` command, no NET_ADMIN)."""
+    if not shutil.which("ip"):
+        return False
+    for family in ("-4", "-6"):
+        if family == "-6" and not os.path.exists("/proc/net/if_inet6"):
+            continue
+        rules = _run(["ip", family, "rule", "show", "pref", str(ROUTE_TABLE)])
+        if rules.returncode != 0:
+            return False
+        if "lookup" not in rules.stdout:
+            added = _run(["ip", family, "rule", "add", "pref", str(ROUTE_TABLE), "fwmark",
+                          f"{AGENT_MARK:#x}", "lookup", str(ROUTE_TABLE)])
+            if added.returncode != 0:
+                return False
+        route = _run(["ip", family, "route", "replace", "local",
+                      "0.0.0.0/0" if family == "-4" else "::/0", "dev", "lo",
+                      "table", str(ROUTE_TABLE)])
+        if route.returncode != 0:
+            return False
+    return True
+
+
+def remove_local_routing() -> None:
+    if not shutil.which("ip"):
+        return
+    for family in ("-4", "-6"):
+        while _run(["ip", family, "rule", "del", "pref", str(ROUTE_TABLE)]).returncode == 0:
+            pass
+        _run(["ip", family, "route", "flush", "table", str(ROUTE_TABLE)])
+
+
+def remove_local_routing_if_unused(backend: str) -> None:
+    """Remove the shared rule and route once no mtrace table is left."""
+    with contextlib.suppress(RedirectError, OSError, subprocess.SubprocessError):
+        if not _mtrace_tables(backend):
+            remove_local_routing()
+
+
+def _mtrace_tables(backend: str) -> list[tuple[str, int]]:
+    if backend == "nft":
+        listing = _run(["nft", "list", "tables"])
+        if listing.returncode != 0:
+            raise _failed("cannot list the nftables tables", listing)
+        return [(match.group(1), int(match.group(2))) for line in listing.stdout.splitlines()
+                if (match := _TABLE_LINE.match(line.strip()))]
+    listing = _run(["iptables-save", "-t", "nat"])
+    if listing.returncode != 0:
+        raise _failed("cannot list the iptables rules", listing)
+    return [(match.group(1), int(match.group(2))) for line in listing.stdout.splitlines()
+            if (match := _CHAIN_LINE.match(line))]
 
 
 def delete_table(backend: str, name: str) -> None:
@@ -202,19 +286,7 @@ def delete_table(backend: str, name: str) -> None:
 def sweep_stale(backend: str) -> list[str]:
     """Remove the tables of agents that are gone; their names."""
     removed: list[str] = []
-    if backend == "nft":
-        listing = _run(["nft", "list", "tables"])
-        if listing.returncode != 0:
-            raise _failed("cannot list the nftables tables", listing)
-        found = [(match.group(1), int(match.group(2))) for line in listing.stdout.splitlines()
-                 if (match := _TABLE_LINE.match(line.strip()))]
-    else:
-        listing = _run(["iptables-save", "-t", "nat"])
-        if listing.returncode != 0:
-            raise _failed("cannot list the iptables rules", listing)
-        found = [(match.group(1), int(match.group(2))) for line in listing.stdout.splitlines()
-                 if (match := _CHAIN_LINE.match(line))]
-    for name, pid in found:
+    for name, pid in _mtrace_tables(backend):
         if pid != os.getpid() and not _owner_alive(pid):
             with contextlib.suppress(RedirectError):
                 delete_table(backend, name)
@@ -229,6 +301,7 @@ def _watchdog(backend: str, name: str) -> None:
             pass
     with contextlib.suppress(Exception):
         delete_table(backend, name)
+    remove_local_routing_if_unused(backend)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ and getpeername disagree) or the Go ``httpserve`` (keep-alive).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -30,6 +31,8 @@ from typing import Any
 import pytest
 from netns_target import NetnsTarget
 from programs_build import ProgramPaths
+
+from mtrace.agent.redirect import ROUTE_TABLE
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -121,6 +124,11 @@ class Incoming:
         result = subprocess.run(argv, capture_output=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
         return [(body, own) for body, own in json.loads(result.stdout)]
+
+    def local_routing_rule(self) -> str:
+        return subprocess.run(self.target.nsenter_argv(
+            "ip", "rule", "show", "pref", str(ROUTE_TABLE), environment=False),
+            capture_output=True, text=True, timeout=30, check=False).stdout.strip()
 
     def mtrace_tables(self) -> str:
         ruleset = subprocess.run(self.target.nsenter_argv("nft", "list", "tables",
@@ -268,6 +276,8 @@ def test_agent_killed_mid_steal_gives_the_port_back(incoming: Incoming,
         # The watchdog removes the rules: the target's process answers again.
         assert _wait_for_target(incoming, "/after-kill").startswith("target GET /after-kill")
         while incoming.mtrace_tables():
+            time.sleep(0.05)
+        while incoming.local_routing_rule():  # the watchdog removes the shared rule too
             time.sleep(0.05)
     finally:
         traced.stop()
@@ -597,3 +607,271 @@ def test_a_dead_agents_table_is_swept_by_the_next(incoming: Incoming,
         assert stale not in incoming.mtrace_tables()
     finally:
         traced.stop()
+
+
+# --- a closed listener gives its port back -------------------------------------------------
+
+CLOSING_SERVER = r"""
+import socket, sys, time
+listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("::", int(sys.argv[1])))
+listener.listen(8)
+print("listening on", listener.getsockname()[1], flush=True)
+connection, _ = listener.accept()
+connection.recv(65536)
+body = b"local before close\n"
+connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+connection.close()
+listener.close()
+print("closed", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("backend", ["notify", "ptrace"])
+def test_closing_the_listener_gives_the_port_back_while_mtrace_runs(incoming: Incoming,
+                                                                    backend: str) -> None:
+    traced = Traced(incoming.target, [sys.executable, "-c", CLOSING_SERVER, str(incoming.port)],
+                    "steal", backend=backend)
+    try:
+        assert incoming.request("/before")[0] == "local before close\n"
+        assert traced.process.stdout is not None
+        assert traced.process.stdout.readline() == b"closed\n"
+        # The program runs on; its listener is gone, so the target answers again.
+        assert _wait_for_target(incoming, "/after").startswith("target GET /after")
+        assert traced.process.poll() is None
+    finally:
+        traced.stop()
+
+
+# --- blocking accepts from many threads ------------------------------------------------------
+
+THREADED_SERVER = r"""
+import socket, sys, threading
+port, count = int(sys.argv[1]), int(sys.argv[2])
+listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("::", port))
+listener.listen(64)
+def serve(index):
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError as error:
+            print(f"thread {index} accept: {error.errno}", flush=True)
+            return
+        connection.recv(65536)
+        body = b"local thread\n"
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                           % len(body) + body)
+        connection.close()
+threads = [threading.Thread(target=serve, args=(index,)) for index in range(count)]
+for thread in threads:
+    thread.start()
+print("listening on", port, flush=True)
+sys.stdin.readline()
+listener.shutdown(socket.SHUT_RDWR)  # wakes every thread blocked in accept (EINVAL)
+for thread in threads:
+    thread.join()
+print("all threads done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["notify", "ptrace"])
+def test_blocking_accepts_in_many_threads_stay_blocking_and_lose_nothing(
+        incoming: Incoming, backend: str) -> None:
+    """Eight threads blocked in accept on one blocking listener (more than the
+    supervisor's executor has workers); the listener must stay blocking (a
+    watcher that set O_NONBLOCK on it made the program's accepts fail with
+    EAGAIN) and every connection reach one of them."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli.main", "exec", "--backend", backend,
+         "--target", f"pid/{incoming.target.pid}", "-f", _config("steal"), "--",
+         sys.executable, "-c", THREADED_SERVER, str(incoming.port), "8"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, bufsize=0)
+    script = r"""
+import concurrent.futures, http.client, sys
+def one(index):
+    connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=30)
+    connection.request("GET", f"/{index}")
+    return connection.getresponse().read().decode()
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    print(sorted(set(pool.map(one, range(40)))), len(list(pool.map(one, range(40)))))
+"""
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().startswith(b"listening on")
+        result = subprocess.run(incoming.target.nsenter_argv(
+            sys.executable, "-c", script, str(incoming.port), environment=False),
+            capture_output=True, text=True, timeout=120, check=False)
+        process.stdin.write(b"\n")
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert result.stdout.strip() == "['local thread\\n'] 40", result.stderr[-2000:]
+    lines = out.decode().splitlines()
+    assert lines[-1] == "all threads done", (lines, err.decode()[-2000:])
+    assert sorted(lines[:-1]) == sorted(f"thread {index} accept: {errno.EINVAL}"
+                                        for index in range(8)), lines
+
+
+def test_filtered_out_requests_reach_the_target_from_the_real_client(
+        incoming: Incoming, programs: ProgramPaths) -> None:
+    traced = _httpserve(incoming, programs, {"header_filter": "^X-Mtrace: yes$"})
+    try:
+        answers = incoming.requests([("GET", "/hello", {"X-Mtrace": "yes"}), ("GET", "/hello", {})],
+                                    host=TARGET_ADDRESS, from_client_host=True)
+        answers6 = incoming.requests([("GET", "/v6", {})], host=TARGET_ADDRESS6,
+                                     from_client_host=True)
+        rules = incoming.local_routing_rule()
+    finally:
+        traced.stop()
+    assert answers[0][0] == "hello from local\n"
+    # The target's process sees the real client (a new port of it), not the agent.
+    assert answers[1][0].startswith(f"target GET /hello from {CLIENT_ADDRESS}:"), answers
+    assert answers6[0][0].startswith(f"target GET /v6 from [{CLIENT_ADDRESS6}]:"), answers6
+    assert "lookup" in rules
+    # The session is over: the shared rule went with the last mtrace table.
+    assert incoming.local_routing_rule() == ""
+
+
+# --- h2c by HTTP/1.1 Upgrade -------------------------------------------------------------------
+
+H2C_UPGRADE_SERVER = r"""
+import socket, sys, threading
+import h2.config, h2.connection, h2.events
+name, port = sys.argv[1], int(sys.argv[2])
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+def answer(connection, stream_id, path):
+    body = f"{name} {path}\n".encode()
+    connection.send_headers(stream_id, [(":status", "200"), ("content-length", str(len(body)))])
+    connection.send_data(stream_id, body, end_stream=True)
+def serve(sock):
+    with sock:
+        data = sock.recv(65536)
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        if data.startswith(PREFACE[:len(data)]):
+            connection.initiate_connection()
+        else:  # HTTP/1.1: an Upgrade: h2c request (or a plain one)
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, _, data = data.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            path = lines[0].split()[1]
+            fields = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip()
+                      for line in lines[1:]}
+            if fields.get("upgrade", "").lower() != "h2c":
+                body = f"{name} {path} http/1.1\n".encode()
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                return
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: h2c\r\n\r\n")
+            connection.initiate_upgrade_connection(fields["http2-settings"])
+            answer(connection, 1, path)
+        while True:
+            for found in connection.receive_data(data):
+                if isinstance(found, h2.events.RequestReceived):
+                    headers = dict(found.headers)
+                    answer(connection, found.stream_id, headers[b":path"].decode())
+            sock.sendall(connection.data_to_send())
+            data = sock.recv(65536)
+            if not data:
+                return
+listener = socket.socket(socket.AF_INET6)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("::", port))
+listener.listen(16)
+print("listening on", port, flush=True)
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+
+H2C_UPGRADE_CLIENT = r"""
+import json, socket, sys
+import h2.connection, h2.events
+host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+sock = socket.create_connection((host, port), timeout=20)
+connection = h2.connection.H2Connection()
+settings = connection.initiate_upgrade_connection().decode()
+path, headers = requests[0]
+extra = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+sock.sendall((f"GET {path} HTTP/1.1\r\nHost: target\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+              f"Upgrade: h2c\r\nHTTP2-Settings: {settings}\r\n{extra}\r\n").encode())
+data = b""
+while b"\r\n\r\n" not in data:
+    data += sock.recv(65536)
+head, _, data = data.partition(b"\r\n\r\n")
+if not head.startswith(b"HTTP/1.1 101 "):
+    sys.exit(f"no switch: {head!r} {data!r}")
+streams = [1]
+for path, headers in requests[1:]:
+    stream_id = connection.get_next_available_stream_id()
+    connection.send_headers(stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                        (":authority", "target"), *headers.items()],
+                            end_stream=True)
+    streams.append(stream_id)
+sock.sendall(connection.data_to_send())
+bodies = {stream_id: b"" for stream_id in streams}
+ended = set()
+while len(ended) < len(streams):
+    for found in connection.receive_data(data):
+        if isinstance(found, h2.events.DataReceived):
+            bodies[found.stream_id] += found.data
+            connection.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
+        elif isinstance(found, (h2.events.StreamEnded, h2.events.StreamReset)):
+            ended.add(found.stream_id)
+    sock.sendall(connection.data_to_send())
+    if len(ended) < len(streams):
+        data = sock.recv(65536)
+        if not data:
+            break
+print(json.dumps([bodies[stream_id].decode() for stream_id in streams]))
+"""
+
+
+@pytest.mark.parametrize("first_to", ["local", "target"])
+def test_filter_follows_an_http1_upgrade_to_h2c(incoming: Incoming, first_to: str) -> None:
+    port = free_port()
+    target_server = subprocess.Popen(
+        ["ip", "netns", "exec", incoming.target.netns, sys.executable, "-c", H2C_UPGRADE_SERVER,
+         "target", str(port)], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert target_server.stdout is not None
+        assert target_server.stdout.readline().startswith(b"listening on")
+        traced = Traced(incoming.target, [sys.executable, "-c", H2C_UPGRADE_SERVER, "local",
+                                          str(port)],
+                        {"mode": "steal", "http_filter": {"header_filter": "^x-mtrace: yes$"}})
+        try:
+            first = {"x-mtrace": "yes"} if first_to == "local" else {}
+            requests = [["/first", first], ["/a", {"x-mtrace": "yes"}], ["/b", {}]]
+            result = subprocess.run(incoming.target.nsenter_argv(
+                sys.executable, "-c", H2C_UPGRADE_CLIENT, "127.0.0.1", str(port),
+                json.dumps(requests), environment=False), capture_output=True, timeout=60,
+                check=False)
+            assert result.returncode == 0, result.stderr.decode()[-2000:]
+        finally:
+            traced.stop()
+    finally:
+        target_server.kill()
+        target_server.wait(timeout=10)
+    assert json.loads(result.stdout) == [f"{first_to} /first\n", "local /a\n", "target /b\n"]
+
+
+def test_an_upgrade_the_server_declines_stays_http1_and_filtered(incoming: Incoming,
+                                                                 programs: ProgramPaths) -> None:
+    """Go's server does not switch to h2c on Upgrade (as curl --http2 asks on
+    http://): its HTTP/1.1 answer is relayed and the connection stays filtered."""
+    traced = _httpserve(incoming, programs, {"header_filter": "^X-Mtrace: yes$"})
+    try:
+        answers = incoming.requests([
+            ("GET", "/hello", {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+                               "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA"}),
+            ("GET", "/hello", {"X-Mtrace": "yes"})])
+    finally:
+        traced.stop()
+    assert answers[0][0].startswith("target GET /hello from ")
+    assert answers[1][0] == "hello from local\n"

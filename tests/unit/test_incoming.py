@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -68,6 +69,15 @@ def test_nft_table_redirects_both_hooks_and_skips_the_agents_mark() -> None:
     assert script.count("redirect to :40001") == 2
 
 
+def test_nft_table_marks_the_agents_connections_and_their_answers_unless_told_not() -> None:
+    script = nft_script("mtrace_42_1", {80: 40000})
+    assert "type route hook output" in script
+    assert f"meta mark {AGENT_MARK:#x} ct mark set {AGENT_MARK:#x}" in script
+    assert f"ct direction reply ct mark {AGENT_MARK:#x} meta mark set {AGENT_MARK:#x}" in script
+    plain = nft_script("mtrace_42_1", {80: 40000}, route=False)
+    assert "route" not in plain and plain.rstrip().endswith("}")
+
+
 def test_iptables_chain_is_jumped_to_once() -> None:
     first = iptables_script("MTRACE_42", {80: 40000}, first=True)
     assert "-I PREROUTING -j MTRACE_42" in first and "-I OUTPUT -j MTRACE_42" in first
@@ -75,7 +85,8 @@ def test_iptables_chain_is_jumped_to_once() -> None:
     assert "PREROUTING" not in again and "-F MTRACE_42" in again
 
 
-def _run_bpf(program: list[tuple[int, int, int, int]], packet: bytes, protocol: int) -> int:
+def _run_bpf(program: list[tuple[int, int, int, int]], packet: bytes, protocol: int,
+             packet_type: int = 0) -> int:
     """A tiny classic-BPF interpreter for the opcodes the filter uses."""
     a = x = 0
     pc = 0
@@ -83,34 +94,52 @@ def _run_bpf(program: list[tuple[int, int, int, int]], packet: bytes, protocol: 
         code, jt, jf, k = program[pc]
         pc += 1
         if code == 0x28:  # ldh [k]
-            a = protocol if k == 0xFFFFF000 else struct.unpack_from("!H", packet, k)[0]
+            a = {0xFFFFF000: protocol, 0xFFFFF004: packet_type}.get(k) \
+                if k >= 0xFFFFF000 else struct.unpack_from("!H", packet, k)[0]
         elif code == 0x30:  # ldb [k]
             a = packet[k]
         elif code == 0xB1:  # ldxb 4*([k]&0xf)
             x = 4 * (packet[k] & 0xF)
         elif code == 0x48:  # ldh [x+k]
             a = struct.unpack_from("!H", packet, x + k)[0]
+        elif code == 0x50:  # ldb [x+k]
+            a = packet[x + k]
+        elif code == 0x54:
+            a &= k
+        elif code == 0x74:
+            a >>= k
+        elif code == 0x0C:
+            a += x
+        elif code == 0x1C:
+            a = (a - x) & 0xFFFFFFFF
+        elif code == 0x07:
+            x = a
         elif code == 0x15:  # jeq
             pc += jt if a == k else jf
         elif code == 0x45:  # jset
             pc += jt if a & k else jf
+        elif code == 0x25:  # jgt
+            pc += jt if a > k else jf
         elif code == 0x06:
             return k
         else:
             raise AssertionError(f"opcode {code:#x}")
 
 
-def _ipv4_tcp(port: int, fragment: int = 0) -> bytes:
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, fragment, 64, 6, 0,
+SYN, ACK, FIN = 0x02, 0x10, 0x01
+
+
+def _ipv4_tcp(port: int, fragment: int = 0, flags: int = SYN, data: bytes = b"") -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(data), 0, fragment, 64, 6, 0,
                          socket.inet_aton("10.0.0.2"), socket.inet_aton("10.0.0.1"))
-    return header + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 0x50, 0x02, 0, 0, 0)
+    return header + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 0x50, flags, 0, 0, 0) + data
 
 
-def _ipv6_tcp(port: int) -> bytes:
-    header = struct.pack("!IHBB16s16s", 0x60000000, 20, 6, 64,
+def _ipv6_tcp(port: int, flags: int = SYN, data: bytes = b"") -> bytes:
+    header = struct.pack("!IHBB16s16s", 0x60000000, 20 + len(data), 6, 64,
                          socket.inet_pton(socket.AF_INET6, "fd00::2"),
                          socket.inet_pton(socket.AF_INET6, "fd00::1"))
-    return header + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 0x50, 0x02, 0, 0, 0)
+    return header + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 0x50, flags, 0, 0, 0) + data
 
 
 def test_bpf_takes_tcp_to_the_mirrored_ports_only() -> None:
@@ -122,6 +151,25 @@ def test_bpf_takes_tcp_to_the_mirrored_ports_only() -> None:
     assert _run_bpf(program, _ipv6_tcp(8080), 0x86DD)
     assert not _run_bpf(program, _ipv6_tcp(22), 0x86DD)
     assert not _run_bpf(program, _ipv4_tcp(80), 0x0806)
+
+
+@pytest.mark.parametrize(("make", "protocol"), [(_ipv4_tcp, 0x0800), (_ipv6_tcp, 0x86DD)])
+def test_mirror_filter_wakes_the_agent_only_for_what_reassembly_needs(make: Any,
+                                                                      protocol: int) -> None:
+    program = bpf_for_ports({80})
+    assert _run_bpf(program, make(80, flags=ACK, data=b"GET /"), protocol)
+    assert _run_bpf(program, make(80, flags=FIN | ACK), protocol)
+    assert _run_bpf(program, make(80, flags=SYN), protocol)
+    assert not _run_bpf(program, make(80, flags=ACK), protocol)  # a pure ACK
+    # loopback shows each packet twice: the outgoing copy is dropped
+    assert not _run_bpf(program, make(80, flags=ACK, data=b"x"), protocol, packet_type=4)
+
+
+def test_mirror_filter_jumps_stay_in_reach_with_many_ports() -> None:
+    program = bpf_for_ports(set(range(1000, 1300)))  # 200 are taken
+    assert all(0 <= jt < 256 and 0 <= jf < 256 for _, jt, jf, _ in program)
+    assert _run_bpf(program, _ipv6_tcp(1199, flags=ACK, data=b"x"), 0x86DD)
+    assert _run_bpf(program, _ipv4_tcp(1000), 0x0800)
 
 
 def test_reassembly_orders_segments_and_trims_overlaps() -> None:
@@ -179,3 +227,35 @@ def test_protocol_2_still_speaks_to_version_1_peers() -> None:
     from mtrace.agent import protocol
 
     assert protocol.MIN_PROTOCOL_VERSION == 1 < protocol.PROTOCOL_VERSION
+
+
+def test_direct_connect_connects_and_reports_the_kernels_errors() -> None:
+    """agent.aio.sock_connect (uvloop's resolves even numeric addresses in its
+    thread pool, a wake-up on each incoming connection's path)."""
+    import asyncio
+    import errno
+
+    from mtrace.agent.aio import sock_connect
+
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            await sock_connect(sock, listener.getsockname())
+            assert sock.getpeername() == listener.getsockname()
+        address = listener.getsockname()
+        listener.close()
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            with pytest.raises(OSError) as raised:
+                await sock_connect(sock, address)
+            assert raised.value.errno == errno.ECONNREFUSED
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -20,7 +20,10 @@ What is trapped and what it becomes (``feature.network.incoming``):
   ``getpeername``/``getsockname`` on that socket then answer the peer and the
   address the peer reached in the target (through the outgoing feature's
   table of relayed sockets). A non-blocking listener with nothing pending gets
-  ``EAGAIN``; a blocking one waits on the async side, never in the trap loop.
+  ``EAGAIN``; a blocking one waits on the async side (:class:`AcceptWaiter`),
+  never in the trap loop, and never changes the listener's flags.
+* a listener closed (its last fd, ``close`` is not trapped): seen from the
+  kernel (:class:`ListenerCloses`), its port is unsubscribed at once.
 
 A subscription fails with one line on stderr (the agent lacks NET_ADMIN, say)
 and the program keeps running with its local listener.
@@ -34,13 +37,17 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from ...agent.aio import sock_connect
 from ...agent.client import TcpStream
 from ...agent.errors import AgentError, RemoteError
 from ...agent.protocol import CAP_INCOMING, HttpRequestFilter, IncomingConnection
@@ -74,6 +81,7 @@ class Listener:
     address: tuple[Any, ...]  # where the supervisor reaches it
     local_port: int
     remote_port: int
+    cookie: int = 0  # the kernel's SO_COOKIE of the socket (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,10 @@ class IncomingFeature:
         self.by_remote_port: dict[int, Listener] = {}
         # The relay socket's port -> who it stands for, until the tracee accepts it.
         self.arrivals: dict[int, _Arrival] = {}
+        # SO_COOKIE -> inode of each listener, to see it closed (ListenerCloses).
+        self.cookies: dict[int, int] = {}
+        self._closes: ListenerCloses | None = None
+        self._accept_waiter: AcceptWaiter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def handlers(self) -> dict[str, Handler]:
@@ -138,13 +150,16 @@ class IncomingFeature:
                 return Errno(error.errno or errno.EIO)
             family = sock.family
             bound = sock.getsockname()
+            cookie = socket_cookie(sock)
         host, port = bound[0], bound[1]
         if not self.wanted(host, port) or self.context.agent_lost:
             return ReturnValue(0)
         remote_port = self.mapping.get(port, port)
-        listener = Listener(family, reachable_address(family, bound), port, remote_port)
+        listener = Listener(family, reachable_address(family, bound), port, remote_port, cookie)
         inode = os.fstat(fd).st_ino
         self.listeners[inode] = listener
+        if cookie:
+            self.cookies[cookie] = inode
         if remote_port in self.by_remote_port:
             self.by_remote_port[remote_port] = listener
             return ReturnValue(0)
@@ -153,6 +168,8 @@ class IncomingFeature:
 
     async def _subscribe(self, listener: Listener) -> Outcome:
         mode = self.config.mode
+        if self._closes is None:
+            self._closes = ListenerCloses.start(self._on_socket_gone)
         try:
             subscribed = await self.context.client.subscribe_incoming(
                 listener.remote_port, mode, self._on_connection, http_filter=self.http_filter)
@@ -168,6 +185,37 @@ class IncomingFeature:
             _say(f"mirror of port {listener.remote_port}: nothing in the target listens there, "
                  f"so the mirror sees nothing (steal would take new connections)")
         return ReturnValue(0)
+
+    # -- a listener closed --
+
+    def _on_socket_gone(self, cookie: int) -> None:
+        """A socket of this namespace is gone: if it was a subscribed listener
+        (its last fd closed, the program's or a child's), give the port back."""
+        inode = self.cookies.pop(cookie, None)
+        if inode is None:
+            return
+        listener = self.listeners.pop(inode, None)
+        if listener is None or self.by_remote_port.get(listener.remote_port) is not listener:
+            return
+        others = [other for other in self.listeners.values()
+                  if other.remote_port == listener.remote_port]
+        if others:  # another socket listens for that port: it takes the connections
+            self.by_remote_port[listener.remote_port] = others[-1]
+            return
+        del self.by_remote_port[listener.remote_port]
+        log.info("incoming: the listener on local port %d closed: the target's port %d is "
+                 "given back", listener.local_port, listener.remote_port)
+        task = asyncio.get_running_loop().create_task(self._unsubscribe(listener.remote_port))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unsubscribe(self, remote_port: int) -> None:
+        if self.context.agent_lost:
+            return
+        try:
+            await self.context.client.unsubscribe_incoming(remote_port)
+        except (RemoteError, AgentError) as error:
+            log.info("incoming: unsubscribing port %d: %s", remote_port, error)
 
     # -- connections from the agent --
 
@@ -191,7 +239,7 @@ class IncomingFeature:
             self.arrivals[port] = _Arrival(Endpoint.of(connection.peer_host, connection.peer_port),
                                            Endpoint.of(connection.local_host, connection.local_port))
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await asyncio.get_running_loop().sock_connect(sock, listener.address)
+                await sock_connect(sock, listener.address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, TimeoutError, ValueError) as error:
             log.info("incoming connection from %s:%d not delivered: %s", connection.peer_host,
@@ -227,7 +275,7 @@ class IncomingFeature:
                        fd: int) -> Outcome:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
             try:
-                accepted, address = _accept(fd)
+                accepted, address = _accept_now(fd)
             except BlockingIOError:
                 return Errno(errno.EAGAIN)
             except OSError as error:
@@ -237,17 +285,20 @@ class IncomingFeature:
 
     async def _accept_blocking(self, call: SyscallCall, listener: Listener, flags: int,
                                fd: int) -> Outcome:
-        loop = asyncio.get_running_loop()
+        """A blocking accept, made without blocking: wait until the listener is
+        readable, then accept only if a connection is still there (another
+        tracee thread may have taken it: then wait for the next, as the
+        kernel's accept would)."""
+        if self._accept_waiter is None:
+            self._accept_waiter = AcceptWaiter()
         try:
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _set_once, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
-            # Another tracee thread may have taken it meanwhile: then this one
-            # waits for the next connection, as the kernel's accept would.
-            accepted, address = await asyncio.to_thread(_accept, fd)
+            while True:
+                await self._accept_waiter.readable(fd)
+                try:
+                    accepted, address = _accept_now(fd)
+                except BlockingIOError:
+                    continue
+                break
         except OSError as error:
             return Errno(error.errno or errno.EIO)
         finally:
@@ -300,14 +351,173 @@ class IncomingFeature:
                 (call.pointer_arg(2), struct.pack("=I", len(sockaddr))))
 
     async def close(self) -> None:
+        if self._closes is not None:
+            self._closes.close()
+        if self._accept_waiter is not None:
+            self._accept_waiter.close()
         for task in list(self._tasks):
             task.cancel()
 
 
-def _accept(fd: int) -> tuple[int, Any]:
-    with borrowed(fd) as sock:
-        accepted, address = sock._accept()  # type: ignore[attr-defined]
+SO_COOKIE = 57
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+#: sock_diag multicast groups SKNLGRP_INET_TCP_DESTROY (1) and SKNLGRP_INET6_TCP_DESTROY (3).
+TCP_DESTROY_GROUPS = (1 << 0) | (1 << 2)
+#: Where idiag_cookie sits in a SOCK_DIAG_BY_FAMILY message (nlmsghdr, then
+#: inet_diag_msg: 4 bytes, then inet_diag_sockid: ports 4, addresses 32, interface 4).
+_COOKIE_OFFSET = 16 + 4 + 4 + 32 + 4
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's unique id of a socket (SO_COOKIE, Linux 4.12), 0 if unknown."""
+    try:
+        return int(struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0])
+    except OSError:
+        return 0
+
+
+class ListenerCloses:
+    """TCP sockets of this network namespace as they are destroyed.
+
+    ``close`` is not trapped (it is far too frequent), so a listener closed by
+    the program is seen from the kernel's side: sock_diag broadcasts each
+    destroyed TCP socket (``SKNLGRP_INET*_TCP_DESTROY``, CAP_NET_ADMIN) with its
+    cookie, the moment its last reference goes. The inode is 0 by then, hence
+    the cookie.
+    """
+
+    def __init__(self, sock: socket.socket, on_gone: Callable[[int], None]) -> None:
+        self.sock = sock
+        self._on_gone = on_gone
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    @classmethod
+    def start(cls, on_gone: Callable[[int], None]) -> ListenerCloses | None:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                                 NETLINK_SOCK_DIAG)
+        except OSError as error:
+            log.info("incoming: no sock_diag (%s): a closed listener keeps its subscription "
+                     "until the session ends", error)
+            return None
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.bind((0, TCP_DESTROY_GROUPS))
+        except OSError as error:
+            sock.close()
+            log.info("incoming: cannot watch for closed listeners (%s): a closed listener "
+                     "keeps its subscription until the session ends", error)
+            return None
+        return cls(sock, on_gone)
+
+    def _readable(self) -> None:
+        for _ in range(256):
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as error:  # ENOBUFS: events were lost; later ones still come
+                log.debug("incoming: sock_diag: %s", error)
+                continue
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if length < 16:
+                    break
+                if kind == SOCK_DIAG_BY_FAMILY and offset + _COOKIE_OFFSET + 8 <= len(data):
+                    self._on_gone(struct.unpack_from("=Q", data, offset + _COOKIE_OFFSET)[0])
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+#: Every accept the supervisor makes on a tracee's listener, from the trap
+#: thread or the async side, holds this lock: the readiness check and the
+#: accept are then one step, so an accept on a blocking listener never blocks.
+_accepting = threading.Lock()
+
+
+def _accept_now(fd: int) -> tuple[int, Any]:
+    """Accept a connection waiting on listener ``fd``, never blocking: raises
+    BlockingIOError when none is waiting (whatever the socket's O_NONBLOCK,
+    which is the tracee's and is left alone)."""
+    with _accepting:
+        ready = select.poll()
+        ready.register(fd, select.POLLIN)
+        if not ready.poll(0):
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        with borrowed(fd) as sock:
+            accepted, address = sock._accept()  # type: ignore[attr-defined]
     return int(accepted), address
+
+
+class AcceptWaiter:
+    """Waits for tracee listeners to become readable, in a thread of its own.
+
+    Not the event loop's ``add_reader``: uvloop (libuv) sets O_NONBLOCK on the
+    fd it watches, and a dup of the tracee's listener shares the tracee's file
+    status flags, so the program's blocking listener would turn non-blocking
+    under it (its next ``accept`` failing with EAGAIN). ``epoll`` leaves the
+    flags alone. One thread for every waiting accept: none blocks a worker of
+    the loop's executor.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mtrace-accept", daemon=True)
+        self._thread.start()
+
+    async def readable(self, fd: int) -> None:
+        future: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            self._waiting[fd] = future
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        try:
+            await future
+        finally:
+            with self._lock:
+                self._waiting.pop(fd, None)
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):  # closed
+                return
+            for fd, _ in events:
+                if fd == self._wake:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_read(self._wake)
+                    continue
+                with self._lock:
+                    future = self._waiting.get(fd)
+                if future is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone
+                        self._loop.call_soon_threadsafe(_set_once, future)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake, 1)
+        self._thread.join(timeout=5)
+        self._epoll.close()
+        os.close(self._wake)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
