@@ -41,9 +41,9 @@ _PROGRAM_NAMES = ("httpserve", "probe-go", "probe-glibc-static", "probe-musl", "
                   "goroutines", "httpclient", "static-true")  # fmt: skip
 _LABEL = "mtrace.rig.content"
 _PATH = "/programs:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# The agent's imports, and nft/iptables for incoming traffic's redirect rules.
+# The agent's imports; nft/iptables and ip for incoming traffic's redirect rules and routes.
 _BASE_PACKAGES = ("python3", "python3-psutil", "python3-dnspython", "python3-h11", "python3-h2",
-                  "python3-cryptography", "nftables", "iptables")  # fmt: skip
+                  "python3-cryptography", "nftables", "iptables", "iproute2")  # fmt: skip
 _BASE_DIR = CACHE_ROOT / "base"
 
 
