@@ -173,6 +173,10 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
                 f"to steal: {error.message}",
                 hint="ask for an exemption for the agent, or use --incoming mirror "
                      "(NET_RAW) or off") from error
+        if INCOMING_CAPABILITIES.get(incoming) and _without_incoming(kube, target, container):
+            # Mirror (the default) without NET_RAW: the session goes on, and the
+            # program is told when it listens that nothing can be mirrored.
+            return Placement("ephemeral", target.namespace, target.pod, name, port, secret, session)
         # Pod Security "baseline" refuses SYS_PTRACE: ask for nothing and run
         # as the target's user instead (same uid: /proc access needs no capability).
         container["securityContext"] = {"capabilities": {"drop": ["ALL"]},
@@ -189,6 +193,19 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
                      "for an exemption, or try the node placement (agent.ephemeral = false)",
             ) from again
     return Placement("ephemeral", target.namespace, target.pod, name, port, secret, session)
+
+
+def _without_incoming(kube: Kube, target: ResolvedTarget, container: dict[str, Any]) -> bool:
+    """Ask again with only what the agent needs without incoming traffic; False
+    when admission refuses that too (for its capabilities)."""
+    container["securityContext"] = {"capabilities": {"add": agent_capabilities("ephemeral")}}
+    try:
+        _add_ephemeral(kube, target, container)
+    except KubeForbidden as error:
+        if not _refuses_capabilities(error.message):
+            raise
+        return False
+    return True
 
 
 def _refuses_capabilities(message: str) -> bool:

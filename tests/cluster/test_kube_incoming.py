@@ -203,22 +203,6 @@ def test_steal_with_a_header_filter_leaves_other_requests_to_the_pod(
     assert wait_clean(kube_api, web.namespace) == []
 
 
-def test_mirror_is_the_default_and_the_pod_still_answers(
-        kube_api: Any, kubeconfig: Path, web: Workload, caller: Workload, agent_image: str,
-        programs: Any, tmp_path: Path) -> None:
-    service = f"http://web.{web.namespace}/hello"
-    with serving(tmp_path, kubeconfig, agent_image, programs, web.namespace, "deployment/web",
-                 {}) as served:
-        answers = [call(kube_api, caller, service), call(kube_api, caller, f"{service}?again")]
-        seen = [served.next_line(), served.next_line()]
-    assert answers == ["hello from web\n"] * 2, served.stderr
-    assert seen[0].startswith("local GET /hello from "), (seen, served.stderr)
-    assert seen[1].startswith("local GET /hello?again from "), seen
-    # Mirror needs only NET_RAW, which the runtime gives an ephemeral container by default.
-    assert "as a Job" not in served.stderr, served.stderr
-    assert wait_clean(kube_api, web.namespace) == []
-
-
 @pytest.fixture(scope="module")
 def replicated(kube_api: Any, namespace: str) -> Workload:
     workload = create_workload(kube_api, namespace, "twins", service_port=80, replicas=2)
@@ -243,4 +227,21 @@ def test_steal_covers_every_replica(kube_api: Any, kubeconfig: Path, replicated:
     for url, pod in zip(urls, replicated.pods, strict=True):
         assert call(kube_api, caller, url) == "hello from twins\n"
         assert redirect_rules(kube_api, replicated.namespace, pod) == ""
+    assert wait_clean(kube_api, replicated.namespace) == []
+
+
+def test_mirror_is_the_default_and_covers_every_replica(
+        kube_api: Any, kubeconfig: Path, replicated: Workload, caller: Workload,
+        agent_image: str, programs: Any, tmp_path: Path) -> None:
+    urls = [f"http://{ip}:{POD_PORT}/hello?{pod}"
+            for ip, pod in zip(replicated.pod_ips, replicated.pods, strict=True)]
+    with serving(tmp_path, kubeconfig, agent_image, programs, replicated.namespace,
+                 "deployment/twins", {}) as served:
+        answers = [call(kube_api, caller, url) for url in urls]
+        seen = sorted([served.next_line(), served.next_line()])
+    assert answers == ["hello from twins\n"] * 2, served.stderr
+    expected = sorted(f"local GET /hello?{pod} from {caller.pod_ips[0]}:" for pod in replicated.pods)
+    assert [line[:len(prefix)] for line, prefix in zip(seen, expected, strict=True)] == expected, seen
+    # Mirror needs only NET_RAW, which the runtime gives an ephemeral container by default.
+    assert "as a Job" not in served.stderr, served.stderr
     assert wait_clean(kube_api, replicated.namespace) == []

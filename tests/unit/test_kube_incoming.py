@@ -120,6 +120,18 @@ def test_admission_refusing_net_admin_fails_a_steal_with_77() -> None:
     assert api.added[0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
+def test_mirror_refused_net_raw_keeps_sys_ptrace() -> None:
+    """A policy that allows SYS_PTRACE but not NET_RAW: the agent keeps SYS_PTRACE
+    (reading a target of another user) and only mirroring is lost."""
+    def no_net_raw(container: dict[str, Any]) -> Exception | None:
+        added = (container.get("securityContext") or {}).get("capabilities", {}).get("add", [])
+        return KubeForbidden("capabilities NET_RAW not allowed") if "NET_RAW" in added else None
+
+    api = EphemeralApi(no_net_raw)
+    _start(api, "mirror")
+    assert api.added[0]["securityContext"] == {"capabilities": {"add": ["SYS_PTRACE"]}}
+
+
 def _pod(name: str, ready: bool = True) -> dict[str, Any]:
     return {"metadata": {"name": name, "uid": name},
             "spec": {"nodeName": "node-1", "containers": [{"name": "api"}]},
