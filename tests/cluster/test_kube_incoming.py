@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from kube.common import docker_argv
 from kube.images import build_agent_image
 from kube.workloads import Workload, create_workload, exec_in_pod
 from kubernetes import client
-from test_kube_targets import AGENT_IMAGE, wait_clean
+from test_kube_targets import AGENT_IMAGE, MANAGED, wait_clean
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -245,3 +246,30 @@ def test_mirror_is_the_default_and_covers_every_replica(
     # Mirror needs only NET_RAW, which the runtime gives an ephemeral container by default.
     assert "as a Job" not in served.stderr, served.stderr
     assert wait_clean(kube_api, replicated.namespace) == []
+
+
+def test_kill_9_of_mtrace_gives_the_port_back(
+        kube_api: Any, kubeconfig: Path, web: Workload, caller: Workload, agent_image: str,
+        programs: Any, tmp_path: Path) -> None:
+    """mtrace killed mid-steal: its port-forward closes, the agent (a Job here)
+    sees its client leave and removes its rules, and the pod answers again."""
+    service = f"http://web.{web.namespace}/hello"
+    with serving(tmp_path, kubeconfig, agent_image, programs, web.namespace, "deployment/web",
+                 {}, "--steal") as served:
+        assert call(kube_api, caller, service).startswith("local GET /hello from "), served.stderr
+        served.process.kill()
+    deadline = time.monotonic() + 60
+    while redirect_rules(kube_api, web.namespace, web.pod):
+        assert time.monotonic() < deadline, "the agent left its redirect rules after kill -9"
+        time.sleep(0.5)
+    assert call(kube_api, caller, service) == "hello from web\n"
+    batch = client.BatchV1Api(kube_api)
+    jobs = batch.list_namespaced_job(web.namespace, label_selector=MANAGED).items
+    while any(job.status.active for job in jobs):  # the agent exits: its Job completes
+        assert time.monotonic() < deadline, "the agent did not exit after kill -9"
+        time.sleep(0.5)
+        jobs = batch.list_namespaced_job(web.namespace, label_selector=MANAGED).items
+    for job in jobs:  # what the next run's sweep would delete
+        batch.delete_namespaced_job(job.metadata.name, web.namespace,
+                                    propagation_policy="Background")
+    assert wait_clean(kube_api, web.namespace) == []
