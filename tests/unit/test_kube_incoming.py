@@ -171,3 +171,71 @@ def test_replicas_only_for_workloads_with_incoming_on() -> None:
     assert replica_provider(config, parse_target("pod/api-1")) is None
     config.feature.network.incoming = "off"
     assert replica_provider(config, parse_target("deployment/api")) is None
+
+
+class _FakeAgent:
+    """An agent client that records subscriptions (or refuses them)."""
+
+    def __init__(self, description: str, refusal: Exception | None = None) -> None:
+        import asyncio
+
+        self.description = description
+        self.refusal = refusal
+        self.capabilities = ["incoming"]
+        self.ports: list[int] = []
+        self.closed = asyncio.Event()
+
+    async def subscribe_incoming(self, port: int, mode: str, handler: Any, *,
+                                 http_filter: Any = None) -> Any:
+        from mtrace.agent.protocol import IncomingSubscribed
+
+        if self.refusal is not None:
+            raise self.refusal
+        self.ports.append(port)
+        return IncomingSubscribed(port=port, target_listening=True)
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+def test_every_replica_is_subscribed_and_a_refusal_costs_only_its_pod(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+    import errno
+    import socket
+
+    from mtrace.agent.errors import RemoteError
+    from mtrace.tracer.features.incoming import IncomingFeature, Listener
+    from mtrace.tracer.features.policy import FeatureConfig
+    from mtrace.tracer.features.remote import RemoteContext
+    from mtrace.tracer.outcome import ReturnValue
+
+    primary, other = _FakeAgent("agent in pod/a"), _FakeAgent("agent in pod/b")
+    refusing = _FakeAgent("agent in pod/c", RemoteError(errno.EPERM, "needs NET_ADMIN"))
+    started: list[int] = []
+
+    async def replicas() -> list[Any]:
+        started.append(1)
+        return [other, refusing]
+
+    async def scenario() -> None:
+        context = RemoteContext(client=primary, async_side=None, features=FeatureConfig(),  # type: ignore[arg-type]
+                                session_dir=tmp_path, replica_agents=replicas)
+        feature = IncomingFeature(context, None)  # type: ignore[arg-type]
+        for port in (80, 81):
+            listener = Listener(socket.AF_INET, ("127.0.0.1", 1), 8000 + port, port)
+            feature.by_remote_port[port] = listener
+            assert await feature._subscribe(listener) == ReturnValue(0)
+        context.closing = True
+        await feature.close()
+
+    asyncio.run(scenario())
+    assert started == [1]  # once, at the first listen
+    assert primary.ports == other.ports == [80, 81]
+    said = capsys.readouterr().err
+    assert "cannot mirror port 80 through the agent in pod/c: needs NET_ADMIN" in said
+    assert other.closed.is_set() and refusing.closed.is_set()
+    assert "lost" not in said

@@ -105,7 +105,7 @@ class IncomingFeature:
         self.arrivals: dict[int, _Arrival] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         # The agents of the target's other replicas, started at the first subscription.
-        self._replicas: asyncio.Task[list[AgentClient]] | None = None
+        self._replicas: asyncio.Future[list[AgentClient]] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         if self.config.mode == "off":
@@ -193,9 +193,11 @@ class IncomingFeature:
             self._replicas = asyncio.ensure_future(start())
         try:
             return await asyncio.shield(self._replicas)
-        except (AgentError, OSError) as error:
-            detail = error.message if isinstance(error, AgentError) else str(error)
-            _say(f"no agents in the target's other replicas: {detail}")
+        except Exception as error:  # the API, the agents: the other replicas are a bonus
+            if self._replicas.done():  # said once: later listens find none
+                _say(f"no agents in the target's other replicas: {getattr(error, 'message', error)}")
+                self._replicas = asyncio.get_running_loop().create_future()
+                self._replicas.set_result([])
             return []
 
     async def _subscribe_replicas(self, listener: Listener) -> None:
