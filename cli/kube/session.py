@@ -210,7 +210,8 @@ async def start_replicas(config: Config, target: KubeTarget) -> list[AgentClient
             if not isinstance(result, Exception):
                 raise result
             detail = getattr(result, "message", None) or str(result)
-            note(f"incoming: no agent in pod/{pod.pod} ({detail}): its traffic is not {mode}ed")
+            note(f"incoming: no agent in pod/{pod.pod} ({detail}): the program gets none "
+                 "of that pod's traffic")
         else:
             clients.append(result)
     return clients
