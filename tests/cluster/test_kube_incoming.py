@@ -273,3 +273,31 @@ def test_kill_9_of_mtrace_gives_the_port_back(
         batch.delete_namespaced_job(job.metadata.name, web.namespace,
                                     propagation_policy="Background")
     assert wait_clean(kube_api, web.namespace) == []
+
+
+def test_steal_the_cluster_refuses_is_one_line_and_exit_77(
+        kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str, tmp_path: Path) -> None:
+    """On 1.20 a steal needs the Job placement; a namespace whose quota allows no
+    Job refuses it: the line before says why a Job, the error says what refused it."""
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_resource_quota(web.namespace, client.V1ResourceQuota.from_dict({
+        "metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}))
+    try:
+        deadline = time.monotonic() + 30
+        while not (core.read_namespaced_resource_quota("no-jobs", web.namespace).status.hard):
+            assert time.monotonic() < deadline, "the quota controller did not take the quota"
+            time.sleep(0.3)
+        config = tmp_path / "mtrace.json"
+        config.write_text(json.dumps({"kubeconfig": str(kubeconfig), "agent": {
+            "image": agent_image, "image_pull_policy": "Never", "startup_timeout": 60}}))
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
+             "--target", "deployment/web", "--steal", "--", "true"],
+            capture_output=True, timeout=120, check=False)
+    finally:
+        core.delete_namespaced_resource_quota("no-jobs", web.namespace)
+    stderr = result.stderr.decode()
+    assert result.returncode == 77, stderr
+    assert "steal needs NET_ADMIN" in stderr and "as a Job" in stderr, stderr
+    assert "mtrace: error: forbidden: cannot create jobs.batch" in stderr, stderr
+    assert wait_clean(kube_api, web.namespace) == []
