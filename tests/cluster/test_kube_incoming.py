@@ -301,3 +301,74 @@ def test_steal_the_cluster_refuses_is_one_line_and_exit_77(
     assert "steal needs NET_ADMIN" in stderr and "as a Job" in stderr, stderr
     assert "mtrace: error: forbidden: cannot create jobs.batch" in stderr, stderr
     assert wait_clean(kube_api, web.namespace) == []
+
+
+# An HTTP/2 client (prior knowledge, as gRPC speaks inside a cluster): one
+# connection, a stream per request, the bodies in request order.
+H2_CLIENT = r"""
+import json, socket, sys
+import h2.connection, h2.events
+host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+sock = socket.create_connection((host, port), timeout=20)
+connection = h2.connection.H2Connection()
+connection.initiate_connection()
+streams = []
+for path, headers in requests:
+    stream_id = connection.get_next_available_stream_id()
+    connection.send_headers(stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                        (":authority", "target"), *headers.items()],
+                            end_stream=True)
+    streams.append(stream_id)
+sock.sendall(connection.data_to_send())
+bodies = {stream_id: b"" for stream_id in streams}
+ended = set()
+while len(ended) < len(streams):
+    data = sock.recv(65536)
+    if not data:
+        break
+    for found in connection.receive_data(data):
+        if isinstance(found, h2.events.DataReceived):
+            bodies[found.stream_id] += found.data
+            connection.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
+        elif isinstance(found, (h2.events.StreamEnded, h2.events.StreamReset)):
+            ended.add(found.stream_id)
+    sock.sendall(connection.data_to_send())
+print(json.dumps([bodies[stream_id].decode() for stream_id in streams]))
+"""
+
+
+def test_http2_filter_in_a_pod(kube_api: Any, kubeconfig: Path, namespace: str,
+                               agent_image: str, programs: Any, tmp_path: Path) -> None:
+    """The agent image's own h2 (Debian's) sorts the streams of one HTTP/2
+    connection: matching ones to the program, the others to the pod. The
+    client runs on the node (this machine) and calls the pod's IP."""
+    grpc = create_workload(kube_api, namespace, "grpcish",
+                           command=["/programs/httpserve", "-h2c", "-name", "grpcish", "0.0.0.0:8080"])
+    port = free_port()
+    path = tmp_path / "mtrace.json"
+    path.write_text(json.dumps({
+        "kubeconfig": str(kubeconfig),
+        "agent": {"image": agent_image, "image_pull_policy": "Never", "startup_timeout": 60},
+        "feature": {"network": {"incoming": {
+            "mode": "steal", "port_mapping": [[port, POD_PORT]],
+            "http_filter": {"header_filter": "^x-mtrace: yes$"}}}}}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(path), "-n", namespace,
+         "--target", "deployment/grpcish", "--", str(programs["httpserve"]), "-h2c",
+         "-name", "local", f"0.0.0.0:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith(b"listening on")
+        requests = [["/hello", {"x-mtrace": "yes"}], ["/hello", {}],
+                    ["/hello", {"x-mtrace": "yes"}], ["/env/X", {}]]
+        result = subprocess.run(  # cwd: nothing there may shadow the h2 package
+            [sys.executable, "-c", H2_CLIENT, grpc.pod_ips[0], str(POD_PORT), json.dumps(requests)],
+            capture_output=True, timeout=60, check=False, cwd=tmp_path)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert result.returncode == 0, (result.stderr.decode()[-2000:], err.decode()[-2000:])
+    assert json.loads(result.stdout) == ["hello from local\n", "hello from grpcish\n",
+                                         "hello from local\n", "X unset\n"]
+    assert redirect_rules(kube_api, namespace, grpc.pod) == ""
+    assert wait_clean(kube_api, namespace) == []
