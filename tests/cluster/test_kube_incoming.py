@@ -8,9 +8,11 @@ the same line. Its port is free on this machine and mapped to the pod's 8080
 (``port_mapping``), so nothing here depends on 8080 being free locally.
 Checked: steal (the caller gets the program's answer, with its own address as
 the peer), a header-filtered steal, mirror (the caller gets the pod's answer,
-the program saw the request), every replica of a two-pod Deployment, and
-after mtrace exits: the pod answers again, no mtrace object is left running
-and no redirect rule is left in any pod's network namespace.
+the program saw the request), every replica of a two-pod Deployment,
+`kill -9` of mtrace mid-steal, a steal the cluster refuses (exit 77), an
+HTTP/2 filter with the image's h2, and after mtrace exits: the pod answers
+again, no mtrace object is left running and no redirect rule is left in any
+pod's network namespace.
 """
 
 from __future__ import annotations
