@@ -276,6 +276,8 @@ def port_forward_command(
         config = _base_config(config_file, target, agent, agent_secret)
         config = _revalidate(config)
         validate(config, "command line")
+        # Nothing listens here: a Kubernetes agent needs no capability for incoming traffic.
+        config.feature.network.incoming = "off"
         resolved = parse_target(config.target) if config.target else None
         if resolved is None and not config.agent.address:
             raise ConfigError("no target", hint="pass --target pid/N or --agent HOST:PORT")

@@ -76,7 +76,7 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     from ..tracer.backend import AsyncSide
     from ..tracer.features.env import merge_environment, read_env_file
     from ..tracer.features.remote import RemoteContext
-    from .target import connect_agent, fork_local_agent, progress, release_agent
+    from .target import connect_agent, fork_local_agent, progress, release_agent, replica_provider
 
     # Forked before the first thread starts (the async side's).
     forked = fork_local_agent(config, target, verbose=verbose)
@@ -106,7 +106,8 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
                                     executable=resolve_executable(command, env),
                                     target_network=(f"/proc/{target.pid}/ns/net"
                                                     if local_target and target is not None
-                                                    else None))
+                                                    else None),
+                                    replica_agents=replica_provider(config, target))
             return _serve_remote(command, config, context, env, observer, trapped)
         finally:
             if client is not None:

@@ -8,6 +8,7 @@ import os
 import secrets
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -158,6 +159,24 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
             if lines:
                 error.message = f"{error.message}; the agent said: {lines[-1].strip()}"
             raise
+
+
+def replica_provider(config: Config, target: Target | None
+                     ) -> Callable[[], Awaitable[list[AgentClient]]] | None:
+    """For a Kubernetes workload with incoming traffic on: what starts agents in
+    its other ready pods when the program first listens (None otherwise)."""
+    if (target is None or target.kube is None or config.agent.address
+            or config.feature.network.incoming_config.mode == "off"
+            or target.kube.kind in ("pod", "targetless")):
+        return None
+    kube_target = target.kube
+
+    async def start() -> list[AgentClient]:
+        from .kube.session import start_replicas
+
+        return await start_replicas(config, kube_target)
+
+    return start
 
 
 def release_agent() -> None:

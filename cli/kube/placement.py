@@ -14,6 +14,12 @@
 Either way the agent listens on the loopback of its own pod, exits when its
 one client leaves (``--one-client``) or if none came within ``agent.ttl``.
 Every object carries :data:`MANAGED_BY` and :data:`SESSION_LABEL`.
+
+Incoming traffic adds to what the agent asks for (:func:`agent_capabilities`):
+``NET_RAW`` for mirror, ``NET_ADMIN`` for steal. Where an ephemeral container
+cannot have them (no securityContext before 1.23, and the runtime's defaults
+lack them), a steal runs the agent as the Job instead
+(:class:`CapabilitiesUnavailable`).
 """
 
 from __future__ import annotations
@@ -66,6 +72,24 @@ class Placement:
     created: list[str] = field(default_factory=list)  # API paths to delete at exit
 
 
+#: What incoming traffic needs from the agent in the target's network namespace:
+#: mirror opens an AF_PACKET socket; steal installs nat redirect rules and marks
+#: the agent's own connections to the target (SO_MARK).
+INCOMING_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "off": (), "mirror": ("NET_RAW",), "steal": ("NET_ADMIN",)}
+#: Container runtimes (the containerID's scheme) whose default capability set,
+#: what a container asking for nothing gets, includes NET_RAW (Docker's and
+#: containerd's do; CRI-O's has not since 1.18). None includes NET_ADMIN.
+_NET_RAW_BY_DEFAULT = ("docker", "containerd")
+
+
+def default_capabilities_lack(container_id: str, incoming: str) -> list[str]:
+    """What ``incoming`` needs that a container of this runtime does not get by default."""
+    runtime = container_id.partition("://")[0]
+    granted = {"NET_RAW"} if runtime in _NET_RAW_BY_DEFAULT else set()
+    return [name for name in INCOMING_CAPABILITIES.get(incoming, ()) if name not in granted]
+
+
 def new_session() -> str:
     return secrets.token_hex(4)
 
@@ -88,23 +112,21 @@ def agent_argv(port: int, container_id: str | None, ttl: int, write: bool) -> li
     return argv
 
 
-def agent_capabilities(kind: str, *, targeted: bool = True, incoming: bool = False) -> list[str]:
+def agent_capabilities(kind: str, incoming: str = "off", *, targeted: bool = True) -> list[str]:
     """The capabilities the agent asks for, from its placement and the session's features.
 
     ``ephemeral``: ``SYS_PTRACE`` (``/proc/PID/root`` and ``environ`` of
     another user's process are ptrace-mode accesses). ``job``: also
     ``SYS_ADMIN`` (``setns`` into the target's network namespace). Incoming
-    traffic adds ``NET_ADMIN`` (redirect rules) and ``NET_RAW`` (mirroring).
-    A targetless agent asks for nothing. Before 1.23 an ephemeral container
+    traffic adds what its mode needs (:data:`INCOMING_CAPABILITIES`). A
+    targetless agent asks for nothing. Before 1.23 an ephemeral container
     takes no securityContext at all (checked on the 1.20 rig): there the
     runtime's default set applies whatever this says (docs/kubernetes.md).
     """
     if not targeted:
         return []
-    wanted = ["SYS_ADMIN", "SYS_PTRACE"] if kind == "job" else ["SYS_PTRACE"]
-    if incoming:
-        wanted += ["NET_ADMIN", "NET_RAW"]
-    return wanted
+    base = ["SYS_ADMIN", "SYS_PTRACE"] if kind == "job" else ["SYS_PTRACE"]
+    return [*base, *INCOMING_CAPABILITIES.get(incoming, ())]
 
 
 def agent_container(name: str, agent: AgentConfig, argv: list[str], secret: str,
@@ -129,25 +151,43 @@ def agent_container(name: str, agent: AgentConfig, argv: list[str], secret: str,
 # --- ephemeral container ---
 
 def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
-                    session: str, port: int, secret: str, write: bool) -> Placement:
+                    session: str, port: int, secret: str, write: bool,
+                    incoming: str = "off") -> Placement:
     name = f"mtrace-agent-{session}"
     container = agent_container(name, agent, agent_argv(port, target.container_id, agent.ttl, write),
-                                secret, agent_capabilities("ephemeral"))
+                                secret, agent_capabilities("ephemeral", incoming))
     container["targetContainerName"] = target.container
     try:
         _add_ephemeral(kube, target, container)
     except KubeRejected as error:
         if "securityContext" not in error.message:
             raise
-        # Before 1.23 an ephemeral container may not have a securityContext (any
-        # field: tried on 1.20): the agent runs with the runtime's default
-        # capabilities, which read /proc of a process of the same user (a target
-        # running as another user is refused).
+        lacking = default_capabilities_lack(target.container_id, incoming)
+        if incoming == "steal" and lacking:
+            # Nothing was added to the pod: the node agent can have them.
+            raise CapabilitiesUnavailable(
+                f"steal needs {' and '.join(lacking)}: before Kubernetes 1.23 an ephemeral "
+                "container takes no securityContext, and the runtime's defaults lack it"
+                ) from error
+        # Before 1.23 an ephemeral container may not have a securityContext: the
+        # agent runs with the runtime's default capabilities, which read /proc of a
+        # process of the same user (a target running as another user is refused).
         del container["securityContext"]
         _add_ephemeral(kube, target, container)
     except KubeForbidden as error:
         if agent.privileged or not _refuses_capabilities(error.message):
             raise
+        if incoming == "steal":
+            needed = " and ".join(INCOMING_CAPABILITIES["steal"])
+            raise AdmissionRefused(
+                f"admission refused the agent's ephemeral container, which needs {needed} "
+                f"to steal: {error.message}",
+                hint="ask for an exemption for the agent, or use --incoming mirror "
+                     "(NET_RAW) or off") from error
+        if INCOMING_CAPABILITIES.get(incoming) and _without_incoming(kube, target, container):
+            # Mirror (the default) without NET_RAW: the session goes on, and the
+            # program is told when it listens that nothing can be mirrored.
+            return Placement("ephemeral", target.namespace, target.pod, name, port, secret, session)
         # Pod Security "baseline" refuses SYS_PTRACE: ask for nothing and run
         # as the target's user instead (same uid: /proc access needs no capability).
         container["securityContext"] = {"capabilities": {"drop": ["ALL"]},
@@ -164,6 +204,19 @@ def start_ephemeral(kube: Kube, target: ResolvedTarget, agent: AgentConfig, *,
                      "for an exemption, or try the node placement (agent.ephemeral = false)",
             ) from again
     return Placement("ephemeral", target.namespace, target.pod, name, port, secret, session)
+
+
+def _without_incoming(kube: Kube, target: ResolvedTarget, container: dict[str, Any]) -> bool:
+    """Ask again with only what the agent needs without incoming traffic; False
+    when admission refuses that too (for its capabilities)."""
+    container["securityContext"] = {"capabilities": {"add": agent_capabilities("ephemeral")}}
+    try:
+        _add_ephemeral(kube, target, container)
+    except KubeForbidden as error:
+        if not _refuses_capabilities(error.message):
+            raise
+        return False
+    return True
 
 
 def _refuses_capabilities(message: str) -> bool:
@@ -222,10 +275,15 @@ class EphemeralUnavailable(KubeError):
     """Ephemeral containers are off or forbidden here: the caller falls back to a Job."""
 
 
+class CapabilitiesUnavailable(EphemeralUnavailable):
+    """An ephemeral container cannot have what incoming traffic needs: a Job can."""
+
+
 # --- job on the target's node ---
 
 def start_job(kube: Kube, target: ResolvedTarget | None, agent: AgentConfig, *, session: str,
-              port: int, secret: str, write: bool, namespace: str | None = None) -> Placement:
+              port: int, secret: str, write: bool, namespace: str | None = None,
+              incoming: str = "off") -> Placement:
     """The node agent for ``target``; with no target (``targetless``), an
     agent pod anywhere in the cluster serving its own network, no privileges."""
     namespace = agent.namespace or (target.namespace if target else namespace) or "default"
@@ -233,7 +291,7 @@ def start_job(kube: Kube, target: ResolvedTarget | None, agent: AgentConfig, *, 
     container = agent_container("agent", agent,
                                 agent_argv(port, target.container_id if target else None,
                                            agent.ttl, write),
-                                secret, agent_capabilities("job", targeted=target is not None))
+                                secret, agent_capabilities("job", incoming, targeted=target is not None))
     if target is None and not agent.privileged:
         container["securityContext"] = {"allowPrivilegeEscalation": False}
     pod_labels = labels(session, agent.labels)

@@ -257,3 +257,18 @@ def _container(pod: dict[str, Any], target: KubeTarget, namespace: str,
     return ResolvedTarget(namespace=namespace, pod=pod["metadata"]["name"], container=name,
                           container_id=container_id, node=pod["spec"].get("nodeName", ""),
                           pod_object=pod, notes=notes)
+
+
+def ready_pods(kube: Kube, target: KubeTarget) -> list[ResolvedTarget]:
+    """Every running and ready pod of a workload or Service (by name), each
+    with the target container: incoming traffic reaches all of them."""
+    namespace = target.namespace or kube.namespace
+    pods, _ = pods_of(kube, target, namespace)
+    ready = sorted((pod for pod in pods if is_ready(pod)), key=lambda p: p["metadata"]["name"])
+    found = []
+    for pod in ready:
+        try:
+            found.append(_container(pod, target, namespace, []))
+        except KubeError:
+            continue  # its container is not running (restarting): nothing to subscribe there
+    return found

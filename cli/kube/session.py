@@ -9,7 +9,10 @@ for the answer and deletes what was made; a creation that starts after the
 release is refused. An ephemeral agent cannot be deleted: one that no client
 reached is connected to and left, so it exits (``--one-client``) instead of
 waiting for ``agent.ttl``.
-"""
+
+Incoming traffic of a workload with several ready pods covers them all:
+:func:`start_replicas` (called when the program first listens) puts an agent
+in each other ready pod, placed as the first one was."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from . import copies
 from . import placement as placements
 from .client import Kube, KubeError, KubeForbidden, KubeSettings, KubeUnreachable
 from .portforward import connect as port_forward
-from .resolve import KubeTarget, NoReadyPod, ResolvedTarget, resolve
+from .resolve import KubeTarget, NoReadyPod, ResolvedTarget, ready_pods, resolve
 
 if TYPE_CHECKING:
     from ...agent.client import AgentClient
@@ -48,6 +51,7 @@ class Active:
     agent: AgentConfig | None = None
     reached: bool = False  # a client authenticated to the agent (it exits when that one leaves)
     released: bool = False
+    replica: bool = False  # an agent in another replica, for incoming traffic only
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextlib.contextmanager
@@ -64,12 +68,21 @@ class Active:
 
 _active: list[Active] = []
 _lock = threading.Lock()
+_noted: set[str] = set()
 
 
 def note(message: str) -> None:
-    """What mtrace chose for the user (a pod among several, a container): always shown."""
+    """What mtrace chose for the user (a pod among several, a container): always
+    shown, once (the agents of several replicas make the same choices)."""
+    if message in _noted:
+        return
+    _noted.add(message)
     sys.stderr.write(f"mtrace: {message}\n")
     sys.stderr.flush()
+
+
+def incoming_mode(config: Config) -> str:
+    return config.feature.network.incoming_config.mode
 
 
 async def connect(config: Config, target: KubeTarget, *, verbose: int,
@@ -128,7 +141,8 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
             try:
                 with active.creating():
                     placed = placements.start_ephemeral(kube, target_pod, agent, session=session,
-                                                        port=port, secret=secret, write=agent.write)
+                                                        port=port, secret=secret, write=agent.write,
+                                                        incoming=incoming_mode(config))
                     active.placement = placed
                 return placed
             except placements.EphemeralUnavailable as error:
@@ -138,7 +152,8 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
             placements.sweep(kube, agent.namespace or target_pod.namespace)
         with active.creating():
             placed = placements.start_job(kube, target_pod, agent, session=session, port=port,
-                                          secret=secret, write=agent.write)
+                                          secret=secret, write=agent.write,
+                                          incoming=incoming_mode(config))
             active.placement = placed
         return placed
 
@@ -200,6 +215,79 @@ async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTa
     return client
 
 
+async def start_replicas(config: Config, target: KubeTarget) -> list[AgentClient]:
+    """Agents in the other ready pods of the session's workload (incoming
+    traffic only), started in parallel; a pod whose agent fails is said and
+    skipped. None for a pod target, a copy, or a workload of one ready pod."""
+    with _lock:
+        primary = next((active for active in _active
+                        if not active.replica and active.target is not None), None)
+    if (primary is None or primary.copy is not None or primary.target is None
+            or target.kind in ("pod", "targetless")):
+        return []
+    chosen = primary.target
+    others = [pod for pod in await asyncio.to_thread(ready_pods, primary.kube, target)
+              if pod.pod != chosen.pod]
+    if not others:
+        return []
+    mode = incoming_mode(config)
+    note(f"incoming: {mode} in every ready pod of {target.describe()}: agents in "
+         + ", ".join(f"pod/{pod.pod}" for pod in others) + " too")
+    deadline = time.monotonic() + config.agent.startup_timeout
+    results = await asyncio.gather(
+        *(_start_replica(config, primary.kube, pod, deadline) for pod in others),
+        return_exceptions=True)
+    clients: list[AgentClient] = []
+    for pod, result in zip(others, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, Exception):
+                raise result
+            detail = getattr(result, "message", None) or str(result)
+            note(f"incoming: no agent in pod/{pod.pod} ({detail}): the program gets none "
+                 "of that pod's traffic")
+        else:
+            clients.append(result)
+    return clients
+
+
+async def _start_replica(config: Config, kube: Kube, pod: ResolvedTarget,
+                         deadline: float) -> AgentClient:
+    """One replica's agent: the primary's placement rules, and its own session,
+    port and secret; created under the same Ctrl-C guard as the primary's."""
+    active = Active(kube, target=pod, agent=config.agent, replica=True)
+    with _lock:
+        _active.append(active)
+    session = placements.new_session()
+    port = random.randint(*PORT_RANGE)
+    secret = placements.secrets.token_hex(16)
+    agent, mode = config.agent, incoming_mode(config)
+
+    def place() -> placements.Placement:
+        if agent.ephemeral:
+            try:
+                with active.creating():
+                    active.placement = placements.start_ephemeral(
+                        kube, pod, agent, session=session, port=port, secret=secret, write=False,
+                        incoming=mode)
+                return active.placement
+            except placements.EphemeralUnavailable as error:
+                note(f"ephemeral containers are unavailable here ({error.message}); "
+                     f"running the agent as a Job on node {pod.node}")
+        with active.creating():
+            active.placement = placements.start_job(kube, pod, agent, session=session, port=port,
+                                                    secret=secret, write=False, incoming=mode)
+        return active.placement
+
+    placed = await asyncio.to_thread(place)
+    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline,
+                            lambda _message: None, active.cancelled)
+    client = await port_forward(
+        kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
+        alive=lambda: placements.check_alive(kube, placed, agent))
+    active.reached = True
+    return client
+
+
 def release_all() -> None:
     """Delete what every session of this process created; safe to call twice.
 
@@ -250,7 +338,7 @@ def explain_loss() -> str | None:
         actives = list(_active)
     for active in actives:
         placed, resolved = active.placement, active.target
-        if placed is None or resolved is None:
+        if placed is None or resolved is None or active.replica:
             continue
         try:
             pod = active.kube.get(f"/api/v1/namespaces/{resolved.namespace}/pods/{resolved.pod}")

@@ -140,7 +140,7 @@ def test_agent_capabilities_follow_placement_and_features() -> None:
     assert agent_capabilities("ephemeral") == ["SYS_PTRACE"]
     assert agent_capabilities("job") == ["SYS_ADMIN", "SYS_PTRACE"]
     assert agent_capabilities("job", targeted=False) == []
-    assert agent_capabilities("ephemeral", incoming=True) == ["SYS_PTRACE", "NET_ADMIN", "NET_RAW"]
+    assert agent_capabilities("ephemeral", "steal") == ["SYS_PTRACE", "NET_ADMIN"]
 
 
 def test_find_container_process_by_cgroup(tmp_path: Path) -> None:

@@ -27,6 +27,11 @@ What is trapped and what it becomes (``feature.network.incoming``):
 
 A subscription fails with one line on stderr (the agent lacks NET_ADMIN, say)
 and the program keeps running with its local listener.
+
+A Kubernetes workload with several ready pods (``context.replica_agents``):
+at the first subscription an agent is started in each other pod, and every
+port is subscribed in all of them, so connections to any replica reach the
+program. A replica's failure or loss is said once and costs only its traffic.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from functools import partial
 from typing import Any
 
 from ...agent.aio import sock_connect
-from ...agent.client import TcpStream
+from ...agent.client import AgentClient, TcpStream
 from ...agent.errors import AgentError, RemoteError
 from ...agent.protocol import CAP_INCOMING, HttpRequestFilter, IncomingConnection
 from ..backend import Handler
@@ -111,6 +116,8 @@ class IncomingFeature:
         self._closes: ListenerCloses | None = None
         self._accept_waiter: AcceptWaiter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # The agents of the target's other replicas, started at the first subscription.
+        self._replicas: asyncio.Future[list[AgentClient]] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         if self.config.mode == "off":
@@ -184,6 +191,7 @@ class IncomingFeature:
         if mode == "mirror" and not subscribed.target_listening:
             _say(f"mirror of port {listener.remote_port}: nothing in the target listens there, "
                  f"so the mirror sees nothing (steal would take new connections)")
+        await self._subscribe_replicas(listener)
         return ReturnValue(0)
 
     # -- a listener closed --
@@ -205,17 +213,71 @@ class IncomingFeature:
         del self.by_remote_port[listener.remote_port]
         log.info("incoming: the listener on local port %d closed: the target's port %d is "
                  "given back", listener.local_port, listener.remote_port)
-        task = asyncio.get_running_loop().create_task(self._unsubscribe(listener.remote_port))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._unsubscribe(listener.remote_port))
 
     async def _unsubscribe(self, remote_port: int) -> None:
-        if self.context.agent_lost:
-            return
+        """Give the port back in the target and in every replica that subscribed it."""
+        clients: list[AgentClient] = []
+        if not self.context.agent_lost:
+            clients.append(self.context.client)
+        replicas = self._replicas
+        if replicas is not None and replicas.done() and not replicas.cancelled() \
+                and replicas.exception() is None:
+            clients += replicas.result()
+        for client in clients:
+            try:
+                await client.unsubscribe_incoming(remote_port)
+            except (RemoteError, AgentError) as error:
+                log.info("incoming: unsubscribing port %d: %s", remote_port, error)
+
+    # -- the target's other replicas --
+
+    async def _replica_clients(self) -> list[AgentClient]:
+        provider = self.context.replica_agents
+        if provider is None:
+            return []
+        if self._replicas is None:
+            async def start() -> list[AgentClient]:
+                clients = await provider()
+                for client in clients:
+                    self._spawn(self._watch_replica(client))
+                return clients
+
+            self._replicas = asyncio.ensure_future(start())
         try:
-            await self.context.client.unsubscribe_incoming(remote_port)
-        except (RemoteError, AgentError) as error:
-            log.info("incoming: unsubscribing port %d: %s", remote_port, error)
+            return await asyncio.shield(self._replicas)
+        except Exception as error:  # the API, the agents: the other replicas are a bonus
+            if self._replicas.done():  # said once: later listens find none
+                _say(f"no agents in the target's other replicas: {getattr(error, 'message', error)}")
+                self._replicas = asyncio.get_running_loop().create_future()
+                self._replicas.set_result([])
+            return []
+
+    async def _subscribe_replicas(self, listener: Listener) -> None:
+        clients = await self._replica_clients()
+        mode = self.config.mode
+        results = await asyncio.gather(
+            *(client.subscribe_incoming(listener.remote_port, mode, self._on_replica_connection,
+                                        http_filter=self.http_filter) for client in clients),
+            return_exceptions=True)
+        for client, result in zip(clients, results, strict=True):
+            if isinstance(result, (RemoteError, AgentError)):
+                detail = result.strerror if isinstance(result, RemoteError) else result.message
+                _say(f"cannot {mode} port {listener.remote_port} through the {client.description}: "
+                     f"{detail}")
+            elif isinstance(result, BaseException):
+                raise result
+
+    async def _watch_replica(self, client: AgentClient) -> None:
+        await client.wait_closed()
+        if not self.context.closing:
+            _say(f"lost the {client.description}: that replica's traffic no longer reaches "
+                 "the program")
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- connections from the agent --
 
@@ -228,8 +290,16 @@ class IncomingFeature:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _on_replica_connection(self, connection: IncomingConnection, stream: TcpStream) -> None:
+        listener = self.by_remote_port.get(connection.port)
+        if listener is None:
+            stream.abort()
+            return
+        # A replica's agent going away ends its connections, not the session.
+        self._spawn(self._deliver(listener, connection, stream, primary=False))
+
     async def _deliver(self, listener: Listener, connection: IncomingConnection,
-                       stream: TcpStream) -> None:
+                       stream: TcpStream, *, primary: bool = True) -> None:
         sock = socket.socket(listener.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         port = 0
         try:
@@ -248,7 +318,8 @@ class IncomingFeature:
             sock.close()
             stream.abort()
             return
-        await relay_tcp(sock, stream, on_agent_lost=self.outgoing.agent_lost)
+        await relay_tcp(sock, stream,
+                        on_agent_lost=self.outgoing.agent_lost if primary else lambda: None)
 
     # -- accept --
 
@@ -357,6 +428,14 @@ class IncomingFeature:
             self._accept_waiter.close()
         for task in list(self._tasks):
             task.cancel()
+        if self._replicas is not None:
+            if not self._replicas.done():
+                self._replicas.cancel()
+            elif not self._replicas.cancelled() and self._replicas.exception() is None:
+                # Each replica's agent exits when its client leaves (its rules go with it).
+                for client in self._replicas.result():
+                    with contextlib.suppress(Exception):
+                        await client.close()
 
 
 SO_COOKIE = 57

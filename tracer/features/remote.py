@@ -11,7 +11,7 @@ agent: the coroutine runs on ``context.async_side.loop``, where
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +40,9 @@ class RemoteContext:
     # The target's network namespace when it is on this machine (pid/N with a
     # local agent): outgoing TCP takes the direct path (features/direct.py).
     target_network: str | None = None
+    # Agents in the target's other replicas (a workload of several ready pods),
+    # started on first use: incoming traffic subscribes in each of them too.
+    replica_agents: Callable[[], Awaitable[list[AgentClient]]] | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
         """Run a coroutine on the agent's loop and wait (start-up work only,
