@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GROUPS = ("syscall", "remote", "startup", "program", "kv", "incoming", "kube")
+GROUPS = ("syscall", "remote", "startup", "program", "kv", "incoming", "kube", "growth")
 
 
 @pytest.mark.timeout(180)
