@@ -188,6 +188,8 @@ _C_PROGRAMS = {
     "refsup": ("refsup.c", ()),
     "netserve": ("netserve.c", ()),
     "grow": ("grow.c", ("-static", "-pthread")),  # the growth group's workloads
+    # The same loop, dynamically linked: an LD_PRELOAD peer (proxychains4) can hook it.
+    "loop-dynamic": ("loop.c", ()),
 }
 
 
