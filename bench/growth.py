@@ -38,6 +38,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     Context,
@@ -106,7 +107,7 @@ def _points_note(kind: str, labels: Sequence[str], full_adds: str = "") -> str:
 # --- running ------------------------------------------------------------------------
 
 
-def _with_memory(argv: list[str], timeout: float) -> tuple[dict[str, object], PeakMemory, int]:
+def _with_memory(argv: list[str], timeout: float) -> tuple[dict[str, Any], PeakMemory, int]:
     """run_json, with the peak memory of the process tree sampled meanwhile."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                stdin=subprocess.DEVNULL, text=True)
@@ -228,7 +229,7 @@ def _file_read(ctx: Context, grow: Path, points: Points) -> list[Row]:
                 for _ in range(ctx.settings.runs):
                     for variant in variants:
                         if variant == DIRECT:
-                            result: dict[str, object] = run_json(namespace.inside(argv),
+                            result: dict[str, Any] = run_json(namespace.inside(argv),
                                                                  timeout=600)
                         else:
                             result, memory, root = _with_memory(
@@ -236,9 +237,7 @@ def _file_read(ctx: Context, grow: Path, points: Points) -> list[Row]:
                             notes[variant] = _memory_note(memory, root)
                         if result["bytes"] != size:
                             raise RunFailed(f"read {result['bytes']} bytes of {size}")
-                        durations = result["ns"]
-                        assert isinstance(durations, list)
-                        for which, ns in zip(("cold", "cached"), durations, strict=True):
+                        for which, ns in zip(("cold", "cached"), result["ns"], strict=True):
                             samples.setdefault((which, variant), []).append(size / ns * 1e3)
             finally:
                 subprocess.run(namespace.inside(["rm", "-f", str(path)]), check=False,
@@ -325,6 +324,7 @@ def _network(ctx: Context, grow: Path, points: Points) -> list[Row]:
             ctx.log(f"growth: {name}")
             rates: dict[str, list[float]] = {variant: [] for variant in wraps}
             failed: dict[str, str] = {}
+            memory_notes: dict[str, str] = {}
             for _ in range(ctx.settings.runs):
                 for variant, wrap in wraps.items():
                     if variant in failed:
@@ -332,11 +332,19 @@ def _network(ctx: Context, grow: Path, points: Points) -> list[Row]:
                     argv = [str(grow), "streams", HOST, str(bulk_port), str(streams),
                             str(per_stream)]
                     try:
-                        result = run_json(wrap(argv), timeout=600)
+                        if variant == DIRECT:
+                            result: dict[str, Any] = run_json(wrap(argv), timeout=600)
+                        else:
+                            result, memory, root = _with_memory(wrap(argv), timeout=600)
+                            memory_notes[variant] = _memory_note(memory, root)
                         rates[variant].append(result["bytes"] / result["total_ns"] * 1e3)
                     except Unavailable as error:
                         failed[variant] = str(error)
-            rows += _rows(name, MBPS, rates, failed, f"{size_label(per_stream)} per stream")
+            per_note = f"{size_label(per_stream)} per stream"
+            for row in _rows(name, MBPS, rates, failed, per_note):
+                if memory_notes.get(row.variant) and row.value is not None:
+                    row.note += f"; {memory_notes[row.variant]}"
+                rows.append(row)
 
             requests = max(5, points.requests_total // streams)
             ctx.log(f"growth: {streams} connections, small HTTP requests")
