@@ -3,9 +3,10 @@
  * Each mode grows one dimension, so the group can show where cost bends.
  *
  *   grow serve                            a server on 127.0.0.1 (backlog 1024, one
- *                                         thread per connection); prints "http=P bulk=P":
+ *                                         thread per connection); prints "http=P bulk=P udp=P":
  *                                         http answers each request with a 2-byte body
- *                                         (keep-alive); bulk reads "N\n" and sends N bytes
+ *                                         (keep-alive); bulk reads "N\n" and sends N bytes;
+ *                                         udp=P echoes each datagram
  *   grow read PATH TIMES                  TIMES x (open, read to EOF in 1 MiB reads, close)
  *   grow list DIR TIMES                   TIMES x (open, getdents64 to the end, close)
  *   grow streams HOST PORT N BYTES        N connections opened first, then N threads
@@ -13,12 +14,14 @@
  *                                         signal to the last byte
  *   grow requests HOST PORT N R           N connections, N threads, R small HTTP
  *                                         requests each, every request timed
+ *   grow udp HOST PORT N                  a connected UDP socket, N request/responses
+ *                                         with the server's udp port, each timed
  *   grow calls PATH N K                   N threads, K openat+close of PATH each (a
  *                                         trapped call under mtrace), started together
  *
  * One JSON line on stdout. read/list: "ns" (one duration per repetition) and the
  * byte or entry count; streams: "total_ns", "bytes"; requests: "total_ns",
- * "p50_ns", "p99_ns", "requests"; calls: "total_ns", "calls".
+ * "p50_ns", "p99_ns", "requests" (udp too); calls: "total_ns", "calls".
  * Timing happens inside the program, so process start-up never counts.
  */
 #define _GNU_SOURCE
@@ -36,6 +39,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -167,9 +171,32 @@ static void *accept_loop(void *arg)
     return NULL;
 }
 
+static void *serve_udp(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char buf[2048];
+    for (;;) {
+        struct sockaddr_in peer;
+        socklen_t len = sizeof(peer);
+        ssize_t got = recvfrom(fd, buf, sizeof(buf), 0, (struct sockaddr *)&peer, &len);
+        if (got >= 0)
+            sendto(fd, buf, (size_t)got, 0, (struct sockaddr *)&peer, len);
+    }
+    return NULL;
+}
+
 static int cmd_serve(void)
 {
     signal(SIGPIPE, SIG_IGN);
+    int udp = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sin_len = sizeof(sin);
+    if (udp < 0 || bind(udp, (struct sockaddr *)&sin, sizeof(sin)) != 0 ||
+        getsockname(udp, (struct sockaddr *)&sin, &sin_len) != 0)
+        die("udp socket");
+    pthread_t udp_thread;
+    if (pthread_create(&udp_thread, NULL, serve_udp, (void *)(intptr_t)udp) != 0)
+        die("pthread_create");
     int http_port, bulk_port;
     static intptr_t http_args[2], bulk_args[2];
     http_args[0] = listen_any(&http_port);
@@ -179,7 +206,7 @@ static int cmd_serve(void)
     pthread_t thread;
     if (pthread_create(&thread, NULL, accept_loop, http_args) != 0)
         die("pthread_create");
-    printf("http=%d bulk=%d\n", http_port, bulk_port);
+    printf("http=%d bulk=%d udp=%d\n", http_port, bulk_port, ntohs(sin.sin_port));
     fflush(stdout);
     accept_loop(bulk_args);
     return 0;
@@ -425,6 +452,43 @@ static int cmd_requests(const char *host, const char *port, long n, long r)
     return 0;
 }
 
+static int cmd_udp(const char *host, const char *port, long n)
+{
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(port))};
+    if (inet_pton(AF_INET, host, &sin.sin_addr) != 1) {
+        fprintf(stderr, "grow: not an IPv4 address: %s\n", host);
+        exit(2);
+    }
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        die("socket");
+    struct timeval timeout = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    if (connect(fd, (struct sockaddr *)&sin, sizeof(sin)) != 0)
+        die("connect");
+    int64_t *samples = calloc((size_t)n, sizeof(int64_t));
+    if (!samples)
+        die("calloc");
+    char buf[64];
+    int64_t begin = now_ns();
+    for (long i = 0; i < n; i++) {
+        int64_t start = now_ns();
+        if (send(fd, "ping", 4, 0) != 4)
+            die("send");
+        if (recv(fd, buf, sizeof(buf), 0) != 4)
+            die("recv");
+        samples[i] = now_ns() - start;
+    }
+    int64_t total = now_ns() - begin;
+    qsort(samples, (size_t)n, sizeof(int64_t), compare_i64);
+    long p99 = (n * 99) / 100;
+    printf("{\"op\": \"udp\", \"requests\": %ld, \"total_ns\": %lld, \"p50_ns\": %lld, "
+           "\"p99_ns\": %lld}\n",
+           n, (long long)total, (long long)samples[n / 2],
+           (long long)samples[p99 < n ? p99 : n - 1]);
+    return 0;
+}
+
 static void *call_body(void *arg)
 {
     struct worker *worker = arg;
@@ -466,6 +530,8 @@ int main(int argc, char **argv)
         return cmd_streams(argv[2], argv[3], count(argv[4]), count(argv[5]));
     if (argc == 6 && !strcmp(argv[1], "requests"))
         return cmd_requests(argv[2], argv[3], count(argv[4]), count(argv[5]));
+    if (argc == 5 && !strcmp(argv[1], "udp"))
+        return cmd_udp(argv[2], argv[3], count(argv[4]));
     if (argc == 5 && !strcmp(argv[1], "calls"))
         return cmd_calls(argv[2], count(argv[3]), count(argv[4]));
     fputs("usage: grow serve | read PATH TIMES | list DIR TIMES | streams HOST PORT N BYTES |"

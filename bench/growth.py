@@ -20,6 +20,8 @@ namespaces (``nsenter``) in the same run:
   ``mtrace exec --target pid/N`` (the direct path: sockets made in the target)
   and the same with ``direct = false`` (every byte through the agent's relay,
   what agents reached over TCP or Kubernetes get);
+* **UDP request/response** on a connected socket (one point, the same three
+  ways): the direct path for connected UDP against the relay it replaced;
 * **threads making trapped calls** (1 .. 64): N threads each doing openat+close
   of a local file, trapped and continued; calls/s of plain, mtrace and the C
   reference supervisor.
@@ -135,14 +137,14 @@ def _memory_note(memory: PeakMemory, root: int) -> str:
 
 
 @contextlib.contextmanager
-def _server(ctx: Context, grow: Path) -> Iterator[tuple[int, int]]:
-    """``grow serve`` in the target's namespaces: (http port, bulk port)."""
+def _server(ctx: Context, grow: Path) -> Iterator[tuple[int, int, int]]:
+    """``grow serve`` in the target's namespaces: (http port, bulk port, udp port)."""
     namespace = ctx.namespace()
     server = subprocess.Popen(namespace.inside([str(grow), "serve"]), stdout=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, text=True)
     try:
         ports = dict(item.split("=") for item in read_line(server, 10).split())
-        yield int(ports["http"]), int(ports["bulk"])
+        yield int(ports["http"]), int(ports["bulk"]), int(ports["udp"])
     finally:
         stop_process(server)
 
@@ -317,7 +319,8 @@ def _network(ctx: Context, grow: Path, points: Points) -> list[Row]:
                              "--target", target, "--", *argv],
     }
     rows: list[Row] = []
-    with _server(ctx, grow) as (http_port, bulk_port):
+    with _server(ctx, grow) as (http_port, bulk_port, udp_port):
+        rows += _udp(ctx, grow, wraps, udp_port, points.requests_total)
         for streams in points.streams:
             name = _streams_name(streams)
             per_stream = max(64 * KIB, points.stream_total_bytes // streams)
@@ -367,6 +370,32 @@ def _network(ctx: Context, grow: Path, points: Points) -> list[Row]:
             rows += _rows(_requests_name(streams, "p50"), US, p50, failed, note)
             rows += _rows(_requests_name(streams, "p99"), US, p99, failed, note)
     return rows
+
+
+UDP_P50 = "UDP request/response on a connected socket, p50"
+UDP_P99 = "UDP request/response on a connected socket, p99"
+
+
+def _udp(ctx: Context, grow: Path, wraps: dict[str, Callable[[list[str]], list[str]]],
+         port: int, requests: int) -> list[Row]:
+    """One point, not a curve: connected UDP, the direct path against the relay."""
+    ctx.log("growth: UDP request/response")
+    p50: dict[str, list[float]] = {variant: [] for variant in wraps}
+    p99: dict[str, list[float]] = {variant: [] for variant in wraps}
+    failed: dict[str, str] = {}
+    for _ in range(ctx.settings.runs):
+        for variant, wrap in wraps.items():
+            if variant in failed:
+                continue
+            try:
+                result = run_json(wrap([str(grow), "udp", HOST, str(port), str(requests)]),
+                                  timeout=600)
+                p50[variant].append(result["p50_ns"] / 1000)
+                p99[variant].append(result["p99_ns"] / 1000)
+            except Unavailable as error:
+                failed[variant] = str(error)
+    note = f"{requests} requests"
+    return (_rows(UDP_P50, US, p50, failed, note) + _rows(UDP_P99, US, p99, failed, note))
 
 
 def _rows(name: str, unit: str, samples: dict[str, list[float]], failed: dict[str, str],
@@ -451,6 +480,8 @@ def _curve_of(name: str) -> str:
         return "directory listing, " + name.rsplit(", ", 1)[1]
     if name.endswith("aggregate"):
         return "streams"
+    if name.startswith("UDP request"):
+        return name
     if "connections, small HTTP request" in name:
         return "requests " + name.rsplit(" ", 1)[1]
     return "threads"

@@ -49,6 +49,7 @@ def test_quick_growth_group_measures_every_point(tmp_path: Path) -> None:
         for which in ("first", "second"):
             expected |= {(growth._list_name(entries, which), v) for v in file_variants}
     network = (growth.DIRECT, growth.MTRACE, growth.RELAY)
+    expected |= {(name, v) for name in (growth.UDP_P50, growth.UDP_P99) for v in network}
     for streams in points.streams:
         expected |= {(growth._streams_name(streams), v) for v in network}
         for which in ("p50", "p99"):
