@@ -62,7 +62,8 @@ def test_quick_growth_group_measures_every_point(tmp_path: Path) -> None:
     by_key = {(row["name"], row["variant"]): row for row in rows}
     first_read = by_key[(growth._read_name(points.file_sizes[0], "cold"), growth.MTRACE)]
     assert first_read["baseline"] == growth.DIRECT and first_read["ratio"] is not None
-    assert "sizes run: 4 KiB, 1 MiB" in first_read["note"]
+    first_direct = by_key[(growth._read_name(points.file_sizes[0], "cold"), growth.DIRECT)]
+    assert "sizes run: 4 KiB, 1 MiB" in first_direct["note"]
     later = by_key[(growth._read_name(points.file_sizes[-1], "cold"), growth.MTRACE)]
     assert "x the first point" in later["note"]
     table = (tmp_path / "latest.md").read_text()
