@@ -86,7 +86,8 @@ class Points:
     @classmethod
     def for_settings(cls, quick: bool, full: bool) -> Points:
         if quick:
-            return cls((4 * KIB, MIB), (10, 1000), (1, 4), 4 * MIB, 200, (1, 4), 2000)
+            # Few points: every mtrace start-up costs seconds on a loaded machine.
+            return cls((4 * KIB, MIB), (100,), (2,), 4 * MIB, 200, (1, 4), 2000)
         sizes = tuple(4 * KIB * 4 ** power for power in range(9))  # 4 KiB .. 256 MiB
         # 100,000 entries only with --full: each listed entry is a placeholder file
         # created in the session directory, milliseconds each on a busy disk.
