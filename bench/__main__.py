@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     info = report.run_info()
     info["machine"]["load_average_at_start"] = load_at_start
     chart = report.draw_chart(out_dir / "latest.png", rows, info)
+    if growth.draw_chart(out_dir / "growth.png", rows):
+        log(f"growth curves: {out_dir / 'growth.png'}")
     if chart is None:
         log("chart skipped: matplotlib is not installed (pip install -e '.[bench]')")
     report.write_json(out_dir / "latest.json", rows, targets, info, settings, groups, chart)

@@ -525,3 +525,58 @@ def _mark_points(rows: list[Row], first: int, note: str) -> None:
         row = rows[first]
         if row.value is not None:
             row.note = f"{note}; {row.note}" if row.note else note
+
+
+# --- the chart ------------------------------------------------------------------------
+
+
+def draw_chart(path: Path, rows: Sequence[Row]) -> str | None:
+    """The curves as a PNG (log-log, one panel per curve); None when matplotlib is
+    missing or the group did not run."""
+    curves = [
+        ("file read, cold", MBPS, lambda row: row.extra.get("bytes"),
+         lambda row: row.name.endswith(", cold"), "file size (bytes)"),
+        ("file read, cached", MBPS, lambda row: row.extra.get("bytes"),
+         lambda row: row.name.endswith(", cached"), "file size (bytes)"),
+        ("directory listing, first", US, lambda row: row.extra.get("entries"),
+         lambda row: row.name.endswith(", first"), "entries"),
+        ("parallel TCP streams, aggregate", MBPS, lambda row: int(row.name.split()[0]),
+         lambda row: row.name.endswith("aggregate"), "streams"),
+        ("small HTTP request p50", US, lambda row: int(row.name.split()[0]),
+         lambda row: row.name.endswith("request p50"), "connections"),
+        ("threads, trapped openat+close", CALLS, lambda row: int(row.name.split()[0]),
+         lambda row: "threads, trapped" in row.name, "threads"),
+    ]
+    ours = [row for row in rows if row.group == GROUP and row.value]
+    if not ours:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(2, 3, figsize=(16, 9))
+    for axis, (title, unit, point_of, chosen, x_label) in zip(
+            [axis for line in axes for axis in line], curves, strict=True):
+        variants: dict[str, list[tuple[float, float]]] = {}
+        for row in ours:
+            if chosen(row) and row.value is not None:
+                variants.setdefault(row.variant, []).append((float(point_of(row)), row.value))
+        for variant, points in variants.items():
+            points.sort()
+            axis.plot([x for x, _ in points], [y for _, y in points], marker="o",
+                      label=variant)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel(x_label, fontsize=8)
+        axis.set_ylabel(unit, fontsize=8)
+        if variants:
+            axis.legend(fontsize=6)
+    figure.suptitle("mtrace: how cost grows (python -m bench --only growth)", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path.name

@@ -7,6 +7,7 @@ says how it compares (its baseline and its ratio to the curve's first point).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -68,6 +69,8 @@ def test_quick_growth_group_measures_every_point(tmp_path: Path) -> None:
     assert "x the first point" in later["note"]
     table = (tmp_path / "latest.md").read_text()
     assert "### growth" in table and "2 parallel TCP streams, aggregate" in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "growth.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_growth_points_grow_with_the_run_size() -> None:
