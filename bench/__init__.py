@@ -4,7 +4,8 @@ Run from the repository root::
 
     python -m bench                  # everything (a few minutes)
     python -m bench --quick          # tiny runs: checks the machinery, numbers are noise
-    python -m bench --only syscall   # one group (syscall, remote, startup, program)
+    python -m bench --only syscall   # one group (syscall, remote, startup, program, ..., growth)
+    python -m bench --full           # also the largest points (growth: a 1 GiB file)
 
 Modules:
 
@@ -17,6 +18,8 @@ Modules:
 | `startup` | process startup under mtrace against a plain run |
 | `program` | a real program: the Go HTTP client doing 1,000 requests |
 | `kv` | a key-value server's GET/SET load (redis-benchmark), proxychains4 as a peer |
+| `peer` | proxychains4 + microsocks rows of the remote group (connect, HTTP, bulk) |
+| `growth` | how cost grows: file size, directory entries, parallel streams, threads (`grow.c`) |
 | `incoming` | a stolen HTTP request against the target's own; what a mirror adds to the target's |
 | `report` | targets (pass/miss), the markdown table, JSON and the chart |
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import incoming, kube, kv, program, remote, report, startup, syscalls
+from bench import growth, incoming, kube, kv, program, remote, report, startup, syscalls
 from bench.common import RESULTS_DIR, Context, Row, Settings
 
 GROUPS: dict[str, Callable[[Context], list[Row]]] = {
@@ -22,6 +22,7 @@ GROUPS: dict[str, Callable[[Context], list[Row]]] = {
     "kv": kv.run,
     "incoming": incoming.run,
     "kube": kube.run,
+    "growth": growth.run,
 }
 
 
@@ -31,6 +32,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark mtrace against native runs and peer tools.")
     parser.add_argument("--quick", action="store_true",
                         help="tiny runs: checks the machinery in seconds; the numbers are noise")
+    parser.add_argument("--full", action="store_true",
+                        help="also the largest points (growth: a 1 GiB file); minutes longer")
     parser.add_argument("--only", metavar="NAME", action="append", default=None,
                         help=f"run only these groups (repeatable or comma-separated): "
                              f"{', '.join(GROUPS)}")
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     groups = args.only or list(GROUPS)
     settings = Settings.for_mode(args.quick)
+    settings.full = args.full and not args.quick
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -73,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     info = report.run_info()
     info["machine"]["load_average_at_start"] = load_at_start
     chart = report.draw_chart(out_dir / "latest.png", rows, info)
+    if growth.draw_chart(out_dir / "growth.png", rows):
+        log(f"growth curves: {out_dir / 'growth.png'}")
     if chart is None:
         log("chart skipped: matplotlib is not installed (pip install -e '.[bench]')")
     report.write_json(out_dir / "latest.json", rows, targets, info, settings, groups, chart)

@@ -187,6 +187,9 @@ _C_PROGRAMS = {
     "loop": ("loop.c", ("-static",)),
     "refsup": ("refsup.c", ()),
     "netserve": ("netserve.c", ()),
+    "grow": ("grow.c", ("-static", "-pthread")),  # the growth group's workloads
+    # The same loop, dynamically linked: an LD_PRELOAD peer (proxychains4) can hook it.
+    "loop-dynamic": ("loop.c", ()),
 }
 
 
@@ -304,6 +307,7 @@ class Settings:
     bulk_bytes: int
     program_requests: int  # requests of the Go HTTP client
     program_runs: int
+    full: bool = False  # --full: the largest points too (growth: a 1 GiB file)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:

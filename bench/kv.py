@@ -46,7 +46,6 @@ PROXYCHAINS = "proxychains4 + microsocks"
 VARIANTS = (DIRECT, MTRACE_TARGET, PROXYCHAINS)
 UNIT = "req/s"
 CONNECTIONS = (1, 10)
-HOST_ADDRESS, TARGET_ADDRESS = "10.213.0.1", "10.213.0.2"
 
 
 def _name(connections: int) -> str:
@@ -97,41 +96,6 @@ def _redis(ctx: Context) -> Iterator[tuple[int, int]]:
         stop_process(server)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@contextlib.contextmanager
-def _socks(ctx: Context) -> Iterator[str]:
-    """microsocks in the namespace behind a veth pair; a proxychains4 config file."""
-    if which("proxychains4") is None or which("microsocks") is None:
-        raise Unavailable("apt-get install proxychains4 microsocks")
-    namespace = ctx.namespace()
-    host_link, target_link = f"mtb{namespace.pid % 100000}h", f"mtb{namespace.pid % 100000}n"
-    subprocess.run(["ip", "link", "del", host_link], capture_output=True, check=False)
-    _ip("link", "add", host_link, "type", "veth", "peer", "name", target_link,
-        "netns", namespace.name)
-    socks: subprocess.Popen[str] | None = None
-    try:
-        _ip("addr", "add", f"{HOST_ADDRESS}/30", "dev", host_link)
-        _ip("link", "set", host_link, "up")
-        _ip("-n", namespace.name, "addr", "add", f"{TARGET_ADDRESS}/30", "dev", target_link)
-        _ip("-n", namespace.name, "link", "set", target_link, "up")
-        port = free_port()
-        socks = subprocess.Popen(namespace.inside(["microsocks", "-i", TARGET_ADDRESS,
-                                                   "-p", str(port)]),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 stdin=subprocess.DEVNULL, text=True)
-        config = namespace.work_dir / "proxychains.conf"
-        config.write_text(f"strict_chain\nquiet_mode\ntcp_read_time_out 15000\n"
-                          f"tcp_connect_time_out 8000\n[ProxyList]\nsocks5 {TARGET_ADDRESS} {port}\n")
-        time.sleep(0.3)  # microsocks prints nothing when it is ready
-        yield str(config)
-    finally:
-        stop_process(socks)
-        subprocess.run(["ip", "link", "del", host_link], capture_output=True, check=False)
-
-
 def run(ctx: Context) -> list[Row]:
     settings = ctx.settings
     requests = 2000 if settings.quick else 50000
@@ -144,7 +108,8 @@ def run(ctx: Context) -> list[Row]:
     try:
         with _redis(ctx) as (pid, port), contextlib.ExitStack() as stack:
             try:
-                proxychains_config: str | None = stack.enter_context(_socks(ctx))
+                proxychains_config: str | None = stack.enter_context(
+                    ctx.namespace().socks_proxy())
                 socks_error = ""
             except (Unavailable, subprocess.CalledProcessError) as error:
                 proxychains_config, socks_error = None, str(error)
@@ -195,7 +160,7 @@ def _coverage(ctx: Context) -> list[Row]:
     try:
         client = httpclient()  # builds every test program, the probes included
         programs = {path.name: path for path in client.parent.iterdir()}
-        with _redis(ctx) as (pid, port), _socks(ctx) as proxychains_config:
+        with _redis(ctx) as (pid, port), ctx.namespace().socks_proxy() as proxychains_config:
             for flavour in FLAVOURS:
                 name = f"coverage: {flavour} tcp connect reaches the target"
                 probe = programs.get(flavour)

@@ -30,6 +30,8 @@ from bench.common import Unavailable, which
 PREFIX = "mtrace-bench"
 _STALE = re.compile(rf"^{PREFIX}-(\d+)$")
 START_TIMEOUT = 10.0
+# The veth pair of socks_proxy(): this host's end, the target's end.
+SOCKS_HOST_ADDRESS, SOCKS_TARGET_ADDRESS = "10.213.0.1", "10.213.0.2"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -173,6 +175,41 @@ class NamespaceTarget:
             yield port
         finally:
             stop_process(relay)
+
+    @contextlib.contextmanager
+    def socks_proxy(self) -> Iterator[str]:
+        """microsocks in the namespace behind a veth pair; yields a proxychains4 config
+        file that sends every connection (127.0.0.1 included) through it.
+
+        The peer users have today for outgoing traffic: proxychains4 (LD_PRELOAD) on
+        this machine, a SOCKS server in the target.
+        """
+        if which("proxychains4") is None or which("microsocks") is None:
+            raise Unavailable("apt-get install proxychains4 microsocks")
+        host_link, target_link = f"mtb{self.pid % 100000}h", f"mtb{self.pid % 100000}n"
+        _ip("link", "del", host_link, check=False)
+        _ip("link", "add", host_link, "type", "veth", "peer", "name", target_link,
+            "netns", self.name)
+        socks: subprocess.Popen[str] | None = None
+        try:
+            _ip("addr", "add", f"{SOCKS_HOST_ADDRESS}/30", "dev", host_link)
+            _ip("link", "set", host_link, "up")
+            _ip("-n", self.name, "addr", "add", f"{SOCKS_TARGET_ADDRESS}/30", "dev", target_link)
+            _ip("-n", self.name, "link", "set", target_link, "up")
+            port = free_port()
+            socks = subprocess.Popen(self.inside(["microsocks", "-i", SOCKS_TARGET_ADDRESS,
+                                                  "-p", str(port)]),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, text=True)
+            config = self.work_dir / "proxychains.conf"
+            config.write_text(f"strict_chain\nquiet_mode\ntcp_read_time_out 15000\n"
+                              f"tcp_connect_time_out 8000\n[ProxyList]\n"
+                              f"socks5 {SOCKS_TARGET_ADDRESS} {port}\n")
+            time.sleep(0.3)  # microsocks prints nothing when it is ready
+            yield str(config)
+        finally:
+            stop_process(socks)
+            _ip("link", "del", host_link, check=False)
 
     def close(self) -> None:
         for process in reversed(self._processes):

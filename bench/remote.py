@@ -289,6 +289,10 @@ def run(ctx: Context) -> list[Row]:
         rows += _guard(lambda: _loop_ops(ctx, target_wrap, MTRACE), MTRACE,
                        names=(OPEN_COLD, OPEN_CACHED, STAT, CONNECT, HTTP_P50, HTTP_P99))
         rows += _guard(mtrace_bulk_rows, MTRACE, names=(BULK, MEMORY_SUPERVISOR, MEMORY_AGENT))
+    from bench import peer  # it imports this module's names
+
+    ctx.log("remote: proxychains4 + microsocks")
+    rows += peer.proxychains_rows(ctx)
     _set_ratios(rows)
     return rows
 

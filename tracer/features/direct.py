@@ -1,5 +1,6 @@
-"""The direct path for local targets: a TCP socket made in the target's network
-namespace takes the place of the tracee's own, so no relay carries its bytes.
+"""The direct path for local targets: a TCP (or connected UDP) socket made in the
+target's network namespace takes the place of the tracee's own, so no relay
+carries its bytes.
 
 For a ``pid/N`` target the supervisor runs on the same machine as the target
 and may enter its network namespace. At a remote TCP ``connect`` the
@@ -25,7 +26,11 @@ When the relay is kept instead (``Direct.usable`` and ``why_not``):
   asyncio and curl register after ``connect``, so they take the direct path;
 * another fd of the process names the same socket (``dup`` before
   ``connect``); a copy held by a child process is not looked for;
-* UDP sockets (DNS filter, source rewriting) always keep the relay.
+* UDP: the same swap at the ``connect`` of a UDP socket (a connected UDP
+  socket of the target), except for the target's nameserver (the DNS filter
+  sees queries in the relay) and sockets that already sent through the relay
+  (an unconnected ``sendto`` first: their source address is the relay's).
+  Unconnected UDP (``sendto`` with an address each time) keeps the relay.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ _OPTIONS: tuple[tuple[int, int, int], ...] = (
     (socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16),
     (socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16),
     (socket.SOL_SOCKET, socket.SO_OOBINLINE, 4),
+    (socket.SOL_SOCKET, socket.SO_BROADCAST, 4),
     (socket.SOL_SOCKET, socket.SO_PRIORITY, 4),
     (socket.SOL_SOCKET, socket.SO_MARK, 4),
     (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 4),

@@ -419,6 +419,9 @@ class Outgoing:
         # Written on the event loop, read by the trap loop (single dict operations).
         self.relayed: dict[int, Relayed] = {}
         self.udp_relays: dict[int, UdpRelay] = {}
+        # Inodes of the UDP sockets the direct path made (insertion ordered, bounded):
+        # their datagrams are the kernel's, never a relay's.
+        self.direct_udp: dict[int, None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeping = False
@@ -537,9 +540,16 @@ class Outgoing:
                         return outcome
                 return Defer(self._connect_tcp(os.dup(fd), family, endpoint, inode, timeout))
             if kind == socket.SOCK_DGRAM and udp and protocol in (0, socket.IPPROTO_UDP):
+                inode = os.fstat(fd).st_ino
+                if inode in self.direct_udp:
+                    return CONTINUE  # a socket of the target: the kernel connects it there
                 if self.agent_gone():
                     return Errno(errno.ENETUNREACH)
-                inode = os.fstat(fd).st_ino
+                if sockaddr is not None:
+                    outcome = self._connect_udp_direct(tid, tracee_fd, sock, inode, sockaddr,
+                                                       endpoint)
+                    if outcome is not None:
+                        return outcome
                 return Defer(self._connect_udp(os.dup(fd), family, endpoint, inode,
                                                tid, tracee_fd))
         return CONTINUE
@@ -649,6 +659,43 @@ class Outgoing:
             made.close()
             raise
         return Defer(self._finish_direct(made, tracee_fd, cloexec, endpoint, timeout))
+
+    def _connect_udp_direct(self, tid: int, tracee_fd: int, sock: socket.socket, inode: int,
+                            sockaddr: bytes, endpoint: Endpoint) -> Outcome | None:
+        """A connected UDP socket made in the target's namespace (the direct path);
+        None: relay instead."""
+        assert self.target_network is not None
+        if self.dns.is_target_nameserver(endpoint.address, endpoint.port):
+            return None  # DNS keeps the relay: the DNS filter sees every query there
+        if inode in self.udp_relays:
+            log.debug("udp %s relayed: the socket already sent through the relay", endpoint)
+            return None
+        if direct_path.is_bound(sock):
+            log.debug("udp %s relayed: the socket is bound", endpoint)
+            return None
+        if direct_path.held_elsewhere(tid, tracee_fd, inode):
+            log.debug("udp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
+            return None
+        cloexec = direct_path.close_on_exec(tid, tracee_fd)
+        if cloexec is None:
+            return Errno(errno.EBADF)
+        made = self.target_network.socket(sock.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        try:
+            direct_path.copy_socket_state(sock, made)
+            result = direct_path.connect_raw(made, sockaddr)
+            if result:
+                made.close()
+                return Errno(result)  # the target's answer (ENETUNREACH, ...)
+            if not _nonblocking(sock.fileno()):
+                direct_path.set_blocking(made, True)
+            self.direct_udp[os.fstat(made.fileno()).st_ino] = None
+            while len(self.direct_udp) > MAX_REMEMBERED:
+                del self.direct_udp[next(iter(self.direct_udp))]
+        except BaseException:
+            made.close()
+            raise
+        log.debug("udp %s direct (inode %d)", endpoint, inode)
+        return ReplaceFd(made.detach(), tracee_fd, ReturnValue(0), cloexec=cloexec)
 
     async def _finish_direct(self, made: socket.socket, tracee_fd: int, cloexec: bool,
                              endpoint: Endpoint, timeout: float) -> Outcome:
@@ -772,6 +819,8 @@ class Outgoing:
                 return CONTINUE
             if sock.family == socket.AF_INET and family != socket.AF_INET:
                 return CONTINUE  # the kernel's EAFNOSUPPORT
+            if os.fstat(fd).st_ino in self.direct_udp:
+                return CONTINUE  # a socket of the target: it sends from there itself
             if self.agent_gone():
                 return Errno(errno.ENETUNREACH)
             size = sum(length for _, length in iov)
