@@ -467,7 +467,15 @@ class Session:
             ms=round((time.monotonic() - started) * 1000, 3),
         )
         with contextlib.suppress(ConnectionError):
-            await self.send(Response(id=request_id, result=result))
+            try:
+                await self.send(Response(id=request_id, result=result))
+            except ProtocolError as error:
+                # A reply larger than a frame (a directory of ~300,000 entries):
+                # the request still gets an answer, or its caller waits for ever.
+                event(logger, logging.WARNING, "reply_too_large", peer=self.peer, id=request_id,
+                      message=str(error))
+                await self.send(Response(id=request_id, result=Error(
+                    errno=errno.EOVERFLOW, message=f"the agent's reply is too large: {error}")))
 
     async def _perform(self, operation: Operation) -> Result:
         files = self.context.files

@@ -661,3 +661,28 @@ def test_random_bytes_before_the_handshake_never_break_the_agent(shared_agent: A
         connection.close()
     assert shared_agent.process.poll() is None
     ping_ok(shared_agent.host, shared_agent.port, shared_agent.secret)
+
+
+def test_a_reply_larger_than_a_frame_is_an_error_not_silence(with_agent: Any) -> None:
+    """A directory whose listing does not fit one frame (8 MiB) used to get no
+    answer at all: the caller waited until its own timeout."""
+    import shutil
+    import tempfile
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    directory = tempfile.mkdtemp(prefix="mtrace-bigdir-", dir=shm)
+    try:
+        first = os.path.join(directory, "f" * 250)
+        open(first, "wb").close()
+        for index in range(36_000):  # 36,000 names of 250 bytes: about 9.5 MB of entries
+            os.link(first, os.path.join(directory, f"{index:06d}" + "n" * 244))
+
+        async def body(client: AgentClient) -> None:
+            with pytest.raises(RemoteError) as caught:
+                await asyncio.wait_for(client.readdir(directory), timeout=30)
+            assert caught.value.errno == errno.EOVERFLOW
+            await client.ping()  # the session carries on
+
+        with_agent(body)
+    finally:
+        shutil.rmtree(directory)
