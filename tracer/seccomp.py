@@ -49,6 +49,8 @@ NOTIF_RESP = struct.Struct("=QqiI")
 # struct seccomp_notif_addfd { u64 id; u32 flags; u32 srcfd; u32 newfd; u32 newfd_flags; }
 NOTIF_ADDFD_STRUCT = struct.Struct("=QIIII")
 _ID = struct.Struct("=Q")
+# The two fields the passthrough path reads: id and nr (seccomp_data.nr at offset 16).
+NOTIF_HEAD = struct.Struct("=Q8xi")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,12 @@ class Notification:
     arch: int
     instruction_pointer: int
     args: tuple[int, int, int, int, int, int]
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Notification:
+        """The kernel's ``struct seccomp_notif`` (``NOTIF``) as a value."""
+        nid, tid, _flags, nr, arch, ip, *args = NOTIF.unpack(raw)
+        return cls(nid, tid, nr, arch, ip, tuple(args))
 
 
 def _check(result: int) -> int:
@@ -73,21 +81,26 @@ class Listener:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._recv_buffer = bytearray(NOTIF.size)
         self._zero = bytes(NOTIF.size)
 
     def receive(self) -> Notification | None:
         """One pending notification, or None if it was withdrawn (tracee gone)."""
-        buffer = self._recv_buffer
-        buffer[:] = self._zero  # the kernel insists on a zeroed buffer
+        raw = self.receive_raw()
+        return None if raw is None else Notification.from_bytes(raw)
+
+    def receive_raw(self) -> bytes | None:
+        """One pending notification as the kernel wrote it (``NOTIF`` layout), or None.
+
+        An immutable argument makes ``fcntl.ioctl`` copy it (zeroed, as the
+        kernel insists) into its own buffer and return the result as new bytes:
+        no zeroing or copying of a buffer of ours per call.
+        """
         try:
-            fcntl.ioctl(self.fd, NOTIF_RECV, buffer, True)
+            return fcntl.ioctl(self.fd, NOTIF_RECV, self._zero)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
                 return None
             raise
-        nid, tid, _flags, nr, arch, ip, *args = NOTIF.unpack(buffer)
-        return Notification(nid, tid, nr, arch, ip, tuple(args))
 
     def respond(self, notification_id: int, value: int = 0, error: int = 0,
                 *, continue_: bool = False) -> bool:
