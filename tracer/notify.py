@@ -78,13 +78,18 @@ class NotifyBackend:
         receive_raw = listener.receive_raw
         head = seccomp.NOTIF_HEAD.unpack_from
         # Calls no handler wants continue straight from the loop (the
-        # passthrough hot path): two fields read from the kernel's bytes, no
-        # notification or call object, one ioctl to answer. Everything in it
-        # is bound to locals once; a loop pass is what a passthrough call adds.
+        # passthrough hot path): in C where bin/libmtrace-notify.so is built
+        # (seccomp.NativeLoop), else here: two fields read from the kernel's
+        # bytes, no notification or call object, one ioctl to answer, all
+        # bound to locals once (a loop pass is what a passthrough call adds).
         wanted: set[int] | None = None
         if isinstance(self.handler, Handlers) and self.observer is None:
             handled = self.handler.names()
             wanted = {number for number, name in names.items() if name in handled}
+            native = seccomp.native_loop(listener.fd, wanted)
+            if native is not None:
+                self._run_native(native, should_stop)
+                return
         ioctl = fcntl.ioctl
         fd = listener.fd
         send = seccomp.NOTIF_SEND
@@ -120,6 +125,24 @@ class NotifyBackend:
                     return
         finally:
             self.calls_handled += passed
+
+    def _run_native(self, native: seccomp.NativeLoop, should_stop: Callable[[], bool]) -> None:
+        """The loop with its passthrough path in C: Python sees only the calls
+        a handler wants."""
+        names = self.table.names
+        try:
+            while True:
+                raw = native.next(500)
+                if raw is native.TIMEOUT:
+                    if should_stop():
+                        return
+                    continue
+                if raw == native.HUNG_UP:
+                    return
+                notification = seccomp.Notification.from_bytes(raw)
+                self._serve(notification, names.get(notification.nr) or f"syscall_{notification.nr}")
+        finally:
+            self.calls_handled += native.passed
 
     def _serve(self, notification: seccomp.Notification, name: str) -> None:
         call = SyscallCall(notification.tid, name, notification.args, self.memory, False)

@@ -14,6 +14,7 @@ import fcntl
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -145,6 +146,76 @@ class Listener:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class NativeLoop:
+    """The passthrough path of the trap loop in C (``tracer/helper/notify_loop.c``,
+    built into ``bin/libmtrace-notify.so``): :meth:`next` answers CONTINUE to
+    every call whose number is not in ``wanted`` without coming back to Python.
+    """
+
+    #: Syscall numbers the bitmap covers; a number above counts as wanted.
+    BITS = 1024
+    TIMEOUT, HUNG_UP = None, b""
+
+    def __init__(self, function: Any, fd: int, wanted: set[int]) -> None:
+        self._function = function
+        self._fd = fd
+        bitmap = bytearray(self.BITS // 8)
+        for number in wanted:
+            if 0 <= number < self.BITS:
+                bitmap[number // 8] |= 1 << (number % 8)
+        self._wanted = (ctypes.c_ubyte * len(bitmap)).from_buffer(bitmap)
+        self._out = ctypes.create_string_buffer(NOTIF.size)
+        self._passed = ctypes.c_ulonglong(0)
+
+    @property
+    def passed(self) -> int:
+        """CONTINUEs sent so far."""
+        return self._passed.value
+
+    def next(self, timeout_ms: int) -> bytes | None:
+        """The next wanted notification (``NOTIF`` layout); ``TIMEOUT`` (None)
+        after ``timeout_ms`` or a signal; ``HUNG_UP`` (empty) once every
+        tracee is gone."""
+        result = self._function(self._fd, self._wanted, self.BITS, timeout_ms, self._out,
+                                ctypes.byref(self._passed))
+        if result == 1:
+            return self._out.raw
+        if result == 0:
+            return self.TIMEOUT
+        if result == -1:
+            return self.HUNG_UP
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_native_function: Any = None
+
+
+def native_loop(fd: int, wanted: set[int]) -> NativeLoop | None:
+    """The C passthrough loop for listener ``fd``, or None where its library is
+    missing (a source checkout never built; ``MTRACE_NATIVE_LOOP=0``)."""
+    global _native_function
+    if os.environ.get("MTRACE_NATIVE_LOOP") == "0":
+        return None
+    if _native_function is None:
+        from importlib import resources
+
+        path = os.path.join(str(resources.files("mtrace.tracer")), "bin", "libmtrace-notify.so")
+        try:
+            library = ctypes.CDLL(path, use_errno=True)
+        except OSError:
+            _native_function = False
+            return None
+        function = library.mtrace_notify_next
+        function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_void_p)
+        function.restype = ctypes.c_int
+        _native_function = function
+    if _native_function is False:
+        return None
+    return NativeLoop(_native_function, fd, wanted)
 
 
 def notif_sizes(arch: str) -> tuple[int, int, int]:
