@@ -26,6 +26,9 @@ except ImportError:  # pragma: no cover - very old setuptools
 
 HELPER_SOURCES = ["tracer/helper/exec_helper.c"]
 HELPER_NAME = "mtrace-exec"
+# The trap loop's passthrough path in C, loaded by the supervisor with ctypes.
+NOTIFY_LOOP_SOURCES = ["tracer/helper/notify_loop.c"]
+NOTIFY_LOOP_NAME = "libmtrace-notify.so"
 DEMO_SOURCE_DIR = "cli/demo"
 DEMO_NAME = "mtrace-demo-app"
 
@@ -85,6 +88,13 @@ class BuildHelper(build_ext):
         )
         compiler.link_executable(objects, HELPER_NAME, output_dir=out_dir)
         self._built = [os.path.join(out_dir, HELPER_NAME)]
+        loop_objects = compiler.compile(
+            NOTIFY_LOOP_SOURCES,
+            output_dir=self.build_temp,
+            extra_postargs=["-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-std=gnu11"],
+        )
+        compiler.link_shared_object(loop_objects, NOTIFY_LOOP_NAME, output_dir=out_dir)
+        self._built.append(os.path.join(out_dir, NOTIFY_LOOP_NAME))
         demo_dir = (os.path.join(DEMO_SOURCE_DIR, "bin") if self.inplace
                     else os.path.join(self.build_lib, "mtrace", "cli", "demo", "bin"))
         demo = build_demo_app(demo_dir)

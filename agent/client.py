@@ -614,8 +614,15 @@ class AgentClient:
     async def access(self, path: Path, mode: int = os.F_OK) -> None:
         await self._call(Access(path=_path(path), mode=mode), Done)
 
-    async def read_file(self, path: Path) -> FileContents:
-        """The whole file and its stat: one round trip up to 4 MiB, chunked reads above."""
+    async def read_file(self, path: Path, *, limit: int | None = None) -> FileContents:
+        """The whole file and its stat: one round trip up to 4 MiB, chunked reads above.
+
+        With ``limit`` (at most 4 MiB), a file larger than ``limit`` is not read:
+        RemoteError(EFBIG), after one round trip.
+        """
+        if limit is not None:
+            return await self._call(ReadFile(path=_path(path), limit=min(limit, MAX_WHOLE_FILE_SIZE)),
+                                    FileContents)
         try:
             return await self._call(ReadFile(path=_path(path), limit=MAX_WHOLE_FILE_SIZE), FileContents)
         except RemoteError as error:

@@ -81,7 +81,21 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
         rows, "bulk throughput vs socat", "≥ 0.5x", (remote.GROUP, remote.BULK, remote.MTRACE),
         "ratio", lambda ratio: ratio >= 0.5, lambda ratio: f"{ratio:.2f}x",
         fallback=(remote.GROUP, remote.BULK, remote.CLIENT)))
+    targets.append(_cold_open_target(rows))
     return targets
+
+
+def _cold_open_target(rows: Sequence[Row]) -> Target:
+    """A remote file's first open against the first stat of it (each the call
+    that reaches the agent), both under ``mtrace exec --target`` in one run."""
+    name, limit = "first open of a remote file vs its first stat", "≤ 3x"
+    opened = find_row(rows, remote.GROUP, remote.OPEN_COLD, remote.MTRACE)
+    statted = find_row(rows, remote.GROUP, remote.STAT_COLD, remote.MTRACE)
+    if opened is None or statted is None or not opened.value or not statted.value:
+        return Target(name, limit, "n/a", None, "not measured")
+    ratio = opened.value / statted.value
+    return Target(name, limit, f"{ratio:.2f}x ({opened.value:,.0f} vs {statted.value:,.0f} µs)",
+                  ratio <= 3.0)
 
 
 # --- machine ------------------------------------------------------------------------

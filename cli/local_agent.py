@@ -125,7 +125,10 @@ class ForkedAgent:
         client = AgentClient(reader, writer, process=cast(Any, self.process),
                              description=f"agent pid {self.process.pid}")
         try:
-            await client.handshake(secret, timeout=timeout)
+            # Pipes private to the two processes: plain frames, as a spawned
+            # --stdio agent's (sealing cost every frame, and importing the
+            # crypto library cost start-up).
+            await client.handshake(secret, timeout=timeout, encrypt=False)
         except BaseException:
             await client.close()
             raise

@@ -14,6 +14,7 @@ import fcntl
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -49,6 +50,8 @@ NOTIF_RESP = struct.Struct("=QqiI")
 # struct seccomp_notif_addfd { u64 id; u32 flags; u32 srcfd; u32 newfd; u32 newfd_flags; }
 NOTIF_ADDFD_STRUCT = struct.Struct("=QIIII")
 _ID = struct.Struct("=Q")
+# The two fields the passthrough path reads: id and nr (seccomp_data.nr at offset 16).
+NOTIF_HEAD = struct.Struct("=Q8xi")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,12 @@ class Notification:
     arch: int
     instruction_pointer: int
     args: tuple[int, int, int, int, int, int]
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Notification:
+        """The kernel's ``struct seccomp_notif`` (``NOTIF``) as a value."""
+        nid, tid, _flags, nr, arch, ip, *args = NOTIF.unpack(raw)
+        return cls(nid, tid, nr, arch, ip, tuple(args))
 
 
 def _check(result: int) -> int:
@@ -73,21 +82,26 @@ class Listener:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._recv_buffer = bytearray(NOTIF.size)
         self._zero = bytes(NOTIF.size)
 
     def receive(self) -> Notification | None:
         """One pending notification, or None if it was withdrawn (tracee gone)."""
-        buffer = self._recv_buffer
-        buffer[:] = self._zero  # the kernel insists on a zeroed buffer
+        raw = self.receive_raw()
+        return None if raw is None else Notification.from_bytes(raw)
+
+    def receive_raw(self) -> bytes | None:
+        """One pending notification as the kernel wrote it (``NOTIF`` layout), or None.
+
+        An immutable argument makes ``fcntl.ioctl`` copy it (zeroed, as the
+        kernel insists) into its own buffer and return the result as new bytes:
+        no zeroing or copying of a buffer of ours per call.
+        """
         try:
-            fcntl.ioctl(self.fd, NOTIF_RECV, buffer, True)
+            return fcntl.ioctl(self.fd, NOTIF_RECV, self._zero)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
                 return None
             raise
-        nid, tid, _flags, nr, arch, ip, *args = NOTIF.unpack(buffer)
-        return Notification(nid, tid, nr, arch, ip, tuple(args))
 
     def respond(self, notification_id: int, value: int = 0, error: int = 0,
                 *, continue_: bool = False) -> bool:
@@ -132,6 +146,76 @@ class Listener:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class NativeLoop:
+    """The passthrough path of the trap loop in C (``tracer/helper/notify_loop.c``,
+    built into ``bin/libmtrace-notify.so``): :meth:`next` answers CONTINUE to
+    every call whose number is not in ``wanted`` without coming back to Python.
+    """
+
+    #: Syscall numbers the bitmap covers; a number above counts as wanted.
+    BITS = 1024
+    TIMEOUT, HUNG_UP = None, b""
+
+    def __init__(self, function: Any, fd: int, wanted: set[int]) -> None:
+        self._function = function
+        self._fd = fd
+        bitmap = bytearray(self.BITS // 8)
+        for number in wanted:
+            if 0 <= number < self.BITS:
+                bitmap[number // 8] |= 1 << (number % 8)
+        self._wanted = (ctypes.c_ubyte * len(bitmap)).from_buffer(bitmap)
+        self._out = ctypes.create_string_buffer(NOTIF.size)
+        self._passed = ctypes.c_ulonglong(0)
+
+    @property
+    def passed(self) -> int:
+        """CONTINUEs sent so far."""
+        return self._passed.value
+
+    def next(self, timeout_ms: int) -> bytes | None:
+        """The next wanted notification (``NOTIF`` layout); ``TIMEOUT`` (None)
+        after ``timeout_ms`` or a signal; ``HUNG_UP`` (empty) once every
+        tracee is gone."""
+        result = self._function(self._fd, self._wanted, self.BITS, timeout_ms, self._out,
+                                ctypes.byref(self._passed))
+        if result == 1:
+            return self._out.raw
+        if result == 0:
+            return self.TIMEOUT
+        if result == -1:
+            return self.HUNG_UP
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_native_function: Any = None
+
+
+def native_loop(fd: int, wanted: set[int]) -> NativeLoop | None:
+    """The C passthrough loop for listener ``fd``, or None where its library is
+    missing (a source checkout never built; ``MTRACE_NATIVE_LOOP=0``)."""
+    global _native_function
+    if os.environ.get("MTRACE_NATIVE_LOOP") == "0":
+        return None
+    if _native_function is None:
+        from importlib import resources
+
+        path = os.path.join(str(resources.files("mtrace.tracer")), "bin", "libmtrace-notify.so")
+        try:
+            library = ctypes.CDLL(path, use_errno=True)
+        except OSError:
+            _native_function = False
+            return None
+        function = library.mtrace_notify_next
+        function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_void_p)
+        function.restype = ctypes.c_int
+        _native_function = function
+    if _native_function is False:
+        return None
+    return NativeLoop(_native_function, fd, wanted)
 
 
 def notif_sizes(arch: str) -> tuple[int, int, int]:

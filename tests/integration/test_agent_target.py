@@ -250,3 +250,35 @@ def test_100_megabytes_stream_both_ways_intact_through_a_stdio_agent(
     assert total == STREAM_BYTES
     assert received == sent
     print(f"100 MiB each way in {seconds:.1f}s ({2 * STREAM_BYTES / seconds / 1e6:.0f} MB/s)")
+
+
+FORKED_AGENT_CHANNEL = """
+import asyncio, os, sys
+from mtrace.agent.client import agent_argv
+from mtrace.cli.local_agent import fork_agent
+
+forked = fork_agent(agent_argv(target_pid=os.getpid())[3:], "a" * 32, quiet=True)
+
+async def main():
+    client = await forked.connect(timeout=30)
+    try:
+        await client.ping()
+        print(client.channel, "cryptography" in sys.modules)
+    finally:
+        await client.close()
+
+asyncio.run(main())
+"""
+
+
+def test_forked_local_agent_speaks_plain_frames() -> None:
+    """Regression: the forked agent of a pid/N target sealed every frame (its
+    handshake asked for encryption), where its pipes are private: every remote
+    call paid for sealing and every start-up for importing the crypto library."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FORKED_AGENT_CHANNEL], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["plain", "False"]

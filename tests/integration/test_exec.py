@@ -218,3 +218,17 @@ def test_python_runs_unchanged(backend: str, tmp_path: Path) -> None:
         "print(len(out), sorted(out)[0])\n"
     )
     assert_same([sys.executable, "-S", str(script)], backend)
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["passthrough-in-c", "passthrough-in-python"])
+def test_passthrough_paths_match_plain_run(probe: Path, tmp_path: Path, native: str) -> None:
+    """Calls no handler wants are continued by the C loop (bin/libmtrace-notify.so)
+    or, without it (MTRACE_NATIVE_LOOP=0, a checkout never built), by the
+    Python loop: both give the plain run's output, threads and forks included."""
+    env = {**ENV, "MTRACE_NATIVE_LOOP": native}
+    script = f"cat /etc/passwd; ls /etc > {tmp_path}/ls.txt; stat -c %s {tmp_path}/ls.txt"
+    for argv in ([str(probe), "cat", "/etc/passwd"], [str(probe), "stat", "/etc"],
+                 ["/bin/sh", "-c", script]):
+        plain = run_plain(argv, env=env)
+        traced = run_mtrace("exec", "--backend", "notify", "--", *argv, env=env)
+        assert (traced.returncode, traced.stdout) == (plain.returncode, plain.stdout), traced.stderr

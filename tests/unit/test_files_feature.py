@@ -54,6 +54,8 @@ class FakeAgent:
     capabilities: list[str] = field(default_factory=lambda: ["files-write", "files-upload"])
     # The agent is lost on this call of write (1 = the first): an upload cut short.
     lose_on_write: int = 0
+    # read_file calls that returned a file (not refused: too big, missing, ...)
+    whole_reads: int = 0
 
     def __post_init__(self) -> None:
         self.service = FileService(make_resolver(str(self.root)), writable=self.writable)
@@ -100,9 +102,11 @@ class FakeAgent:
         await self._enter("access", path)
         self._call(self.service.access, path, mode)
 
-    async def read_file(self, path: bytes) -> FileContents:
+    async def read_file(self, path: bytes, *, limit: int = 1 << 30) -> FileContents:
         await self._enter("read_file", path)
-        return self._call(self.service.read_file, path, 1 << 30)  # type: ignore[no-any-return]
+        contents: FileContents = self._call(self.service.read_file, path, limit)
+        self.whole_reads += 1
+        return contents
 
     async def open(self, path: bytes, flags: int = os.O_RDONLY, mode: int = 0o666) -> Opened:
         await self._enter("open", path)
@@ -358,7 +362,7 @@ def test_big_file_is_fetched_in_chunks(harness: Harness) -> None:
     result = harness.run(["/bin/cat", f"{REMOTE}/big.bin"])
     assert result.stdout == data
     assert harness.agent.count("read") >= 3
-    assert harness.agent.count("read_file") == 0
+    assert harness.agent.whole_reads == 0  # a first open's read-file is refused (EFBIG)
 
 
 def test_cache_reuses_an_unchanged_file_and_refetches_a_changed_one(harness: Harness) -> None:
@@ -382,6 +386,30 @@ def test_concurrent_opens_fetch_once(harness: Harness) -> None:
     script = " ".join(f"cat {path} &" for _ in range(6)) + " wait"
     assert harness.run(["/bin/sh", "-c", script]).text == "shared\n" * 6
     assert harness.agent.count("read_file", path.encode()) == 1
+
+
+def test_first_open_is_one_round_trip(harness: Harness, probe: Path) -> None:
+    """The first open of a file asks for it whole (read-file brings its stat):
+    no stat first. A missing file is one round trip too."""
+    path = f"{REMOTE}/first.txt"
+    harness.write(path, "first\n")
+    assert harness.run([str(probe), "cat", path]).text == "first\n"
+    assert harness.agent.count("read_file", path.encode()) == 1
+    assert harness.agent.count("stat", path.encode()) == 0
+    missing = f"{REMOTE}/missing.txt"
+    assert harness.run([str(probe), "cat", missing]).returncode != 0
+    assert [name for name, argument in harness.agent.calls
+            if argument == missing.encode()] == ["read_file"]
+
+
+def test_first_open_of_a_directory_falls_back_to_stat(harness: Harness) -> None:
+    """A directory opened without O_DIRECTORY: read-file is refused (EISDIR),
+    the stat and the listing follow, and the open succeeds."""
+    harness.write(f"{REMOTE}/dir/inside.txt", "x")
+    code = ("import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); "
+            "print(sorted(os.listdir(fd)))")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, f"{REMOTE}/dir"])
+    assert result.text == "['inside.txt']\n"
 
 
 def test_python_sees_target_metadata_through_fstat(harness: Harness) -> None:

@@ -88,14 +88,14 @@ from typing import Any
 import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
-from ...agent.protocol import FileStat
+from ...agent.protocol import FileContents, FileStat
 from .. import abi
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
 from ..outcome import CONTINUE, Continue, Defer, Errno, InjectFd, Outcome, ReturnValue
 from .policy import FsConfig, compile_pattern, python_replacement
 from .remote import RemoteContext
-from .shadow import Node, ShadowTree, normalize
+from .shadow import WHOLE_FILE_LIMIT, Node, ShadowTree, normalize
 
 log = logging.getLogger("mtrace.tracer.features.files")
 
@@ -370,6 +370,8 @@ class FilesFeature:
         self._written_locally: set[bytes] = set()
         self._stats: dict[tuple[bytes, bool], tuple[float, FileStat]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # First opens in flight, by path: concurrent ones share one read.
+        self._first_reads: dict[bytes, asyncio.Future[tuple[FileStat, FileContents | None]]] = {}
         self._sweeper: Any = None
 
     # --- the handler table -------------------------------------------------
@@ -550,6 +552,36 @@ class FilesFeature:
         self._stats[key] = (now, info)
         return info
 
+    def _stat_is_fresh(self, path: bytes, follow: bool) -> bool:
+        cached = self._stats.get((path, follow))
+        return cached is not None and time.monotonic() - cached[0] < STAT_TTL
+
+    async def _first_read(self, path: bytes) -> tuple[FileStat, FileContents | None]:
+        """A file's first open: the whole file and its stat in one round trip
+        (the agent's read-file) instead of a stat, then a read. Where that gives
+        no answer (a directory, a file above ``WHOLE_FILE_LIMIT``, errors the
+        stat might not share), the stat is asked for on its own. The contents
+        are None unless the path is a regular file. Concurrent first opens of
+        one path share the read."""
+        pending = self._first_reads.get(path)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_whole(path))
+            self._first_reads[path] = pending
+            pending.add_done_callback(lambda _: self._first_reads.pop(path, None))
+        return await asyncio.shield(pending)
+
+    async def _read_whole(self, path: bytes) -> tuple[FileStat, FileContents | None]:
+        asked = time.monotonic()
+        try:
+            contents = await self.context.client.read_file(path, limit=WHOLE_FILE_LIMIT)
+        except RemoteError as error:
+            # The open fails as the stat and read would have (EACCES: the read).
+            if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                raise
+            return await self._remote_stat(path, True), None
+        self._stats[(path, True)] = (asked, contents.stat)
+        return contents.stat, contents if stat.S_ISREG(contents.stat.mode) else None
+
     def _changed(self) -> None:
         """The target changed (write mode): cached stats may be stale."""
         self._stats.clear()
@@ -625,7 +657,13 @@ class FilesFeature:
 
     async def _open_for_reading(self, target: Target, flags: int, cloexec: bool) -> Outcome:
         client = self.context.client
-        info = await self._remote_stat(target.path, not flags & os.O_NOFOLLOW)
+        follow = not flags & os.O_NOFOLLOW
+        contents = None
+        if (follow and not flags & os.O_DIRECTORY and not self._stat_is_fresh(target.path, follow)
+                and self.shadow.never_fetched(target.path)):
+            info, contents = await self._first_read(target.path)
+        else:
+            info = await self._remote_stat(target.path, follow)
         if stat.S_ISLNK(info.mode):
             return Errno(errno.ELOOP)
         if flags & os.O_DIRECTORY and not stat.S_ISDIR(info.mode):
@@ -640,7 +678,7 @@ class FilesFeature:
             fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
                          | extra)
         else:
-            local = await self.shadow.file(client, target.path, info)
+            local = await self.shadow.file(client, target.path, info, contents)
             fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | extra)
         try:
             self.shadow.remember(fd, target.path, info)

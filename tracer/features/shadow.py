@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from ...agent.client import AgentClient
 from ...agent.errors import AgentError, AgentUnavailable
-from ...agent.protocol import CAP_FILES_UPLOAD, DirEntry, FileStat
+from ...agent.protocol import CAP_FILES_UPLOAD, DirEntry, FileContents, FileStat
 
 log = logging.getLogger("mtrace.tracer.features.shadow")
 
@@ -56,6 +56,11 @@ LISTING_TTL = 1.0
 _DT_DIR = 4
 _DT_LNK = 10
 _DELETED = b" (deleted)"
+
+
+def _same_version(first: FileStat, second: FileStat) -> bool:
+    return (first.ino, first.dev, first.size, first.mtime_ns) == (
+        second.ino, second.dev, second.size, second.mtime_ns)
 
 
 def normalize(path: bytes) -> bytes:
@@ -155,8 +160,18 @@ class ShadowTree:
             return None
         return self.shadow_path(key)
 
-    async def file(self, client: AgentClient, remote_path: bytes, info: FileStat) -> bytes:
-        """The shadow path of an up-to-date copy of the regular file ``remote_path``."""
+    def never_fetched(self, remote_path: bytes) -> bool:
+        """No copy of ``remote_path`` exists or is being made (its first open)."""
+        key = normalize(remote_path)
+        return key not in self._copies and key not in self._fetching
+
+    async def file(self, client: AgentClient, remote_path: bytes, info: FileStat,
+                   contents: FileContents | None = None) -> bytes:
+        """The shadow path of an up-to-date copy of the regular file ``remote_path``.
+
+        ``contents``: the file as the target already sent it (read at the same
+        time as ``info``); used when its stat matches ``info``, else fetched again.
+        """
         key = normalize(remote_path)
         local = self.shadow_path(key)
         while True:
@@ -173,26 +188,38 @@ class ShadowTree:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._fetching[key] = future
         try:
-            fetched_key = await self._fetch(client, remote_path, local, info)
+            if contents is not None and _same_version(contents.stat, info):
+                fetched_key = self._store(local, contents)
+            else:
+                fetched_key = await self._fetch(client, remote_path, local, info)
             self._copies[key] = _Copy(fetched_key)
         finally:
             del self._fetching[key]
             future.set_result(None)
         return local
 
+    def _store(self, local: bytes, contents: FileContents) -> tuple[int, int]:
+        self._ensure_parent(local)
+        temporary = local + b".mtrace-fetch-%d" % id(contents)
+        try:
+            with open(temporary, "wb") as output:
+                output.write(contents.data)
+            self._replace(temporary, local)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        return contents.stat.size, contents.stat.mtime_ns
+
     async def _fetch(
         self, client: AgentClient, remote_path: bytes, local: bytes, info: FileStat
     ) -> tuple[int, int]:
+        if info.size <= WHOLE_FILE_LIMIT:
+            return self._store(local, await client.read_file(remote_path))
         self._ensure_parent(local)
         temporary = local + b".mtrace-fetch-%d" % id(info)
         try:
-            if info.size <= WHOLE_FILE_LIMIT:
-                contents = await client.read_file(remote_path)
-                with open(temporary, "wb") as output:
-                    output.write(contents.data)
-                fetched = contents.stat
-            else:
-                fetched = await self._fetch_chunks(client, remote_path, temporary)
+            fetched = await self._fetch_chunks(client, remote_path, temporary)
             self._replace(temporary, local)
         except BaseException:
             with contextlib.suppress(OSError):
