@@ -13,6 +13,7 @@ Every object carries ``app.kubernetes.io/managed-by: mtrace-tests``.
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,8 @@ def create_workload(
     _wait_for(
         rolled_out, timeout, f"deployment {namespace}/{name}", lambda: describe_pods(api, namespace, name)
     )
+    if service_port is not None and service_ip:
+        _wait_for_service(core, namespace, name, service_ip, service_port, replicas, timeout)
     pods = [
         pod
         for pod in core.list_namespaced_pod(namespace, label_selector=f"app={name}").items
@@ -177,6 +180,32 @@ def create_workload(
         service_ip=service_ip,
         labels=labels,
     )
+
+
+def _wait_for_service(core: client.CoreV1Api, namespace: str, name: str, service_ip: str, port: int,
+                      replicas: int, timeout: float) -> None:
+    """Until the Service has every replica as a ready endpoint and kube-proxy has
+    programmed it: a Service without endpoints answers ECONNREFUSED (kube-proxy's
+    REJECT rule), which a test's first call would otherwise see."""
+
+    def endpoints_ready() -> bool:
+        try:
+            endpoints = core.read_namespaced_endpoints(name, namespace)
+        except ApiException:
+            return False
+        ready = sum(len(subset.addresses or []) for subset in endpoints.subsets or [])
+        return ready >= replicas
+
+    _wait_for(endpoints_ready, timeout, f"endpoints of service {namespace}/{name}", lambda: "")
+    # From the node (the rig's kube-proxy programs its OUTPUT chain too); a cluster
+    # whose Service IPs this machine cannot reach is left to the endpoints check.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((service_ip, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
 
 
 def describe_pods(api: client.ApiClient, namespace: str, app: str | None = None) -> str:
