@@ -38,8 +38,11 @@ send to the agent); a sender never has more unacknowledged ``StreamData`` bytes
 in flight than it has credit, and the receiver returns credit
 (``StreamCredit``) only once the bytes have been consumed (read by the
 application, or written to the target's socket). Sending beyond the credit is a
-protocol violation. Datagrams have no flow control; like UDP, they may be
-dropped when a side is overwhelmed.
+protocol violation. A receiver may return more credit than was consumed (its
+window grows) or less (it shrinks; the agent does this to keep the sum of a
+connection's windows bounded), so a sender counts credit, never a fixed
+window. Datagrams have no flow control; like UDP, they may be dropped when a
+side is overwhelmed.
 
 Compatibility rules (read before changing anything here):
 

@@ -444,3 +444,133 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_agent(
         ping_ok(agent.host, agent.port, agent.secret)
         assert _memory(pid, "VmRSS") - baseline < AGENT_MEMORY_BOUND
         assert _memory(pid, "VmHWM") - baseline < AGENT_MEMORY_BOUND
+
+
+#: Two services for the stream tests, on this host's loopback: HOSE writes to
+#: every connection as fast as it is read; SINK accepts and never reads (with a
+#: small receive buffer, so the kernel does not absorb what the agent sends).
+_STREAM_SERVICES = r"""
+import asyncio, socket, sys
+
+async def hose(reader, writer):
+    chunk = b"h" * (256 * 1024)
+    try:
+        while True:
+            writer.write(chunk)
+            await writer.drain()
+    except OSError:
+        pass
+
+held = []
+
+async def sink(reader, writer):
+    held.append(writer)  # never read
+
+async def main():
+    hose_server = await asyncio.start_server(hose, "127.0.0.1", 0, backlog=2048)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2048)
+    sink_server = await asyncio.start_server(sink, sock=listener)
+    ports = [s.sockets[0].getsockname()[1] for s in (hose_server, sink_server)]
+    print(*ports, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def stream_services() -> Iterator[tuple[int, int]]:
+    """(HOSE port, SINK port)."""
+    process = subprocess.Popen([sys.executable, "-c", _STREAM_SERVICES], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        hose_port, sink_port = map(int, process.stdout.readline().split())
+        yield hose_port, sink_port
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_streams_whose_client_never_reads_cannot_grow_the_agent(
+    listening_agent: Any, stream_services: tuple[int, int]
+) -> None:
+    hose_port, _ = stream_services
+    with listening_agent() as agent:
+        pid = agent.process.pid
+        ping_ok(agent.host, agent.port, agent.secret)
+        baseline = _memory(pid, "VmRSS")
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        assert isinstance(connection.handshake(agent.secret), p.Welcome)
+        # 1000 streams, each granting the agent 64 MiB of credit, none ever read:
+        # before the bound, about 1 MB per stream sat in the agent (a gigabyte).
+        for stream_id in range(1, 1001):
+            connection.send(p.Request(id=stream_id, operation=p.TcpConnect(
+                stream=stream_id, host="127.0.0.1", port=hose_port, window=64 << 20)))
+        deadline = time.monotonic() + 10  # the old agent passed the bound within 4 s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            peak = _memory(pid, "VmHWM")
+            assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+        print(f"agent: {baseline >> 20} MiB before, peak {peak >> 20} MiB")
+        ping_ok(agent.host, agent.port, agent.secret)  # others are served meanwhile
+        # What it sent is intact and in order, per stream.
+        seen = 0
+        while seen < 4 << 20:
+            frame = connection.receive()
+            if isinstance(frame, p.StreamData):
+                assert frame.data == b"h" * len(frame.data)
+                seen += len(frame.data)
+        connection.close()
+        time.sleep(1)
+        ping_ok(agent.host, agent.port, agent.secret)
+
+
+def test_streams_whose_target_never_reads_cannot_grow_the_agent(
+    listening_agent: Any, stream_services: tuple[int, int]
+) -> None:
+    _, sink_port = stream_services
+    streams = 1000
+    with listening_agent(extra_args=["--allow-plaintext"]) as agent:  # plain: the test's CPU goes further
+        pid = agent.process.pid
+        ping_ok(agent.host, agent.port, agent.secret)
+        baseline = _memory(pid, "VmRSS")
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        assert isinstance(connection.handshake(agent.secret, channel=p.CHANNEL_PLAIN), p.Welcome)
+        for stream_id in range(1, streams + 1):
+            connection.send(p.Request(id=stream_id, operation=p.TcpConnect(
+                stream=stream_id, host="127.0.0.1", port=sink_port)))
+        credit: dict[int, int] = {}
+        while len(credit) < streams:
+            reply = connection.receive()
+            assert isinstance(reply, p.Response) and isinstance(reply.result, p.TcpConnected), reply
+            credit[reply.result.stream] = reply.result.window
+        # A well-behaved client: it sends what the windows allow, and more as
+        # credit comes back, for a few seconds (before the bound: 1 MiB per stream).
+        connection.sock.settimeout(0.2)
+        sent = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            peak = _memory(pid, "VmHWM")
+            assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+            for stream_id, size in list(credit.items()):
+                while size > 0:
+                    chunk = min(size, p.MAX_CHUNK_SIZE)
+                    connection.send(p.StreamData(stream=stream_id, data=b"s" * chunk))
+                    size -= chunk
+                    sent += chunk
+                credit[stream_id] = 0
+            try:
+                frame = connection.receive()
+            except TimeoutError:
+                continue
+            assert isinstance(frame, p.StreamCredit), frame  # never a reset: the client kept to its windows
+            credit[frame.stream] += frame.size
+        peak = _memory(pid, "VmHWM")
+        print(f"sent {sent >> 20} MiB; agent: {baseline >> 20} MiB before, peak {peak >> 20} MiB")
+        assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+        connection.sock.settimeout(30)
+        ping_ok(agent.host, agent.port, agent.secret)
+        connection.close()
