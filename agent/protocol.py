@@ -88,6 +88,9 @@ MAX_CHUNK_SIZE: Final = 1024 * 1024
 MAX_WHOLE_FILE_SIZE: Final = 4 * 1024 * 1024
 #: Default per-direction stream window.
 DEFAULT_WINDOW: Final = 1024 * 1024
+#: Once a frame has started, both sides wait this many seconds at most for the
+#: rest of it (their default; an idle peer may wait forever between frames).
+FRAME_TIMEOUT: Final = 30.0
 
 NONCE_SIZE: Final = 32
 LENGTH_PREFIX: Final = 4

@@ -43,6 +43,7 @@ from .names import TargetNameResolver
 from .net import Outgoing
 from .protocol import (
     CHANNEL_PLAIN,
+    FRAME_TIMEOUT,
     GOODBYE_AUTHENTICATION,
     GOODBYE_CHANNEL,
     GOODBYE_PROTOCOL,
@@ -117,9 +118,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mtrace.agent.session")
 
 HANDSHAKE_TIMEOUT = 10.0
-#: Once a frame has started, the rest of it must arrive within this many seconds
-#: (an idle client may wait forever between frames; a half-sent frame may not).
-FRAME_TIMEOUT = 30.0
 MAX_REQUESTS_IN_FLIGHT = 256
 #: Bytes of requests and their largest possible replies in flight per connection.
 MAX_REQUEST_BYTES_IN_FLIGHT = 32 * 1024 * 1024

@@ -118,6 +118,13 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
     local one (``forked`` already, or spawned over stdio) attached to the
     target. A local agent that fails to start is reported with the last line
     it logged."""
+    client = await _connect_agent(config, target, verbose=verbose, forked=forked)
+    client.frame_timeout = config.agent.frame_timeout
+    return client
+
+
+async def _connect_agent(config: Config, target: Target | None, *, verbose: int,
+                         forked: ForkedAgent | None) -> AgentClient:
     timeout = config.agent.startup_timeout
     if forked is not None:
         return await forked.connect(timeout=timeout)

@@ -6,15 +6,21 @@ Targetless agents on this host's loopback (no namespace, no root needed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from mtrace_run import MTRACE, run_mtrace
 from test_agent_robustness import RawConnection, ping_ok
 
 import mtrace.agent.protocol as p
@@ -54,6 +60,109 @@ def test_an_idle_client_is_not_dropped_by_the_frame_timeout(listening_agent: Any
         connection.send(p.Request(id=1, operation=p.Ping(data=b"still here")))
         assert connection.receive() == p.Response(id=1, result=p.Pong(data=b"still here"))
         connection.close()
+
+
+# --- a client that waits for the rest of a frame -------------------------------------------
+
+
+@contextlib.contextmanager
+def _relay_thread(agent_port: int, rewrite: Rewrite) -> Iterator[int]:
+    """A :class:`FrameRelay` on a loop of its own (for a client in another process)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    relay = FrameRelay(agent_port, rewrite)
+    try:
+        yield asyncio.run_coroutine_threadsafe(relay.start(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(relay.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _half_frames_after(cut: threading.Event, first_index: int = 0) -> Rewrite:
+    """From-agent frames pass until ``cut`` is set; the next one is cut in half
+    and nothing follows it (the connection stays open)."""
+    state = {"cut": False}
+
+    def rewrite(direction: str, index: int, frame: bytes) -> list[bytes]:
+        if direction != "from-agent" or index < first_index or not cut.is_set():
+            return [frame]
+        if state["cut"]:
+            return []
+        state["cut"] = True
+        return [frame[: len(frame) // 2]]
+
+    return rewrite
+
+
+def _frame_timeout_config(tmp_path: Path) -> str:
+    config = tmp_path / "mtrace.toml"
+    config.write_text("[agent]\nframe_timeout = 1.0\n")
+    return str(config)
+
+
+def test_mtrace_gives_up_on_a_frame_the_agent_starts_and_never_finishes(
+    listening_agent: Any, tmp_path: Path
+) -> None:
+    """It waited for the rest forever (at start-up, until the ping's own 10 s)."""
+    cut = threading.Event()
+    cut.set()
+    marker = tmp_path / "started"
+    # Frames 0 and 1 are the hello and the welcome: the cut one answers the first request.
+    with listening_agent() as agent, _relay_thread(agent.port, _half_frames_after(cut, 2)) as port:
+        result = run_mtrace("exec", "-f", _frame_timeout_config(tmp_path), "--agent",
+                            f"127.0.0.1:{port}", "--agent-secret", agent.secret, "--",
+                            "touch", str(marker), timeout=30)
+    assert result.returncode == 71, result.stderr
+    lines = result.stderr.decode().splitlines()
+    # (not "the agent did not answer a ping within 10 s": the old client waited for that)
+    assert lines[0].startswith("mtrace: error: ") and "did not finish it within 1s" in lines[0], lines
+    assert lines[1].startswith("mtrace: hint: "), lines
+    assert not marker.exists()
+
+
+HALF_FRAME_MID_RUN = r"""
+import errno, socket, sys
+def outcome(function):
+    try:
+        return repr(function())
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error))
+print("first", outcome(lambda: len(open("/etc/hostname", "rb").read()) > 0), flush=True)
+sys.stdin.readline()
+print("read", outcome(lambda: open("/etc/passwd", "rb").read(1)))
+# (not create_connection: its getaddrinfo would import the idna codec now, and
+# the imports of a script run from a target directory fail too)
+print("connect", outcome(lambda: socket.socket().connect(("127.0.0.1", int(sys.argv[1])))))
+"""
+
+
+def test_a_frame_left_half_sent_mid_run_fails_the_programs_calls_and_exits_71(
+    listening_agent: Any, tmp_path: Path
+) -> None:
+    cut = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as server, listening_agent() as agent, \
+            _relay_thread(agent.port, _half_frames_after(cut)) as port:
+        process = subprocess.Popen(
+            [*MTRACE, "exec", "-f", _frame_timeout_config(tmp_path), "--agent",
+             f"127.0.0.1:{port}", "--agent-secret", agent.secret, "--",
+             sys.executable, "-S", "-c", HALF_FRAME_MID_RUN, str(server.getsockname()[1])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == b"first True\n"
+            cut.set()
+            # (the old client waited for each remote call's own 60 s)
+            stdout, stderr = process.communicate(b"go\n", timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert stdout.decode().splitlines() == ["read EIO", "connect ENETUNREACH"], stderr
+    errors = [line for line in stderr.decode().splitlines() if line.startswith("mtrace: error: ")]
+    assert len(errors) == 1 and "did not finish it within 1s" in errors[0], stderr
+    assert process.returncode == 71  # the program succeeded, but not in the target's context
 
 
 def test_a_deeply_nested_request_is_a_protocol_error_not_an_internal_error(
@@ -549,7 +658,6 @@ def test_streams_whose_target_never_reads_cannot_grow_the_agent(
             credit[reply.result.stream] = reply.result.window
         # A well-behaved client: it sends what the windows allow, and more as
         # credit comes back, for a few seconds (before the bound: 1 MiB per stream).
-        connection.sock.settimeout(0.2)
         sent = 0
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -562,15 +670,13 @@ def test_streams_whose_target_never_reads_cannot_grow_the_agent(
                     size -= chunk
                     sent += chunk
                 credit[stream_id] = 0
-            try:
-                frame = connection.receive()
-            except TimeoutError:
+            if not select.select([connection.sock], [], [], 0.2)[0]:
                 continue
+            frame = connection.receive()
             assert isinstance(frame, p.StreamCredit), frame  # never a reset: the client kept to its windows
             credit[frame.stream] += frame.size
         peak = _memory(pid, "VmHWM")
         print(f"sent {sent >> 20} MiB; agent: {baseline >> 20} MiB before, peak {peak >> 20} MiB")
         assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
-        connection.sock.settimeout(30)
         ping_ok(agent.host, agent.port, agent.secret)
         connection.close()
