@@ -112,8 +112,8 @@ def test_mtrace_gives_up_on_a_frame_the_agent_starts_and_never_finishes(
     # Frames 0 and 1 are the hello and the welcome: the cut one answers the first request.
     with listening_agent() as agent, _relay_thread(agent.port, _half_frames_after(cut, 2)) as port:
         result = run_mtrace("exec", "-f", _frame_timeout_config(tmp_path), "--agent",
-                            f"127.0.0.1:{port}", "--agent-secret", agent.secret, "--",
-                            "touch", str(marker), timeout=30)
+                            f"127.0.0.1:{port}", "--", "touch", str(marker), timeout=30,
+                            env={**os.environ, "MTRACE_AGENT_SECRET": agent.secret})
     assert result.returncode == 71, result.stderr
     lines = result.stderr.decode().splitlines()
     # (not "the agent did not answer a ping within 10 s": the old client waited for that)
@@ -146,9 +146,10 @@ def test_a_frame_left_half_sent_mid_run_fails_the_programs_calls_and_exits_71(
             _relay_thread(agent.port, _half_frames_after(cut)) as port:
         process = subprocess.Popen(
             [*MTRACE, "exec", "-f", _frame_timeout_config(tmp_path), "--agent",
-             f"127.0.0.1:{port}", "--agent-secret", agent.secret, "--",
+             f"127.0.0.1:{port}", "--",
              sys.executable, "-S", "-c", HALF_FRAME_MID_RUN, str(server.getsockname()[1])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "MTRACE_AGENT_SECRET": agent.secret})
         try:
             assert process.stdout is not None
             assert process.stdout.readline() == b"first True\n"
@@ -495,7 +496,8 @@ def test_exec_with_a_weak_agent_secret_says_how_to_make_a_strong_one(listening_a
     with listening_agent() as agent:
         result = subprocess.run(
             [sys.executable, "-m", "mtrace.cli", "exec", "--agent", f"{agent.host}:{agent.port}",
-             "--agent-secret", "s", "--", "true"],
+             "--", "true"],
+            env={**os.environ, "MTRACE_AGENT_SECRET": "s"},
             capture_output=True,
             text=True,
             timeout=60,
