@@ -125,7 +125,9 @@ class ForkedAgent:
         client = AgentClient(reader, writer, process=cast(Any, self.process),
                              description=f"agent pid {self.process.pid}")
         try:
-            await client.handshake(secret, timeout=timeout)
+            # The pipes are private to the two processes (docs/design.md, "The
+            # channel, per transport"): plain, as a spawned stdio agent's.
+            await client.handshake(secret, timeout=timeout, encrypt=False)
         except BaseException:
             await client.close()
             raise

@@ -447,6 +447,25 @@ def _proc_file(pid: int, name: str) -> bytes:
         return file.read()
 
 
+@pytest.mark.root
+def test_the_forked_local_agent_of_a_pid_target_is_plain() -> None:
+    """The forked agent (cli/local_agent.py) sealed its private pipes: the
+    handshake's encrypt default chose ChaCha20, and bulk through the relay
+    ran at about 0.4x."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: attaches to another process")
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        result = subprocess.run([*MTRACE, "exec", "-v", "--target", f"pid/{target.pid}", "--",
+                                 "true"], capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        target.kill()
+        target.wait()
+    assert result.returncode == 0, result.stderr
+    assert "event=client_authenticated peer=stdio version=2 channel=plain" in result.stderr, \
+        result.stderr
+
+
 def test_the_agent_scrubs_its_secret_from_its_own_proc_environ(listening_agent: Any) -> None:
     # A targetless agent serves "/", so a client can read the agent's own
     # /proc/PID/environ through the file service: it must not hold the secret.
