@@ -44,6 +44,7 @@ the target's root; every failure in the target's context raises
     await client.write(handle, data, offset=None) -> int
     await client.truncate(path, length), client.mkdir(path, mode=0o777),
     await client.unlink(path), client.rmdir(path), client.rename(source, destination)
+    await client.chmod(path, mode)                            (capability files-chmod)
 
 ``TcpStream`` (flow controlled; like an asyncio StreamReader/Writer pair)::
 
@@ -118,6 +119,7 @@ from .protocol import (
     Access,
     Addresses,
     AgentHello,
+    ChangeMode,
     ClientHello,
     Close,
     Data,
@@ -708,6 +710,10 @@ class AgentClient:
 
     async def rename(self, source: Path, destination: Path) -> None:
         await self._call(Rename(source=_path(source), destination=_path(destination)), Done)
+
+    async def chmod(self, path: Path, mode: int) -> None:
+        """chmod of a target path (agent capability ``files-chmod``)."""
+        await self._call(ChangeMode(path=_path(path), mode=mode), Done)
 
     async def open_tcp(
         self, host: str, port: int, timeout: float = 30.0, *, window: int = DEFAULT_WINDOW

@@ -112,6 +112,8 @@ CHANNEL_PLAIN: Final = "plain"
 CHANNEL_CHACHA20_POLY1305: Final = "chacha20-poly1305"
 #: IncomingSubscribe and friends (protocol 2): mirror and steal the target's ports.
 CAP_INCOMING: Final = "incoming"
+#: ChangeMode: chmod of a target path (with --write).
+CAP_FILES_CHMOD: Final = "files-chmod"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -326,6 +328,14 @@ class UploadCommit(_Message, tag="upload-commit"):
     handle: int
 
 
+class ChangeMode(_Message, tag="chmod"):
+    """chmod(2) of ``path`` (symlinks followed, under the target's root);
+    capability ``files-chmod``."""
+
+    path: bytes
+    mode: int
+
+
 class HttpRequestFilter(_Message, tag="http-filter"):
     """Which HTTP requests a filtered steal takes: Python regular expressions
     (``re.search``) on each ``Name: value`` header line, the request target and
@@ -383,11 +393,13 @@ Operation = (
     | UnixConnect
     | IncomingSubscribe
     | IncomingUnsubscribe
+    | ChangeMode
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
 #: agent runs with --write.
-WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit)
+WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit,
+                           ChangeMode)
 
 
 # --- results (the body of a Response) ---------------------------------------------

@@ -59,6 +59,7 @@ from .protocol import (
     WRITE_OPERATIONS,
     Access,
     AgentHello,
+    ChangeMode,
     ClientHello,
     Close,
     Done,
@@ -504,6 +505,9 @@ class Session:
                 return Done()
             case Rename(source=source, destination=destination):
                 await in_thread(files.rename, source, destination)
+                return Done()
+            case ChangeMode(path=path, mode=mode):
+                await in_thread(files.chmod, path, mode)
                 return Done()
             case GetEnviron():
                 return Environ(variables=await in_thread(self.context.target.environ))

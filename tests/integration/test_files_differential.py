@@ -215,20 +215,26 @@ def test_metadata_and_link_calls_on_a_target_path_never_act_on_this_machine(
     config = {"backend": backend, "feature": {"fs": fs}}
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config))
-    traced = subprocess.run(
-        [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
-         "-f", str(config_file), "--", sys.executable, "-S", "-c", METADATA, tree, str(local)],
-        capture_output=True, timeout=RUN_TIMEOUT, check=False)
+    try:
+        traced = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", sys.executable, "-S", "-c", METADATA, tree,
+             str(local)],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        after = os.stat(f"{host_view}/config.yaml")
+    finally:
+        os.chmod(f"{host_view}/config.yaml", before.st_mode & 0o7777)
     refused = "EROFS" if mode == "read" else "EPERM"
     xattr = "EROFS" if mode == "read" else "ENOTSUP"
+    chmod = "EROFS" if mode == "read" else "ok"  # write mode: the agent's chmod
     assert traced.stdout.decode().splitlines() == [
-        f"chmod {refused} chown {refused} lchown {refused} utime {refused} link {refused} "
+        f"chmod {chmod} chown {refused} lchown {refused} utime {refused} link {refused} "
         f"symlink {refused} setxattr {xattr} removexattr {xattr}",
         # a local path: the kernel's own answers (tmpfs takes user.* attributes)
         "chmod ok chown ok lchown ok utime ok link ok symlink ok setxattr ok removexattr ok",
     ], traced.stderr.decode(errors="replace")[-3000:]
-    after = os.stat(f"{host_view}/config.yaml")
-    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    expected_mode = before.st_mode if mode == "read" else (before.st_mode & ~0o7777) | 0o600
+    assert (after.st_mode, after.st_mtime_ns) == (expected_mode, before.st_mtime_ns)
     assert not os.path.lexists(f"{host_view}/hard") and not os.path.lexists(f"{host_view}/soft")
     assert (local / "hard").exists() and os.readlink(local / "soft") == "x"
     assert os.stat(local / "config.yaml").st_mtime_ns == 2 * 10**9
@@ -237,6 +243,7 @@ def test_metadata_and_link_calls_on_a_target_path_never_act_on_this_machine(
 def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mode(
         netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
     """A local file with the target file's name was changed in its place."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
     os.makedirs(tree)  # this machine's own directory of that name (the target's is private)
     try:
         Path(f"{tree}/config.yaml").write_text("a local shadow\n")
@@ -247,10 +254,15 @@ def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mod
         traced = subprocess.run(
             [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
              "-f", str(config_file), "--", sys.executable, "-S", "-c",
-             "import os, sys\ntry:\n    os.chmod(sys.argv[1], 0o600)\nexcept OSError as e:\n"
-             "    print(e.errno)\n", f"{tree}/config.yaml"],
+             "import os, sys\ntry:\n    os.utime(sys.argv[1], (1, 2))\nexcept OSError as e:\n"
+             "    print(e.errno)\nos.chmod(sys.argv[1], 0o600)\n", f"{tree}/config.yaml"],
             capture_output=True, timeout=RUN_TIMEOUT, check=False)
         assert traced.stdout == f"{errno.EPERM}\n".encode(), traced.stderr[-3000:]
+        assert traced.returncode == 0, traced.stderr[-3000:]
+        # The chmod went to the target's file; the local one kept its mode and times.
+        assert os.stat(f"{host_view}/config.yaml").st_mode & 0o777 == 0o600
         assert os.stat(f"{tree}/config.yaml").st_mode & 0o777 == 0o644
+        assert os.stat(f"{tree}/config.yaml").st_mtime_ns != 2 * 10**9
     finally:
         shutil.rmtree(tree, ignore_errors=True)
+        os.chmod(f"{host_view}/config.yaml", 0o640)

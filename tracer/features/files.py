@@ -27,8 +27,8 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
     target's), the shadow copy is fetched (unless new or truncated) and
     injected writable, and its changes are uploaded when the tracee closes
     or fsyncs an fd of it, when a process exits (``exit_group``), and by a
-    sweep every second. unlink/rmdir/rename/truncate/mkdir go to the target;
-    chmod/chown/utimensat/link/symlink/mknod by path have no agent operation
+    sweep every second. unlink/rmdir/rename/truncate/mkdir/chmod go to the
+    target; chown/utimensat/link/symlink/mknod by path have no agent operation
     yet and answer ``EPERM`` (setxattr/removexattr: ``ENOTSUP``).
     An upload replaces the target's file atomically (the agent's
     ``files-upload``); one that fails makes that close/fsync fail with EIO.
@@ -93,7 +93,7 @@ from typing import Any
 import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
-from ...agent.protocol import FileStat
+from ...agent.protocol import CAP_FILES_CHMOD, FileStat
 from .. import abi
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
@@ -165,9 +165,10 @@ _RENAME_NOREPLACE = 1
 _AT_SYMLINK_FOLLOW = 0x400
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
-#: What chmod, chown, utimensat, link, symlink and mknod on a target path answer
-#: in write mode, where the agent has no operation for them yet: "Operation not
-#: permitted", as a filesystem that does not allow the change says.
+#: What chown, utimensat, link, symlink and mknod (and chmod with an agent
+#: without ``files-chmod``) on a target path answer in write mode, where the
+#: agent has no operation for them yet: "Operation not permitted", as a
+#: filesystem that does not allow the change says.
 NOT_IN_TARGET = errno.EPERM
 #: Target errors a failed upload passes on to close/fsync as they are; others are EIO.
 _WRITE_BACK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -455,12 +456,14 @@ class FilesFeature:
             "llistxattr": lambda call: self._xattr(call, call.read_string(0), None,
                                                    call.pointer_arg(1), call.uint_arg(2),
                                                    follow=False),
-            "chmod": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
-                                                 lambda path, follow: os.chmod(
-                                                     path, call.uint_arg(1) & 0o7777)),
-            "fchmodat": lambda call: self._metadata(call, call.int_arg(0), call.read_string(1), 0,
-                                                    lambda path, follow: os.chmod(
-                                                        path, call.uint_arg(2) & 0o7777)),
+            "chmod": lambda call: self._metadata(
+                call, AT_FDCWD, call.read_string(0), 0,
+                lambda path, follow: os.chmod(path, call.uint_arg(1) & 0o7777),
+                remote=self._remote_chmod(call.uint_arg(1) & 0o7777)),
+            "fchmodat": lambda call: self._metadata(
+                call, call.int_arg(0), call.read_string(1), 0,
+                lambda path, follow: os.chmod(path, call.uint_arg(2) & 0o7777),
+                remote=self._remote_chmod(call.uint_arg(2) & 0o7777)),
             "chown": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
                                                  lambda path, follow: os.chown(
                                                      path, call.int_arg(1), call.int_arg(2))),
@@ -1123,15 +1126,18 @@ class FilesFeature:
     # --- metadata and links by path ----------------------------------------------------
     #
     # Read mode: as unlink (local where the path exists here, EROFS where only the
-    # target has it). Write mode has no agent operation for these yet: a target
-    # path answers NOT_IN_TARGET, never a change to a local file of the same name.
+    # target has it). Write mode: chmod goes to the agent; the others have no
+    # agent operation yet and a target path answers NOT_IN_TARGET, never a change
+    # to a local file of the same name.
 
     def _optional_path(self, call: SyscallCall, index: int) -> bytes:
         """A path argument that may be NULL (futimens is utimensat(fd, NULL, ...))."""
         return call.read_string(index) if call.pointer_arg(index) else b""
 
     def _metadata(self, call: SyscallCall, dirfd: int, path: bytes, flags: int,
-                  local: Callable[[bytes, bool], None]) -> Outcome:
+                  local: Callable[[bytes, bool], None],
+                  remote: Callable[[bytes], Coroutine[Any, Any, Outcome]] | None = None
+                  ) -> Outcome:
         target = self._resolve(call, dirfd, path)
         if target is None:
             return CONTINUE  # an fd (AT_EMPTY_PATH, NULL): a shadow copy or a local file
@@ -1141,8 +1147,21 @@ class FilesFeature:
             local(target.path, follow)
             return ReturnValue(0)
 
-        return self._change(call, [target], local=run_local, remote=self._not_in_target,
+        def in_target() -> Coroutine[Any, Any, Outcome]:
+            return self._not_in_target() if remote is None else remote(target.path)
+
+        return self._change(call, [target], local=run_local, remote=in_target,
                             probe=target.clean)
+
+    def _remote_chmod(self, mode: int) -> Callable[[bytes], Coroutine[Any, Any, Outcome]]:
+        """chmod in the target (write mode), where the agent can (``files-chmod``)."""
+        async def change(path: bytes) -> Outcome:
+            if CAP_FILES_CHMOD not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chmod(path, mode)
+            return ReturnValue(0)
+
+        return change
 
     def _set_times(self, call: SyscallCall, index: int,
                    layout: str) -> Callable[[bytes, bool], None]:
