@@ -1,8 +1,10 @@
-"""Datagram socket calls that work on any asyncio event loop.
+"""Socket calls that work on any asyncio event loop, and a byte budget.
 
 ``loop.sock_sendto``/``sock_recvfrom`` exist only on the standard loop (uvloop
 raises NotImplementedError); these try the call first and wait for readiness
 only when the socket would block, with the loop's own reader/writer hooks.
+:func:`wait_readable` is that wait on its own, for a reader that must decide
+what to read (and what it may hold) only once there is something to read.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ async def _ready(sock: socket.socket, writable: bool) -> None:
             loop.remove_reader(fd)
 
 
+async def wait_readable(sock: socket.socket) -> None:
+    """Until ``sock`` has something to read (or an error, or EOF)."""
+    await _ready(sock, False)
+
+
 async def _retry(sock: socket.socket, writable: bool, attempt: Callable[[], T]) -> T:
     while True:
         try:
@@ -71,3 +78,27 @@ async def sock_connect(sock: socket.socket, address: Any) -> None:
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, f"{os.strerror(error)} ({address[0]}:{address[1]})")
+
+
+class ByteBudget:
+    """A count of bytes in flight that tasks wait on and any task releases."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._released = asyncio.Event()
+
+    async def acquire(self, size: int) -> int:
+        """Take ``size`` bytes (at most the whole budget); returns what was taken.
+        Returns without yielding to the loop when the bytes are there."""
+        size = min(size, self.limit)
+        while self.used + size > self.limit:
+            self._released.clear()
+            await self._released.wait()
+        self.used += size
+        return size
+
+    def release(self, size: int) -> None:
+        if size:
+            self.used -= size
+            self._released.set()

@@ -44,6 +44,7 @@ the target's root; every failure in the target's context raises
     await client.write(handle, data, offset=None) -> int
     await client.truncate(path, length), client.mkdir(path, mode=0o777),
     await client.unlink(path), client.rmdir(path), client.rename(source, destination)
+    await client.chmod(path, mode)                            (capability files-chmod)
 
 ``TcpStream`` (flow controlled; like an asyncio StreamReader/Writer pair)::
 
@@ -65,7 +66,9 @@ the target's root; every failure in the target's context raises
 Requests pipeline: any number of calls may be in flight at once (from many
 tasks); replies are matched by request id. If the agent dies or the connection
 drops, every pending call, stream read and datagram wait fails promptly with
-``AgentUnavailable`` and so does every later call; nothing hangs.
+``AgentUnavailable`` and so does every later call; nothing hangs. A frame the
+agent starts and does not finish within ``client.frame_timeout`` seconds
+(default ``FRAME_TIMEOUT``, the agent's own default) counts as a lost agent.
 
 Threads: an ``AgentClient`` belongs to the event loop it was created on. The
 supervisor runs that loop in a dedicated thread and calls in with
@@ -100,6 +103,7 @@ from .protocol import (
     CHANNEL_CHACHA20_POLY1305,
     CHANNEL_PLAIN,
     DEFAULT_WINDOW,
+    FRAME_TIMEOUT,
     GOODBYE_AUTHENTICATION,
     GOODBYE_CHANNEL,
     GOODBYE_TARGET_EXITED,
@@ -115,6 +119,7 @@ from .protocol import (
     Access,
     Addresses,
     AgentHello,
+    ChangeMode,
     ClientHello,
     Close,
     Data,
@@ -325,11 +330,14 @@ class AgentClient:
         *,
         process: asyncio.subprocess.Process | None = None,
         description: str = "agent",
+        frame_timeout: float = FRAME_TIMEOUT,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self.process = process  # the agent subprocess, when spawn_stdio() started it
         self.description = description
+        #: Seconds the rest of a started frame may take (an idle agent may be silent forever).
+        self.frame_timeout = frame_timeout
         self._encoder = FrameEncoder()
         self._sealer: FrameSealer | None = None
         self._opener: FrameOpener | None = None
@@ -352,10 +360,19 @@ class AgentClient:
     # --- connection ---
 
     async def _read_frame(self, max_size: int) -> bytes:
-        prefix = await self._reader.readexactly(LENGTH_PREFIX)
-        if self._opener is None:
-            return await self._reader.readexactly(frame_length(prefix, max_size))
-        sealed = await self._reader.readexactly(self._opener.body_length(prefix, max_size))
+        first = await self._reader.readexactly(1)
+        try:
+            async with asyncio.timeout(self.frame_timeout):
+                prefix = first + await self._reader.readexactly(LENGTH_PREFIX - 1)
+                if self._opener is None:
+                    return await self._reader.readexactly(frame_length(prefix, max_size))
+                sealed = await self._reader.readexactly(self._opener.body_length(prefix, max_size))
+        except TimeoutError:
+            raise AgentUnavailable(
+                f"{self.description} started a frame and did not finish it within "
+                f"{self.frame_timeout:g}s",
+                hint="the agent or the network between stalled; run the agent with -v to see why",
+            ) from None
         return self._opener.open(prefix, sealed)
 
     async def _read_hello(self) -> tuple[_Message, bytes]:
@@ -473,6 +490,11 @@ class AgentClient:
     def closed(self) -> bool:
         return self._failure is not None
 
+    @property
+    def failure(self) -> AgentError | None:
+        """Why the connection is gone (None while it is open)."""
+        return self._failure
+
     async def wait_closed(self) -> AgentError:
         """Wait until the connection is gone (the agent died, or close()); why it went."""
         await self._closed_event.wait()
@@ -541,7 +563,7 @@ class AgentClient:
                 f"lost the connection to {self.description}" + (" (mid-frame)" if truncated else ""),
                 hint="the agent exited or the network dropped; run the agent with -v to see why",
             )
-        except ProtocolError as error:
+        except (ProtocolError, AgentUnavailable) as error:
             failure = error
         self._fail(failure)
 
@@ -695,6 +717,10 @@ class AgentClient:
 
     async def rename(self, source: Path, destination: Path) -> None:
         await self._call(Rename(source=_path(source), destination=_path(destination)), Done)
+
+    async def chmod(self, path: Path, mode: int) -> None:
+        """chmod of a target path (agent capability ``files-chmod``)."""
+        await self._call(ChangeMode(path=_path(path), mode=mode), Done)
 
     async def open_tcp(
         self, host: str, port: int, timeout: float = 30.0, *, window: int = DEFAULT_WINDOW

@@ -417,6 +417,13 @@ class FileService:
         with self.resolver.parent_of(path) as (directory, name):
             os.mkdir(name, mode & 0o7777, dir_fd=directory)
 
+    def chmod(self, path: bytes, mode: int) -> None:
+        self._require_writable(path)
+        # Through an O_PATH fd of the resolved file: a symlink in the path is
+        # followed under the target's root, never out of it.
+        with self.resolver.opened(path, os.O_PATH) as fd:
+            os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
+
     def unlink(self, path: bytes, directory: bool) -> None:
         self._require_writable(path)
         with self.resolver.parent_of(path) as (parent, name):

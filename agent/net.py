@@ -3,14 +3,22 @@
 One :class:`Outgoing` per client connection owns that client's streams and
 sockets and closes them all when the client goes away.
 
-A TCP stream is two pumps:
+A TCP stream is two pumps over the raw socket:
 
-* target -> client: read from the socket only while the client has granted
-  credit, send ``StreamData``; when the credit is spent the socket is not read,
-  so TCP itself pushes back on the remote peer;
+* target -> client: the socket is read only while the client has granted
+  credit *and* the connection's :data:`MAX_BYTES_TO_CLIENT` has room, and what
+  was read is held only until its ``StreamData`` is handed to the connection
+  (which takes a frame only while its send buffer is below the high-water
+  mark). A client that stops reading therefore stops the reads of every
+  stream it has: TCP itself pushes back on the remote peers, and the agent
+  holds at most that budget, however many streams there are;
 * client -> target: ``StreamData`` from the client is queued (never more than
-  the window the agent announced, else the stream is reset with EPROTO),
-  written to the socket, and credit is returned once the socket took it.
+  the stream's window, else the stream is reset with EPROTO), written to the
+  socket, and credit is returned once the socket took it. The windows of all
+  of a connection's streams come out of one :class:`WindowPool`: a stream
+  starts small and grows its window as it flows while the pool has room, and
+  gives window back (returns less credit than it consumed) while the pool is
+  over, never below :data:`MIN_STREAM_WINDOW`.
 
 Datagrams are not flow controlled: the receive loop waits for the client
 connection to drain, and the kernel drops what does not fit in the socket
@@ -26,10 +34,12 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
-from .aio import sock_recvfrom, sock_sendto
+from .aio import ByteBudget, sock_recvfrom, sock_sendto, wait_readable
 from .files import RootResolver
 from .logs import event
 from .protocol import (
@@ -58,6 +68,16 @@ MAX_STREAMS = 4096
 MAX_UDP_SOCKETS = 1024
 #: After the client closes a stream, how long the agent keeps flushing its data.
 CLOSE_FLUSH_TIMEOUT = 30.0
+#: Bytes read from a connection's streams and not yet handed to the connection.
+MAX_BYTES_TO_CLIENT = 16 * 1024 * 1024
+#: The sum of the windows a connection's streams grant the client: what the
+#: agent may have to hold of the client's data while targets do not read it.
+MAX_STREAM_WINDOWS = 16 * 1024 * 1024
+#: A new stream's window (it doubles as the stream flows, up to DEFAULT_WINDOW).
+INITIAL_STREAM_WINDOW = 64 * 1024
+#: No window shrinks below this, and a stream opened while the pool is spent
+#: gets this much beyond it: every stream can always make progress.
+MIN_STREAM_WINDOW = 4 * 1024
 
 Send = Callable[[_Message], Awaitable[None]]
 SendNowait = Callable[[_Message], None]
@@ -75,29 +95,69 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+class WindowPool:
+    """The windows one connection's streams grant the client, out of one total.
+
+    The total is exceeded only by :data:`MIN_STREAM_WINDOW` per stream (a
+    stream opened while the pool is spent) and by incoming streams, whose
+    first window the protocol fixes at ``DEFAULT_WINDOW``; both shrink back
+    as they flow.
+    """
+
+    def __init__(self, limit: int = MAX_STREAM_WINDOWS) -> None:
+        self.limit = limit
+        self.granted = 0
+
+    def take(self, fixed: int | None = None) -> int:
+        """A new stream's window: :data:`INITIAL_STREAM_WINDOW` while the pool
+        has room for it, else :data:`MIN_STREAM_WINDOW`; ``fixed`` when the
+        protocol already told the client what it is (incoming streams)."""
+        if fixed is not None:
+            window = fixed
+        elif self.granted + INITIAL_STREAM_WINDOW <= self.limit:
+            window = INITIAL_STREAM_WINDOW
+        else:
+            window = MIN_STREAM_WINDOW
+        self.granted += window
+        return window
+
+    def adjust(self, window: int, consumed: int) -> int:
+        """How much a stream with ``window`` that just consumed ``consumed``
+        bytes changes its window by: grows (doubling at most, up to
+        DEFAULT_WINDOW) while the pool has room, shrinks (by at most what it
+        consumed, so the credit it returns is never negative) while it is over."""
+        if self.granted > self.limit:
+            change = -min(consumed, max(0, window - MIN_STREAM_WINDOW), self.granted - self.limit)
+        else:
+            change = max(0, min(window, DEFAULT_WINDOW - window, self.limit - self.granted))
+        self.granted += change
+        return change
+
+    def give_back(self, window: int) -> None:
+        self.granted -= window
+
+
 class TcpStream:
-    """One outgoing TCP stream: the socket and its two pumps."""
+    """One TCP stream: the socket and its two pumps."""
 
     def __init__(
         self,
         stream_id: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        sock: socket.socket,
         *,
         send_window: int,
         receive_window: int,
         outgoing: Outgoing,
     ) -> None:
         self.id = stream_id
-        self._reader = reader
-        self._writer = writer
+        self._sock = sock
         self._outgoing = outgoing
         self._credit = send_window
         self._credit_changed = asyncio.Event()
         self._receive_window = receive_window
         self._queued: deque[bytes] = deque()
         self._queued_bytes = 0
-        self._unacknowledged = 0  # bytes received from the client, not yet in flight to it
+        self._unacknowledged = 0  # bytes taken from the queue, not yet taken by the socket
         self._inbound_changed = asyncio.Event()
         self._shutdown_requested = False
         self._close_requested = False
@@ -139,8 +199,13 @@ class TcpStream:
 
     def _abort(self) -> None:
         if not self._done:
-            self._writer.transport.abort()
+            self._reset_on_close()
             self.close()
+
+    def _reset_on_close(self) -> None:
+        # Closing with a zero linger sends RST and drops what the kernel still holds.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def close(self) -> None:
         """Forget the stream: stop both pumps and close the socket."""
@@ -148,31 +213,64 @@ class TcpStream:
             return
         self._done = True
         self._outgoing.forget_stream(self.id)
-        for task in (self._to_client, self._to_target):
-            if task is not asyncio.current_task():
+        self._outgoing.windows.give_back(self._receive_window)
+        self._queued.clear()
+        current = asyncio.current_task()
+        pumps = (self._to_client, self._to_target)
+        for task in pumps:
+            if task is not current:
                 task.cancel()
-        self._writer.close()
+        pending = [task for task in pumps if not task.done()]
+        if pending:
+            # Only once the pumps have let go of the fd (their reader/writer hooks
+            # are removed as they unwind): closing first could let a new socket
+            # reuse the number and lose its hooks.
+            self._outgoing.spawn(self._close_socket_after(pending))
+        else:
+            self._sock.close()
+
+    async def _close_socket_after(self, pumps: list[asyncio.Task[None]]) -> None:
+        try:
+            await asyncio.wait(pumps)
+        finally:
+            self._sock.close()
 
     # --- pumps ---
 
     async def _pump_to_client(self) -> None:
+        budget = self._outgoing.to_client
         try:
             while True:
                 while self._credit <= 0:
                     self._credit_changed.clear()
                     await self._credit_changed.wait()
-                data = await self._reader.read(min(self._credit, STREAM_CHUNK))
-                if not data:
-                    self._outgoing.send_nowait(StreamEof(stream=self.id))
-                    return
-                self._credit -= len(data)
-                await self._outgoing.send(StreamData(stream=self.id, data=data))
+                # Bytes are taken from the budget only with something to read, so
+                # idle streams hold none of it.
+                held = await budget.acquire(min(self._credit, STREAM_CHUNK))
+                try:
+                    try:
+                        data = self._sock.recv(held)
+                    except (BlockingIOError, InterruptedError):
+                        budget.release(held)
+                        held = 0
+                        await wait_readable(self._sock)
+                        continue
+                    budget.release(held - len(data))
+                    held = len(data)
+                    if not data:
+                        self._outgoing.send_nowait(StreamEof(stream=self.id))
+                        return
+                    self._credit -= len(data)
+                    await self._outgoing.send(StreamData(stream=self.id, data=data))
+                finally:
+                    budget.release(held)
         except OSError as error:
             self._fail(error.errno or errno.EIO, error.strerror or str(error))
         finally:
             self._maybe_finished()
 
     async def _pump_to_target(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 while not (self._queued or self._shutdown_requested or self._close_requested):
@@ -182,22 +280,29 @@ class TcpStream:
                     data = self._queued.popleft()
                     self._queued_bytes -= len(data)
                     self._unacknowledged += len(data)
-                    self._writer.write(data)
-                    await self._writer.drain()
+                    await loop.sock_sendall(self._sock, data)
                     self._unacknowledged -= len(data)
                     if not self._close_requested:
-                        self._outgoing.send_nowait(StreamCredit(stream=self.id, size=len(data)))
+                        self._return_credit(len(data))
                     continue
                 if self._close_requested:
                     self.close()
                     return
-                if self._writer.can_write_eof():
-                    self._writer.write_eof()
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_WR)
                 return
         except OSError as error:
             self._fail(error.errno or errno.EIO, error.strerror or str(error))
         finally:
             self._maybe_finished()
+
+    def _return_credit(self, consumed: int) -> None:
+        # The window changes with the credit that carries the change: the client
+        # can never have more in flight than the window the agent checks against.
+        change = self._outgoing.windows.adjust(self._receive_window, consumed)
+        self._receive_window += change
+        if consumed + change > 0:
+            self._outgoing.send_nowait(StreamCredit(stream=self.id, size=consumed + change))
 
     def _maybe_finished(self) -> None:
         # Called as a pump ends: once both have, nothing more can happen on the stream.
@@ -210,8 +315,7 @@ class TcpStream:
             return
         event(logger, logging.INFO, "stream_reset", stream=self.id, errno=code, message=message)
         self._outgoing.send_nowait(StreamReset(stream=self.id, errno=code, message=message))
-        with contextlib.suppress(Exception):
-            self._writer.transport.abort()
+        self._reset_on_close()
         self.close()
 
 
@@ -266,6 +370,17 @@ class Outgoing:
         self._connecting: set[int] = set()
         self._udp: dict[int, UdpSocket] = {}
         self._closed = False
+        #: What the streams may hold of the target's data (see the module docstring).
+        self.to_client = ByteBudget(MAX_BYTES_TO_CLIENT)
+        #: What the streams may hold of the client's data.
+        self.windows = WindowPool()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a clean-up task that must not be garbage-collected half way."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def connect(self, request: TcpConnect) -> TcpConnected:
         if request.stream in self._streams or request.stream in self._connecting:
@@ -301,23 +416,26 @@ class Outgoing:
                     # asyncio's message ("Connect call failed") hides the reason.
                     code = error.errno or errno.EIO
                     raise _oserror(code, f"{os.strerror(code)} ({host}:{request.port})") from None
-                reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_CHUNK)
             except BaseException:
                 sock.close()
                 raise
         finally:
             self._connecting.discard(request.stream)
-        local = sock.getsockname()
-        peer = sock.getpeername()
+        try:
+            local = sock.getsockname()
+            peer = sock.getpeername()
+        except OSError:
+            sock.close()
+            raise
         if self._closed:
-            writer.close()
+            sock.close()
             raise _oserror(errno.ECONNABORTED, "client went away")
+        window = self.windows.take()
         self._streams[request.stream] = TcpStream(
             request.stream,
-            reader,
-            writer,
+            sock,
             send_window=request.window,
-            receive_window=DEFAULT_WINDOW,
+            receive_window=window,
             outgoing=self,
         )
         event(
@@ -333,7 +451,7 @@ class Outgoing:
             local_port=local[1],
             peer_host=peer[0],
             peer_port=peer[1],
-            window=DEFAULT_WINDOW,
+            window=window,
         )
 
     async def connect_unix(self, request: UnixConnect, resolver: RootResolver) -> TcpConnected:
@@ -370,7 +488,6 @@ class Outgoing:
             except OSError as error:
                 code = error.errno or errno.EIO
                 raise _oserror(code, f"{os.strerror(code)} ({shown})") from None
-            reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_CHUNK)
         except BaseException:
             sock.close()
             raise
@@ -379,15 +496,15 @@ class Outgoing:
                 os.close(directory)
             self._connecting.discard(request.stream)
         if self._closed:
-            writer.close()
+            sock.close()
             raise _oserror(errno.ECONNABORTED, "client went away")
+        window = self.windows.take()
         self._streams[request.stream] = TcpStream(
-            request.stream, reader, writer, send_window=request.window,
-            receive_window=DEFAULT_WINDOW, outgoing=self,
+            request.stream, sock, send_window=request.window, receive_window=window, outgoing=self,
         )
         event(logger, logging.DEBUG, "stream_open", stream=request.stream, peer=shown)
         return TcpConnected(stream=request.stream, local_host="", local_port=0,
-                            peer_host=shown, peer_port=0, window=DEFAULT_WINDOW)
+                            peer_host=shown, peer_port=0, window=window)
 
     async def adopt(self, stream_id: int, sock: socket.socket) -> None:
         """Pump an already connected socket as stream ``stream_id`` (incoming
@@ -396,12 +513,10 @@ class Outgoing:
             sock.close()
             return
         sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_CHUNK)
-        if self._closed:
-            writer.close()
-            return
-        self._streams[stream_id] = TcpStream(stream_id, reader, writer, send_window=DEFAULT_WINDOW,
-                                             receive_window=DEFAULT_WINDOW, outgoing=self)
+        # The client took both windows as DEFAULT_WINDOW (IncomingConnection carries none).
+        self._streams[stream_id] = TcpStream(stream_id, sock, send_window=DEFAULT_WINDOW,
+                                             receive_window=self.windows.take(DEFAULT_WINDOW),
+                                             outgoing=self)
 
     def stream(self, stream_id: int) -> TcpStream | None:
         return self._streams.get(stream_id)

@@ -38,8 +38,11 @@ send to the agent); a sender never has more unacknowledged ``StreamData`` bytes
 in flight than it has credit, and the receiver returns credit
 (``StreamCredit``) only once the bytes have been consumed (read by the
 application, or written to the target's socket). Sending beyond the credit is a
-protocol violation. Datagrams have no flow control; like UDP, they may be
-dropped when a side is overwhelmed.
+protocol violation. A receiver may return more credit than was consumed (its
+window grows) or less (it shrinks; the agent does this to keep the sum of a
+connection's windows bounded), so a sender counts credit, never a fixed
+window. Datagrams have no flow control; like UDP, they may be dropped when a
+side is overwhelmed.
 
 Compatibility rules (read before changing anything here):
 
@@ -85,6 +88,9 @@ MAX_CHUNK_SIZE: Final = 1024 * 1024
 MAX_WHOLE_FILE_SIZE: Final = 4 * 1024 * 1024
 #: Default per-direction stream window.
 DEFAULT_WINDOW: Final = 1024 * 1024
+#: Once a frame has started, both sides wait this many seconds at most for the
+#: rest of it (their default; an idle peer may wait forever between frames).
+FRAME_TIMEOUT: Final = 30.0
 
 NONCE_SIZE: Final = 32
 LENGTH_PREFIX: Final = 4
@@ -106,6 +112,8 @@ CHANNEL_PLAIN: Final = "plain"
 CHANNEL_CHACHA20_POLY1305: Final = "chacha20-poly1305"
 #: IncomingSubscribe and friends (protocol 2): mirror and steal the target's ports.
 CAP_INCOMING: Final = "incoming"
+#: ChangeMode: chmod of a target path (with --write).
+CAP_FILES_CHMOD: Final = "files-chmod"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -320,6 +328,14 @@ class UploadCommit(_Message, tag="upload-commit"):
     handle: int
 
 
+class ChangeMode(_Message, tag="chmod"):
+    """chmod(2) of ``path`` (symlinks followed, under the target's root);
+    capability ``files-chmod``."""
+
+    path: bytes
+    mode: int
+
+
 class HttpRequestFilter(_Message, tag="http-filter"):
     """Which HTTP requests a filtered steal takes: Python regular expressions
     (``re.search``) on each ``Name: value`` header line, the request target and
@@ -377,11 +393,13 @@ Operation = (
     | UnixConnect
     | IncomingSubscribe
     | IncomingUnsubscribe
+    | ChangeMode
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
 #: agent runs with --write.
-WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit)
+WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit,
+                           ChangeMode)
 
 
 # --- results (the body of a Response) ---------------------------------------------

@@ -36,6 +36,7 @@ from .protocol import (
     CAP_DNS,
     CAP_ENV,
     CAP_FILES,
+    CAP_FILES_CHMOD,
     CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
     CAP_INCOMING,
@@ -201,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         ) from error
     capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS, CAP_UNIX_STREAM, CAP_INCOMING]
     if args.write:
-        capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD]
+        capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD]
     context = AgentContext(
         secret=secret.encode(),
         target=target,

@@ -10,9 +10,11 @@ reply it can get) until its reply has been handed to the connection, and at
 most :data:`MAX_REQUESTS_IN_FLIGHT` run at once; when either runs out, the loop
 stops reading, which pushes back on the client. Frames go out one at a time
 and only while the connection's send buffer is below its high-water mark, so a
-client that never reads stalls its own replies, not the agent. Together:
-about 32 MiB of requests and replies per connection, each counted two or three
-times over while encoded and sealed, plus each open TCP stream's windows.
+client that never reads stalls its own replies, not the agent. Stream data
+has budgets of its own (``net.py``): 16 MiB read from targets and not yet
+handed to the connection, and 16 MiB of windows granted to the client (plus
+4 KiB per stream beyond it). Together: about 64 MiB per connection, each byte
+counted two or three times over while encoded and sealed.
 Everything the client opened (files, streams, sockets) is closed when the
 connection ends, however it ends.
 """
@@ -32,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
+from .aio import ByteBudget
 from .errors import ProtocolError
 from .files import FileService, HandleTable, Upload
 from .incoming import Incoming
@@ -40,6 +43,7 @@ from .names import TargetNameResolver
 from .net import Outgoing
 from .protocol import (
     CHANNEL_PLAIN,
+    FRAME_TIMEOUT,
     GOODBYE_AUTHENTICATION,
     GOODBYE_CHANNEL,
     GOODBYE_PROTOCOL,
@@ -55,6 +59,7 @@ from .protocol import (
     WRITE_OPERATIONS,
     Access,
     AgentHello,
+    ChangeMode,
     ClientHello,
     Close,
     Done,
@@ -114,9 +119,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mtrace.agent.session")
 
 HANDSHAKE_TIMEOUT = 10.0
-#: Once a frame has started, the rest of it must arrive within this many seconds
-#: (an idle client may wait forever between frames; a half-sent frame may not).
-FRAME_TIMEOUT = 30.0
 MAX_REQUESTS_IN_FLIGHT = 256
 #: Bytes of requests and their largest possible replies in flight per connection.
 MAX_REQUEST_BYTES_IN_FLIGHT = 32 * 1024 * 1024
@@ -167,28 +169,6 @@ def reply_bound(operation: Operation) -> int:
         case Read(size=size):
             return max(0, min(size, MAX_CHUNK_SIZE)) + SMALL_REPLY
     return SMALL_REPLY
-
-
-class ByteBudget:
-    """A count of bytes in flight that one task (the read loop) waits on and any task releases."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._released = asyncio.Event()
-
-    async def acquire(self, size: int) -> int:
-        """Take ``size`` bytes (at most the whole budget); returns what was taken."""
-        size = min(size, self.limit)
-        while self.used + size > self.limit:
-            self._released.clear()
-            await self._released.wait()
-        self.used += size
-        return size
-
-    def release(self, size: int) -> None:
-        self.used -= size
-        self._released.set()
 
 
 class Session:
@@ -533,6 +513,9 @@ class Session:
                 return Done()
             case Rename(source=source, destination=destination):
                 await in_thread(files.rename, source, destination)
+                return Done()
+            case ChangeMode(path=path, mode=mode):
+                await in_thread(files.chmod, path, mode)
                 return Done()
             case GetEnviron():
                 return Environ(variables=await in_thread(self.context.target.environ))

@@ -54,6 +54,8 @@ class AgentConfig(_Config):
     write: bool = False
     # Seconds to wait for the agent to start and answer the handshake.
     startup_timeout: float = 15.0
+    # Seconds the rest of a frame the agent started may take (then it counts as lost).
+    frame_timeout: float = 30.0
     # Kubernetes targets (docs/kubernetes.md): where and how the agent runs.
     # An ephemeral container in the target pod; false: a Job on its node.
     ephemeral: bool = True
@@ -212,6 +214,8 @@ def validate(config: Config, origin: str = "config") -> None:
     if config.agent.ttl <= 0 or config.agent.startup_timeout <= 0:
         raise ConfigError(f"{origin} at `agent.ttl`: agent.ttl and agent.startup_timeout must be "
                           "positive")
+    if config.agent.frame_timeout <= 0:
+        raise ConfigError(f"{origin} at `agent.frame_timeout`: must be positive")
     if config.agent.address:
         parse_address(config.agent.address, origin=f"{origin} at `agent.address`")
 

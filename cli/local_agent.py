@@ -125,9 +125,8 @@ class ForkedAgent:
         client = AgentClient(reader, writer, process=cast(Any, self.process),
                              description=f"agent pid {self.process.pid}")
         try:
-            # Pipes private to the two processes: plain frames, as a spawned
-            # --stdio agent's (sealing cost every frame, and importing the
-            # crypto library cost start-up).
+            # The pipes are private to the two processes (docs/design.md, "The
+            # channel, per transport"): plain, as a spawned stdio agent's.
             await client.handshake(secret, timeout=timeout, encrypt=False)
         except BaseException:
             await client.close()

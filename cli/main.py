@@ -77,7 +77,10 @@ TargetOption = Annotated[str | None, typer.Option(
 AgentOption = Annotated[str | None, typer.Option(
     "--agent", help="Use the agent listening at HOST:PORT.", show_default=False)]
 AgentSecretOption = Annotated[str | None, typer.Option(
-    "--agent-secret", help="Shared secret of --agent (or MTRACE_AGENT_SECRET).",
+    "--agent-secret", help="Shared secret of --agent (visible to every user in ps: prefer "
+    "--agent-secret-file or MTRACE_AGENT_SECRET).", show_default=False)]
+AgentSecretFileOption = Annotated[str | None, typer.Option(
+    "--agent-secret-file", help="Read the shared secret of --agent from this file.",
     show_default=False)]
 ConfigFileOption = Annotated[str | None, typer.Option(
     "--config-file", "-f", help="Config file (TOML, JSON or YAML).", show_default=False)]
@@ -104,10 +107,11 @@ def _apply_kube_flags(config: Any, namespace: str | None, context: str | None,
 
 
 def _base_config(config_file: str | None, target: str | None, agent: str | None,
-                 agent_secret: str | None) -> Any:
+                 agent_secret: str | None, agent_secret_file: str | None = None) -> Any:
     """The config file (``-f``, else the first of config.DEFAULT_FILES in the
     current directory, else defaults) with the target flags applied over it."""
     from .config import Config, find_default, load
+    from .target import secret_from_flags
 
     found = config_file or find_default()
     config = load(found) if found else Config()
@@ -115,8 +119,9 @@ def _base_config(config_file: str | None, target: str | None, agent: str | None,
         config.target = target
     if agent is not None:
         config.agent.address = agent
-    if agent_secret is not None:
-        config.agent.secret = agent_secret
+    secret = secret_from_flags(agent_secret, agent_secret_file)
+    if secret is not None:
+        config.agent.secret = secret
     return config
 
 
@@ -126,6 +131,7 @@ def exec_command(
     target: TargetOption = None,
     agent: AgentOption = None,
     agent_secret: AgentSecretOption = None,
+    agent_secret_file: AgentSecretFileOption = None,
     config_file: ConfigFileOption = None,
     fs_mode: Annotated[str | None, typer.Option(
         "--fs-mode", help="read, write, local or localwithoverrides.", show_default=False)] = None,
@@ -163,7 +169,7 @@ def exec_command(
 
     _configure_logging(verbose)
     try:
-        config = _base_config(config_file, target, agent, agent_secret)
+        config = _base_config(config_file, target, agent, agent_secret, agent_secret_file)
         _apply_kube_flags(config, namespace, context, kubeconfig)
         features = config.feature
         if fs_mode is not None:
@@ -258,6 +264,7 @@ def port_forward_command(
     target: TargetOption = None,
     agent: AgentOption = None,
     agent_secret: AgentSecretOption = None,
+    agent_secret_file: AgentSecretFileOption = None,
     config_file: ConfigFileOption = None,
     verbose: Verbose = 0,
 ) -> None:
@@ -273,7 +280,7 @@ def port_forward_command(
     sockets = []
     try:
         parsed = [parse_forward(text) for text in forwards]
-        config = _base_config(config_file, target, agent, agent_secret)
+        config = _base_config(config_file, target, agent, agent_secret, agent_secret_file)
         config = _revalidate(config)
         validate(config, "command line")
         # Nothing listens here: a Kubernetes agent needs no capability for incoming traffic.
@@ -349,6 +356,7 @@ def trace_command(
     target: TargetOption = None,
     agent: AgentOption = None,
     agent_secret: AgentSecretOption = None,
+    agent_secret_file: AgentSecretFileOption = None,
     config_file: ConfigFileOption = None,
     backend: Backend = None,
     namespace: NamespaceOption = None,
@@ -383,7 +391,7 @@ def trace_command(
                                   hint="-o FILE: give a file in a directory that exists and "
                                        "you can write to") from exc
         printer = TracePrinter(stream, as_json=as_json)
-        config = _base_config(config_file, target, agent, agent_secret)
+        config = _base_config(config_file, target, agent, agent_secret, agent_secret_file)
         _apply_kube_flags(config, namespace, context, kubeconfig)
         if config.target or config.agent.address:
             if expression:

@@ -187,7 +187,20 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
             side.call(incoming_feature.close(), timeout=5)
         with contextlib.suppress(Exception):
             side.call(outgoing.close(), timeout=5)
-    return _report_unsaved(files_feature.unsaved(), code)
+    code = _report_unsaved(files_feature.unsaved(), code)
+    return _report_agent_lost(context, code)
+
+
+def _report_agent_lost(context: RemoteContext, code: int) -> int:
+    """A program that succeeded while the agent was lost under it (part of its
+    run was not in the target's context) makes mtrace exit 71, the agent's
+    code; the line saying so was printed when it happened. A target that exited
+    is the target's business: the program's code stands."""
+    from ..agent.errors import AgentUnavailable, TargetExited
+
+    if code != 0 or not context.agent_lost or isinstance(context.client.failure, TargetExited):
+        return code
+    return AgentUnavailable.exit_code
 
 
 def _report_unsaved(unsaved: list[bytes], code: int) -> int:
@@ -251,7 +264,10 @@ async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     if isinstance(why, TargetExited):
         what = why.message
     else:
-        detail = await asyncio.to_thread(explain_agent_loss)
+        # What the cluster says, else why the client gave up (a stalled frame, a
+        # frame that failed authentication) when that says more than "lost".
+        detail = await asyncio.to_thread(explain_agent_loss) or (
+            None if why.message.startswith("lost the connection") else why.message)
         what = f"lost the connection to the agent{f' ({detail})' if detail else ''}"
     sys.stderr.write(
         f"mtrace: error: {what}; the program's remote operations "

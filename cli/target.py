@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -97,6 +98,39 @@ def check_pid_target(target: Target) -> None:
                               hint="is the process still running?") from None
 
 
+def secret_from_flags(secret: str | None, secret_file: str | None) -> str | None:
+    """The secret of ``--agent-secret`` or ``--agent-secret-file``. A secret on
+    the command line is taken, with a warning: every user of this machine can
+    read it in ``ps`` and ``/proc/PID/cmdline``."""
+    if secret is not None and secret_file is not None:
+        raise ConfigError("give --agent-secret or --agent-secret-file, not both")
+    if secret is not None:
+        sys.stderr.write(
+            "mtrace: warning: --agent-secret shows the secret to every user of this machine "
+            f"(ps, /proc/PID/cmdline); use --agent-secret-file FILE or {SECRET_VARIABLE}\n")
+        return secret
+    if secret_file is None:
+        return None
+    try:
+        with open(secret_file, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read(4097)
+    except OSError as error:
+        raise ConfigError(f"cannot read the agent secret from {secret_file}: {error.strerror}",
+                          hint="--agent-secret-file FILE: a file holding the secret on one "
+                               "line (`openssl rand -hex 16 > FILE; chmod 600 FILE`)") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"--agent-secret-file {secret_file} is not a regular file")
+    text = data.decode(errors="replace").strip()
+    if not text or "\n" in text or len(data) > 4096:
+        raise ConfigError(f"--agent-secret-file {secret_file} must hold the secret on one line",
+                          hint=GENERATE_HINT)
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        sys.stderr.write(f"mtrace: warning: {secret_file} is readable by other users "
+                         f"(mode {stat.S_IMODE(mode):04o}): chmod 600 {secret_file}\n")
+    return text
+
+
 def agent_secret(config: Config) -> str:
     return config.agent.secret or os.environ.get(SECRET_VARIABLE) or secrets.token_hex(16)
 
@@ -119,6 +153,13 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
     local one (``forked`` already, or spawned over stdio) attached to the
     target. A local agent that fails to start is reported with the last line
     it logged."""
+    client = await _connect_agent(config, target, verbose=verbose, forked=forked)
+    client.frame_timeout = config.agent.frame_timeout
+    return client
+
+
+async def _connect_agent(config: Config, target: Target | None, *, verbose: int,
+                         forked: ForkedAgent | None) -> AgentClient:
     timeout = config.agent.startup_timeout
     if forked is not None:
         return await forked.connect(timeout=timeout)
@@ -131,7 +172,7 @@ async def connect_agent(config: Config, target: Target | None, *, verbose: int =
         secret = config.agent.secret or os.environ.get(SECRET_VARIABLE)
         if not secret:
             raise ConfigError("--agent needs the agent's shared secret",
-                              hint=f"pass --agent-secret or set {SECRET_VARIABLE}")
+                              hint=f"pass --agent-secret-file FILE or set {SECRET_VARIABLE}")
         problem = weakness(secret)
         try:
             client = await connect_tcp(host, port, secret, timeout=timeout)

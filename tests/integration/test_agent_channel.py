@@ -6,15 +6,21 @@ Targetless agents on this host's loopback (no namespace, no root needed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from mtrace_run import MTRACE, run_mtrace
 from test_agent_robustness import RawConnection, ping_ok
 
 import mtrace.agent.protocol as p
@@ -54,6 +60,110 @@ def test_an_idle_client_is_not_dropped_by_the_frame_timeout(listening_agent: Any
         connection.send(p.Request(id=1, operation=p.Ping(data=b"still here")))
         assert connection.receive() == p.Response(id=1, result=p.Pong(data=b"still here"))
         connection.close()
+
+
+# --- a client that waits for the rest of a frame -------------------------------------------
+
+
+@contextlib.contextmanager
+def _relay_thread(agent_port: int, rewrite: Rewrite) -> Iterator[int]:
+    """A :class:`FrameRelay` on a loop of its own (for a client in another process)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    relay = FrameRelay(agent_port, rewrite)
+    try:
+        yield asyncio.run_coroutine_threadsafe(relay.start(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(relay.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _half_frames_after(cut: threading.Event, first_index: int = 0) -> Rewrite:
+    """From-agent frames pass until ``cut`` is set; the next one is cut in half
+    and nothing follows it (the connection stays open)."""
+    state = {"cut": False}
+
+    def rewrite(direction: str, index: int, frame: bytes) -> list[bytes]:
+        if direction != "from-agent" or index < first_index or not cut.is_set():
+            return [frame]
+        if state["cut"]:
+            return []
+        state["cut"] = True
+        return [frame[: len(frame) // 2]]
+
+    return rewrite
+
+
+def _frame_timeout_config(tmp_path: Path) -> str:
+    config = tmp_path / "mtrace.toml"
+    config.write_text("[agent]\nframe_timeout = 1.0\n")
+    return str(config)
+
+
+def test_mtrace_gives_up_on_a_frame_the_agent_starts_and_never_finishes(
+    listening_agent: Any, tmp_path: Path
+) -> None:
+    """It waited for the rest forever (at start-up, until the ping's own 10 s)."""
+    cut = threading.Event()
+    cut.set()
+    marker = tmp_path / "started"
+    # Frames 0 and 1 are the hello and the welcome: the cut one answers the first request.
+    with listening_agent() as agent, _relay_thread(agent.port, _half_frames_after(cut, 2)) as port:
+        result = run_mtrace("exec", "-f", _frame_timeout_config(tmp_path), "--agent",
+                            f"127.0.0.1:{port}", "--", "touch", str(marker), timeout=30,
+                            env={**os.environ, "MTRACE_AGENT_SECRET": agent.secret})
+    assert result.returncode == 71, result.stderr
+    lines = result.stderr.decode().splitlines()
+    # (not "the agent did not answer a ping within 10 s": the old client waited for that)
+    assert lines[0].startswith("mtrace: error: ") and "did not finish it within 1s" in lines[0], lines
+    assert lines[1].startswith("mtrace: hint: "), lines
+    assert not marker.exists()
+
+
+HALF_FRAME_MID_RUN = r"""
+import errno, socket, sys
+def outcome(function):
+    try:
+        return repr(function())
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error))
+print("first", outcome(lambda: len(open("/etc/hostname", "rb").read()) > 0), flush=True)
+sys.stdin.readline()
+print("read", outcome(lambda: open("/etc/passwd", "rb").read(1)))
+# (not create_connection: its getaddrinfo would import the idna codec now, and
+# the imports of a script run from a target directory fail too)
+print("connect", outcome(lambda: socket.socket().connect(("127.0.0.1", int(sys.argv[1])))))
+"""
+
+
+def test_a_frame_left_half_sent_mid_run_fails_the_programs_calls_and_exits_71(
+    listening_agent: Any, tmp_path: Path
+) -> None:
+    cut = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as server, listening_agent() as agent, \
+            _relay_thread(agent.port, _half_frames_after(cut)) as port:
+        process = subprocess.Popen(
+            [*MTRACE, "exec", "-f", _frame_timeout_config(tmp_path), "--agent",
+             f"127.0.0.1:{port}", "--",
+             sys.executable, "-S", "-c", HALF_FRAME_MID_RUN, str(server.getsockname()[1])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "MTRACE_AGENT_SECRET": agent.secret})
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == b"first True\n"
+            cut.set()
+            # (the old client waited for each remote call's own 60 s)
+            stdout, stderr = process.communicate(b"go\n", timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert stdout.decode().splitlines() == ["read EIO", "connect ENETUNREACH"], stderr
+    errors = [line for line in stderr.decode().splitlines() if line.startswith("mtrace: error: ")]
+    assert len(errors) == 1 and "did not finish it within 1s" in errors[0], stderr
+    assert process.returncode == 71  # the program succeeded, but not in the target's context
 
 
 def test_a_deeply_nested_request_is_a_protocol_error_not_an_internal_error(
@@ -337,6 +447,25 @@ def _proc_file(pid: int, name: str) -> bytes:
         return file.read()
 
 
+@pytest.mark.root
+def test_the_forked_local_agent_of_a_pid_target_is_plain() -> None:
+    """The forked agent (cli/local_agent.py) sealed its private pipes: the
+    handshake's encrypt default chose ChaCha20, and bulk through the relay
+    ran at about 0.4x."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: attaches to another process")
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        result = subprocess.run([*MTRACE, "exec", "-v", "--target", f"pid/{target.pid}", "--",
+                                 "true"], capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        target.kill()
+        target.wait()
+    assert result.returncode == 0, result.stderr
+    assert "event=client_authenticated peer=stdio version=2 channel=plain" in result.stderr, \
+        result.stderr
+
+
 def test_the_agent_scrubs_its_secret_from_its_own_proc_environ(listening_agent: Any) -> None:
     # A targetless agent serves "/", so a client can read the agent's own
     # /proc/PID/environ through the file service: it must not hold the secret.
@@ -386,7 +515,8 @@ def test_exec_with_a_weak_agent_secret_says_how_to_make_a_strong_one(listening_a
     with listening_agent() as agent:
         result = subprocess.run(
             [sys.executable, "-m", "mtrace.cli", "exec", "--agent", f"{agent.host}:{agent.port}",
-             "--agent-secret", "s", "--", "true"],
+             "--", "true"],
+            env={**os.environ, "MTRACE_AGENT_SECRET": "s"},
             capture_output=True,
             text=True,
             timeout=60,
@@ -444,3 +574,130 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_agent(
         ping_ok(agent.host, agent.port, agent.secret)
         assert _memory(pid, "VmRSS") - baseline < AGENT_MEMORY_BOUND
         assert _memory(pid, "VmHWM") - baseline < AGENT_MEMORY_BOUND
+
+
+#: Two services for the stream tests, on this host's loopback: HOSE writes to
+#: every connection as fast as it is read; SINK accepts and never reads (with a
+#: small receive buffer, so the kernel does not absorb what the agent sends).
+_STREAM_SERVICES = r"""
+import asyncio, socket, sys
+
+async def hose(reader, writer):
+    chunk = b"h" * (256 * 1024)
+    try:
+        while True:
+            writer.write(chunk)
+            await writer.drain()
+    except OSError:
+        pass
+
+held = []
+
+async def sink(reader, writer):
+    held.append(writer)  # never read
+
+async def main():
+    hose_server = await asyncio.start_server(hose, "127.0.0.1", 0, backlog=2048)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2048)
+    sink_server = await asyncio.start_server(sink, sock=listener)
+    ports = [s.sockets[0].getsockname()[1] for s in (hose_server, sink_server)]
+    print(*ports, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def stream_services() -> Iterator[tuple[int, int]]:
+    """(HOSE port, SINK port)."""
+    process = subprocess.Popen([sys.executable, "-c", _STREAM_SERVICES], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        hose_port, sink_port = map(int, process.stdout.readline().split())
+        yield hose_port, sink_port
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_streams_whose_client_never_reads_cannot_grow_the_agent(
+    listening_agent: Any, stream_services: tuple[int, int]
+) -> None:
+    hose_port, _ = stream_services
+    with listening_agent() as agent:
+        pid = agent.process.pid
+        ping_ok(agent.host, agent.port, agent.secret)
+        baseline = _memory(pid, "VmRSS")
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        assert isinstance(connection.handshake(agent.secret), p.Welcome)
+        # 1000 streams, each granting the agent 64 MiB of credit, none ever read:
+        # before the bound, about 1 MB per stream sat in the agent (a gigabyte).
+        for stream_id in range(1, 1001):
+            connection.send(p.Request(id=stream_id, operation=p.TcpConnect(
+                stream=stream_id, host="127.0.0.1", port=hose_port, window=64 << 20)))
+        deadline = time.monotonic() + 10  # the old agent passed the bound within 4 s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            peak = _memory(pid, "VmHWM")
+            assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+        print(f"agent: {baseline >> 20} MiB before, peak {peak >> 20} MiB")
+        ping_ok(agent.host, agent.port, agent.secret)  # others are served meanwhile
+        # What it sent is intact and in order, per stream.
+        seen = 0
+        while seen < 4 << 20:
+            frame = connection.receive()
+            if isinstance(frame, p.StreamData):
+                assert frame.data == b"h" * len(frame.data)
+                seen += len(frame.data)
+        connection.close()
+        time.sleep(1)
+        ping_ok(agent.host, agent.port, agent.secret)
+
+
+def test_streams_whose_target_never_reads_cannot_grow_the_agent(
+    listening_agent: Any, stream_services: tuple[int, int]
+) -> None:
+    _, sink_port = stream_services
+    streams = 1000
+    with listening_agent(extra_args=["--allow-plaintext"]) as agent:  # plain: the test's CPU goes further
+        pid = agent.process.pid
+        ping_ok(agent.host, agent.port, agent.secret)
+        baseline = _memory(pid, "VmRSS")
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        assert isinstance(connection.handshake(agent.secret, channel=p.CHANNEL_PLAIN), p.Welcome)
+        for stream_id in range(1, streams + 1):
+            connection.send(p.Request(id=stream_id, operation=p.TcpConnect(
+                stream=stream_id, host="127.0.0.1", port=sink_port)))
+        credit: dict[int, int] = {}
+        while len(credit) < streams:
+            reply = connection.receive()
+            assert isinstance(reply, p.Response) and isinstance(reply.result, p.TcpConnected), reply
+            credit[reply.result.stream] = reply.result.window
+        # A well-behaved client: it sends what the windows allow, and more as
+        # credit comes back, for a few seconds (before the bound: 1 MiB per stream).
+        sent = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            peak = _memory(pid, "VmHWM")
+            assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+            for stream_id, size in list(credit.items()):
+                while size > 0:
+                    chunk = min(size, p.MAX_CHUNK_SIZE)
+                    connection.send(p.StreamData(stream=stream_id, data=b"s" * chunk))
+                    size -= chunk
+                    sent += chunk
+                credit[stream_id] = 0
+            if not select.select([connection.sock], [], [], 0.2)[0]:
+                continue
+            frame = connection.receive()
+            assert isinstance(frame, p.StreamCredit), frame  # never a reset: the client kept to its windows
+            credit[frame.stream] += frame.size
+        peak = _memory(pid, "VmHWM")
+        print(f"sent {sent >> 20} MiB; agent: {baseline >> 20} MiB before, peak {peak >> 20} MiB")
+        assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+        ping_ok(agent.host, agent.port, agent.secret)
+        connection.close()

@@ -7,12 +7,14 @@ of files, its loopback services, its DNS, its errnos; never this host's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
 import random
 import socket
 import time
+from pathlib import Path
 
 import dns.message
 import dns.rdatatype
@@ -20,7 +22,7 @@ import pytest
 from netns_target import NetnsTarget
 
 from mtrace.agent.client import AgentClient, RemoteError, TcpStream, connect_tcp
-from mtrace.agent.protocol import CAP_FILES_WRITE
+from mtrace.agent.protocol import CAP_FILES_CHMOD, CAP_FILES_WRITE
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -282,3 +284,37 @@ def test_forked_local_agent_speaks_plain_frames() -> None:
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["plain", "False"]
+
+
+def test_chmod_follows_symlinks_inside_the_targets_root_only(
+        with_agent, netns_target: NetnsTarget) -> None:
+    """ChangeMode: a symlink to an absolute path is the target's path, never this host's."""
+    directory = os.path.dirname(netns_target.private_file)
+    host_view = f"/proc/{netns_target.pid}/root{directory}"
+    # On this host, under the directory the target's own tmpfs hides: the
+    # target has no such file.
+    decoy = Path(f"{directory}/decoy-on-the-host")
+    decoy.write_text("host\n")
+    decoy.chmod(0o644)
+    Path(f"{host_view}/chmodded").write_text("target\n")
+    os.chmod(f"{host_view}/chmodded", 0o644)
+    os.symlink(str(decoy), f"{host_view}/to-decoy")
+    os.symlink("chmodded", f"{host_view}/to-chmodded")
+    try:
+        async def body(client: AgentClient) -> int | None:
+            assert CAP_FILES_CHMOD in client.capabilities
+            await client.chmod(f"{directory}/to-chmodded", 0o600)
+            try:
+                await client.chmod(f"{directory}/to-decoy", 0o600)
+            except RemoteError as error:
+                return error.errno
+            return None
+
+        assert with_agent(body, target_pid=netns_target.pid, write=True) == errno.ENOENT
+        assert os.stat(f"{host_view}/chmodded").st_mode & 0o777 == 0o600
+        assert decoy.stat().st_mode & 0o777 == 0o644
+    finally:
+        for name in ("chmodded", "to-decoy", "to-chmodded"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{host_view}/{name}")
+        decoy.unlink()

@@ -14,6 +14,7 @@ is local by default, so the tests put that directory on the ``read_only`` or
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -173,3 +174,95 @@ def test_read_mode_leaves_the_target_alone(netns_target: NetnsTarget, tree: str)
     assert traced.stdout == b"1\n"
     assert b"Read-only file system" in traced.stderr
     assert os.path.exists(f"{host_view}/config.yaml")
+
+
+# --- metadata and links by path (issue 14's audit gaps) -------------------------------
+
+METADATA = r"""
+import errno, os, sys
+tree, local = sys.argv[1], sys.argv[2]
+def outcome(function):
+    try:
+        function()
+        return "ok"
+    except OSError as error:
+        return errno.errorcode[error.errno]
+for base in (tree, local):
+    f = base + "/config.yaml"
+    print("chmod", outcome(lambda: os.chmod(f, 0o600)),
+          "chown", outcome(lambda: os.chown(f, os.getuid(), -1)),
+          "lchown", outcome(lambda: os.lchown(f, os.getuid(), -1)),
+          "utime", outcome(lambda: os.utime(f, (1, 2))),
+          "link", outcome(lambda: os.link(f, base + "/hard")),
+          "symlink", outcome(lambda: os.symlink("x", base + "/soft")),
+          "setxattr", outcome(lambda: os.setxattr(f, b"user.k", b"v")),
+          "removexattr", outcome(lambda: os.removexattr(f, b"user.k")))
+"""
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_metadata_and_link_calls_on_a_target_path_never_act_on_this_machine(
+        netns_target: NetnsTarget, tree: str, backend: str, mode: str, tmp_path: Path) -> None:
+    """They acted on this machine's path: ENOENT for a target-only file, and a
+    local file that shadows a target path was changed in its place."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    local = tmp_path / "local"  # /tmp: local by default
+    local.mkdir()
+    (local / "config.yaml").write_text("local\n")
+    os.chmod(local / "config.yaml", 0o644)
+    fs = {"mode": mode, **visible(tree, "read_write" if mode == "write" else "read_only")}
+    before = os.stat(f"{host_view}/config.yaml")
+    config = {"backend": backend, "feature": {"fs": fs}}
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    try:
+        traced = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", sys.executable, "-S", "-c", METADATA, tree,
+             str(local)],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        after = os.stat(f"{host_view}/config.yaml")
+    finally:
+        os.chmod(f"{host_view}/config.yaml", before.st_mode & 0o7777)
+    refused = "EROFS" if mode == "read" else "EPERM"
+    xattr = "EROFS" if mode == "read" else "ENOTSUP"
+    chmod = "EROFS" if mode == "read" else "ok"  # write mode: the agent's chmod
+    assert traced.stdout.decode().splitlines() == [
+        f"chmod {chmod} chown {refused} lchown {refused} utime {refused} link {refused} "
+        f"symlink {refused} setxattr {xattr} removexattr {xattr}",
+        # a local path: the kernel's own answers (tmpfs takes user.* attributes)
+        "chmod ok chown ok lchown ok utime ok link ok symlink ok setxattr ok removexattr ok",
+    ], traced.stderr.decode(errors="replace")[-3000:]
+    expected_mode = before.st_mode if mode == "read" else (before.st_mode & ~0o7777) | 0o600
+    assert (after.st_mode, after.st_mtime_ns) == (expected_mode, before.st_mtime_ns)
+    assert not os.path.lexists(f"{host_view}/hard") and not os.path.lexists(f"{host_view}/soft")
+    assert (local / "hard").exists() and os.readlink(local / "soft") == "x"
+    assert os.stat(local / "config.yaml").st_mtime_ns == 2 * 10**9
+
+
+def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mode(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """A local file with the target file's name was changed in its place."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    os.makedirs(tree)  # this machine's own directory of that name (the target's is private)
+    try:
+        Path(f"{tree}/config.yaml").write_text("a local shadow\n")
+        os.chmod(f"{tree}/config.yaml", 0o644)
+        config_file = tmp_path / "config.json"
+        config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": {
+            "mode": "write", **visible(tree, "read_write")}}}))
+        traced = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", sys.executable, "-S", "-c",
+             "import os, sys\ntry:\n    os.utime(sys.argv[1], (1, 2))\nexcept OSError as e:\n"
+             "    print(e.errno)\nos.chmod(sys.argv[1], 0o600)\n", f"{tree}/config.yaml"],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert traced.stdout == f"{errno.EPERM}\n".encode(), traced.stderr[-3000:]
+        assert traced.returncode == 0, traced.stderr[-3000:]
+        # The chmod went to the target's file; the local one kept its mode and times.
+        assert os.stat(f"{host_view}/config.yaml").st_mode & 0o777 == 0o600
+        assert os.stat(f"{tree}/config.yaml").st_mode & 0o777 == 0o644
+        assert os.stat(f"{tree}/config.yaml").st_mtime_ns != 2 * 10**9
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+        os.chmod(f"{host_view}/config.yaml", 0o640)

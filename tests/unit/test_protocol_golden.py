@@ -126,6 +126,7 @@ SAMPLES = {
     "incoming-connection": p.IncomingConnection(
         stream=1 << 48, port=80, peer_host="10.0.0.2", peer_port=40000, local_host="10.0.0.1",
         local_port=80, mirror=True),
+    "chmod": p.Request(id=24, operation=p.ChangeMode(path=b"/tmp/x", mode=0o755)),
 }
 
 GOLDEN = {
@@ -188,6 +189,7 @@ GOLDEN = {
     "incoming-unsubscribe": "0000001d93a37265711792b4696e636f6d696e672d756e73756273637269626550",
     "incoming-subscribed": "0000001d93a37265731593b3696e636f6d696e672d7375627363726962656450c3",
     "incoming-connection": "0000003698b3696e636f6d696e672d636f6e6e656374696f6ecf000100000000000050a831302e302e302e32cd9c40a831302e302e302e3150c3",
+    "chmod": "0000001893a37265711893a563686d6f64c4062f746d702f78cd01ed",
 }
 
 

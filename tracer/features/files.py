@@ -19,13 +19,17 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
     mkdir: its parent) exists locally; when it exists only in the target they
     fail with ``EROFS``, so read mode never changes the target *and* never
     turns "delete the target's file" into "delete this machine's file".
+    chmod, chown, utimensat (and their older forms), link, symlink, mknod and
+    setxattr/removexattr by path follow the same rule.
 ``WRITE`` (mode ``write``, the ``read_write`` list)
     as READ, plus: an open for writing is made in the target first (so
     ``O_CREAT``/``O_EXCL``/``O_TRUNC`` and ``EACCES``/``EISDIR`` are the
     target's), the shadow copy is fetched (unless new or truncated) and
     injected writable, and its changes are uploaded when the tracee closes
     or fsyncs an fd of it, when a process exits (``exit_group``), and by a
-    sweep every second. unlink/rmdir/rename/truncate/mkdir go to the target.
+    sweep every second. unlink/rmdir/rename/truncate/mkdir/chmod go to the
+    target; chown/utimensat/link/symlink/mknod by path have no agent operation
+    yet and answer ``EPERM`` (setxattr/removexattr: ``ENOTSUP``).
     An upload replaces the target's file atomically (the agent's
     ``files-upload``); one that fails makes that close/fsync fail with EIO.
     Limits: a file changed in the target while the tracee has it open for
@@ -80,6 +84,7 @@ import logging
 import os
 import re
 import stat
+import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -88,7 +93,7 @@ from typing import Any
 import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
-from ...agent.protocol import FileContents, FileStat
+from ...agent.protocol import CAP_FILES_CHMOD, FileContents, FileStat
 from .. import abi
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
@@ -112,6 +117,12 @@ TRAPPED: tuple[str, ...] = (
     # Extended attributes: `ls -l` asks for SELinux labels and ACLs of every
     # entry; for a target-only path the kernel would say ENOENT.
     "getxattr", "lgetxattr", "listxattr", "llistxattr",
+    # Metadata and links by path: routed like unlink (below, "_change"), so they
+    # never act on a local file in place of the target's.
+    "chmod", "fchmodat", "chown", "lchown", "fchownat",
+    "utime", "utimes", "futimesat", "utimensat",
+    "link", "linkat", "symlink", "symlinkat", "mknod", "mknodat",
+    "setxattr", "lsetxattr", "removexattr", "lremovexattr",
     # Write mode uploads changed copies when a process exits (once per process).
     "exit_group",
 )
@@ -151,6 +162,14 @@ _REMOTE_OPEN_FLAGS = (
 )
 _LOCAL_WRITE_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
 _RENAME_NOREPLACE = 1
+_AT_SYMLINK_FOLLOW = 0x400
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+#: What chown, utimensat, link, symlink and mknod (and chmod with an agent
+#: without ``files-chmod``) on a target path answer in write mode, where the
+#: agent has no operation for them yet: "Operation not permitted", as a
+#: filesystem that does not allow the change says.
+NOT_IN_TARGET = errno.EPERM
 #: Target errors a failed upload passes on to close/fsync as they are; others are EIO.
 _WRITE_BACK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
@@ -439,6 +458,59 @@ class FilesFeature:
             "llistxattr": lambda call: self._xattr(call, call.read_string(0), None,
                                                    call.pointer_arg(1), call.uint_arg(2),
                                                    follow=False),
+            "chmod": lambda call: self._metadata(
+                call, AT_FDCWD, call.read_string(0), 0,
+                lambda path, follow: os.chmod(path, call.uint_arg(1) & 0o7777),
+                remote=self._remote_chmod(call.uint_arg(1) & 0o7777)),
+            "fchmodat": lambda call: self._metadata(
+                call, call.int_arg(0), call.read_string(1), 0,
+                lambda path, follow: os.chmod(path, call.uint_arg(2) & 0o7777),
+                remote=self._remote_chmod(call.uint_arg(2) & 0o7777)),
+            "chown": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
+                                                 lambda path, follow: os.chown(
+                                                     path, call.int_arg(1), call.int_arg(2))),
+            "lchown": lambda call: self._metadata(
+                call, AT_FDCWD, call.read_string(0), abi.AT_SYMLINK_NOFOLLOW,
+                lambda path, follow: os.chown(path, call.int_arg(1), call.int_arg(2),
+                                              follow_symlinks=False)),
+            "fchownat": lambda call: self._metadata(
+                call, call.int_arg(0), call.read_string(1), call.int_arg(4),
+                lambda path, follow: os.chown(path, call.int_arg(2), call.int_arg(3),
+                                              follow_symlinks=follow)),
+            "utime": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
+                                                 self._set_times(call, 1, "utimbuf")),
+            "utimes": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
+                                                  self._set_times(call, 1, "timeval")),
+            "futimesat": lambda call: self._metadata(call, call.int_arg(0),
+                                                     self._optional_path(call, 1), 0,
+                                                     self._set_times(call, 2, "timeval")),
+            "utimensat": lambda call: self._metadata(call, call.int_arg(0),
+                                                     self._optional_path(call, 1),
+                                                     call.int_arg(3),
+                                                     self._set_times(call, 2, "timespec")),
+            "link": lambda call: self._link(call, AT_FDCWD, call.read_string(0), AT_FDCWD,
+                                            call.read_string(1), 0),
+            "linkat": lambda call: self._link(call, call.int_arg(0), call.read_string(1),
+                                              call.int_arg(2), call.read_string(3),
+                                              call.int_arg(4)),
+            "symlink": lambda call: self._create_entry(
+                call, AT_FDCWD, call.read_string(1),
+                lambda path: os.symlink(call.read_string(0), path)),
+            "symlinkat": lambda call: self._create_entry(
+                call, call.int_arg(1), call.read_string(2),
+                lambda path: os.symlink(call.read_string(0), path)),
+            "mknod": lambda call: self._create_entry(
+                call, AT_FDCWD, call.read_string(0),
+                lambda path: os.mknod(path, call.uint_arg(1) & ~_thread_umask(call.tid),
+                                      call.uint_arg(2))),
+            "mknodat": lambda call: self._create_entry(
+                call, call.int_arg(0), call.read_string(1),
+                lambda path: os.mknod(path, call.uint_arg(2) & ~_thread_umask(call.tid),
+                                      call.uint_arg(3))),
+            "setxattr": lambda call: self._set_xattr(call, 0, follow=True, remove=False),
+            "lsetxattr": lambda call: self._set_xattr(call, 0, follow=False, remove=False),
+            "removexattr": lambda call: self._set_xattr(call, 0, follow=True, remove=True),
+            "lremovexattr": lambda call: self._set_xattr(call, 0, follow=False, remove=True),
             "exit_group": self._exit_group,
         }
         if trapped_for(self.config) != TRAPPED:
@@ -1088,6 +1160,131 @@ class FilesFeature:
             return ReturnValue(0)
 
         return self._change(call, [target], local=local, remote=remote, probe=target.clean)
+
+    # --- metadata and links by path ----------------------------------------------------
+    #
+    # Read mode: as unlink (local where the path exists here, EROFS where only the
+    # target has it). Write mode: chmod goes to the agent; the others have no
+    # agent operation yet and a target path answers NOT_IN_TARGET, never a change
+    # to a local file of the same name.
+
+    def _optional_path(self, call: SyscallCall, index: int) -> bytes:
+        """A path argument that may be NULL (futimens is utimensat(fd, NULL, ...))."""
+        return call.read_string(index) if call.pointer_arg(index) else b""
+
+    def _metadata(self, call: SyscallCall, dirfd: int, path: bytes, flags: int,
+                  local: Callable[[bytes, bool], None],
+                  remote: Callable[[bytes], Coroutine[Any, Any, Outcome]] | None = None
+                  ) -> Outcome:
+        target = self._resolve(call, dirfd, path)
+        if target is None:
+            return CONTINUE  # an fd (AT_EMPTY_PATH, NULL): a shadow copy or a local file
+        follow = not flags & abi.AT_SYMLINK_NOFOLLOW
+
+        def run_local() -> Outcome:
+            local(target.path, follow)
+            return ReturnValue(0)
+
+        def in_target() -> Coroutine[Any, Any, Outcome]:
+            return self._not_in_target() if remote is None else remote(target.path)
+
+        return self._change(call, [target], local=run_local, remote=in_target,
+                            probe=target.clean)
+
+    def _remote_chmod(self, mode: int) -> Callable[[bytes], Coroutine[Any, Any, Outcome]]:
+        """chmod in the target (write mode), where the agent can (``files-chmod``)."""
+        async def change(path: bytes) -> Outcome:
+            if CAP_FILES_CHMOD not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chmod(path, mode)
+            return ReturnValue(0)
+
+        return change
+
+    def _set_times(self, call: SyscallCall, index: int,
+                   layout: str) -> Callable[[bytes, bool], None]:
+        """os.utime for the kernel's three time layouts (read only when the
+        supervisor must make the call itself)."""
+        def apply(path: bytes, follow: bool) -> None:
+            address = call.pointer_arg(index)
+            if not address:
+                os.utime(path, follow_symlinks=follow)
+                return
+            if layout == "utimbuf":
+                atime, mtime = struct.unpack("=qq", call.read(address, 16))
+                os.utime(path, ns=(atime * 10**9, mtime * 10**9), follow_symlinks=follow)
+                return
+            values = struct.unpack("=qqqq", call.read(address, 32))
+            unit = 1000 if layout == "timeval" else 1
+            current = os.stat(path, follow_symlinks=follow)
+            now = time.time_ns()
+            times = []
+            for seconds, fraction, old in ((values[0], values[1], current.st_atime_ns),
+                                           (values[2], values[3], current.st_mtime_ns)):
+                if layout == "timespec" and fraction == _UTIME_NOW:
+                    times.append(now)
+                elif layout == "timespec" and fraction == _UTIME_OMIT:
+                    times.append(old)
+                else:
+                    times.append(seconds * 10**9 + fraction * unit)
+            os.utime(path, ns=(times[0], times[1]), follow_symlinks=follow)
+
+        return apply
+
+    def _link(self, call: SyscallCall, source_dirfd: int, source_path: bytes,
+              destination_dirfd: int, destination_path: bytes, flags: int) -> Outcome:
+        source = (None if not source_path and flags & abi.AT_EMPTY_PATH
+                  else self._resolve(call, source_dirfd, source_path))
+        destination = self._resolve(call, destination_dirfd, destination_path)
+        if source is None or destination is None:
+            return CONTINUE
+
+        def run_local() -> Outcome:
+            os.link(source.path, destination.path,
+                    follow_symlinks=bool(flags & _AT_SYMLINK_FOLLOW))
+            return ReturnValue(0)
+
+        return self._change(call, [source, destination], local=run_local,
+                            remote=self._not_in_target, probe=source.clean)
+
+    def _create_entry(self, call: SyscallCall, dirfd: int, path: bytes,
+                      local: Callable[[bytes], None]) -> Outcome:
+        """symlink, mknod: a new name, decided by its parent (as mkdir)."""
+        target = self._resolve(call, dirfd, path)
+        if target is None:
+            return CONTINUE
+
+        def run_local() -> Outcome:
+            local(target.path)
+            return ReturnValue(0)
+
+        return self._change(call, [target], local=run_local, remote=self._not_in_target,
+                            probe=normalize(target.clean + b"/.."))
+
+    def _set_xattr(self, call: SyscallCall, index: int, *, follow: bool,
+                   remove: bool) -> Outcome:
+        target = self._resolve(call, AT_FDCWD, call.read_string(index))
+        if target is None:
+            return CONTINUE
+        name = call.read_string(index + 1)
+
+        def run_local() -> Outcome:
+            if remove:
+                os.removexattr(target.path, name, follow_symlinks=follow)
+            else:
+                value = call.read(call.pointer_arg(index + 2), call.uint_arg(index + 3))
+                os.setxattr(target.path, name, value, call.int_arg(index + 4),
+                            follow_symlinks=follow)
+            return ReturnValue(0)
+
+        async def not_supported() -> Outcome:
+            return Errno(errno.ENOTSUP)
+
+        return self._change(call, [target], local=run_local, remote=not_supported,
+                            probe=target.clean)
+
+    async def _not_in_target(self) -> Outcome:
+        return Errno(NOT_IN_TARGET)
 
     # --- write mode: uploads ------------------------------------------------------------
 

@@ -516,6 +516,22 @@ class Outgoing:
             if relay is not None:
                 relay.connected_peer = None
 
+    def _stream_connect_preamble(self, sock: socket.socket, fd: int,
+                                 agent_gone_errno: int) -> Outcome | tuple[float, int]:
+        """What a stream connect (TCP or Unix) decides before it needs the agent:
+        an early outcome (already connected: the kernel's EISCONN; the agent
+        gone: ``agent_gone_errno``), or the connect timeout (the socket's
+        SO_SNDTIMEO, as the kernel uses it) and the socket's inode."""
+        try:
+            sock.getpeername()
+            return CONTINUE  # already connected: the kernel says EISCONN
+        except OSError:
+            pass
+        if self.agent_gone():
+            return Errno(agent_gone_errno)
+        timeout = _timeout_option(sock, socket.SO_SNDTIMEO) or CONNECT_TIMEOUT
+        return timeout, os.fstat(fd).st_ino
+
     def _connect_action(self, tid: int, tracee_fd: int, family: int, endpoint: Endpoint,
                         tcp: bool, udp: bool, sockaddr: bytes | None, fd: int) -> Outcome:
         with borrowed(fd) as sock:
@@ -524,15 +540,10 @@ class Outgoing:
             kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
             protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
             if kind == socket.SOCK_STREAM and tcp and protocol == socket.IPPROTO_TCP:
-                try:
-                    sock.getpeername()
-                    return CONTINUE  # already connected: the kernel says EISCONN
-                except OSError:
-                    pass
-                if self.agent_gone():
-                    return Errno(errno.ENETUNREACH)
-                timeout = _timeout_option(sock, socket.SO_SNDTIMEO) or CONNECT_TIMEOUT
-                inode = os.fstat(fd).st_ino
+                ready = self._stream_connect_preamble(sock, fd, errno.ENETUNREACH)
+                if not isinstance(ready, tuple):
+                    return ready
+                timeout, inode = ready
                 if sockaddr is not None:
                     outcome = self._connect_direct(tid, tracee_fd, sock, inode, sockaddr,
                                                    endpoint, timeout)
@@ -588,15 +599,10 @@ class Outgoing:
             if (sock.family != socket.AF_UNIX
                     or sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM):
                 return CONTINUE  # datagram and seqpacket sockets stay local
-            try:
-                sock.getpeername()
-                return CONTINUE  # already connected: the kernel says EISCONN
-            except OSError:
-                pass
-            if self.agent_gone():
-                return Errno(errno.ECONNREFUSED)
-            timeout = _timeout_option(sock, socket.SO_SNDTIMEO) or CONNECT_TIMEOUT
-            inode = os.fstat(fd).st_ino
+            ready = self._stream_connect_preamble(sock, fd, errno.ECONNREFUSED)
+            if not isinstance(ready, tuple):
+                return ready
+            timeout, inode = ready
             return Defer(self._connect_unix(os.dup(fd), path, inode, timeout))
 
     async def _connect_unix(self, fd: int, path: bytes, inode: int, timeout: float) -> Outcome:

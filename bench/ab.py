@@ -1,0 +1,81 @@
+"""A/B of `mtrace exec --target pid/N -- loop bulk` between installs, alternating.
+
+    python -m bench.ab --variant old=/tmp/venv-old/bin/python --variant new=.venv/bin/python \\
+        [--rounds 6] [--relay]
+
+Each variant is an interpreter with mtrace installed (a venv per checkout:
+``git worktree add /tmp/old COMMIT``, ``python3 -m venv --system-site-packages
+/tmp/venv-old``, ``/tmp/venv-old/bin/pip install --no-deps --no-build-isolation
+-e /tmp/old``). One namespace target serves every run; the variants take turns,
+in reverse order every other round, so that a loaded machine's drift falls on
+all of them alike. ``--relay`` turns the direct path off (agent streams, as an
+agent over TCP or a Kubernetes target would carry them). Prints each run and
+the medians, with the load average before and after: compare ratios, not
+absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from bench.common import build_c_programs
+from bench.namespace import NamespaceTarget
+
+
+def _rate(result: dict[str, float]) -> float:
+    streaming_ns = result["total_ns"] - result.get("first_byte_ns", 0)
+    return result["bytes"] / max(streaming_ns / 1e9, 1e-9) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab")
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME=PYTHON")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--bulk-mib", type=int, default=256)
+    parser.add_argument("--relay", action="store_true", help="feature.network.outgoing.direct off")
+    args = parser.parse_args()
+    variants = dict(item.split("=", 1) for item in args.variant)
+    work = Path(tempfile.mkdtemp(prefix="mtrace-bench-ab-"))
+    programs = build_c_programs(work / "bin")
+    extra: list[str] = []
+    if args.relay:
+        config = work / "relay.json"
+        config.write_text(json.dumps({"feature": {"network": {"outgoing": {"direct": False}}}}))
+        extra = ["-f", str(config)]
+    target = NamespaceTarget.start(netserve=programs["netserve"], work_dir=work,
+                                   bulk_bytes=args.bulk_mib << 20)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    print(f"load average {os.getloadavg()}", flush=True)
+    try:
+        for round_ in range(args.rounds):
+            names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+            for name in names:
+                argv = [variants[name], "-m", "mtrace.cli", "exec", *extra, "--target",
+                        f"pid/{target.pid}", "--", str(programs["loop"]), "bulk", "127.0.0.1",
+                        str(target.bulk_port)]
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                                      check=False)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                if done.returncode or not lines:
+                    print(f"{round_} {name}: failed ({done.returncode}) {done.stderr[-300:]}")
+                    continue
+                rates[name].append(_rate(json.loads(lines[-1])))
+                print(f"{round_} {name}: {rates[name][-1]:.1f} MB/s", flush=True)
+    finally:
+        target.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for name, values in rates.items():
+        if values:
+            print(f"{name}: median {statistics.median(values):.1f} MB/s over {len(values)} runs")
+    print(f"load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
