@@ -307,36 +307,7 @@ def test_steal_the_cluster_refuses_is_one_line_and_exit_77(
 
 # An HTTP/2 client (prior knowledge, as gRPC speaks inside a cluster): one
 # connection, a stream per request, the bodies in request order.
-H2_CLIENT = r"""
-import json, socket, sys
-import h2.connection, h2.events
-host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-sock = socket.create_connection((host, port), timeout=20)
-connection = h2.connection.H2Connection()
-connection.initiate_connection()
-streams = []
-for path, headers in requests:
-    stream_id = connection.get_next_available_stream_id()
-    connection.send_headers(stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"),
-                                        (":authority", "target"), *headers.items()],
-                            end_stream=True)
-    streams.append(stream_id)
-sock.sendall(connection.data_to_send())
-bodies = {stream_id: b"" for stream_id in streams}
-ended = set()
-while len(ended) < len(streams):
-    data = sock.recv(65536)
-    if not data:
-        break
-    for found in connection.receive_data(data):
-        if isinstance(found, h2.events.DataReceived):
-            bodies[found.stream_id] += found.data
-            connection.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
-        elif isinstance(found, (h2.events.StreamEnded, h2.events.StreamReset)):
-            ended.add(found.stream_id)
-    sock.sendall(connection.data_to_send())
-print(json.dumps([bodies[stream_id].decode() for stream_id in streams]))
-"""
+H2_CLIENT = str(Path(__file__).resolve().parents[1] / "h2_client.py")
 
 
 def test_http2_filter_in_a_pod(kube_api: Any, kubeconfig: Path, namespace: str,
@@ -364,7 +335,7 @@ def test_http2_filter_in_a_pod(kube_api: Any, kubeconfig: Path, namespace: str,
         requests = [["/hello", {"x-mtrace": "yes"}], ["/hello", {}],
                     ["/hello", {"x-mtrace": "yes"}], ["/env/X", {}]]
         result = subprocess.run(  # cwd: nothing there may shadow the h2 package
-            [sys.executable, "-c", H2_CLIENT, grpc.pod_ips[0], str(POD_PORT), json.dumps(requests)],
+            [sys.executable, H2_CLIENT, grpc.pod_ips[0], str(POD_PORT), json.dumps(requests)],
             capture_output=True, timeout=60, check=False, cwd=tmp_path)
     finally:
         process.send_signal(signal.SIGINT)

@@ -490,36 +490,7 @@ def test_unknown_incoming_flag_is_exit_78() -> None:
 
 # --- filtered steal over HTTP/2 (h2c, as gRPC speaks it) ----------------------------------
 
-H2_CLIENT = r"""
-import json, socket, sys
-import h2.connection, h2.events
-host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-sock = socket.create_connection((host, port), timeout=20)
-connection = h2.connection.H2Connection()
-connection.initiate_connection()
-streams = []
-for path, headers in requests:
-    stream_id = connection.get_next_available_stream_id()
-    connection.send_headers(stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"),
-                                        (":authority", "target"), *headers.items()],
-                            end_stream=True)
-    streams.append(stream_id)
-sock.sendall(connection.data_to_send())
-bodies = {stream_id: b"" for stream_id in streams}
-ended = set()
-while len(ended) < len(streams):
-    data = sock.recv(65536)
-    if not data:
-        break
-    for found in connection.receive_data(data):
-        if isinstance(found, h2.events.DataReceived):
-            bodies[found.stream_id] += found.data
-            connection.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
-        elif isinstance(found, (h2.events.StreamEnded, h2.events.StreamReset)):
-            ended.add(found.stream_id)
-    sock.sendall(connection.data_to_send())
-print(json.dumps([bodies[stream_id].decode() for stream_id in streams]))
-"""
+H2_CLIENT = str(Path(__file__).resolve().parents[1] / "h2_client.py")
 
 
 def test_filter_over_http2_on_one_connection(incoming: Incoming, programs: ProgramPaths) -> None:
@@ -537,7 +508,7 @@ def test_filter_over_http2_on_one_connection(incoming: Incoming, programs: Progr
             requests = [["/hello", {"x-mtrace": "yes"}], ["/hello", {}],
                         ["/hello", {"x-mtrace": "yes"}], ["/env/X", {}]]
             result = subprocess.run(incoming.target.nsenter_argv(
-                sys.executable, "-c", H2_CLIENT, "127.0.0.1", str(port), json.dumps(requests),
+                sys.executable, H2_CLIENT, "127.0.0.1", str(port), json.dumps(requests),
                 environment=False), capture_output=True, timeout=60, check=False)
             assert result.returncode == 0, result.stderr.decode()[-2000:]
         finally:
