@@ -293,10 +293,8 @@ def run(ctx: Context) -> list[Row]:
                        names=(OPEN_COLD, OPEN_CACHED, STAT_COLD, STAT, CONNECT, HTTP_P50,
                               HTTP_P99))
         rows += _guard(mtrace_bulk_rows, MTRACE, names=(BULK, MEMORY_SUPERVISOR, MEMORY_AGENT))
-    from bench import peer  # it imports this module's names
-
     ctx.log("remote: proxychains4 + microsocks")
-    rows += peer.proxychains_rows(ctx)
+    rows += proxychains_rows(ctx)
     _set_ratios(rows)
     return rows
 
@@ -326,3 +324,46 @@ def _set_ratios(rows: list[Row]) -> None:
                 compare(rows, row, SOCAT)
         else:
             compare(rows, row, DIRECT)
+
+
+# --- the peer: proxychains4 + microsocks ----------------------------------------------------
+# What users run today to send a program's outgoing traffic from another
+# network: proxychains4 hooks libc's ``connect`` (LD_PRELOAD) on this machine and
+# hands each connection to a SOCKS server in the target, here ``microsocks`` in the
+# namespace target behind a veth pair (NamespaceTarget.socks_proxy, shared with
+# the kv group). An LD_PRELOAD tool only sees dynamically linked programs, so the
+# workloads are ``bench/loop`` built without ``-static`` (``loop-dynamic``): the same
+# source, requests, target and run as the other variants, whose ratios these rows share.
+
+PROXYCHAINS = "proxychains4 + microsocks"
+NAMES = ((CONNECT, US), (HTTP_P50, US), (HTTP_P99, US),
+         (BULK, MBPS))
+
+
+def proxychains_rows(ctx: Context) -> list[Row]:
+    """The peer's rows of the remote group; n/a rows with the reason if it cannot run."""
+    try:
+        namespace = ctx.namespace()
+        loop = str(ctx.programs()["loop-dynamic"])
+        with namespace.socks_proxy() as config:
+            prefix = ["proxychains4", "-q", "-f", config]
+            settings = ctx.settings
+            rows: list[Row] = []
+            for op, count, names in (
+                    ("connect", settings.remote_calls, {"connect": CONNECT}),
+                    ("http", settings.http_requests, {"http": HTTP_P50})):
+                argv = [*prefix, loop, op, HOST, str(namespace.http_port), str(count)]
+                results = [run_json(argv, timeout=300) for _ in range(settings.runs)]
+                rows += _latency_rows(PROXYCHAINS, results, names)
+            rates = [_bulk_rate(run_json([*prefix, loop, "bulk", HOST,
+                                                 str(namespace.bulk_port)], timeout=300))
+                     for _ in range(settings.runs)]
+            rows.append(Row(GROUP, BULK, PROXYCHAINS, median(rates), MBPS,
+                            samples=rates))
+    except Unavailable as error:
+        return [Row.missing(GROUP, name, PROXYCHAINS, unit, str(error))
+                for name, unit in NAMES]
+    note = "dynamic bench/loop; every connection through microsocks in the target"
+    for row in rows:
+        row.note = note
+    return rows
