@@ -115,9 +115,9 @@ def _is_open(fd: int) -> bool:
 
 def check_ptrace() -> Check:
     """Run a short command under the ptrace backend."""
-    from ..tracer import ptrace_backend
+    from ..tracer.session import ptrace_probe
 
-    ok, detail = ptrace_backend.probe()
+    ok, detail = ptrace_probe()
     return Check("ptrace backend", ok, detail,
                  "no fallback where seccomp notification is missing", required=False)
 

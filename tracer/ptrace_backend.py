@@ -543,32 +543,3 @@ def _signalfd(signal_number: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(fd)
-
-
-def probe() -> tuple[bool, str]:
-    """Whether the ptrace backend works here: a short command is run under it
-    and must make at least one trapped call. For ``mtrace doctor``."""
-    import sys
-
-    from .outcome import CONTINUE
-    from .session import Session, run
-
-    seen: list[str] = []
-
-    def count(call: SyscallCall) -> Outcome:
-        seen.append(call.name)
-        return CONTINUE
-
-    session = Session(argv=[sys.executable, "-S", "-c", "open('/dev/null').close()"],
-                      handlers=count, trapped=("openat", "open"), backend="ptrace")
-    try:
-        code = run(session)
-    except TracerError as error:
-        return False, error.message + (f" ({error.hint})" if error.hint else "")
-    except Exception as error:  # doctor reports, never crashes
-        return False, f"{type(error).__name__}: {error}"
-    if code != 0:
-        return False, f"a test command exited {code} under ptrace"
-    if not seen:
-        return False, "no seccomp stop was reported (SECCOMP_RET_TRACE not delivered?)"
-    return True, f"seccomp RET_TRACE + PTRACE_SEIZE work ({len(seen)} calls trapped)"

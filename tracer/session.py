@@ -157,3 +157,29 @@ def _stop(launch: Launch) -> None:
         launch.watchdog.kill()
     launch.watchdog.wait()
 
+
+def ptrace_probe() -> tuple[bool, str]:
+    """Whether the ptrace backend works here: a short command is run under it
+    and must make at least one trapped call. For ``mtrace doctor``."""
+    from .call import SyscallCall
+    from .outcome import CONTINUE, Outcome
+
+    seen: list[str] = []
+
+    def count(call: SyscallCall) -> Outcome:
+        seen.append(call.name)
+        return CONTINUE
+
+    session = Session(argv=[sys.executable, "-S", "-c", "open('/dev/null').close()"],
+                      handlers=count, trapped=("openat", "open"), backend="ptrace")
+    try:
+        code = run(session)
+    except TracerError as error:
+        return False, error.message + (f" ({error.hint})" if error.hint else "")
+    except Exception as error:  # doctor reports, never crashes
+        return False, f"{type(error).__name__}: {error}"
+    if code != 0:
+        return False, f"a test command exited {code} under ptrace"
+    if not seen:
+        return False, "no seccomp stop was reported (SECCOMP_RET_TRACE not delivered?)"
+    return True, f"seccomp RET_TRACE + PTRACE_SEIZE work ({len(seen)} calls trapped)"

@@ -290,9 +290,9 @@ def test_nested_notify_fails_with_a_hint() -> None:
 
 
 def test_probe_for_doctor() -> None:
-    from mtrace.tracer.ptrace_backend import probe
+    from mtrace.tracer.session import ptrace_probe
 
-    ok, detail = probe()
+    ok, detail = ptrace_probe()
     assert ok, detail
 
 
