@@ -619,7 +619,7 @@ def test_closing_the_listener_gives_the_port_back_while_mtrace_runs(incoming: In
 # --- blocking accepts from many threads ------------------------------------------------------
 
 THREADED_SERVER = r"""
-import socket, sys, threading
+import os, socket, sys, threading
 port, count = int(sys.argv[1]), int(sys.argv[2])
 listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -630,7 +630,9 @@ def serve(index):
         try:
             connection, _ = listener.accept()
         except OSError as error:
-            print(f"thread {index} accept: {error.errno}", flush=True)
+            # one write per line: print() writes the text and the newline apart,
+            # so eight threads waking at once interleaved their lines
+            os.write(1, f"thread {index} accept: {error.errno}\n".encode())
             return
         connection.recv(65536)
         body = b"local thread\n"
