@@ -291,6 +291,11 @@ static int fast_fstat(int fd, const struct seccomp_notif *n)
     pthread_mutex_unlock(&lock);
     if (!inside)
         return 0;
+    /* The thread id names the caller only while its call waits: never write
+     * into whatever reused the id since. */
+    unsigned long long id = n->id;
+    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) != 0)
+        return errno == ENOENT ? 1 : -1;
     struct iovec local = {node.stat, node.length};
     struct iovec remote = {(void *)(unsigned long)buffer, node.length};
     if (process_vm_writev(n->pid, &local, 1, &remote, 1, 0) != (ssize_t)node.length)
