@@ -43,7 +43,13 @@
 #include <time.h>
 #include <unistd.h>
 
+/* The kernel's O_LARGEFILE (64-bit libcs define O_LARGEFILE as 0); on
+ * aarch64 0100000 is O_NOFOLLOW, which must reach Python. */
+#if defined(__aarch64__)
+#define KERNEL_O_LARGEFILE 0400000
+#else
 #define KERNEL_O_LARGEFILE 0100000
+#endif
 #define MAX_OPENS 64
 #define MAX_NODES 256
 #define MAX_STAT_BYTES 256
