@@ -285,9 +285,8 @@ seen = {once() for _ in range(count)}
 print(len(seen), *sorted(seen))
 sys.stdout.flush()
 if len(sys.argv) > 3:  # wait for the target's copy to change
-    first = once()
     deadline = time.monotonic() + 10
-    while once() == first and time.monotonic() < deadline:
+    while once() in seen and time.monotonic() < deadline:
         time.sleep(0.05)
     print(once()[5].decode())
 """
