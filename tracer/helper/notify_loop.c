@@ -216,11 +216,18 @@ static int fast_open(int fd, const struct seccomp_notif *n)
     }
     if (flags & ~(O_CLOEXEC | KERNEL_O_LARGEFILE | O_NOCTTY | O_NONBLOCK))
         return 0; /* O_RDONLY is 0: anything else (writes, O_NOFOLLOW, O_PATH...) is Python's */
+    long long now = monotonic_ns();
+    int any = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < MAX_OPENS && !any; i++)
+        any = opens[i].tracee_path && opens[i].deadline_ns > now;
+    pthread_mutex_unlock(&lock);
+    if (!any)
+        return 0; /* nothing registered: no read of the path Python will read again */
     char path[PATH_MAX], shadow[PATH_MAX];
     if (!read_string(n->pid, address, path, sizeof(path)) || path[0] != '/')
         return 0;
     int found = 0;
-    long long now = monotonic_ns();
     pthread_mutex_lock(&lock);
     for (int i = 0; i < MAX_OPENS && !found; i++)
         if (opens[i].tracee_path && opens[i].deadline_ns > now
