@@ -5,6 +5,9 @@
  *   loop getpid N                   N getpid calls, timed as one block
  *   loop open PATH N                N openat+close pairs, timed as one block
  *   loop open-each PATH N           the same, each pair timed (first = cold)
+ *   loop read-each PATH N           N open+fstat+read+close, each timed (a file read
+ *                                   whole, as Go's os.ReadFile does: the Go client's
+ *                                   per-request /etc/hosts)
  *   loop stat PATH N                N stat calls, each timed
  *   loop connect HOST PORT N        N socket+connect+close, each timed
  *   loop http HOST PORT N           one keep-alive connection, N small GETs, each timed
@@ -154,6 +157,26 @@ static int cmd_open_each(const char *path, long n)
     return 0;
 }
 
+static int cmd_read_each(const char *path, long n)
+{
+    int64_t *samples = alloc_samples(n);
+    char buf[65536];
+    struct stat st;
+    int64_t start = now_ns();
+    for (long i = 0; i < n; i++) {
+        int64_t t = now_ns();
+        int fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st) != 0)
+            die(path);
+        while (read(fd, buf, sizeof(buf)) > 0)
+            ;
+        close(fd);
+        samples[i] = now_ns() - t;
+    }
+    report_samples("read-each", samples, n, now_ns() - start);
+    return 0;
+}
+
 static int cmd_stat(const char *path, long n)
 {
     int64_t *samples = alloc_samples(n);
@@ -267,6 +290,8 @@ int main(int argc, char **argv)
         return cmd_open(argv[2], parse_count(argv[3]));
     if (argc == 4 && !strcmp(argv[1], "open-each"))
         return cmd_open_each(argv[2], parse_count(argv[3]));
+    if (argc == 4 && !strcmp(argv[1], "read-each"))
+        return cmd_read_each(argv[2], parse_count(argv[3]));
     if (argc == 4 && !strcmp(argv[1], "stat"))
         return cmd_stat(argv[2], parse_count(argv[3]));
     if (argc == 5 && !strcmp(argv[1], "connect"))

@@ -6,7 +6,8 @@ then makes N sequential keep-alive GETs, reading /etc/hosts before each one.
 The server is ``bench/netserve`` on this host's loopback, started here. Values
 are the median wall time of the whole process, in milliseconds. Once ``mtrace
 exec --target`` exists, the same client also runs against the namespace
-target, compared with a run directly inside the namespace.
+target, compared with a run directly inside the namespace, and with one
+request (start-up: the difference is what the requests cost).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ MTRACE_TARGET = "mtrace exec --target pid/N"
 
 
 def _name(requests: int, where: str) -> str:
-    return f"Go httpclient, {requests} requests, {where}"
+    return f"Go httpclient, {requests} request{'' if requests == 1 else 's'}, {where}"
 
 
 def httpclient() -> Path:
@@ -103,27 +104,38 @@ def run(ctx: Context) -> list[Row]:
 
 
 def _against_target(ctx: Context, client: str, name: str, requests: int) -> list[Row]:
+    """The client against the target with ``requests`` requests, and with one:
+    the one-request rows are start-up, so the difference is what the requests
+    cost (the split the README reports)."""
+    names = {requests: name, 1: _name(1, "the namespace target")}
     if not mtrace_has_option("--target"):
         reason = "needs --target: `mtrace exec --help` shows no --target yet"
-        return [Row.missing(GROUP, name, variant, UNIT, reason)
-                for variant in (DIRECT, MTRACE_TARGET)]
+        return [Row.missing(GROUP, row_name, variant, UNIT, reason)
+                for row_name in names.values() for variant in (DIRECT, MTRACE_TARGET)]
     try:
         namespace = ctx.namespace()
-        argv = [client, f"http://localhost:{namespace.http_port}/small", str(requests)]
-        commands = {
-            DIRECT: namespace.inside(argv),
-            MTRACE_TARGET: [*mtrace_argv(), "exec", "--target", f"pid/{namespace.pid}", "--",
-                            *argv],
-        }
     except Unavailable as error:
-        return [Row.missing(GROUP, name, variant, UNIT, str(error))
-                for variant in (DIRECT, MTRACE_TARGET)]
-    ctx.log(f"program: {name}")
+        return [Row.missing(GROUP, row_name, variant, UNIT, str(error))
+                for row_name in names.values() for variant in (DIRECT, MTRACE_TARGET)]
     rows = []
-    for variant, command in commands.items():
+    for count, row_name in names.items():
+        argv = [client, f"http://localhost:{namespace.http_port}/small", str(count)]
         try:
-            samples = _time_runs(command, ctx.settings.program_runs, not ctx.settings.quick)
-            rows.append(Row(GROUP, name, variant, median(samples), UNIT, samples=samples))
-        except RunFailed as error:
-            rows.append(Row.missing(GROUP, name, variant, UNIT, f"run failed: {error}"))
+            commands = {
+                DIRECT: namespace.inside(argv),
+                MTRACE_TARGET: [*mtrace_argv(), "exec", "--target", f"pid/{namespace.pid}",
+                                "--", *argv],
+            }
+        except Unavailable as error:
+            rows += [Row.missing(GROUP, row_name, variant, UNIT, str(error))
+                     for variant in (DIRECT, MTRACE_TARGET)]
+            continue
+        ctx.log(f"program: {row_name}")
+        for variant, command in commands.items():
+            try:
+                samples = _time_runs(command, ctx.settings.program_runs, not ctx.settings.quick)
+                rows.append(Row(GROUP, row_name, variant, median(samples), UNIT,
+                                samples=samples))
+            except RunFailed as error:
+                rows.append(Row.missing(GROUP, row_name, variant, UNIT, f"run failed: {error}"))
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .call import SyscallCall
-from .outcome import CONTINUE, Outcome
+from .errors import TraceeGone
+from .outcome import CONTINUE, Errno, Outcome
 
 log = logging.getLogger("mtrace.tracer")
 
@@ -62,11 +64,6 @@ class Handlers:
 
 def decide(handler: Handler, call: SyscallCall) -> Outcome:
     """Ask the handler; its exceptions become the errno the tracee sees."""
-    import errno
-
-    from .errors import TraceeGone
-    from .outcome import Errno
-
     try:
         return handler(call)
     except TraceeGone:

@@ -173,10 +173,14 @@ class NotifyBackend:
                     listener.respond(nid, error=err)
                     result = -err
                 case ReturnValue(value=value, writes=writes):
+                    # A thread id names the caller only while its call waits:
+                    # check before writing into it, not after (SEND itself
+                    # reports a call withdrawn meanwhile).
+                    if writes and not listener.is_valid(nid):
+                        return
                     for address, data in writes:
                         call.write(address, data)
-                    if listener.is_valid(nid):
-                        listener.respond(nid, value=value)
+                    listener.respond(nid, value=value)
                     result = value
                 case InjectFd(fd=fd, cloexec=cloexec, close_after=close_after, writes=writes):
                     try:

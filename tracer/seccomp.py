@@ -190,32 +190,86 @@ class NativeLoop:
         raise OSError(err, os.strerror(err))
 
 
+class FastAnswers:
+    """What the C loop may answer without Python (``notify_loop.c``'s
+    ``mtrace_fast_*``): read-only opens of cached target files and fstat of
+    their shadow copies. The files feature registers exactly what its own
+    trap-loop answers would be; a call that matches nothing reaches Python."""
+
+    def __init__(self, library: Any) -> None:
+        self._clear = library.mtrace_fast_clear
+        self._clear.argtypes = (ctypes.c_char_p,)
+        self._clear.restype = None
+        self._open_set = library.mtrace_fast_open_set
+        self._open_set.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_longlong)
+        self._open_set.restype = ctypes.c_int
+        self._open_drop = library.mtrace_fast_open_drop
+        self._open_drop.argtypes = (ctypes.c_char_p,)
+        self._open_drop.restype = None
+        self._node_set = library.mtrace_fast_node_set
+        self._node_set.argtypes = (ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_longlong,
+                                   ctypes.c_char_p, ctypes.c_uint)
+        self._node_set.restype = ctypes.c_int
+
+    def reset(self, shadow_root: bytes | None) -> None:
+        """Forget everything; answer for copies under ``shadow_root`` (None: nothing)."""
+        self._clear(shadow_root or b"")
+
+    def open(self, tracee_path: bytes, shadow_path: bytes, until: float) -> None:
+        """Read-only opens of ``tracee_path`` get a fresh fd of ``shadow_path``
+        until ``until`` (``time.monotonic()`` seconds)."""
+        self._open_set(tracee_path, shadow_path, int(until * 1_000_000_000))
+
+    def drop_open(self, tracee_path: bytes) -> None:
+        self._open_drop(tracee_path)
+
+    def node(self, device: int, inode: int, size: int, packed_stat: bytes) -> None:
+        """fstat of an fd of this inode, while its size is ``size``, reports ``packed_stat``."""
+        self._node_set(device, inode, size, packed_stat, len(packed_stat))
+
+
 _native_function: Any = None
+_fast_answers: FastAnswers | None = None
 
 
-def native_loop(fd: int, wanted: set[int]) -> NativeLoop | None:
-    """The C passthrough loop for listener ``fd``, or None where its library is
-    missing (a source checkout never built; ``MTRACE_NATIVE_LOOP=0``)."""
-    global _native_function
-    if os.environ.get("MTRACE_NATIVE_LOOP") == "0":
-        return None
+def _load_native() -> Any:
+    global _native_function, _fast_answers
     if _native_function is None:
         from importlib import resources
 
         path = os.path.join(str(resources.files("mtrace.tracer")), "bin", "libmtrace-notify.so")
         try:
             library = ctypes.CDLL(path, use_errno=True)
-        except OSError:
+            function = library.mtrace_notify_next
+            fast = FastAnswers(library)
+        except (OSError, AttributeError):  # missing, or built from older source
             _native_function = False
-            return None
-        function = library.mtrace_notify_next
+            return False
         function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
                              ctypes.c_void_p, ctypes.c_void_p)
         function.restype = ctypes.c_int
         _native_function = function
-    if _native_function is False:
+        _fast_answers = fast
+    return _native_function
+
+
+def native_loop(fd: int, wanted: set[int]) -> NativeLoop | None:
+    """The C passthrough loop for listener ``fd``, or None where its library is
+    missing (a source checkout never built; ``MTRACE_NATIVE_LOOP=0``)."""
+    if os.environ.get("MTRACE_NATIVE_LOOP") == "0":
         return None
-    return NativeLoop(_native_function, fd, wanted)
+    function = _load_native()
+    if function is False:
+        return None
+    return NativeLoop(function, fd, wanted)
+
+
+def fast_answers() -> FastAnswers | None:
+    """The C loop's table of fast answers; None where the C loop is not used."""
+    if os.environ.get("MTRACE_NATIVE_LOOP") == "0" or os.environ.get("MTRACE_FAST_ANSWERS") == "0":
+        return None
+    _load_native()
+    return _fast_answers
 
 
 def notif_sizes(arch: str) -> tuple[int, int, int]:

@@ -266,3 +266,62 @@ def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mod
     finally:
         shutil.rmtree(tree, ignore_errors=True)
         os.chmod(f"{host_view}/config.yaml", 0o640)
+
+
+# --- repeated opens answered by the C trap loop ----------------------------------------
+
+REREAD = r"""
+import os, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+def once():
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        return (info.st_mode, info.st_uid, info.st_gid, info.st_size, info.st_mtime_ns,
+                os.read(fd, 1 << 16))
+    finally:
+        os.close(fd)
+seen = {once() for _ in range(count)}
+print(len(seen), *sorted(seen))
+sys.stdout.flush()
+if len(sys.argv) > 3:  # wait for the target's copy to change
+    deadline = time.monotonic() + 10
+    while once() in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(once()[5].decode())
+"""
+
+
+def test_repeated_opens_of_a_cached_target_file_report_the_targets_stat(
+        netns_target: NetnsTarget, tree: str) -> None:
+    # From the second open on, open and fstat are answered by the C loop
+    # (seccomp.FastAnswers): they must still be the target's file and stat.
+    out = assert_like_inside(
+        netns_target, [sys.executable, "-c", REREAD, f"{tree}/config.yaml", "50"], visible(tree))
+    assert out.startswith(b"1 "), out
+
+
+def test_repeated_opens_of_a_cached_target_file_see_it_change(
+        netns_target: NetnsTarget, tree: str) -> None:
+    # The C loop answers only while the stat is fresh: a change on the target
+    # is seen once it is stale, as it was when Python answered every open.
+    config = json.dumps({"feature": {"fs": visible(tree)}})
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        file.write(config)
+    host_view = Path(f"/proc/{netns_target.pid}/root{tree}/changing.txt")
+    host_view.write_text("before\n")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", file.name, "--", sys.executable, "-c", REREAD, f"{tree}/changing.txt", "20",
+             "wait"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first.startswith(b"1 "), first
+        host_view.write_text("after, and longer\n")
+        out, err = process.communicate(timeout=RUN_TIMEOUT)
+        assert out == b"after, and longer\n\n", err.decode(errors="replace")[-3000:]
+    finally:
+        os.unlink(file.name)
+        host_view.unlink(missing_ok=True)

@@ -41,3 +41,23 @@ def test_the_native_loop_reports_an_error_as_oserror() -> None:
 def test_the_native_loop_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MTRACE_NATIVE_LOOP", "0")
     assert seccomp.native_loop(-1, {257}) is None
+
+
+def test_the_fast_answers_table_loads_and_takes_entries() -> None:
+    # files.py registers cached opens and shadow inodes here; a library built
+    # from older source (no mtrace_fast_*) would leave the C loop unused.
+    fast = seccomp.fast_answers()
+    assert fast is not None
+    fast.reset(b"/nonexistent-shadow")
+    fast.open(b"/etc/hosts", b"/nonexistent-shadow/etc/hosts", 0.0)
+    fast.node(1, 2, 3, b"\0" * 144)
+    fast.drop_open(b"/etc/hosts")
+    fast.reset(None)
+
+
+def test_the_fast_answers_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MTRACE_FAST_ANSWERS", "0")
+    assert seccomp.fast_answers() is None
+    monkeypatch.setenv("MTRACE_FAST_ANSWERS", "1")
+    monkeypatch.setenv("MTRACE_NATIVE_LOOP", "0")
+    assert seccomp.fast_answers() is None

@@ -94,7 +94,7 @@ import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
 from ...agent.protocol import CAP_FILES_CHMOD, FileContents, FileStat
-from .. import abi
+from .. import abi, seccomp
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
 from ..outcome import CONTINUE, Continue, Defer, Errno, InjectFd, Outcome, ReturnValue
@@ -392,6 +392,11 @@ class FilesFeature:
         # First opens in flight, by path: concurrent ones share one read.
         self._first_reads: dict[bytes, asyncio.Future[tuple[FileStat, FileContents | None]]] = {}
         self._sweeper: Any = None
+        # The C trap loop answers what _open_cached and _fd_stat would answer
+        # from here, once registered (see _register_fast_open).
+        self._fast = seccomp.fast_answers()
+        if self._fast is not None:
+            self._fast.reset(self.shadow.root)
 
     # --- the handler table -------------------------------------------------
 
@@ -621,7 +626,7 @@ class FilesFeature:
         if cached is not None and now - cached[0] < STAT_TTL:
             return cached[1]
         info = await self.context.client.stat(path, follow_symlinks=follow)
-        self._stats[key] = (now, info)
+        self._set_stat(key, now, info)
         return info
 
     def _stat_is_fresh(self, path: bytes, follow: bool) -> bool:
@@ -651,12 +656,27 @@ class FilesFeature:
             if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
                 raise
             return await self._remote_stat(path, True), None
-        self._stats[(path, True)] = (asked, contents.stat)
+        self._set_stat((path, True), asked, contents.stat)
         return contents.stat, contents if stat.S_ISREG(contents.stat.mode) else None
+
+    def _set_stat(self, key: tuple[bytes, bool], asked: float, info: FileStat) -> None:
+        if self._fast is not None:
+            self._fast.drop_open(key[0])  # re-registered by the next open seeing it current
+        self._stats[key] = (asked, info)
 
     def _changed(self) -> None:
         """The target changed (write mode): cached stats may be stale."""
         self._stats.clear()
+        if self._fast is not None:
+            self._fast.reset(self.shadow.root)
+
+    def _remember(self, fd: int, remote_path: bytes, info: FileStat) -> Node:
+        """shadow.remember, and the C loop's fstat answer for that inode."""
+        node = self.shadow.remember(fd, remote_path, info)
+        if self._fast is not None:
+            local = os.fstat(fd)
+            self._fast.node(local.st_dev, local.st_ino, info.size, abi.pack_stat(info))
+        return node
 
     def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -681,22 +701,29 @@ class FilesFeature:
         if route is Route.LOCAL or (route is Route.READ and writing):
             if route is Route.READ:
                 self._written_locally.add(target.clean)
+                if self._fast is not None:
+                    self._fast.drop_open(target.clean)
             return self._local(target, lambda: self._local_open(call.tid, target, flags, mode))
         if flags & abi.O_TMPFILE == abi.O_TMPFILE:
             return Errno(errno.EOPNOTSUPP)
         if writing:
             umask = _thread_umask(call.tid)
             return self._defer(self._open_for_writing(target, flags, mode & ~umask, cloexec))
-        cached = self._open_cached(target, flags, cloexec)
+        cached = self._open_cached(target, flags, cloexec, path)
         if cached is not None:
             return cached
         return self._defer(self._open_for_reading(target, flags, cloexec))
 
-    def _open_cached(self, target: Target, flags: int, cloexec: bool) -> Outcome | None:
+    def _open_cached(self, target: Target, flags: int, cloexec: bool,
+                     tracee_path: bytes) -> Outcome | None:
         """A regular file whose stat is fresh and whose copy is up to date is
         opened from the trap loop, without the hop to the async side and back
         (a resolver reading /etc/hosts per lookup); None: the async path."""
-        if self.context.agent_lost or flags & os.O_DIRECTORY:
+        if self.context.agent_lost:
+            if self._fast is not None:
+                self._fast.reset(None)
+            return None
+        if flags & os.O_DIRECTORY:
             return None
         cached = self._stats.get((target.path, not flags & os.O_NOFOLLOW))
         if cached is None or time.monotonic() - cached[0] >= STAT_TTL:
@@ -713,10 +740,15 @@ class FilesFeature:
         except OSError:
             return None
         try:
-            self.shadow.remember(fd, target.path, info)
+            self._remember(fd, target.path, info)
         except BaseException:
             os.close(fd)
             raise
+        if (self._fast is not None and tracee_path == target.path == target.clean
+                and not flags & os.O_NOFOLLOW):
+            # The next opens of this path until the stat goes stale are the
+            # same answer: the C loop gives it (a fresh open of the copy).
+            self._fast.open(target.path, local, cached[0] + STAT_TTL)
         return InjectFd(fd, cloexec=cloexec)
 
     def _local_open(self, tid: int, target: Target, flags: int, mode: int) -> Outcome:
@@ -753,7 +785,7 @@ class FilesFeature:
             local = await self.shadow.file(client, target.path, info, contents)
             fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | extra)
         try:
-            self.shadow.remember(fd, target.path, info)
+            self._remember(fd, target.path, info)
         except BaseException:
             os.close(fd)
             raise
@@ -775,7 +807,7 @@ class FilesFeature:
             local = await self.shadow.file(client, target.path, info)
         fd = os.open(local, (flags & _LOCAL_WRITE_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            node = self.shadow.remember(fd, target.path, info)
+            node = self._remember(fd, target.path, info)
             self.shadow.track(node, fd)
         except BaseException:
             os.close(fd)
@@ -1363,6 +1395,8 @@ class FilesFeature:
 
     def close(self) -> None:
         """Stop the background sweep (the session is over)."""
+        if self._fast is not None:
+            self._fast.reset(None)
         sweeper, self._sweeper = self._sweeper, None
         if isinstance(sweeper, asyncio.TimerHandle):
             self.context.async_side.loop.call_soon_threadsafe(sweeper.cancel)
