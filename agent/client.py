@@ -46,6 +46,8 @@ the target's root; every failure in the target's context raises
     await client.unlink(path), client.rmdir(path), client.rename(source, destination)
     await client.chmod(path, mode)                            (capability files-chmod)
 
+    await client.statfs(path) -> FsStat                       (capability files-statfs)
+
 ``TcpStream`` (flow controlled; like an asyncio StreamReader/Writer pair)::
 
     await stream.read(n=-1) -> bytes      b"" at EOF; RemoteError(ECONNRESET...) if reset
@@ -132,6 +134,7 @@ from .protocol import (
     FileContents,
     FileStat,
     FrameEncoder,
+    FsStat,
     GetEnviron,
     Goodbye,
     HttpRequestFilter,
@@ -157,6 +160,7 @@ from .protocol import (
     Result,
     Sent,
     Stat,
+    StatFs,
     StreamClose,
     StreamCredit,
     StreamData,
@@ -721,6 +725,10 @@ class AgentClient:
     async def chmod(self, path: Path, mode: int) -> None:
         """chmod of a target path (agent capability ``files-chmod``)."""
         await self._call(ChangeMode(path=_path(path), mode=mode), Done)
+
+    async def statfs(self, path: Path) -> FsStat:
+        """statfs of a target path (agent capability ``files-statfs``)."""
+        return await self._call(StatFs(path=_path(path)), FsStat)
 
     async def open_tcp(
         self, host: str, port: int, timeout: float = 30.0, *, window: int = DEFAULT_WINDOW

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat
+from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat, FsStat
 
 MAX_SYMLINKS = 40  # what Linux allows in one path walk
 
@@ -265,6 +265,45 @@ def make_resolver(root: str | bytes) -> RootResolver:
     return WalkingResolver(root)
 
 
+class _StatFs64(ctypes.Structure):
+    """glibc's and musl's ``struct statfs64`` (the kernel's layout on 64-bit
+    machines; the LFS form on 32-bit ones)."""
+
+    _fields_ = (
+        ("type", ctypes.c_long),
+        ("bsize", ctypes.c_long),
+        ("blocks", ctypes.c_uint64),
+        ("bfree", ctypes.c_uint64),
+        ("bavail", ctypes.c_uint64),
+        ("files", ctypes.c_uint64),
+        ("ffree", ctypes.c_uint64),
+        ("fsid", ctypes.c_int32 * 2),
+        ("namelen", ctypes.c_long),
+        ("frsize", ctypes.c_long),
+        ("flags", ctypes.c_long),
+        ("spare", ctypes.c_long * 4),
+    )
+
+
+# fstatfs64 is an alias of fstatfs where the two are the same (64-bit libcs).
+_fstatfs = getattr(_libc, "fstatfs64", None) or _libc.fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.POINTER(_StatFs64))
+_fstatfs.restype = ctypes.c_int
+
+
+def fs_stat_of_fd(fd: int) -> FsStat:
+    """fstatfs(2) of ``fd`` (``os.statvfs`` has no ``f_type``, which ``df -T``
+    and programs telling tmpfs from ext4 read)."""
+    result = _StatFs64()
+    if _fstatfs(fd, ctypes.byref(result)) != 0:
+        raise _error(ctypes.get_errno())
+    return FsStat(type=result.type & 0xFFFFFFFFFFFFFFFF, bsize=result.bsize,
+                  blocks=result.blocks, bfree=result.bfree, bavail=result.bavail,
+                  files=result.files, ffree=result.ffree,
+                  fsid=(result.fsid[0] & 0xFFFFFFFF, result.fsid[1] & 0xFFFFFFFF),
+                  namelen=result.namelen, frsize=result.frsize, flags=result.flags)
+
+
 # --- operations ------------------------------------------------------------------
 
 
@@ -331,6 +370,12 @@ class FileService:
                 return file_stat(os.fstat(fd))
         with self.resolver.parent_of(path) as (directory, name):
             return file_stat(os.stat(name, dir_fd=directory, follow_symlinks=False))
+
+    def statfs(self, path: bytes) -> FsStat:
+        # fstatfs works on an O_PATH fd (Linux 3.12+): the resolved file's own
+        # filesystem, symlinks followed under the target's root.
+        with self.resolver.opened(path, _PATH_FLAGS) as fd:
+            return fs_stat_of_fd(fd)
 
     def access(self, path: bytes, mode: int) -> None:
         if mode & ~(os.R_OK | os.W_OK | os.X_OK):

@@ -114,6 +114,8 @@ CHANNEL_CHACHA20_POLY1305: Final = "chacha20-poly1305"
 CAP_INCOMING: Final = "incoming"
 #: ChangeMode: chmod of a target path (with --write).
 CAP_FILES_CHMOD: Final = "files-chmod"
+#: StatFs: statfs(2) of a target path (the filesystem it is on).
+CAP_FILES_STATFS: Final = "files-statfs"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -336,6 +338,13 @@ class ChangeMode(_Message, tag="chmod"):
     mode: int
 
 
+class StatFs(_Message, tag="statfs"):
+    """statfs(2) of ``path`` (symlinks followed, under the target's root): the
+    filesystem it is on, as :class:`FsStat`; capability ``files-statfs``."""
+
+    path: bytes
+
+
 class HttpRequestFilter(_Message, tag="http-filter"):
     """Which HTTP requests a filtered steal takes: Python regular expressions
     (``re.search``) on each ``Name: value`` header line, the request target and
@@ -394,6 +403,7 @@ Operation = (
     | IncomingSubscribe
     | IncomingUnsubscribe
     | ChangeMode
+    | StatFs
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
@@ -505,6 +515,23 @@ class IncomingSubscribed(_Message, tag="incoming-subscribed"):
     target_listening: bool
 
 
+class FsStat(_Message, tag="fs-stat"):
+    """``struct statfs`` fields (statfs(2)); ``fsid`` is ``f_fsid`` as two
+    32-bit words, ``flags`` the ``ST_*`` mount flags."""
+
+    type: int
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    fsid: tuple[int, int]
+    namelen: int
+    frsize: int
+    flags: int
+
+
 Result = (
     Error
     | Done
@@ -521,6 +548,7 @@ Result = (
     | UdpOpened
     | Sent
     | IncomingSubscribed
+    | FsStat
 )
 
 

@@ -88,6 +88,7 @@ from .protocol import (
     Result,
     Sent,
     Stat,
+    StatFs,
     StreamClose,
     StreamCredit,
     StreamData,
@@ -517,6 +518,8 @@ class Session:
             case ChangeMode(path=path, mode=mode):
                 await in_thread(files.chmod, path, mode)
                 return Done()
+            case StatFs(path=path):
+                return await in_thread(files.statfs, path)
             case GetEnviron():
                 return Environ(variables=await in_thread(self.context.target.environ))
             case Resolve(name=name, family=family):

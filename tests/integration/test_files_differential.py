@@ -266,3 +266,37 @@ def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mod
     finally:
         shutil.rmtree(tree, ignore_errors=True)
         os.chmod(f"{host_view}/config.yaml", 0o640)
+
+
+STATFS = r"""
+import os, sys
+path = sys.argv[1]
+fd = os.open(path, os.O_RDONLY)
+for label, info in (("statvfs", os.statvfs(path)), ("fstatvfs", os.fstatvfs(fd))):
+    print(label, info.f_bsize, info.f_blocks, info.f_files, info.f_namemax)
+"""
+
+
+def test_statfs_of_a_target_path_is_the_targets_filesystem(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """df and free-space checks saw this machine's filesystem for a target path."""
+    fs = {"mode": "read", **visible(tree)}
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": fs}}))
+    path = f"{tree}/config.yaml"
+
+    def traced(*argv: str) -> bytes:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", *argv],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+        return result.stdout
+
+    python = traced(sys.executable, "-S", "-c", STATFS, path)
+    assert python == netns_target.run_inside(sys.executable, "-S", "-c", STATFS, path).stdout
+    # GNU stat -f: statfs(2) with the filesystem type (the target's tmpfs).
+    argv = ("stat", "-f", "-c", "%t %b %c %S", path)
+    assert traced(*argv) == netns_target.run_inside(*argv).stdout
+    local = os.statvfs(os.path.dirname(os.path.dirname(tree)))  # this machine's /tmp
+    assert f" {local.f_blocks} {local.f_files} ".encode() not in python

@@ -93,7 +93,8 @@ from typing import Any
 import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
-from ...agent.protocol import CAP_FILES_CHMOD, FileContents, FileStat
+from ...agent.files import fs_stat_of_fd
+from ...agent.protocol import CAP_FILES_CHMOD, CAP_FILES_STATFS, FileContents, FileStat, FsStat
 from .. import abi
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
@@ -108,6 +109,8 @@ log = logging.getLogger("mtrace.tracer.features.files")
 TRAPPED: tuple[str, ...] = (
     "open", "openat", "creat",
     "stat", "lstat", "fstat", "newfstatat", "statx",
+    # The target's filesystem for its paths and its files' fds (df, free-space checks).
+    "statfs", "fstatfs",
     "access", "faccessat", "faccessat2",
     "readlink", "readlinkat",
     "chdir", "fchdir", "getcwd",
@@ -414,6 +417,8 @@ class FilesFeature:
             "statx": lambda call: self._stat(call, call.int_arg(0), call.read_string(1),
                                              call.int_arg(2), call.pointer_arg(4),
                                              statx_mask=call.uint_arg(3)),
+            "statfs": lambda call: self._statfs(call, call.read_string(0), call.pointer_arg(1)),
+            "fstatfs": lambda call: self._fd_statfs(call, call.int_arg(0), call.pointer_arg(1)),
             "access": lambda call: self._access(call, AT_FDCWD, call.read_string(0),
                                                 call.int_arg(1), 0),
             "faccessat": lambda call: self._access(call, call.int_arg(0), call.read_string(1),
@@ -843,6 +848,47 @@ class FilesFeature:
             info = msgspec.structs.replace(
                 info, size=local.st_size, blocks=local.st_blocks, mtime_ns=local.st_mtime_ns)
         return ReturnValue(0, writes=((buffer, pack(info)),))
+
+    # --- statfs, fstatfs ------------------------------------------------------------
+
+    def _statfs(self, call: SyscallCall, path: bytes, buffer: int) -> Outcome:
+        target = self._resolve(call, AT_FDCWD, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if route is Route.LOCAL:
+            def emulate() -> Outcome:
+                fd = os.open(target.path, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    info = fs_stat_of_fd(fd)
+                finally:
+                    os.close(fd)
+                return ReturnValue(0, writes=((buffer, abi.pack_statfs(info)),))
+            return self._local(target, emulate)
+        return self._defer(self._remote_statfs(target.path, buffer))
+
+    def _fd_statfs(self, call: SyscallCall, fd: int, buffer: int) -> Outcome:
+        """fstatfs of a shadow copy (or shadow directory) is the target file's filesystem."""
+        if self._node_of_fd(call.tid, fd) is None:
+            return CONTINUE
+        try:
+            link = os.fsencode(os.readlink(f"/proc/{call.tid}/fd/{fd}"))
+        except OSError:
+            return CONTINUE
+        path = self.shadow.remote_path(link)
+        if path is None:
+            return CONTINUE
+        return self._defer(self._remote_statfs(path, buffer))
+
+    async def _remote_statfs(self, path: bytes, buffer: int) -> Outcome:
+        # An agent without StatFs: ENOSYS ("this filesystem does not support
+        # statfs", statfs(2)) rather than this machine's numbers for a target path.
+        if CAP_FILES_STATFS not in self.context.client.capabilities:
+            return Errno(errno.ENOSYS)
+        info: FsStat = await self.context.client.statfs(path)
+        return ReturnValue(0, writes=((buffer, abi.pack_statfs(info)),))
 
     # --- access, readlink ----------------------------------------------------------
 
