@@ -45,6 +45,8 @@ the target's root; every failure in the target's context raises
     await client.truncate(path, length), client.mkdir(path, mode=0o777),
     await client.unlink(path), client.rmdir(path), client.rename(source, destination)
     await client.chmod(path, mode)                            (capability files-chmod)
+    await client.chown(path, uid, gid, follow=True)           (capability files-chown)
+    await client.set_times(path, atime, mtime, follow=True)   (capability files-times)
 
     await client.statfs(path) -> FsStat                       (capability files-statfs)
 
@@ -122,6 +124,7 @@ from .protocol import (
     Addresses,
     AgentHello,
     ChangeMode,
+    ChangeOwner,
     ClientHello,
     Close,
     Data,
@@ -159,6 +162,7 @@ from .protocol import (
     Response,
     Result,
     Sent,
+    SetTimes,
     Stat,
     StatFs,
     StreamClose,
@@ -169,6 +173,7 @@ from .protocol import (
     StreamShutdown,
     TcpConnect,
     TcpConnected,
+    TimeSpec,
     Truncate,
     UdpClose,
     UdpOpen,
@@ -725,6 +730,17 @@ class AgentClient:
     async def chmod(self, path: Path, mode: int) -> None:
         """chmod of a target path (agent capability ``files-chmod``)."""
         await self._call(ChangeMode(path=_path(path), mode=mode), Done)
+
+    async def chown(self, path: Path, uid: int, gid: int, *, follow: bool = True) -> None:
+        """chown (``follow=False``: lchown) of a target path (capability ``files-chown``)."""
+        await self._call(ChangeOwner(path=_path(path), uid=uid, gid=gid, follow=follow), Done)
+
+    async def set_times(self, path: Path, atime: TimeSpec, mtime: TimeSpec, *,
+                        follow: bool = True) -> None:
+        """utimensat of a target path: nanoseconds, ``"now"`` or ``None`` (leave
+        it) for each (capability ``files-times``)."""
+        await self._call(SetTimes(path=_path(path), atime=atime, mtime=mtime, follow=follow),
+                         Done)
 
     async def statfs(self, path: Path) -> FsStat:
         """statfs of a target path (agent capability ``files-statfs``)."""

@@ -26,11 +26,13 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat, FsStat
+from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat, FsStat, TimeSpec
 
 MAX_SYMLINKS = 40  # what Linux allows in one path walk
 
@@ -304,6 +306,27 @@ def fs_stat_of_fd(fd: int) -> FsStat:
                   namelen=result.namelen, frsize=result.frsize, flags=result.flags)
 
 
+def set_times(name: str | bytes, atime: TimeSpec, mtime: TimeSpec, **where: Any) -> None:
+    """utimensat(2) with :data:`TimeSpec` values (``where``: os.utime's
+    ``dir_fd``/``follow_symlinks``)."""
+    if atime == "now" and mtime == "now":
+        # No explicit times: what needs only write permission, not ownership.
+        os.utime(name, **where)
+        return
+    # UTIME_OMIT: the time it has (os.utime takes both or neither).
+    current = os.stat(name, **where) if atime is None or mtime is None else None
+    now = time.time_ns()
+
+    def pick(value: TimeSpec, which: str) -> int:
+        if value == "now":
+            return now
+        if value is None:
+            return int(getattr(current, which))
+        return value
+
+    os.utime(name, ns=(pick(atime, "st_atime_ns"), pick(mtime, "st_mtime_ns")), **where)
+
+
 # --- operations ------------------------------------------------------------------
 
 
@@ -468,6 +491,24 @@ class FileService:
         # followed under the target's root, never out of it.
         with self.resolver.opened(path, os.O_PATH) as fd:
             os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
+
+    def chown(self, path: bytes, uid: int, gid: int, follow: bool) -> None:
+        self._require_writable(path)
+        if follow:
+            with self.resolver.opened(path, os.O_PATH) as fd:
+                os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            return
+        with self.resolver.parent_of(path) as (directory, name):
+            os.chown(name, uid, gid, dir_fd=directory, follow_symlinks=False)
+
+    def set_times(self, path: bytes, atime: TimeSpec, mtime: TimeSpec, follow: bool) -> None:
+        self._require_writable(path)
+        if follow:
+            with self.resolver.opened(path, os.O_PATH) as fd:
+                set_times(f"/proc/self/fd/{fd}", atime, mtime)
+            return
+        with self.resolver.parent_of(path) as (directory, name):
+            set_times(name, atime, mtime, dir_fd=directory, follow_symlinks=False)
 
     def unlink(self, path: bytes, directory: bool) -> None:
         self._require_writable(path)

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -116,6 +116,10 @@ CAP_INCOMING: Final = "incoming"
 CAP_FILES_CHMOD: Final = "files-chmod"
 #: StatFs: statfs(2) of a target path (the filesystem it is on).
 CAP_FILES_STATFS: Final = "files-statfs"
+#: ChangeOwner: chown of a target path (with --write).
+CAP_FILES_CHOWN: Final = "files-chown"
+#: SetTimes: utimensat of a target path (with --write).
+CAP_FILES_TIMES: Final = "files-times"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -345,6 +349,31 @@ class StatFs(_Message, tag="statfs"):
     path: bytes
 
 
+class ChangeOwner(_Message, tag="chown"):
+    """chown(2) of ``path`` (``follow``: symlinks followed, else lchown), under
+    the target's root; ``-1`` leaves that id as it is; capability ``files-chown``."""
+
+    path: bytes
+    uid: int
+    gid: int
+    follow: bool
+
+
+#: A time for :class:`SetTimes`: nanoseconds since the epoch, ``"now"`` (the
+#: target's clock) or ``None`` (leave it as it is: utimensat's UTIME_OMIT).
+TimeSpec = int | Literal["now"] | None
+
+
+class SetTimes(_Message, tag="set-times"):
+    """utimensat(2) of ``path`` (``follow``: symlinks followed), under the
+    target's root; capability ``files-times``."""
+
+    path: bytes
+    atime: TimeSpec
+    mtime: TimeSpec
+    follow: bool
+
+
 class HttpRequestFilter(_Message, tag="http-filter"):
     """Which HTTP requests a filtered steal takes: Python regular expressions
     (``re.search``) on each ``Name: value`` header line, the request target and
@@ -404,12 +433,14 @@ Operation = (
     | IncomingUnsubscribe
     | ChangeMode
     | StatFs
+    | ChangeOwner
+    | SetTimes
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
 #: agent runs with --write.
 WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit,
-                           ChangeMode)
+                           ChangeMode, ChangeOwner, SetTimes)
 
 
 # --- results (the body of a Response) ---------------------------------------------

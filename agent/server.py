@@ -37,7 +37,9 @@ from .protocol import (
     CAP_ENV,
     CAP_FILES,
     CAP_FILES_CHMOD,
+    CAP_FILES_CHOWN,
     CAP_FILES_STATFS,
+    CAP_FILES_TIMES,
     CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
     CAP_INCOMING,
@@ -204,7 +206,8 @@ def _run(args: argparse.Namespace) -> int:
     capabilities = [CAP_FILES, CAP_FILES_STATFS, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS,
                     CAP_UNIX_STREAM, CAP_INCOMING]
     if args.write:
-        capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD]
+        capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD, CAP_FILES_CHOWN,
+                         CAP_FILES_TIMES]
     context = AgentContext(
         secret=secret.encode(),
         target=target,

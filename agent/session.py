@@ -60,6 +60,7 @@ from .protocol import (
     Access,
     AgentHello,
     ChangeMode,
+    ChangeOwner,
     ClientHello,
     Close,
     Done,
@@ -87,6 +88,7 @@ from .protocol import (
     Response,
     Result,
     Sent,
+    SetTimes,
     Stat,
     StatFs,
     StreamClose,
@@ -517,6 +519,12 @@ class Session:
                 return Done()
             case ChangeMode(path=path, mode=mode):
                 await in_thread(files.chmod, path, mode)
+                return Done()
+            case ChangeOwner(path=path, uid=uid, gid=gid, follow=follow):
+                await in_thread(files.chown, path, uid, gid, follow)
+                return Done()
+            case SetTimes(path=path, atime=atime, mtime=mtime, follow=follow):
+                await in_thread(files.set_times, path, atime, mtime, follow)
                 return Done()
             case StatFs(path=path):
                 return await in_thread(files.statfs, path)

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,17 +225,21 @@ def test_metadata_and_link_calls_on_a_target_path_never_act_on_this_machine(
         after = os.stat(f"{host_view}/config.yaml")
     finally:
         os.chmod(f"{host_view}/config.yaml", before.st_mode & 0o7777)
+        os.utime(f"{host_view}/config.yaml", ns=(before.st_atime_ns, before.st_mtime_ns))
     refused = "EROFS" if mode == "read" else "EPERM"
     xattr = "EROFS" if mode == "read" else "ENOTSUP"
-    chmod = "EROFS" if mode == "read" else "ok"  # write mode: the agent's chmod
+    changed = "EROFS" if mode == "read" else "ok"  # write mode: the agent's chmod, chown, utimensat
     assert traced.stdout.decode().splitlines() == [
-        f"chmod {chmod} chown {refused} lchown {refused} utime {refused} link {refused} "
+        f"chmod {changed} chown {changed} lchown {changed} utime {changed} link {refused} "
         f"symlink {refused} setxattr {xattr} removexattr {xattr}",
         # a local path: the kernel's own answers (tmpfs takes user.* attributes)
         "chmod ok chown ok lchown ok utime ok link ok symlink ok setxattr ok removexattr ok",
     ], traced.stderr.decode(errors="replace")[-3000:]
-    expected_mode = before.st_mode if mode == "read" else (before.st_mode & ~0o7777) | 0o600
-    assert (after.st_mode, after.st_mtime_ns) == (expected_mode, before.st_mtime_ns)
+    if mode == "read":
+        assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    else:
+        assert (after.st_mode, after.st_atime_ns, after.st_mtime_ns) == (
+            (before.st_mode & ~0o7777) | 0o600, 10**9, 2 * 10**9)
     assert not os.path.lexists(f"{host_view}/hard") and not os.path.lexists(f"{host_view}/soft")
     assert (local / "hard").exists() and os.readlink(local / "soft") == "x"
     assert os.stat(local / "config.yaml").st_mtime_ns == 2 * 10**9
@@ -244,6 +249,7 @@ def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mod
         netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
     """A local file with the target file's name was changed in its place."""
     host_view = f"/proc/{netns_target.pid}/root{tree}"
+    before = os.stat(f"{host_view}/config.yaml")
     os.makedirs(tree)  # this machine's own directory of that name (the target's is private)
     try:
         Path(f"{tree}/config.yaml").write_text("a local shadow\n")
@@ -254,18 +260,22 @@ def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mod
         traced = subprocess.run(
             [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
              "-f", str(config_file), "--", sys.executable, "-S", "-c",
-             "import os, sys\ntry:\n    os.utime(sys.argv[1], (1, 2))\nexcept OSError as e:\n"
-             "    print(e.errno)\nos.chmod(sys.argv[1], 0o600)\n", f"{tree}/config.yaml"],
+             "import os, sys\ntry:\n    os.link(sys.argv[1], sys.argv[1] + '.hard')\n"
+             "except OSError as e:\n    print(e.errno)\nos.chmod(sys.argv[1], 0o600)\n"
+             "os.utime(sys.argv[1], (1, 2))\n", f"{tree}/config.yaml"],
             capture_output=True, timeout=RUN_TIMEOUT, check=False)
         assert traced.stdout == f"{errno.EPERM}\n".encode(), traced.stderr[-3000:]
         assert traced.returncode == 0, traced.stderr[-3000:]
-        # The chmod went to the target's file; the local one kept its mode and times.
+        # chmod and utime went to the target's file; the local one kept its mode and times.
         assert os.stat(f"{host_view}/config.yaml").st_mode & 0o777 == 0o600
+        assert os.stat(f"{host_view}/config.yaml").st_mtime_ns == 2 * 10**9
+        assert not os.path.exists(f"{tree}/config.yaml.hard")
         assert os.stat(f"{tree}/config.yaml").st_mode & 0o777 == 0o644
         assert os.stat(f"{tree}/config.yaml").st_mtime_ns != 2 * 10**9
     finally:
         shutil.rmtree(tree, ignore_errors=True)
         os.chmod(f"{host_view}/config.yaml", 0o640)
+        os.utime(f"{host_view}/config.yaml", ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 STATFS = r"""
@@ -300,3 +310,42 @@ def test_statfs_of_a_target_path_is_the_targets_filesystem(
     assert traced(*argv) == netns_target.run_inside(*argv).stdout
     local = os.statvfs(os.path.dirname(os.path.dirname(tree)))  # this machine's /tmp
     assert f" {local.f_blocks} {local.f_files} ".encode() not in python
+
+
+def test_chown_and_touch_of_a_target_path_change_the_target_in_write_mode(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """chown, lchown and utimensat of a target path answered EPERM in write mode."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    Path(f"{host_view}/owned").write_text("x\n")
+    os.symlink("owned", f"{host_view}/owned-link")
+    os.utime(f"{host_view}/owned", ns=(5 * 10**9, 6 * 10**9))
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": {
+        "mode": "write", **visible(tree, "read_write")}}}))
+
+    def traced(*argv: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", *argv],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+
+    try:
+        traced(sys.executable, "-S", "-c",
+               "import os, sys\nos.chown(sys.argv[1], 1234, 5678)\n"
+               "os.lchown(sys.argv[2], 4321, -1)\n", f"{tree}/owned", f"{tree}/owned-link")
+        # touch -m: utimensat with atime UTIME_OMIT (the target's atime is not set).
+        # (-h: by path, lutimensat; without it touch opens the file and sets the fd's times)
+        traced("touch", "-h", "-m", "-d", "@1000000000", f"{tree}/owned")
+        owned = os.stat(f"{host_view}/owned")
+        link = os.lstat(f"{host_view}/owned-link")
+        assert (owned.st_uid, owned.st_gid) == (1234, 5678)
+        assert (link.st_uid, link.st_gid) == (4321, 0)
+        assert (owned.st_atime_ns, owned.st_mtime_ns) == (5 * 10**9, 10**18)
+        # touch with no time: "now" on the target's clock.
+        started = time.time_ns()
+        traced("touch", "-h", f"{tree}/owned")
+        assert os.stat(f"{host_view}/owned").st_mtime_ns >= started - 10**9
+    finally:
+        os.unlink(f"{host_view}/owned")
+        os.unlink(f"{host_view}/owned-link")

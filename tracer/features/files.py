@@ -27,9 +27,9 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
     target's), the shadow copy is fetched (unless new or truncated) and
     injected writable, and its changes are uploaded when the tracee closes
     or fsyncs an fd of it, when a process exits (``exit_group``), and by a
-    sweep every second. unlink/rmdir/rename/truncate/mkdir/chmod go to the
-    target; chown/utimensat/link/symlink/mknod by path have no agent operation
-    yet and answer ``EPERM`` (setxattr/removexattr: ``ENOTSUP``).
+    sweep every second. unlink/rmdir/rename/truncate/mkdir/chmod/chown/
+    utimensat go to the target; link/symlink/mknod by path have no agent
+    operation yet and answer ``EPERM`` (setxattr/removexattr: ``ENOTSUP``).
     An upload replaces the target's file atomically (the agent's
     ``files-upload``); one that fails makes that close/fsync fail with EIO.
     Limits: a file changed in the target while the tracee has it open for
@@ -93,8 +93,17 @@ from typing import Any
 import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
-from ...agent.files import fs_stat_of_fd
-from ...agent.protocol import CAP_FILES_CHMOD, CAP_FILES_STATFS, FileContents, FileStat, FsStat
+from ...agent.files import fs_stat_of_fd, set_times
+from ...agent.protocol import (
+    CAP_FILES_CHMOD,
+    CAP_FILES_CHOWN,
+    CAP_FILES_STATFS,
+    CAP_FILES_TIMES,
+    FileContents,
+    FileStat,
+    FsStat,
+    TimeSpec,
+)
 from .. import abi
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
@@ -168,13 +177,19 @@ _RENAME_NOREPLACE = 1
 _AT_SYMLINK_FOLLOW = 0x400
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
-#: What chown, utimensat, link, symlink and mknod (and chmod with an agent
-#: without ``files-chmod``) on a target path answer in write mode, where the
-#: agent has no operation for them yet: "Operation not permitted", as a
-#: filesystem that does not allow the change says.
+#: What link, symlink and mknod (and chmod, chown, utimensat with an agent
+#: without ``files-chmod``, ``files-chown``, ``files-times``) on a target path
+#: answer in write mode, where the agent has no operation for them: "Operation
+#: not permitted", as a filesystem that does not allow the change says.
 NOT_IN_TARGET = errno.EPERM
 #: Target errors a failed upload passes on to close/fsync as they are; others are EIO.
 _WRITE_BACK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _id_arg(call: SyscallCall, index: int) -> int:
+    """A uid_t/gid_t argument: ``(uid_t)-1`` ("leave it") as -1, as os.chown takes it."""
+    value = call.uint_arg(index) & 0xFFFFFFFF
+    return -1 if value == 0xFFFFFFFF else value
 
 
 class Route(enum.Enum):
@@ -471,28 +486,29 @@ class FilesFeature:
                 call, call.int_arg(0), call.read_string(1), 0,
                 lambda path, follow: os.chmod(path, call.uint_arg(2) & 0o7777),
                 remote=self._remote_chmod(call.uint_arg(2) & 0o7777)),
-            "chown": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
-                                                 lambda path, follow: os.chown(
-                                                     path, call.int_arg(1), call.int_arg(2))),
+            "chown": lambda call: self._metadata(
+                call, AT_FDCWD, call.read_string(0), 0,
+                lambda path, follow: os.chown(path, call.int_arg(1), call.int_arg(2)),
+                remote=self._remote_chown(_id_arg(call, 1), _id_arg(call, 2))),
             "lchown": lambda call: self._metadata(
                 call, AT_FDCWD, call.read_string(0), abi.AT_SYMLINK_NOFOLLOW,
                 lambda path, follow: os.chown(path, call.int_arg(1), call.int_arg(2),
-                                              follow_symlinks=False)),
+                                              follow_symlinks=False),
+                remote=self._remote_chown(_id_arg(call, 1), _id_arg(call, 2))),
             "fchownat": lambda call: self._metadata(
                 call, call.int_arg(0), call.read_string(1), call.int_arg(4),
                 lambda path, follow: os.chown(path, call.int_arg(2), call.int_arg(3),
-                                              follow_symlinks=follow)),
-            "utime": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
-                                                 self._set_times(call, 1, "utimbuf")),
-            "utimes": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
-                                                  self._set_times(call, 1, "timeval")),
-            "futimesat": lambda call: self._metadata(call, call.int_arg(0),
-                                                     self._optional_path(call, 1), 0,
-                                                     self._set_times(call, 2, "timeval")),
-            "utimensat": lambda call: self._metadata(call, call.int_arg(0),
-                                                     self._optional_path(call, 1),
-                                                     call.int_arg(3),
-                                                     self._set_times(call, 2, "timespec")),
+                                              follow_symlinks=follow),
+                remote=self._remote_chown(_id_arg(call, 2), _id_arg(call, 3))),
+            "utime": lambda call: self._times(call, AT_FDCWD, call.read_string(0), 0, 1,
+                                              "utimbuf"),
+            "utimes": lambda call: self._times(call, AT_FDCWD, call.read_string(0), 0, 1,
+                                               "timeval"),
+            "futimesat": lambda call: self._times(call, call.int_arg(0),
+                                                  self._optional_path(call, 1), 0, 2, "timeval"),
+            "utimensat": lambda call: self._times(call, call.int_arg(0),
+                                                  self._optional_path(call, 1), call.int_arg(3),
+                                                  2, "timespec"),
             "link": lambda call: self._link(call, AT_FDCWD, call.read_string(0), AT_FDCWD,
                                             call.read_string(1), 0),
             "linkat": lambda call: self._link(call, call.int_arg(0), call.read_string(1),
@@ -1210,8 +1226,8 @@ class FilesFeature:
     # --- metadata and links by path ----------------------------------------------------
     #
     # Read mode: as unlink (local where the path exists here, EROFS where only the
-    # target has it). Write mode: chmod goes to the agent; the others have no
-    # agent operation yet and a target path answers NOT_IN_TARGET, never a change
+    # target has it). Write mode: chmod, chown, utimensat go to the agent; the
+    # others have no agent operation yet and a target path answers NOT_IN_TARGET, never a change
     # to a local file of the same name.
 
     def _optional_path(self, call: SyscallCall, index: int) -> bytes:
@@ -1220,7 +1236,7 @@ class FilesFeature:
 
     def _metadata(self, call: SyscallCall, dirfd: int, path: bytes, flags: int,
                   local: Callable[[bytes, bool], None],
-                  remote: Callable[[bytes], Coroutine[Any, Any, Outcome]] | None = None
+                  remote: Callable[[bytes, bool], Coroutine[Any, Any, Outcome]] | None = None
                   ) -> Outcome:
         target = self._resolve(call, dirfd, path)
         if target is None:
@@ -1232,14 +1248,14 @@ class FilesFeature:
             return ReturnValue(0)
 
         def in_target() -> Coroutine[Any, Any, Outcome]:
-            return self._not_in_target() if remote is None else remote(target.path)
+            return self._not_in_target() if remote is None else remote(target.path, follow)
 
         return self._change(call, [target], local=run_local, remote=in_target,
                             probe=target.clean)
 
-    def _remote_chmod(self, mode: int) -> Callable[[bytes], Coroutine[Any, Any, Outcome]]:
+    def _remote_chmod(self, mode: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
         """chmod in the target (write mode), where the agent can (``files-chmod``)."""
-        async def change(path: bytes) -> Outcome:
+        async def change(path: bytes, follow: bool) -> Outcome:
             if CAP_FILES_CHMOD not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
             await self.context.client.chmod(path, mode)
@@ -1247,35 +1263,55 @@ class FilesFeature:
 
         return change
 
-    def _set_times(self, call: SyscallCall, index: int,
-                   layout: str) -> Callable[[bytes, bool], None]:
-        """os.utime for the kernel's three time layouts (read only when the
-        supervisor must make the call itself)."""
-        def apply(path: bytes, follow: bool) -> None:
-            address = call.pointer_arg(index)
-            if not address:
-                os.utime(path, follow_symlinks=follow)
-                return
-            if layout == "utimbuf":
-                atime, mtime = struct.unpack("=qq", call.read(address, 16))
-                os.utime(path, ns=(atime * 10**9, mtime * 10**9), follow_symlinks=follow)
-                return
-            values = struct.unpack("=qqqq", call.read(address, 32))
-            unit = 1000 if layout == "timeval" else 1
-            current = os.stat(path, follow_symlinks=follow)
-            now = time.time_ns()
-            times = []
-            for seconds, fraction, old in ((values[0], values[1], current.st_atime_ns),
-                                           (values[2], values[3], current.st_mtime_ns)):
-                if layout == "timespec" and fraction == _UTIME_NOW:
-                    times.append(now)
-                elif layout == "timespec" and fraction == _UTIME_OMIT:
-                    times.append(old)
-                else:
-                    times.append(seconds * 10**9 + fraction * unit)
-            os.utime(path, ns=(times[0], times[1]), follow_symlinks=follow)
+    def _remote_chown(self, uid: int,
+                      gid: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
+        """chown/lchown in the target (write mode), where the agent can (``files-chown``)."""
+        async def change(path: bytes, follow: bool) -> Outcome:
+            if CAP_FILES_CHOWN not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chown(path, uid, gid, follow=follow)
+            return ReturnValue(0)
 
-        return apply
+        return change
+
+    @staticmethod
+    def _read_times(call: SyscallCall, index: int, layout: str) -> tuple[TimeSpec, TimeSpec]:
+        """The (atime, mtime) of the kernel's three time layouts; NULL is "now"."""
+        address = call.pointer_arg(index)
+        if not address:
+            return "now", "now"
+        if layout == "utimbuf":
+            atime, mtime = struct.unpack("=qq", call.read(address, 16))
+            return atime * 10**9, mtime * 10**9
+        values = struct.unpack("=qqqq", call.read(address, 32))
+        unit = 1000 if layout == "timeval" else 1
+        times: list[TimeSpec] = []
+        for seconds, fraction in ((values[0], values[1]), (values[2], values[3])):
+            if layout == "timespec" and fraction == _UTIME_NOW:
+                times.append("now")
+            elif layout == "timespec" and fraction == _UTIME_OMIT:
+                times.append(None)
+            else:
+                times.append(seconds * 10**9 + fraction * unit)
+        return times[0], times[1]
+
+    def _times(self, call: SyscallCall, dirfd: int, path: bytes, flags: int, index: int,
+               layout: str) -> Outcome:
+        """utime, utimes, futimesat, utimensat with a path: the agent's SetTimes in write mode."""
+        if self._resolve(call, dirfd, path) is None:
+            return CONTINUE  # futimens: the fd's own file (a shadow copy or a local file)
+        atime, mtime = self._read_times(call, index, layout)
+
+        async def remote(path: bytes, follow: bool) -> Outcome:
+            if CAP_FILES_TIMES not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.set_times(path, atime, mtime, follow=follow)
+            return ReturnValue(0)
+
+        return self._metadata(
+            call, dirfd, path, flags,
+            lambda local, follow: set_times(local, atime, mtime, follow_symlinks=follow),
+            remote=remote)
 
     def _link(self, call: SyscallCall, source_dirfd: int, source_path: bytes,
               destination_dirfd: int, destination_path: bytes, flags: int) -> Outcome:
