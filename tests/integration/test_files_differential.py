@@ -14,11 +14,13 @@ is local by default, so the tests put that directory on the ``read_only`` or
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -349,3 +351,41 @@ def test_chown_and_touch_of_a_target_path_change_the_target_in_write_mode(
     finally:
         os.unlink(f"{host_view}/owned")
         os.unlink(f"{host_view}/owned-link")
+
+
+def test_cp_p_and_install_m_to_a_target_path_keep_mode_and_times(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """fchmod/futimens on the copy of a target file were lost at upload: the
+    target kept its old mode and got the upload's time."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    source = tmp_path / "source"  # /tmp: local by default
+    source.write_text("contents from this machine\n")
+    os.chmod(source, 0o751)
+    os.utime(source, ns=(3 * 10**9, 4 * 10**9))
+    Path(f"{host_view}/existing").write_text("old\n")
+    os.chmod(f"{host_view}/existing", 0o600)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": {
+        "mode": "write", **visible(tree, "read_write")}}}))
+
+    def traced(*argv: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", *argv],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+
+    try:
+        traced("cp", "-p", str(source), f"{tree}/copied")
+        traced("cp", "-p", str(source), f"{tree}/existing")
+        traced("install", "-m", "0640", str(source), f"{tree}/installed")
+        for name in ("copied", "existing"):
+            copied = os.stat(f"{host_view}/{name}")
+            assert (stat.S_IMODE(copied.st_mode), copied.st_mtime_ns) == (0o751, 4 * 10**9), name
+            assert Path(f"{host_view}/{name}").read_text() == "contents from this machine\n"
+        assert stat.S_IMODE(os.stat(f"{host_view}/installed").st_mode) == 0o640
+        assert Path(f"{host_view}/installed").read_text() == "contents from this machine\n"
+    finally:
+        for name in ("copied", "existing", "installed"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{host_view}/{name}")

@@ -135,6 +135,8 @@ TRAPPED: tuple[str, ...] = (
     "utime", "utimes", "futimesat", "utimensat",
     "link", "linkat", "symlink", "symlinkat", "mknod", "mknodat",
     "setxattr", "lsetxattr", "removexattr", "lremovexattr",
+    # Their fd forms on a target file's copy (cp -p, install -m): the target's file.
+    "fchmod", "fchown", "fsetxattr", "fremovexattr",
     # Write mode uploads changed copies when a process exits (once per process).
     "exit_group",
 )
@@ -486,6 +488,12 @@ class FilesFeature:
                 call, call.int_arg(0), call.read_string(1), 0,
                 lambda path, follow: os.chmod(path, call.uint_arg(2) & 0o7777),
                 remote=self._remote_chmod(call.uint_arg(2) & 0o7777)),
+            "fchmod": lambda call: self._fd_metadata(
+                call, call.int_arg(0), self._fd_chmod(call.uint_arg(1) & 0o7777)),
+            "fsetxattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
+            "fremovexattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
+            "fchown": lambda call: self._fd_metadata(
+                call, call.int_arg(0), self._fd_chown(_id_arg(call, 1), _id_arg(call, 2))),
             "chown": lambda call: self._metadata(
                 call, AT_FDCWD, call.read_string(0), 0,
                 lambda path, follow: os.chown(path, call.int_arg(1), call.int_arg(2)),
@@ -1263,6 +1271,75 @@ class FilesFeature:
 
         return change
 
+    # The fd forms: an fd of a target file's copy changes the target's file (and,
+    # for mode and times, the copy too, so the tracee's fstat agrees); the agent
+    # keeps a file's mode and owner when an upload replaces it, and the times
+    # are set again after the next upload (shadow.Node.times).
+
+    def _fd_route(self, call: SyscallCall, fd: int) -> tuple[Node, Route] | None:
+        """The target file behind a copy's fd and its route (None: a local file)."""
+        found = self._node_of_fd(call.tid, fd)
+        if found is None:
+            return None
+        node = found[0]
+        return node, self.policy.route(normalize(node.remote_path))
+
+    def _fd_xattr(self, call: SyscallCall, fd: int) -> Outcome:
+        """fsetxattr/fremovexattr on a copy: as the path forms (EROFS, ENOTSUP).
+        cp -p sets the mode as a POSIX ACL first and falls back to fchmod on ENOTSUP."""
+        found = self._fd_route(call, fd)
+        if found is None or found[1] is Route.LOCAL:
+            return CONTINUE
+        return Errno(errno.ENOTSUP if found[1] is Route.WRITE else errno.EROFS)
+
+    def _fd_metadata(self, call: SyscallCall, fd: int,
+                     change: Callable[[Node], Coroutine[Any, Any, Outcome]]) -> Outcome:
+        found = self._fd_route(call, fd)
+        if found is None or found[1] is Route.LOCAL:
+            return CONTINUE  # a local file
+        node, route = found
+        if route is not Route.WRITE:
+            return Errno(errno.EROFS)  # read mode: as the path forms
+
+        async def changed() -> Outcome:
+            try:
+                return await change(node)
+            finally:
+                self._changed()
+
+        return self._defer(changed())
+
+    def _fd_chmod(self, mode: int) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
+        async def change(node: Node) -> Outcome:
+            if CAP_FILES_CHMOD not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chmod(node.remote_path, mode)
+            node.stat = msgspec.structs.replace(node.stat, mode=(node.stat.mode & ~0o7777) | mode)
+            return CONTINUE
+        return change
+
+    def _fd_chown(self, uid: int, gid: int) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
+        async def change(node: Node) -> Outcome:
+            if CAP_FILES_CHOWN not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chown(node.remote_path, uid, gid)
+            node.stat = msgspec.structs.replace(
+                node.stat, uid=node.stat.uid if uid == -1 else uid,
+                gid=node.stat.gid if gid == -1 else gid)
+            return ReturnValue(0)  # not the copy: this machine may not allow it
+        return change
+
+    def _fd_times(self, atime: TimeSpec,
+                  mtime: TimeSpec) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
+        async def change(node: Node) -> Outcome:
+            if CAP_FILES_TIMES not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.set_times(node.remote_path, atime, mtime)
+            if node.tracked:
+                node.times = (atime, mtime)
+            return CONTINUE
+        return change
+
     def _remote_chown(self, uid: int,
                       gid: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
         """chown/lchown in the target (write mode), where the agent can (``files-chown``)."""
@@ -1298,8 +1375,12 @@ class FilesFeature:
     def _times(self, call: SyscallCall, dirfd: int, path: bytes, flags: int, index: int,
                layout: str) -> Outcome:
         """utime, utimes, futimesat, utimensat with a path: the agent's SetTimes in write mode."""
+        if not path and dirfd != AT_FDCWD and (not call.pointer_arg(1) or flags & abi.AT_EMPTY_PATH):
+            # futimens: the fd's own file (a shadow copy or a local file)
+            return self._fd_metadata(call, dirfd, self._fd_times(
+                *self._read_times(call, index, layout)))
         if self._resolve(call, dirfd, path) is None:
-            return CONTINUE  # futimens: the fd's own file (a shadow copy or a local file)
+            return CONTINUE
         atime, mtime = self._read_times(call, index, layout)
 
         async def remote(path: bytes, follow: bool) -> Outcome:

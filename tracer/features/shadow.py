@@ -43,7 +43,14 @@ from dataclasses import dataclass, field
 
 from ...agent.client import AgentClient
 from ...agent.errors import AgentError, AgentUnavailable
-from ...agent.protocol import CAP_FILES_UPLOAD, DirEntry, FileContents, FileStat
+from ...agent.protocol import (
+    CAP_FILES_TIMES,
+    CAP_FILES_UPLOAD,
+    DirEntry,
+    FileContents,
+    FileStat,
+    TimeSpec,
+)
 
 log = logging.getLogger("mtrace.tracer.features.shadow")
 
@@ -89,6 +96,9 @@ class Node:
     # A supervisor fd of the inode, so uploads work after renames and unlinks.
     fd: int = -1
     lock: asyncio.Lock | None = None
+    # Times the tracee set through an fd (futimens): an upload replaces the
+    # target's file, so they are set again after the next one.
+    times: tuple[TimeSpec, TimeSpec] | None = None
 
 
 @dataclass
@@ -492,6 +502,11 @@ class ShadowTree:
                         await client.close_file(opened.handle)
             if not atomic:
                 await client.truncate(node.remote_path, local.st_size)
+                remote = await client.stat(node.remote_path)
+            if node.times is not None and CAP_FILES_TIMES in client.capabilities:
+                # cp -p, rsync, tar: contents, then futimens, then close.
+                await client.set_times(node.remote_path, *node.times)
+                node.times = None
                 remote = await client.stat(node.remote_path)
             node.synced = state
             node.stat = remote
