@@ -389,3 +389,30 @@ def test_cp_p_and_install_m_to_a_target_path_keep_mode_and_times(
         for name in ("copied", "existing", "installed"):
             with contextlib.suppress(OSError):
                 os.unlink(f"{host_view}/{name}")
+
+
+WATCH = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(0)
+for path in sys.argv[1:]:
+    print(libc.inotify_add_watch(fd, path.encode(), 0x100) >= 0 or ctypes.get_errno())
+"""
+
+
+def test_inotify_watch_of_a_target_path_never_watches_this_machines_path(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """A directory of the target path's name on this machine was watched in its place."""
+    os.makedirs(tree)  # this machine's own directory of that name
+    try:
+        config_file = tmp_path / "config.json"
+        config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": visible(tree)}}))
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", sys.executable, "-S", "-c", WATCH, tree,
+             str(tmp_path)],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.stdout.decode() == f"{errno.ENOTSUP}\nTrue\n", result.stderr[-3000:]
+        assert b"inotify" in result.stderr  # one line says why
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)

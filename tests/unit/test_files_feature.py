@@ -867,3 +867,21 @@ def test_fs_mapping_capture_groups_and_local_destination(harness: Harness, probe
     result = harness.run([str(probe), "cat", "/srv/mtrace-users/alice/api.conf"], config)
     assert (result.returncode, result.text) == (0, "local copy\n")
     assert harness.agent.count("read_file") == 0
+
+
+def test_inotify_watch_of_a_target_path_is_enotsup_and_local_watches_work(
+        harness: Harness, tmp_path: Path) -> None:
+    """A watch of a target path watched this machine's path of that name (or failed
+    with ENOENT); a watch of a local directory must keep working."""
+    harness.write(f"{REMOTE}/watched.txt", "x")
+    local = tmp_path / "local-dir"
+    local.mkdir()
+    code = (
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "fd = libc.inotify_init1(0)\n"
+        "for path in sys.argv[1:]:\n"
+        "    print(libc.inotify_add_watch(fd, path.encode(), 0x100) >= 0 or ctypes.get_errno())\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, f"{REMOTE}/watched.txt",
+                          str(local)])
+    assert result.text == f"{errno.ENOTSUP}\nTrue\n"

@@ -137,6 +137,8 @@ TRAPPED: tuple[str, ...] = (
     "setxattr", "lsetxattr", "removexattr", "lremovexattr",
     # Their fd forms on a target file's copy (cp -p, install -m): the target's file.
     "fchmod", "fchown", "fsetxattr", "fremovexattr",
+    # A watch of a target path would watch this machine's path of that name.
+    "inotify_add_watch",
     # Write mode uploads changed copies when a process exits (once per process).
     "exit_group",
 )
@@ -412,6 +414,7 @@ class FilesFeature:
         # First opens in flight, by path: concurrent ones share one read.
         self._first_reads: dict[bytes, asyncio.Future[tuple[FileStat, FileContents | None]]] = {}
         self._sweeper: Any = None
+        self._watch_warned = False
 
     # --- the handler table -------------------------------------------------
 
@@ -490,6 +493,7 @@ class FilesFeature:
                 remote=self._remote_chmod(call.uint_arg(2) & 0o7777)),
             "fchmod": lambda call: self._fd_metadata(
                 call, call.int_arg(0), self._fd_chmod(call.uint_arg(1) & 0o7777)),
+            "inotify_add_watch": lambda call: self._watch(call, call.read_string(1)),
             "fsetxattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
             "fremovexattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
             "fchown": lambda call: self._fd_metadata(
@@ -913,6 +917,30 @@ class FilesFeature:
             return Errno(errno.ENOSYS)
         info: FsStat = await self.context.client.statfs(path)
         return ReturnValue(0, writes=((buffer, abi.pack_statfs(info)),))
+
+    # --- inotify -------------------------------------------------------------------
+
+    def _watch(self, call: SyscallCall, path: bytes) -> Outcome:
+        """inotify_add_watch: a local path is watched by the kernel; a target
+        path answers ENOTSUP (the agent sends no change notifications, and
+        watching this machine's path of that name, or the copy, which never
+        changes, would wait silently forever). Watchers report the path they
+        cannot watch, or poll it; inotify itself stays, so a program's watches
+        of its own local files (a dev server's reload) work as they do without
+        mtrace."""
+        target = self._resolve(call, AT_FDCWD, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.LOCAL:
+            return self._local(target, lambda: Errno(errno.ENOTSUP))
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if not self._watch_warned:
+            self._watch_warned = True
+            log.warning("%s: a file watch (inotify) of a target path is not supported; "
+                        "the program gets ENOTSUP", os.fsdecode(target.path))
+        return Errno(errno.ENOTSUP)
 
     # --- access, readlink ----------------------------------------------------------
 
