@@ -30,7 +30,15 @@ from programs_build import ProgramPaths
 
 from mtrace.agent.errors import AgentUnavailable, RemoteError
 from mtrace.agent.files import FileService, HandleTable, Upload, make_resolver
-from mtrace.agent.protocol import Data, DirEntry, FileContents, FileStat, FsStat, Opened
+from mtrace.agent.protocol import (
+    Data,
+    DirEntry,
+    FileContents,
+    FileStat,
+    FsStat,
+    Opened,
+    TimeSpec,
+)
 from mtrace.tracer.backend import AsyncSide, Handlers
 from mtrace.tracer.features import files
 from mtrace.tracer.features.policy import FeatureConfig, FsConfig
@@ -53,7 +61,8 @@ class FakeAgent:
     calls: list[tuple[str, bytes]] = field(default_factory=list)
     lost: bool = False
     capabilities: list[str] = field(
-        default_factory=lambda: ["files-write", "files-upload", "files-statfs"])
+        default_factory=lambda: ["files-write", "files-upload", "files-statfs", "files-chmod",
+                                 "files-chown", "files-times"])
     # The agent is lost on this call of write (1 = the first): an upload cut short.
     lose_on_write: int = 0
     # read_file calls that returned a file (not refused: too big, missing, ...)
@@ -177,6 +186,19 @@ class FakeAgent:
     async def rename(self, source: bytes, destination: bytes) -> None:
         await self._enter("rename", source)
         self._call(self.service.rename, source, destination)
+
+    async def chmod(self, path: bytes, mode: int) -> None:
+        await self._enter("chmod", path)
+        self._call(self.service.chmod, path, mode)
+
+    async def chown(self, path: bytes, uid: int, gid: int, *, follow: bool = True) -> None:
+        await self._enter("chown", path)
+        self._call(self.service.chown, path, uid, gid, follow)
+
+    async def set_times(self, path: bytes, atime: TimeSpec, mtime: TimeSpec, *,
+                        follow: bool = True) -> None:
+        await self._enter("set_times", path)
+        self._call(self.service.set_times, path, atime, mtime, follow)
 
     async def statfs(self, path: bytes) -> FsStat:
         """The real statfs of the fake root's file, with a filesystem type and
@@ -694,6 +716,32 @@ def test_upload_keeps_mode_and_replaces_whole(harness: Harness) -> None:
                                                            before.st_gid)
     assert after.st_ino != before.st_ino, "the file was rewritten in place, not replaced"
     assert sorted(os.listdir(target.parent)) == ["big.bin"]
+
+
+def test_cp_p_gives_the_target_file_the_mode_and_times(harness: Harness,
+                                                       tmp_path: Path) -> None:
+    """fchmod/futimens on the copy were lost when the upload replaced the target's file."""
+    source = tmp_path / "source"  # /tmp: local by default
+    source.write_text("local contents\n")
+    source.chmod(0o751)
+    os.utime(source, ns=(3 * 10**9, 4 * 10**9))
+    harness.write(f"{REMOTE}/keep", "")  # the directory
+    result = harness.run(["/bin/cp", "-p", str(source), f"{REMOTE}/copied"],
+                         FsConfig(mode="write"))
+    assert result.returncode == 0
+    copied = harness.target_root / REMOTE.lstrip("/") / "copied"
+    assert copied.read_text() == "local contents\n"
+    assert (stat.S_IMODE(copied.stat().st_mode), copied.stat().st_mtime_ns) == (0o751, 4 * 10**9)
+
+
+def test_fd_metadata_of_a_target_copy_in_read_mode_is_erofs(harness: Harness) -> None:
+    local = harness.write(f"{REMOTE}/ro.txt", "x", mode=0o644)
+    code = ("import os,sys\nfd=os.open(sys.argv[1], os.O_RDONLY)\n"
+            "for f in (lambda: os.fchmod(fd, 0o600), lambda: os.utime(fd, (1, 2))):\n"
+            "    try:\n        f()\n    except OSError as e:\n        print(e.errno)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, f"{REMOTE}/ro.txt"])
+    assert result.text == f"{errno.EROFS}\n{errno.EROFS}\n"
+    assert stat.S_IMODE(local.stat().st_mode) == 0o644
 
 
 def test_write_mode_unlink_truncate_and_errors(harness: Harness) -> None:
