@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 
 from ...agent.client import AgentClient
-from ...agent.errors import AgentError, AgentUnavailable
+from ...agent.errors import AgentError, AgentUnavailable, RemoteError
 from ...agent.protocol import (
     CAP_FILES_TIMES,
     CAP_FILES_UPLOAD,
@@ -504,10 +504,15 @@ class ShadowTree:
                 await client.truncate(node.remote_path, local.st_size)
                 remote = await client.stat(node.remote_path)
             if node.times is not None and CAP_FILES_TIMES in client.capabilities:
-                # cp -p, rsync, tar: contents, then futimens, then close.
-                await client.set_times(node.remote_path, *node.times)
-                node.times = None
-                remote = await client.stat(node.remote_path)
+                # cp -p, rsync, tar: contents, then futimens, then close. The
+                # contents are in: a refusal here is a warning, not a failed close.
+                times, node.times = node.times, None
+                try:
+                    await client.set_times(node.remote_path, *times)
+                    remote = await client.stat(node.remote_path)
+                except RemoteError as error:
+                    log.warning("could not set the times of %s in the target: %s",
+                                os.fsdecode(node.remote_path), error)
             node.synced = state
             node.stat = remote
             copy = self._copies.get(normalize(node.remote_path))
