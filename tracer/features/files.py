@@ -507,11 +507,8 @@ class FilesFeature:
                 lambda path, follow: os.chown(path, call.int_arg(1), call.int_arg(2),
                                               follow_symlinks=False),
                 remote=self._remote_chown(_id_arg(call, 1), _id_arg(call, 2))),
-            "fchownat": lambda call: self._metadata(
-                call, call.int_arg(0), call.read_string(1), call.int_arg(4),
-                lambda path, follow: os.chown(path, call.int_arg(2), call.int_arg(3),
-                                              follow_symlinks=follow),
-                remote=self._remote_chown(_id_arg(call, 2), _id_arg(call, 3))),
+            "fchownat": lambda call: self._fchownat(call, call.int_arg(0), call.read_string(1),
+                                                    call.int_arg(4)),
             "utime": lambda call: self._times(call, AT_FDCWD, call.read_string(0), 0, 1,
                                               "utimbuf"),
             "utimes": lambda call: self._times(call, AT_FDCWD, call.read_string(0), 0, 1,
@@ -1345,6 +1342,15 @@ class FilesFeature:
             node.stat = msgspec.structs.replace(node.stat, mode=(node.stat.mode & ~0o7777) | mode)
             return CONTINUE
         return change
+
+    def _fchownat(self, call: SyscallCall, dirfd: int, path: bytes, flags: int) -> Outcome:
+        uid, gid = _id_arg(call, 2), _id_arg(call, 3)
+        if not path and flags & abi.AT_EMPTY_PATH and dirfd != AT_FDCWD:
+            return self._fd_metadata(call, dirfd, self._fd_chown(uid, gid))
+        return self._metadata(
+            call, dirfd, path, flags,
+            lambda local, follow: os.chown(local, uid, gid, follow_symlinks=follow),
+            remote=self._remote_chown(uid, gid))
 
     def _fd_chown(self, uid: int, gid: int) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
         async def change(node: Node) -> Outcome:
