@@ -105,6 +105,13 @@ def test_stat(probe: Path, netns_target: NetnsTarget, tree: str, name: str) -> N
     assert_like_inside(netns_target, [str(probe), "stat", f"{tree}/{name}"], visible(tree))
 
 
+def test_statfs_and_fstatfs(probe: Path, netns_target: NetnsTarget, tree: str) -> None:
+    """statfs/fstatfs of a target file reported this machine's filesystem."""
+    out = assert_like_inside(netns_target, [str(probe), "statfs", f"{tree}/config.yaml"],
+                             visible(tree))
+    assert out.count(b"type=1021994 ") == 2  # the target's tmpfs (TMPFS_MAGIC)
+
+
 @pytest.mark.parametrize("name", ["", "/sub", "/config.yaml"])
 def test_ls(probe: Path, netns_target: NetnsTarget, tree: str, name: str) -> None:
     assert_like_inside(netns_target, [str(probe), "ls", f"{tree}{name}"], visible(tree))
