@@ -45,6 +45,10 @@ the target's root; every failure in the target's context raises
     await client.truncate(path, length), client.mkdir(path, mode=0o777),
     await client.unlink(path), client.rmdir(path), client.rename(source, destination)
     await client.chmod(path, mode)                            (capability files-chmod)
+    await client.chown(path, uid, gid, follow=True)           (capability files-chown)
+    await client.set_times(path, atime, mtime, follow=True)   (capability files-times)
+
+    await client.statfs(path) -> FsStat                       (capability files-statfs)
 
 ``TcpStream`` (flow controlled; like an asyncio StreamReader/Writer pair)::
 
@@ -120,6 +124,7 @@ from .protocol import (
     Addresses,
     AgentHello,
     ChangeMode,
+    ChangeOwner,
     ClientHello,
     Close,
     Data,
@@ -132,6 +137,7 @@ from .protocol import (
     FileContents,
     FileStat,
     FrameEncoder,
+    FsStat,
     GetEnviron,
     Goodbye,
     HttpRequestFilter,
@@ -156,7 +162,9 @@ from .protocol import (
     Response,
     Result,
     Sent,
+    SetTimes,
     Stat,
+    StatFs,
     StreamClose,
     StreamCredit,
     StreamData,
@@ -165,6 +173,7 @@ from .protocol import (
     StreamShutdown,
     TcpConnect,
     TcpConnected,
+    TimeSpec,
     Truncate,
     UdpClose,
     UdpOpen,
@@ -721,6 +730,21 @@ class AgentClient:
     async def chmod(self, path: Path, mode: int) -> None:
         """chmod of a target path (agent capability ``files-chmod``)."""
         await self._call(ChangeMode(path=_path(path), mode=mode), Done)
+
+    async def chown(self, path: Path, uid: int, gid: int, *, follow: bool = True) -> None:
+        """chown (``follow=False``: lchown) of a target path (capability ``files-chown``)."""
+        await self._call(ChangeOwner(path=_path(path), uid=uid, gid=gid, follow=follow), Done)
+
+    async def set_times(self, path: Path, atime: TimeSpec, mtime: TimeSpec, *,
+                        follow: bool = True) -> None:
+        """utimensat of a target path: nanoseconds, ``"now"`` or ``None`` (leave
+        it) for each (capability ``files-times``)."""
+        await self._call(SetTimes(path=_path(path), atime=atime, mtime=mtime, follow=follow),
+                         Done)
+
+    async def statfs(self, path: Path) -> FsStat:
+        """statfs of a target path (agent capability ``files-statfs``)."""
+        return await self._call(StatFs(path=_path(path)), FsStat)
 
     async def open_tcp(
         self, host: str, port: int, timeout: float = 30.0, *, window: int = DEFAULT_WINDOW

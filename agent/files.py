@@ -26,11 +26,13 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat
+from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat, FsStat, TimeSpec
 
 MAX_SYMLINKS = 40  # what Linux allows in one path walk
 
@@ -265,6 +267,66 @@ def make_resolver(root: str | bytes) -> RootResolver:
     return WalkingResolver(root)
 
 
+class _StatFs64(ctypes.Structure):
+    """glibc's and musl's ``struct statfs64`` (the kernel's layout on 64-bit
+    machines; the LFS form on 32-bit ones)."""
+
+    _fields_ = (
+        ("type", ctypes.c_long),
+        ("bsize", ctypes.c_long),
+        ("blocks", ctypes.c_uint64),
+        ("bfree", ctypes.c_uint64),
+        ("bavail", ctypes.c_uint64),
+        ("files", ctypes.c_uint64),
+        ("ffree", ctypes.c_uint64),
+        ("fsid", ctypes.c_int32 * 2),
+        ("namelen", ctypes.c_long),
+        ("frsize", ctypes.c_long),
+        ("flags", ctypes.c_long),
+        ("spare", ctypes.c_long * 4),
+    )
+
+
+# fstatfs64 is an alias of fstatfs where the two are the same (64-bit libcs).
+_fstatfs = getattr(_libc, "fstatfs64", None) or _libc.fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.POINTER(_StatFs64))
+_fstatfs.restype = ctypes.c_int
+
+
+def fs_stat_of_fd(fd: int) -> FsStat:
+    """fstatfs(2) of ``fd`` (``os.statvfs`` has no ``f_type``, which ``df -T``
+    and programs telling tmpfs from ext4 read)."""
+    result = _StatFs64()
+    if _fstatfs(fd, ctypes.byref(result)) != 0:
+        raise _error(ctypes.get_errno())
+    return FsStat(type=result.type & 0xFFFFFFFFFFFFFFFF, bsize=result.bsize,
+                  blocks=result.blocks, bfree=result.bfree, bavail=result.bavail,
+                  files=result.files, ffree=result.ffree,
+                  fsid=(result.fsid[0] & 0xFFFFFFFF, result.fsid[1] & 0xFFFFFFFF),
+                  namelen=result.namelen, frsize=result.frsize, flags=result.flags)
+
+
+def set_times(name: str | bytes, atime: TimeSpec, mtime: TimeSpec, **where: Any) -> None:
+    """utimensat(2) with :data:`TimeSpec` values (``where``: os.utime's
+    ``dir_fd``/``follow_symlinks``)."""
+    if atime == "now" and mtime == "now":
+        # No explicit times: what needs only write permission, not ownership.
+        os.utime(name, **where)
+        return
+    # UTIME_OMIT: the time it has (os.utime takes both or neither).
+    current = os.stat(name, **where) if atime is None or mtime is None else None
+    now = time.time_ns()
+
+    def pick(value: TimeSpec, which: str) -> int:
+        if value == "now":
+            return now
+        if value is None:
+            return int(getattr(current, which))
+        return value
+
+    os.utime(name, ns=(pick(atime, "st_atime_ns"), pick(mtime, "st_mtime_ns")), **where)
+
+
 # --- operations ------------------------------------------------------------------
 
 
@@ -331,6 +393,12 @@ class FileService:
                 return file_stat(os.fstat(fd))
         with self.resolver.parent_of(path) as (directory, name):
             return file_stat(os.stat(name, dir_fd=directory, follow_symlinks=False))
+
+    def statfs(self, path: bytes) -> FsStat:
+        # fstatfs works on an O_PATH fd (Linux 3.12+): the resolved file's own
+        # filesystem, symlinks followed under the target's root.
+        with self.resolver.opened(path, _PATH_FLAGS) as fd:
+            return fs_stat_of_fd(fd)
 
     def access(self, path: bytes, mode: int) -> None:
         if mode & ~(os.R_OK | os.W_OK | os.X_OK):
@@ -423,6 +491,24 @@ class FileService:
         # followed under the target's root, never out of it.
         with self.resolver.opened(path, os.O_PATH) as fd:
             os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
+
+    def chown(self, path: bytes, uid: int, gid: int, follow: bool) -> None:
+        self._require_writable(path)
+        if follow:
+            with self.resolver.opened(path, os.O_PATH) as fd:
+                os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            return
+        with self.resolver.parent_of(path) as (directory, name):
+            os.chown(name, uid, gid, dir_fd=directory, follow_symlinks=False)
+
+    def set_times(self, path: bytes, atime: TimeSpec, mtime: TimeSpec, follow: bool) -> None:
+        self._require_writable(path)
+        if follow:
+            with self.resolver.opened(path, os.O_PATH) as fd:
+                set_times(f"/proc/self/fd/{fd}", atime, mtime)
+            return
+        with self.resolver.parent_of(path) as (directory, name):
+            set_times(name, atime, mtime, dir_fd=directory, follow_symlinks=False)
 
     def unlink(self, path: bytes, directory: bool) -> None:
         self._require_writable(path)

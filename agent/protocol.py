@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -114,6 +114,12 @@ CHANNEL_CHACHA20_POLY1305: Final = "chacha20-poly1305"
 CAP_INCOMING: Final = "incoming"
 #: ChangeMode: chmod of a target path (with --write).
 CAP_FILES_CHMOD: Final = "files-chmod"
+#: StatFs: statfs(2) of a target path (the filesystem it is on).
+CAP_FILES_STATFS: Final = "files-statfs"
+#: ChangeOwner: chown of a target path (with --write).
+CAP_FILES_CHOWN: Final = "files-chown"
+#: SetTimes: utimensat of a target path (with --write).
+CAP_FILES_TIMES: Final = "files-times"
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -336,6 +342,38 @@ class ChangeMode(_Message, tag="chmod"):
     mode: int
 
 
+class StatFs(_Message, tag="statfs"):
+    """statfs(2) of ``path`` (symlinks followed, under the target's root): the
+    filesystem it is on, as :class:`FsStat`; capability ``files-statfs``."""
+
+    path: bytes
+
+
+class ChangeOwner(_Message, tag="chown"):
+    """chown(2) of ``path`` (``follow``: symlinks followed, else lchown), under
+    the target's root; ``-1`` leaves that id as it is; capability ``files-chown``."""
+
+    path: bytes
+    uid: int
+    gid: int
+    follow: bool
+
+
+#: A time for :class:`SetTimes`: nanoseconds since the epoch, ``"now"`` (the
+#: target's clock) or ``None`` (leave it as it is: utimensat's UTIME_OMIT).
+TimeSpec = int | Literal["now"] | None
+
+
+class SetTimes(_Message, tag="set-times"):
+    """utimensat(2) of ``path`` (``follow``: symlinks followed), under the
+    target's root; capability ``files-times``."""
+
+    path: bytes
+    atime: TimeSpec
+    mtime: TimeSpec
+    follow: bool
+
+
 class HttpRequestFilter(_Message, tag="http-filter"):
     """Which HTTP requests a filtered steal takes: Python regular expressions
     (``re.search``) on each ``Name: value`` header line, the request target and
@@ -394,12 +432,15 @@ Operation = (
     | IncomingSubscribe
     | IncomingUnsubscribe
     | ChangeMode
+    | StatFs
+    | ChangeOwner
+    | SetTimes
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
 #: agent runs with --write.
 WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit,
-                           ChangeMode)
+                           ChangeMode, ChangeOwner, SetTimes)
 
 
 # --- results (the body of a Response) ---------------------------------------------
@@ -505,6 +546,23 @@ class IncomingSubscribed(_Message, tag="incoming-subscribed"):
     target_listening: bool
 
 
+class FsStat(_Message, tag="fs-stat"):
+    """``struct statfs`` fields (statfs(2)); ``fsid`` is ``f_fsid`` as two
+    32-bit words, ``flags`` the ``ST_*`` mount flags."""
+
+    type: int
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    fsid: tuple[int, int]
+    namelen: int
+    frsize: int
+    flags: int
+
+
 Result = (
     Error
     | Done
@@ -521,6 +579,7 @@ Result = (
     | UdpOpened
     | Sent
     | IncomingSubscribed
+    | FsStat
 )
 
 

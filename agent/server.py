@@ -37,6 +37,9 @@ from .protocol import (
     CAP_ENV,
     CAP_FILES,
     CAP_FILES_CHMOD,
+    CAP_FILES_CHOWN,
+    CAP_FILES_STATFS,
+    CAP_FILES_TIMES,
     CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
     CAP_INCOMING,
@@ -200,9 +203,11 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot open the root of {target.describe()}: {error.strerror}",
             hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
         ) from error
-    capabilities = [CAP_FILES, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS, CAP_UNIX_STREAM, CAP_INCOMING]
+    capabilities = [CAP_FILES, CAP_FILES_STATFS, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS,
+                    CAP_UNIX_STREAM, CAP_INCOMING]
     if args.write:
-        capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD]
+        capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD, CAP_FILES_CHOWN,
+                         CAP_FILES_TIMES]
     context = AgentContext(
         secret=secret.encode(),
         target=target,

@@ -60,6 +60,7 @@ from .protocol import (
     Access,
     AgentHello,
     ChangeMode,
+    ChangeOwner,
     ClientHello,
     Close,
     Done,
@@ -87,7 +88,9 @@ from .protocol import (
     Response,
     Result,
     Sent,
+    SetTimes,
     Stat,
+    StatFs,
     StreamClose,
     StreamCredit,
     StreamData,
@@ -517,6 +520,14 @@ class Session:
             case ChangeMode(path=path, mode=mode):
                 await in_thread(files.chmod, path, mode)
                 return Done()
+            case ChangeOwner(path=path, uid=uid, gid=gid, follow=follow):
+                await in_thread(files.chown, path, uid, gid, follow)
+                return Done()
+            case SetTimes(path=path, atime=atime, mtime=mtime, follow=follow):
+                await in_thread(files.set_times, path, atime, mtime, follow)
+                return Done()
+            case StatFs(path=path):
+                return await in_thread(files.statfs, path)
             case GetEnviron():
                 return Environ(variables=await in_thread(self.context.target.environ))
             case Resolve(name=name, family=family):

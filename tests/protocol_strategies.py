@@ -35,6 +35,8 @@ def strategy_for(
         return st.lists(strategy_for(item, overrides, _depth), max_size=4)
     if origin is tuple:
         return st.tuples(*(strategy_for(arg, overrides, _depth) for arg in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return st.sampled_from(typing.get_args(annotation))
     if annotation is type(None):
         return st.none()
     if annotation is bool:

@@ -3,7 +3,8 @@
 The stat family answers a remote file's metadata by storing it in the caller's
 buffer exactly as the kernel would: ``struct stat`` as ``newfstatat``/``stat``/
 ``lstat``/``fstat`` fill it (x86_64: 144 bytes, aarch64's asm-generic layout:
-128 bytes), and ``struct statx`` (256 bytes, the same everywhere). Nothing here
+128 bytes), ``struct statx`` (256 bytes, the same everywhere), and
+``struct statfs`` for ``statfs``/``fstatfs`` (120 bytes on both). Nothing here
 decides anything; ``mtrace.tracer.features.files`` does.
 """
 
@@ -139,6 +140,40 @@ def pack_statx(info: StatLike, mask: int = STATX_BASIC_STATS) -> bytes:
     )
     packed = head + times + devices
     return packed + bytes(STATX_SIZEOF - len(packed))
+
+
+class StatFsLike(Protocol):
+    """What :func:`pack_statfs` reads: ``mtrace.agent.protocol.FsStat`` has these fields."""
+
+    type: int
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    fsid: tuple[int, int]
+    namelen: int
+    frsize: int
+    flags: int
+
+
+# struct statfs (include/uapi/asm-generic/statfs.h, which x86_64 uses too; on
+# 64-bit machines every __statfs_word is 64 bits): type bsize (long), blocks bfree
+# bavail files ffree (u64), fsid (2 x i32), namelen frsize flags (long), spare[4].
+_STATFS_64 = struct.Struct("<QqQQQQQIIqqq32x")
+STATFS_SIZES = {"x86_64": _STATFS_64.size, "aarch64": _STATFS_64.size}
+
+
+def pack_statfs(info: StatFsLike, arch: str | None = None) -> bytes:
+    """``info`` as the kernel's ``struct statfs`` for ``arch`` (default: this machine)."""
+    arch = arch or platform.machine()
+    if arch not in STATFS_SIZES:
+        raise ValueError(f"no struct statfs layout for {arch}")
+    return _STATFS_64.pack(
+        info.type & 0xFFFFFFFFFFFFFFFF, info.bsize, info.blocks, info.bfree, info.bavail,
+        info.files, info.ffree, info.fsid[0] & 0xFFFFFFFF, info.fsid[1] & 0xFFFFFFFF,
+        info.namelen, info.frsize, info.flags)
 
 
 def unpack_stat(data: bytes, arch: str | None = None) -> dict[str, int]:

@@ -22,7 +22,13 @@ import pytest
 from netns_target import NetnsTarget
 
 from mtrace.agent.client import AgentClient, RemoteError, TcpStream, connect_tcp
-from mtrace.agent.protocol import CAP_FILES_CHMOD, CAP_FILES_WRITE
+from mtrace.agent.protocol import (
+    CAP_FILES_CHMOD,
+    CAP_FILES_CHOWN,
+    CAP_FILES_STATFS,
+    CAP_FILES_TIMES,
+    CAP_FILES_WRITE,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -315,6 +321,50 @@ def test_chmod_follows_symlinks_inside_the_targets_root_only(
         assert decoy.stat().st_mode & 0o777 == 0o644
     finally:
         for name in ("chmodded", "to-decoy", "to-chmodded"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{host_view}/{name}")
+        decoy.unlink()
+
+
+def test_chown_times_and_statfs_follow_symlinks_inside_the_targets_root_only(
+        with_agent, netns_target: NetnsTarget) -> None:
+    """ChangeOwner, SetTimes, StatFs: a symlink to an absolute path is the target's path."""
+    directory = os.path.dirname(netns_target.private_file)
+    host_view = f"/proc/{netns_target.pid}/root{directory}"
+    decoy = Path(f"{directory}/decoy-on-the-host")  # hidden from the target by its tmpfs
+    decoy.write_text("host\n")
+    before = decoy.stat()
+    Path(f"{host_view}/owned").write_text("target\n")
+    os.symlink(str(decoy), f"{host_view}/to-decoy")
+    os.symlink("owned", f"{host_view}/to-owned")
+    try:
+        async def body(client: AgentClient) -> list[int | None]:
+            assert {CAP_FILES_CHOWN, CAP_FILES_TIMES, CAP_FILES_STATFS} <= set(
+                client.capabilities)
+            await client.chown(f"{directory}/to-owned", 1234, 5678)
+            await client.chown(f"{directory}/to-owned", 4321, -1, follow=False)
+            await client.set_times(f"{directory}/to-owned", None, 7 * 10**9)
+            statfs = await client.statfs(f"{directory}/to-owned")
+            assert statfs.type == 0x01021994  # the target's tmpfs
+            errors: list[int | None] = []
+            for call in (client.chown(f"{directory}/to-decoy", 1234, 5678),
+                         client.set_times(f"{directory}/to-decoy", "now", "now"),
+                         client.statfs(f"{directory}/to-decoy")):
+                try:
+                    await call
+                    errors.append(None)
+                except RemoteError as error:
+                    errors.append(error.errno)
+            return errors
+
+        assert with_agent(body, target_pid=netns_target.pid, write=True) == [errno.ENOENT] * 3
+        owned = os.stat(f"{host_view}/owned")
+        assert (owned.st_uid, owned.st_gid, owned.st_mtime_ns) == (1234, 5678, 7 * 10**9)
+        assert os.lstat(f"{host_view}/to-owned").st_uid == 4321
+        after = decoy.stat()
+        assert (after.st_uid, after.st_mtime_ns) == (before.st_uid, before.st_mtime_ns)
+    finally:
+        for name in ("owned", "to-decoy", "to-owned"):
             with contextlib.suppress(OSError):
                 os.unlink(f"{host_view}/{name}")
         decoy.unlink()

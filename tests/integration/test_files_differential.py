@@ -14,14 +14,17 @@ is local by default, so the tests put that directory on the ``read_only`` or
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +103,13 @@ def test_cat_of_the_targets_hosts_file(probe: Path, netns_target: NetnsTarget,
 @pytest.mark.parametrize("name", ["config.yaml", "sub", "link-to-notes", "missing"])
 def test_stat(probe: Path, netns_target: NetnsTarget, tree: str, name: str) -> None:
     assert_like_inside(netns_target, [str(probe), "stat", f"{tree}/{name}"], visible(tree))
+
+
+def test_statfs_and_fstatfs(probe: Path, netns_target: NetnsTarget, tree: str) -> None:
+    """statfs/fstatfs of a target file reported this machine's filesystem."""
+    out = assert_like_inside(netns_target, [str(probe), "statfs", f"{tree}/config.yaml"],
+                             visible(tree))
+    assert out.count(b"type=1021994 ") == 2  # the target's tmpfs (TMPFS_MAGIC)
 
 
 @pytest.mark.parametrize("name", ["", "/sub", "/config.yaml"])
@@ -224,17 +234,21 @@ def test_metadata_and_link_calls_on_a_target_path_never_act_on_this_machine(
         after = os.stat(f"{host_view}/config.yaml")
     finally:
         os.chmod(f"{host_view}/config.yaml", before.st_mode & 0o7777)
+        os.utime(f"{host_view}/config.yaml", ns=(before.st_atime_ns, before.st_mtime_ns))
     refused = "EROFS" if mode == "read" else "EPERM"
     xattr = "EROFS" if mode == "read" else "ENOTSUP"
-    chmod = "EROFS" if mode == "read" else "ok"  # write mode: the agent's chmod
+    changed = "EROFS" if mode == "read" else "ok"  # write mode: the agent's chmod, chown, utimensat
     assert traced.stdout.decode().splitlines() == [
-        f"chmod {chmod} chown {refused} lchown {refused} utime {refused} link {refused} "
+        f"chmod {changed} chown {changed} lchown {changed} utime {changed} link {refused} "
         f"symlink {refused} setxattr {xattr} removexattr {xattr}",
         # a local path: the kernel's own answers (tmpfs takes user.* attributes)
         "chmod ok chown ok lchown ok utime ok link ok symlink ok setxattr ok removexattr ok",
     ], traced.stderr.decode(errors="replace")[-3000:]
-    expected_mode = before.st_mode if mode == "read" else (before.st_mode & ~0o7777) | 0o600
-    assert (after.st_mode, after.st_mtime_ns) == (expected_mode, before.st_mtime_ns)
+    if mode == "read":
+        assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    else:
+        assert (after.st_mode, after.st_atime_ns, after.st_mtime_ns) == (
+            (before.st_mode & ~0o7777) | 0o600, 10**9, 2 * 10**9)
     assert not os.path.lexists(f"{host_view}/hard") and not os.path.lexists(f"{host_view}/soft")
     assert (local / "hard").exists() and os.readlink(local / "soft") == "x"
     assert os.stat(local / "config.yaml").st_mtime_ns == 2 * 10**9
@@ -244,6 +258,7 @@ def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mod
         netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
     """A local file with the target file's name was changed in its place."""
     host_view = f"/proc/{netns_target.pid}/root{tree}"
+    before = os.stat(f"{host_view}/config.yaml")
     os.makedirs(tree)  # this machine's own directory of that name (the target's is private)
     try:
         Path(f"{tree}/config.yaml").write_text("a local shadow\n")
@@ -254,18 +269,160 @@ def test_metadata_calls_on_a_target_path_leave_a_local_shadow_alone_in_write_mod
         traced = subprocess.run(
             [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
              "-f", str(config_file), "--", sys.executable, "-S", "-c",
-             "import os, sys\ntry:\n    os.utime(sys.argv[1], (1, 2))\nexcept OSError as e:\n"
-             "    print(e.errno)\nos.chmod(sys.argv[1], 0o600)\n", f"{tree}/config.yaml"],
+             "import os, sys\ntry:\n    os.link(sys.argv[1], sys.argv[1] + '.hard')\n"
+             "except OSError as e:\n    print(e.errno)\nos.chmod(sys.argv[1], 0o600)\n"
+             "os.utime(sys.argv[1], (1, 2))\n", f"{tree}/config.yaml"],
             capture_output=True, timeout=RUN_TIMEOUT, check=False)
         assert traced.stdout == f"{errno.EPERM}\n".encode(), traced.stderr[-3000:]
         assert traced.returncode == 0, traced.stderr[-3000:]
-        # The chmod went to the target's file; the local one kept its mode and times.
+        # chmod and utime went to the target's file; the local one kept its mode and times.
         assert os.stat(f"{host_view}/config.yaml").st_mode & 0o777 == 0o600
+        assert os.stat(f"{host_view}/config.yaml").st_mtime_ns == 2 * 10**9
+        assert not os.path.exists(f"{tree}/config.yaml.hard")
         assert os.stat(f"{tree}/config.yaml").st_mode & 0o777 == 0o644
         assert os.stat(f"{tree}/config.yaml").st_mtime_ns != 2 * 10**9
     finally:
         shutil.rmtree(tree, ignore_errors=True)
         os.chmod(f"{host_view}/config.yaml", 0o640)
+        os.utime(f"{host_view}/config.yaml", ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+STATFS = r"""
+import os, sys
+path = sys.argv[1]
+fd = os.open(path, os.O_RDONLY)
+for label, info in (("statvfs", os.statvfs(path)), ("fstatvfs", os.fstatvfs(fd))):
+    print(label, info.f_bsize, info.f_blocks, info.f_files, info.f_namemax)
+"""
+
+
+def test_statfs_of_a_target_path_is_the_targets_filesystem(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """df and free-space checks saw this machine's filesystem for a target path."""
+    fs = {"mode": "read", **visible(tree)}
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": fs}}))
+    path = f"{tree}/config.yaml"
+
+    def traced(*argv: str) -> bytes:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", *argv],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+        return result.stdout
+
+    python = traced(sys.executable, "-S", "-c", STATFS, path)
+    assert python == netns_target.run_inside(sys.executable, "-S", "-c", STATFS, path).stdout
+    # GNU stat -f: statfs(2) with the filesystem type (the target's tmpfs).
+    argv = ("stat", "-f", "-c", "%t %b %c %S", path)
+    assert traced(*argv) == netns_target.run_inside(*argv).stdout
+    local = os.statvfs(os.path.dirname(os.path.dirname(tree)))  # this machine's /tmp
+    assert f" {local.f_blocks} {local.f_files} ".encode() not in python
+
+
+def test_chown_and_touch_of_a_target_path_change_the_target_in_write_mode(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """chown, lchown and utimensat of a target path answered EPERM in write mode."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    Path(f"{host_view}/owned").write_text("x\n")
+    os.symlink("owned", f"{host_view}/owned-link")
+    os.utime(f"{host_view}/owned", ns=(5 * 10**9, 6 * 10**9))
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": {
+        "mode": "write", **visible(tree, "read_write")}}}))
+
+    def traced(*argv: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", *argv],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+
+    try:
+        traced(sys.executable, "-S", "-c",
+               "import os, sys\nos.chown(sys.argv[1], 1234, 5678)\n"
+               "os.lchown(sys.argv[2], 4321, -1)\n", f"{tree}/owned", f"{tree}/owned-link")
+        # touch -m: utimensat with atime UTIME_OMIT (the target's atime is not set).
+        # (-h: by path, lutimensat; without it touch opens the file and sets the fd's times)
+        traced("touch", "-h", "-m", "-d", "@1000000000", f"{tree}/owned")
+        owned = os.stat(f"{host_view}/owned")
+        link = os.lstat(f"{host_view}/owned-link")
+        assert (owned.st_uid, owned.st_gid) == (1234, 5678)
+        assert (link.st_uid, link.st_gid) == (4321, 0)
+        assert (owned.st_atime_ns, owned.st_mtime_ns) == (5 * 10**9, 10**18)
+        # touch with no time: "now" on the target's clock.
+        started = time.time_ns()
+        traced("touch", "-h", f"{tree}/owned")
+        assert os.stat(f"{host_view}/owned").st_mtime_ns >= started - 10**9
+    finally:
+        os.unlink(f"{host_view}/owned")
+        os.unlink(f"{host_view}/owned-link")
+
+
+def test_cp_p_and_install_m_to_a_target_path_keep_mode_and_times(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """fchmod/futimens on the copy of a target file were lost at upload: the
+    target kept its old mode and got the upload's time."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    source = tmp_path / "source"  # /tmp: local by default
+    source.write_text("contents from this machine\n")
+    os.chmod(source, 0o751)
+    os.utime(source, ns=(3 * 10**9, 4 * 10**9))
+    Path(f"{host_view}/existing").write_text("old\n")
+    os.chmod(f"{host_view}/existing", 0o600)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": {
+        "mode": "write", **visible(tree, "read_write")}}}))
+
+    def traced(*argv: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", *argv],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+
+    try:
+        traced("cp", "-p", str(source), f"{tree}/copied")
+        traced("cp", "-p", str(source), f"{tree}/existing")
+        traced("install", "-m", "0640", str(source), f"{tree}/installed")
+        for name in ("copied", "existing"):
+            copied = os.stat(f"{host_view}/{name}")
+            assert (stat.S_IMODE(copied.st_mode), copied.st_mtime_ns) == (0o751, 4 * 10**9), name
+            assert Path(f"{host_view}/{name}").read_text() == "contents from this machine\n"
+        assert stat.S_IMODE(os.stat(f"{host_view}/installed").st_mode) == 0o640
+        assert Path(f"{host_view}/installed").read_text() == "contents from this machine\n"
+    finally:
+        for name in ("copied", "existing", "installed"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{host_view}/{name}")
+
+
+WATCH = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(0)
+for path in sys.argv[1:]:
+    print(libc.inotify_add_watch(fd, path.encode(), 0x100) >= 0 or ctypes.get_errno())
+"""
+
+
+def test_inotify_watch_of_a_target_path_never_watches_this_machines_path(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """A directory of the target path's name on this machine was watched in its place."""
+    os.makedirs(tree)  # this machine's own directory of that name
+    try:
+        config_file = tmp_path / "config.json"
+        config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": visible(tree)}}))
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", sys.executable, "-S", "-c", WATCH, tree,
+             str(tmp_path)],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.stdout.decode() == f"{errno.ENOTSUP}\nTrue\n", result.stderr[-3000:]
+        assert b"inotify" in result.stderr  # one line says why
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 # --- repeated opens answered by the C trap loop ----------------------------------------

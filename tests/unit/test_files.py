@@ -296,3 +296,35 @@ def test_handle_table_never_closes_an_fd_in_use(tmp_path: Path) -> None:
     assert caught.value.errno == errno.EMFILE
     table.close_all()
     assert len(table) == 0
+
+
+def test_set_times_follows_symlinks_inside_the_root_and_omits(writable: FileService,
+                                                              tree: Path) -> None:
+    """SetTimes: an absolute symlink is the root's path; None keeps that time."""
+    target = tree / "etc" / "hosts"
+    os.utime(target, ns=(10**9, 2 * 10**9))
+    outside = os.stat("/etc/hosts")
+    writable.set_times(b"/etc/abs-hosts", None, 5 * 10**9, True)
+    assert (os.stat(target).st_atime_ns, os.stat(target).st_mtime_ns) == (10**9, 5 * 10**9)
+    assert os.stat("/etc/hosts").st_mtime_ns == outside.st_mtime_ns
+    before = os.lstat(tree / "etc" / "abs-hosts").st_mtime_ns
+    writable.set_times(b"/etc/abs-hosts", 7 * 10**9, 8 * 10**9, False)  # the link itself
+    assert os.lstat(tree / "etc" / "abs-hosts").st_mtime_ns == 8 * 10**9 != before
+    assert os.stat(target).st_mtime_ns == 5 * 10**9
+    writable.set_times(b"/etc/hosts", "now", "now", True)
+    assert os.stat(target).st_mtime_ns > 5 * 10**9
+
+
+def test_metadata_changes_need_a_writable_agent(files: FileService) -> None:
+    for change in (lambda: files.set_times(b"/etc/hosts", "now", "now", True),
+                   lambda: files.chown(b"/etc/hosts", -1, -1, True)):
+        with pytest.raises(OSError) as caught:
+            change()
+        assert caught.value.errno == errno.EROFS
+
+
+def test_statfs_through_a_symlink_stays_in_the_root(files: FileService) -> None:
+    assert files.statfs(b"/etc/abs-hosts").type != 0
+    with pytest.raises(OSError) as caught:
+        files.statfs(b"/missing")
+    assert caught.value.errno == errno.ENOENT

@@ -24,12 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from programs_build import ProgramPaths
 
 from mtrace.agent.errors import AgentUnavailable, RemoteError
 from mtrace.agent.files import FileService, HandleTable, Upload, make_resolver
-from mtrace.agent.protocol import Data, DirEntry, FileContents, FileStat, Opened
+from mtrace.agent.protocol import (
+    Data,
+    DirEntry,
+    FileContents,
+    FileStat,
+    FsStat,
+    Opened,
+    TimeSpec,
+)
 from mtrace.tracer.backend import AsyncSide, Handlers
 from mtrace.tracer.features import files
 from mtrace.tracer.features.policy import FeatureConfig, FsConfig
@@ -51,7 +60,9 @@ class FakeAgent:
     delay: float = 0.0
     calls: list[tuple[str, bytes]] = field(default_factory=list)
     lost: bool = False
-    capabilities: list[str] = field(default_factory=lambda: ["files-write", "files-upload"])
+    capabilities: list[str] = field(
+        default_factory=lambda: ["files-write", "files-upload", "files-statfs", "files-chmod",
+                                 "files-chown", "files-times"])
     # The agent is lost on this call of write (1 = the first): an upload cut short.
     lose_on_write: int = 0
     # read_file calls that returned a file (not refused: too big, missing, ...)
@@ -176,6 +187,26 @@ class FakeAgent:
         await self._enter("rename", source)
         self._call(self.service.rename, source, destination)
 
+    async def chmod(self, path: bytes, mode: int) -> None:
+        await self._enter("chmod", path)
+        self._call(self.service.chmod, path, mode)
+
+    async def chown(self, path: bytes, uid: int, gid: int, *, follow: bool = True) -> None:
+        await self._enter("chown", path)
+        self._call(self.service.chown, path, uid, gid, follow)
+
+    async def set_times(self, path: bytes, atime: TimeSpec, mtime: TimeSpec, *,
+                        follow: bool = True) -> None:
+        await self._enter("set_times", path)
+        self._call(self.service.set_times, path, atime, mtime, follow)
+
+    async def statfs(self, path: bytes) -> FsStat:
+        """The real statfs of the fake root's file, with a filesystem type and
+        size this machine's /tmp cannot have (so a leak of the local answer shows)."""
+        await self._enter("statfs", path)
+        info: FsStat = self._call(self.service.statfs, path)
+        return msgspec.structs.replace(info, type=FAKE_FS_TYPE, blocks=FAKE_FS_BLOCKS)
+
 
 # --- running a program under the files feature --------------------------------------
 
@@ -268,6 +299,9 @@ def local_absent(*paths: str) -> Iterator[None]:
 
 
 REMOTE = "/srv/mtrace-files-test"
+#: What the fake agent's statfs says (a type no real filesystem has).
+FAKE_FS_TYPE = 0x6D747263
+FAKE_FS_BLOCKS = 123456789
 
 
 # --- reads -----------------------------------------------------------------------
@@ -434,6 +468,33 @@ def test_statx_reports_target_metadata(harness: Harness) -> None:
     # GNU stat uses statx.
     result = harness.run(["/usr/bin/stat", "-c", "%s %a %F", f"{REMOTE}/x.txt"])
     assert result.text == "5 600 regular file\n"
+
+
+def test_statfs_and_fstatfs_of_target_files_report_the_targets_filesystem(
+        harness: Harness) -> None:
+    """os.statvfs of a target path and os.fstatvfs of its fd reported this machine's /."""
+    harness.write(f"{REMOTE}/x.txt", "12345")
+    code = ("import os,sys; print(os.statvfs(sys.argv[1]).f_blocks, "
+            "os.fstatvfs(os.open(sys.argv[1], os.O_RDONLY)).f_blocks, "
+            "os.statvfs(sys.argv[2]).f_blocks)")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, f"{REMOTE}/x.txt", "/usr"])
+    # A local path (/usr is local by default) keeps the kernel's answer.
+    assert result.text == f"{FAKE_FS_BLOCKS} {FAKE_FS_BLOCKS} {os.statvfs('/usr').f_blocks}\n"
+    # GNU stat -f (statfs): the type field too.
+    result = harness.run(["/usr/bin/stat", "-f", "-c", "%t %b", f"{REMOTE}/x.txt"])
+    assert result.text == f"{FAKE_FS_TYPE:x} {FAKE_FS_BLOCKS}\n"
+    result = harness.run(["/usr/bin/stat", "-f", "-c", "%b", f"{REMOTE}/missing"])
+    assert result.returncode != 0 and harness.agent.count("statfs", f"{REMOTE}/missing".encode())
+
+
+def test_statfs_with_an_agent_without_statfs_is_enosys(harness: Harness) -> None:
+    """An older agent: a clear errno, never this machine's numbers for a target path."""
+    harness.agent.capabilities.remove("files-statfs")
+    harness.write(f"{REMOTE}/x.txt", "12345")
+    code = ("import os,sys\ntry:\n    os.statvfs(sys.argv[1])\nexcept OSError as e:\n"
+            "    print(e.errno)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, f"{REMOTE}/x.txt"])
+    assert result.text == f"{errno.ENOSYS}\n"
 
 
 def test_access_asks_the_target(harness: Harness) -> None:
@@ -657,6 +718,32 @@ def test_upload_keeps_mode_and_replaces_whole(harness: Harness) -> None:
     assert sorted(os.listdir(target.parent)) == ["big.bin"]
 
 
+def test_cp_p_gives_the_target_file_the_mode_and_times(harness: Harness,
+                                                       tmp_path: Path) -> None:
+    """fchmod/futimens on the copy were lost when the upload replaced the target's file."""
+    source = tmp_path / "source"  # /tmp: local by default
+    source.write_text("local contents\n")
+    source.chmod(0o751)
+    os.utime(source, ns=(3 * 10**9, 4 * 10**9))
+    harness.write(f"{REMOTE}/keep", "")  # the directory
+    result = harness.run(["/bin/cp", "-p", str(source), f"{REMOTE}/copied"],
+                         FsConfig(mode="write"))
+    assert result.returncode == 0
+    copied = harness.target_root / REMOTE.lstrip("/") / "copied"
+    assert copied.read_text() == "local contents\n"
+    assert (stat.S_IMODE(copied.stat().st_mode), copied.stat().st_mtime_ns) == (0o751, 4 * 10**9)
+
+
+def test_fd_metadata_of_a_target_copy_in_read_mode_is_erofs(harness: Harness) -> None:
+    local = harness.write(f"{REMOTE}/ro.txt", "x", mode=0o644)
+    code = ("import os,sys\nfd=os.open(sys.argv[1], os.O_RDONLY)\n"
+            "for f in (lambda: os.fchmod(fd, 0o600), lambda: os.utime(fd, (1, 2))):\n"
+            "    try:\n        f()\n    except OSError as e:\n        print(e.errno)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, f"{REMOTE}/ro.txt"])
+    assert result.text == f"{errno.EROFS}\n{errno.EROFS}\n"
+    assert stat.S_IMODE(local.stat().st_mode) == 0o644
+
+
 def test_write_mode_unlink_truncate_and_errors(harness: Harness) -> None:
     harness.write(f"{REMOTE}/gone.txt", "x")
     harness.write(f"{REMOTE}/long.txt", "0123456789")
@@ -730,6 +817,28 @@ def test_shadow_symlinks_never_point_outside_the_tree(harness: Harness) -> None:
         link = os.readlink(shadow / name)
         assert link.startswith(str(harness.session_dir / "shadow") + "/"), link
     assert stat.S_ISLNK(os.lstat(shadow / "abs").st_mode)
+
+
+def test_statfs_fields_match_the_kernels(tmp_path: Path) -> None:
+    """The agent's fstatfs (ctypes) and the tracer's struct statfs agree with os.statvfs."""
+    import struct
+
+    from mtrace.agent.files import fs_stat_of_fd
+    from mtrace.tracer import abi
+
+    fd = os.open(tmp_path, os.O_PATH)
+    try:
+        info = fs_stat_of_fd(fd)
+    finally:
+        os.close(fd)
+    local = os.statvfs(tmp_path)
+    assert (info.bsize, info.blocks, info.files, info.namelen, info.frsize) == (
+        local.f_bsize, local.f_blocks, local.f_files, local.f_namemax, local.f_frsize)
+    assert info.type != 0
+    packed = abi.pack_statfs(info, "x86_64")
+    assert len(packed) == 120 and abi.pack_statfs(info, "aarch64") == packed
+    assert struct.unpack_from("<QqQ", packed) == (info.type, info.bsize, info.blocks)
+    assert struct.unpack_from("<IIq", packed, 56) == (*info.fsid, info.namelen)
 
 
 def test_abi_struct_sizes() -> None:
@@ -806,3 +915,21 @@ def test_fs_mapping_capture_groups_and_local_destination(harness: Harness, probe
     result = harness.run([str(probe), "cat", "/srv/mtrace-users/alice/api.conf"], config)
     assert (result.returncode, result.text) == (0, "local copy\n")
     assert harness.agent.count("read_file") == 0
+
+
+def test_inotify_watch_of_a_target_path_is_enotsup_and_local_watches_work(
+        harness: Harness, tmp_path: Path) -> None:
+    """A watch of a target path watched this machine's path of that name (or failed
+    with ENOENT); a watch of a local directory must keep working."""
+    harness.write(f"{REMOTE}/watched.txt", "x")
+    local = tmp_path / "local-dir"
+    local.mkdir()
+    code = (
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "fd = libc.inotify_init1(0)\n"
+        "for path in sys.argv[1:]:\n"
+        "    print(libc.inotify_add_watch(fd, path.encode(), 0x100) >= 0 or ctypes.get_errno())\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code, f"{REMOTE}/watched.txt",
+                          str(local)])
+    assert result.text == f"{errno.ENOTSUP}\nTrue\n"

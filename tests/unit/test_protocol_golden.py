@@ -127,6 +127,16 @@ SAMPLES = {
         stream=1 << 48, port=80, peer_host="10.0.0.2", peer_port=40000, local_host="10.0.0.1",
         local_port=80, mirror=True),
     "chmod": p.Request(id=24, operation=p.ChangeMode(path=b"/tmp/x", mode=0o755)),
+    "statfs": p.Request(id=25, operation=p.StatFs(path=b"/tmp/x")),
+    "chown": p.Request(id=26, operation=p.ChangeOwner(path=b"/tmp/x", uid=1000, gid=-1,
+                                                      follow=False)),
+    "set-times": p.Request(id=27, operation=p.SetTimes(
+        path=b"/tmp/x", atime="now", mtime=1_700_000_000_000_000_002, follow=True)),
+    "set-times-omit": p.Request(id=28, operation=p.SetTimes(
+        path=b"/tmp/x", atime=None, mtime="now", follow=False)),
+    "fs-stat": p.Response(id=25, result=p.FsStat(
+        type=0x01021994, bsize=4096, blocks=1000, bfree=900, bavail=800, files=500, ffree=400,
+        fsid=(1, 2), namelen=255, frsize=4096, flags=0x20)),
 }
 
 GOLDEN = {
@@ -190,6 +200,11 @@ GOLDEN = {
     "incoming-subscribed": "0000001d93a37265731593b3696e636f6d696e672d7375627363726962656450c3",
     "incoming-connection": "0000003698b3696e636f6d696e672d636f6e6e656374696f6ecf000100000000000050a831302e302e302e32cd9c40a831302e302e302e3150c3",
     "chmod": "0000001893a37265711893a563686d6f64c4062f746d702f78cd01ed",
+    "statfs": "0000001693a37265711992a6737461746673c4062f746d702f78",
+    "chown": "0000001a93a37265711a95a563686f776ec4062f746d702f78cd03e8ffc2",
+    "set-times": "0000002793a37265711b95a97365742d74696d6573c4062f746d702f78a36e6f77cf17979cfe362a0002c3",
+    "set-times-omit": "0000001f93a37265711c95a97365742d74696d6573c4062f746d702f78c0a36e6f77c2",
+    "fs-stat": "0000002f93a3726573199ca766732d73746174ce01021994cd1000cd03e8cd0384cd0320cd01f4cd0190920102ccffcd100020",
 }
 
 

@@ -27,9 +27,9 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
     target's), the shadow copy is fetched (unless new or truncated) and
     injected writable, and its changes are uploaded when the tracee closes
     or fsyncs an fd of it, when a process exits (``exit_group``), and by a
-    sweep every second. unlink/rmdir/rename/truncate/mkdir/chmod go to the
-    target; chown/utimensat/link/symlink/mknod by path have no agent operation
-    yet and answer ``EPERM`` (setxattr/removexattr: ``ENOTSUP``).
+    sweep every second. unlink/rmdir/rename/truncate/mkdir/chmod/chown/
+    utimensat go to the target; link/symlink/mknod by path have no agent
+    operation yet and answer ``EPERM`` (setxattr/removexattr: ``ENOTSUP``).
     An upload replaces the target's file atomically (the agent's
     ``files-upload``); one that fails makes that close/fsync fail with EIO.
     Limits: a file changed in the target while the tracee has it open for
@@ -93,7 +93,17 @@ from typing import Any
 import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
-from ...agent.protocol import CAP_FILES_CHMOD, FileContents, FileStat
+from ...agent.files import fs_stat_of_fd, set_times
+from ...agent.protocol import (
+    CAP_FILES_CHMOD,
+    CAP_FILES_CHOWN,
+    CAP_FILES_STATFS,
+    CAP_FILES_TIMES,
+    FileContents,
+    FileStat,
+    FsStat,
+    TimeSpec,
+)
 from .. import abi, seccomp
 from ..backend import Handler
 from ..call import AT_FDCWD, SyscallCall
@@ -108,6 +118,8 @@ log = logging.getLogger("mtrace.tracer.features.files")
 TRAPPED: tuple[str, ...] = (
     "open", "openat", "creat",
     "stat", "lstat", "fstat", "newfstatat", "statx",
+    # The target's filesystem for its paths and its files' fds (df, free-space checks).
+    "statfs", "fstatfs",
     "access", "faccessat", "faccessat2",
     "readlink", "readlinkat",
     "chdir", "fchdir", "getcwd",
@@ -123,6 +135,10 @@ TRAPPED: tuple[str, ...] = (
     "utime", "utimes", "futimesat", "utimensat",
     "link", "linkat", "symlink", "symlinkat", "mknod", "mknodat",
     "setxattr", "lsetxattr", "removexattr", "lremovexattr",
+    # Their fd forms on a target file's copy (cp -p, install -m): the target's file.
+    "fchmod", "fchown", "fsetxattr", "fremovexattr",
+    # A watch of a target path would watch this machine's path of that name.
+    "inotify_add_watch",
     # Write mode uploads changed copies when a process exits (once per process).
     "exit_group",
 )
@@ -165,13 +181,19 @@ _RENAME_NOREPLACE = 1
 _AT_SYMLINK_FOLLOW = 0x400
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
-#: What chown, utimensat, link, symlink and mknod (and chmod with an agent
-#: without ``files-chmod``) on a target path answer in write mode, where the
-#: agent has no operation for them yet: "Operation not permitted", as a
-#: filesystem that does not allow the change says.
+#: What link, symlink and mknod (and chmod, chown, utimensat with an agent
+#: without ``files-chmod``, ``files-chown``, ``files-times``) on a target path
+#: answer in write mode, where the agent has no operation for them: "Operation
+#: not permitted", as a filesystem that does not allow the change says.
 NOT_IN_TARGET = errno.EPERM
 #: Target errors a failed upload passes on to close/fsync as they are; others are EIO.
 _WRITE_BACK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _id_arg(call: SyscallCall, index: int) -> int:
+    """A uid_t/gid_t argument: ``(uid_t)-1`` ("leave it") as -1, as os.chown takes it."""
+    value = call.uint_arg(index) & 0xFFFFFFFF
+    return -1 if value == 0xFFFFFFFF else value
 
 
 class Route(enum.Enum):
@@ -397,6 +419,7 @@ class FilesFeature:
         self._fast = seccomp.fast_answers()
         if self._fast is not None:
             self._fast.reset(self.shadow.root)
+        self._watch_warned = False
 
     # --- the handler table -------------------------------------------------
 
@@ -419,6 +442,8 @@ class FilesFeature:
             "statx": lambda call: self._stat(call, call.int_arg(0), call.read_string(1),
                                              call.int_arg(2), call.pointer_arg(4),
                                              statx_mask=call.uint_arg(3)),
+            "statfs": lambda call: self._statfs(call, call.read_string(0), call.pointer_arg(1)),
+            "fstatfs": lambda call: self._fd_statfs(call, call.int_arg(0), call.pointer_arg(1)),
             "access": lambda call: self._access(call, AT_FDCWD, call.read_string(0),
                                                 call.int_arg(1), 0),
             "faccessat": lambda call: self._access(call, call.int_arg(0), call.read_string(1),
@@ -471,28 +496,33 @@ class FilesFeature:
                 call, call.int_arg(0), call.read_string(1), 0,
                 lambda path, follow: os.chmod(path, call.uint_arg(2) & 0o7777),
                 remote=self._remote_chmod(call.uint_arg(2) & 0o7777)),
-            "chown": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
-                                                 lambda path, follow: os.chown(
-                                                     path, call.int_arg(1), call.int_arg(2))),
+            "fchmod": lambda call: self._fd_metadata(
+                call, call.int_arg(0), self._fd_chmod(call.uint_arg(1) & 0o7777)),
+            "inotify_add_watch": lambda call: self._watch(call, call.read_string(1)),
+            "fsetxattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
+            "fremovexattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
+            "fchown": lambda call: self._fd_metadata(
+                call, call.int_arg(0), self._fd_chown(_id_arg(call, 1), _id_arg(call, 2))),
+            "chown": lambda call: self._metadata(
+                call, AT_FDCWD, call.read_string(0), 0,
+                lambda path, follow: os.chown(path, call.int_arg(1), call.int_arg(2)),
+                remote=self._remote_chown(_id_arg(call, 1), _id_arg(call, 2))),
             "lchown": lambda call: self._metadata(
                 call, AT_FDCWD, call.read_string(0), abi.AT_SYMLINK_NOFOLLOW,
                 lambda path, follow: os.chown(path, call.int_arg(1), call.int_arg(2),
-                                              follow_symlinks=False)),
-            "fchownat": lambda call: self._metadata(
-                call, call.int_arg(0), call.read_string(1), call.int_arg(4),
-                lambda path, follow: os.chown(path, call.int_arg(2), call.int_arg(3),
-                                              follow_symlinks=follow)),
-            "utime": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
-                                                 self._set_times(call, 1, "utimbuf")),
-            "utimes": lambda call: self._metadata(call, AT_FDCWD, call.read_string(0), 0,
-                                                  self._set_times(call, 1, "timeval")),
-            "futimesat": lambda call: self._metadata(call, call.int_arg(0),
-                                                     self._optional_path(call, 1), 0,
-                                                     self._set_times(call, 2, "timeval")),
-            "utimensat": lambda call: self._metadata(call, call.int_arg(0),
-                                                     self._optional_path(call, 1),
-                                                     call.int_arg(3),
-                                                     self._set_times(call, 2, "timespec")),
+                                              follow_symlinks=False),
+                remote=self._remote_chown(_id_arg(call, 1), _id_arg(call, 2))),
+            "fchownat": lambda call: self._fchownat(call, call.int_arg(0), call.read_string(1),
+                                                    call.int_arg(4)),
+            "utime": lambda call: self._times(call, AT_FDCWD, call.read_string(0), 0, 1,
+                                              "utimbuf"),
+            "utimes": lambda call: self._times(call, AT_FDCWD, call.read_string(0), 0, 1,
+                                               "timeval"),
+            "futimesat": lambda call: self._times(call, call.int_arg(0),
+                                                  self._optional_path(call, 1), 0, 2, "timeval"),
+            "utimensat": lambda call: self._times(call, call.int_arg(0),
+                                                  self._optional_path(call, 1), call.int_arg(3),
+                                                  2, "timespec"),
             "link": lambda call: self._link(call, AT_FDCWD, call.read_string(0), AT_FDCWD,
                                             call.read_string(1), 0),
             "linkat": lambda call: self._link(call, call.int_arg(0), call.read_string(1),
@@ -876,6 +906,71 @@ class FilesFeature:
                 info, size=local.st_size, blocks=local.st_blocks, mtime_ns=local.st_mtime_ns)
         return ReturnValue(0, writes=((buffer, pack(info)),))
 
+    # --- statfs, fstatfs ------------------------------------------------------------
+
+    def _statfs(self, call: SyscallCall, path: bytes, buffer: int) -> Outcome:
+        target = self._resolve(call, AT_FDCWD, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if route is Route.LOCAL:
+            def emulate() -> Outcome:
+                fd = os.open(target.path, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    info = fs_stat_of_fd(fd)
+                finally:
+                    os.close(fd)
+                return ReturnValue(0, writes=((buffer, abi.pack_statfs(info)),))
+            return self._local(target, emulate)
+        return self._defer(self._remote_statfs(target.path, buffer))
+
+    def _fd_statfs(self, call: SyscallCall, fd: int, buffer: int) -> Outcome:
+        """fstatfs of a shadow copy (or shadow directory) is the target file's filesystem."""
+        if self._node_of_fd(call.tid, fd) is None:
+            return CONTINUE
+        try:
+            link = os.fsencode(os.readlink(f"/proc/{call.tid}/fd/{fd}"))
+        except OSError:
+            return CONTINUE
+        path = self.shadow.remote_path(link)
+        if path is None:
+            return CONTINUE
+        return self._defer(self._remote_statfs(path, buffer))
+
+    async def _remote_statfs(self, path: bytes, buffer: int) -> Outcome:
+        # An agent without StatFs: ENOSYS ("this filesystem does not support
+        # statfs", statfs(2)) rather than this machine's numbers for a target path.
+        if CAP_FILES_STATFS not in self.context.client.capabilities:
+            return Errno(errno.ENOSYS)
+        info: FsStat = await self.context.client.statfs(path)
+        return ReturnValue(0, writes=((buffer, abi.pack_statfs(info)),))
+
+    # --- inotify -------------------------------------------------------------------
+
+    def _watch(self, call: SyscallCall, path: bytes) -> Outcome:
+        """inotify_add_watch: a local path is watched by the kernel; a target
+        path answers ENOTSUP (the agent sends no change notifications, and
+        watching this machine's path of that name, or the copy, which never
+        changes, would wait silently forever). Watchers report the path they
+        cannot watch, or poll it; inotify itself stays, so a program's watches
+        of its own local files (a dev server's reload) work as they do without
+        mtrace."""
+        target = self._resolve(call, AT_FDCWD, path)
+        if target is None:
+            return CONTINUE
+        route = self._route(target)
+        if route is Route.LOCAL:
+            return self._local(target, lambda: Errno(errno.ENOTSUP))
+        if route is Route.NOT_FOUND:
+            return Errno(errno.ENOENT)
+        if not self._watch_warned:
+            self._watch_warned = True
+            log.warning("%s: a file watch (inotify) of a target path is not supported; "
+                        "the program gets ENOTSUP", os.fsdecode(target.path))
+        return Errno(errno.ENOTSUP)
+
     # --- access, readlink ----------------------------------------------------------
 
     def _access(self, call: SyscallCall, dirfd: int, path: bytes, mode: int,
@@ -1196,8 +1291,8 @@ class FilesFeature:
     # --- metadata and links by path ----------------------------------------------------
     #
     # Read mode: as unlink (local where the path exists here, EROFS where only the
-    # target has it). Write mode: chmod goes to the agent; the others have no
-    # agent operation yet and a target path answers NOT_IN_TARGET, never a change
+    # target has it). Write mode: chmod, chown, utimensat go to the agent; the
+    # others have no agent operation yet and a target path answers NOT_IN_TARGET, never a change
     # to a local file of the same name.
 
     def _optional_path(self, call: SyscallCall, index: int) -> bytes:
@@ -1206,7 +1301,7 @@ class FilesFeature:
 
     def _metadata(self, call: SyscallCall, dirfd: int, path: bytes, flags: int,
                   local: Callable[[bytes, bool], None],
-                  remote: Callable[[bytes], Coroutine[Any, Any, Outcome]] | None = None
+                  remote: Callable[[bytes, bool], Coroutine[Any, Any, Outcome]] | None = None
                   ) -> Outcome:
         target = self._resolve(call, dirfd, path)
         if target is None:
@@ -1218,14 +1313,14 @@ class FilesFeature:
             return ReturnValue(0)
 
         def in_target() -> Coroutine[Any, Any, Outcome]:
-            return self._not_in_target() if remote is None else remote(target.path)
+            return self._not_in_target() if remote is None else remote(target.path, follow)
 
         return self._change(call, [target], local=run_local, remote=in_target,
                             probe=target.clean)
 
-    def _remote_chmod(self, mode: int) -> Callable[[bytes], Coroutine[Any, Any, Outcome]]:
+    def _remote_chmod(self, mode: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
         """chmod in the target (write mode), where the agent can (``files-chmod``)."""
-        async def change(path: bytes) -> Outcome:
+        async def change(path: bytes, follow: bool) -> Outcome:
             if CAP_FILES_CHMOD not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
             await self.context.client.chmod(path, mode)
@@ -1233,35 +1328,137 @@ class FilesFeature:
 
         return change
 
-    def _set_times(self, call: SyscallCall, index: int,
-                   layout: str) -> Callable[[bytes, bool], None]:
-        """os.utime for the kernel's three time layouts (read only when the
-        supervisor must make the call itself)."""
-        def apply(path: bytes, follow: bool) -> None:
-            address = call.pointer_arg(index)
-            if not address:
-                os.utime(path, follow_symlinks=follow)
-                return
-            if layout == "utimbuf":
-                atime, mtime = struct.unpack("=qq", call.read(address, 16))
-                os.utime(path, ns=(atime * 10**9, mtime * 10**9), follow_symlinks=follow)
-                return
-            values = struct.unpack("=qqqq", call.read(address, 32))
-            unit = 1000 if layout == "timeval" else 1
-            current = os.stat(path, follow_symlinks=follow)
-            now = time.time_ns()
-            times = []
-            for seconds, fraction, old in ((values[0], values[1], current.st_atime_ns),
-                                           (values[2], values[3], current.st_mtime_ns)):
-                if layout == "timespec" and fraction == _UTIME_NOW:
-                    times.append(now)
-                elif layout == "timespec" and fraction == _UTIME_OMIT:
-                    times.append(old)
-                else:
-                    times.append(seconds * 10**9 + fraction * unit)
-            os.utime(path, ns=(times[0], times[1]), follow_symlinks=follow)
+    # The fd forms: an fd of a target file's copy changes the target's file (and,
+    # for mode and times, the copy too, so the tracee's fstat agrees); the agent
+    # keeps a file's mode and owner when an upload replaces it, and the times
+    # are set again after the next upload (shadow.Node.times).
 
-        return apply
+    def _fd_route(self, call: SyscallCall, fd: int) -> tuple[Node, Route] | None:
+        """The target file behind a copy's fd and its route (None: a local file)."""
+        found = self._node_of_fd(call.tid, fd)
+        if found is None:
+            return None
+        node = found[0]
+        return node, self.policy.route(normalize(node.remote_path))
+
+    def _fd_xattr(self, call: SyscallCall, fd: int) -> Outcome:
+        """fsetxattr/fremovexattr on a copy: as the path forms (EROFS, ENOTSUP).
+        cp -p sets the mode as a POSIX ACL first and falls back to fchmod on ENOTSUP."""
+        found = self._fd_route(call, fd)
+        if found is None or found[1] is Route.LOCAL:
+            return CONTINUE
+        return Errno(errno.ENOTSUP if found[1] is Route.WRITE else errno.EROFS)
+
+    def _fd_metadata(self, call: SyscallCall, fd: int,
+                     change: Callable[[Node], Coroutine[Any, Any, Outcome]]) -> Outcome:
+        found = self._fd_route(call, fd)
+        if found is None or found[1] is Route.LOCAL:
+            return CONTINUE  # a local file
+        node, route = found
+        if route is not Route.WRITE:
+            return Errno(errno.EROFS)  # read mode: as the path forms
+
+        async def changed() -> Outcome:
+            try:
+                return await change(node)
+            finally:
+                self._changed()
+
+        return self._defer(changed())
+
+    def _fd_chmod(self, mode: int) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
+        async def change(node: Node) -> Outcome:
+            if CAP_FILES_CHMOD not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chmod(node.remote_path, mode)
+            node.stat = msgspec.structs.replace(node.stat, mode=(node.stat.mode & ~0o7777) | mode)
+            return CONTINUE
+        return change
+
+    def _fchownat(self, call: SyscallCall, dirfd: int, path: bytes, flags: int) -> Outcome:
+        uid, gid = _id_arg(call, 2), _id_arg(call, 3)
+        if not path and flags & abi.AT_EMPTY_PATH and dirfd != AT_FDCWD:
+            return self._fd_metadata(call, dirfd, self._fd_chown(uid, gid))
+        return self._metadata(
+            call, dirfd, path, flags,
+            lambda local, follow: os.chown(local, uid, gid, follow_symlinks=follow),
+            remote=self._remote_chown(uid, gid))
+
+    def _fd_chown(self, uid: int, gid: int) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
+        async def change(node: Node) -> Outcome:
+            if CAP_FILES_CHOWN not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chown(node.remote_path, uid, gid)
+            node.stat = msgspec.structs.replace(
+                node.stat, uid=node.stat.uid if uid == -1 else uid,
+                gid=node.stat.gid if gid == -1 else gid)
+            return ReturnValue(0)  # not the copy: this machine may not allow it
+        return change
+
+    def _fd_times(self, atime: TimeSpec,
+                  mtime: TimeSpec) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
+        async def change(node: Node) -> Outcome:
+            if CAP_FILES_TIMES not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.set_times(node.remote_path, atime, mtime)
+            if node.tracked:
+                node.times = (atime, mtime)
+            return CONTINUE
+        return change
+
+    def _remote_chown(self, uid: int,
+                      gid: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
+        """chown/lchown in the target (write mode), where the agent can (``files-chown``)."""
+        async def change(path: bytes, follow: bool) -> Outcome:
+            if CAP_FILES_CHOWN not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.chown(path, uid, gid, follow=follow)
+            return ReturnValue(0)
+
+        return change
+
+    @staticmethod
+    def _read_times(call: SyscallCall, index: int, layout: str) -> tuple[TimeSpec, TimeSpec]:
+        """The (atime, mtime) of the kernel's three time layouts; NULL is "now"."""
+        address = call.pointer_arg(index)
+        if not address:
+            return "now", "now"
+        if layout == "utimbuf":
+            atime, mtime = struct.unpack("=qq", call.read(address, 16))
+            return atime * 10**9, mtime * 10**9
+        values = struct.unpack("=qqqq", call.read(address, 32))
+        unit = 1000 if layout == "timeval" else 1
+        times: list[TimeSpec] = []
+        for seconds, fraction in ((values[0], values[1]), (values[2], values[3])):
+            if layout == "timespec" and fraction == _UTIME_NOW:
+                times.append("now")
+            elif layout == "timespec" and fraction == _UTIME_OMIT:
+                times.append(None)
+            else:
+                times.append(seconds * 10**9 + fraction * unit)
+        return times[0], times[1]
+
+    def _times(self, call: SyscallCall, dirfd: int, path: bytes, flags: int, index: int,
+               layout: str) -> Outcome:
+        """utime, utimes, futimesat, utimensat with a path: the agent's SetTimes in write mode."""
+        if not path and dirfd != AT_FDCWD and (not call.pointer_arg(1) or flags & abi.AT_EMPTY_PATH):
+            # futimens: the fd's own file (a shadow copy or a local file)
+            return self._fd_metadata(call, dirfd, self._fd_times(
+                *self._read_times(call, index, layout)))
+        if self._resolve(call, dirfd, path) is None:
+            return CONTINUE
+        atime, mtime = self._read_times(call, index, layout)
+
+        async def remote(path: bytes, follow: bool) -> Outcome:
+            if CAP_FILES_TIMES not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await self.context.client.set_times(path, atime, mtime, follow=follow)
+            return ReturnValue(0)
+
+        return self._metadata(
+            call, dirfd, path, flags,
+            lambda local, follow: set_times(local, atime, mtime, follow_symlinks=follow),
+            remote=remote)
 
     def _link(self, call: SyscallCall, source_dirfd: int, source_path: bytes,
               destination_dirfd: int, destination_path: bytes, flags: int) -> Outcome:

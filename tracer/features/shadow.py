@@ -42,8 +42,15 @@ import time
 from dataclasses import dataclass, field
 
 from ...agent.client import AgentClient
-from ...agent.errors import AgentError, AgentUnavailable
-from ...agent.protocol import CAP_FILES_UPLOAD, DirEntry, FileContents, FileStat
+from ...agent.errors import AgentError, AgentUnavailable, RemoteError
+from ...agent.protocol import (
+    CAP_FILES_TIMES,
+    CAP_FILES_UPLOAD,
+    DirEntry,
+    FileContents,
+    FileStat,
+    TimeSpec,
+)
 
 log = logging.getLogger("mtrace.tracer.features.shadow")
 
@@ -89,6 +96,9 @@ class Node:
     # A supervisor fd of the inode, so uploads work after renames and unlinks.
     fd: int = -1
     lock: asyncio.Lock | None = None
+    # Times the tracee set through an fd (futimens): an upload replaces the
+    # target's file, so they are set again after the next one.
+    times: tuple[TimeSpec, TimeSpec] | None = None
 
 
 @dataclass
@@ -493,6 +503,16 @@ class ShadowTree:
             if not atomic:
                 await client.truncate(node.remote_path, local.st_size)
                 remote = await client.stat(node.remote_path)
+            if node.times is not None and CAP_FILES_TIMES in client.capabilities:
+                # cp -p, rsync, tar: contents, then futimens, then close. The
+                # contents are in: a refusal here is a warning, not a failed close.
+                times, node.times = node.times, None
+                try:
+                    await client.set_times(node.remote_path, *times)
+                    remote = await client.stat(node.remote_path)
+                except RemoteError as error:
+                    log.warning("could not set the times of %s in the target: %s",
+                                os.fsdecode(node.remote_path), error)
             node.synced = state
             node.stat = remote
             copy = self._copies.get(normalize(node.remote_path))

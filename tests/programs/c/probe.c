@@ -23,6 +23,7 @@
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/vfs.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -87,7 +88,7 @@ static void fail_gai(int rc)
 static void usage(void)
 {
     fputs("usage: probe COMMAND ARGS...\n"
-          "  env NAME | cat PATH | stat PATH | ls DIR | readlink PATH\n"
+          "  env NAME | cat PATH | stat PATH | statfs PATH | ls DIR | readlink PATH\n"
           "  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL\n"
           "  unix-connect PATH MSG\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
@@ -197,6 +198,30 @@ static int cmd_cat(const char *path)
             break;
         out(buf, (size_t)n);
     }
+    close(fd);
+    return 0;
+}
+
+static void print_statfs(const char *label, const struct statfs *fs)
+{
+    printf("%s type=%lx bsize=%ld blocks=%llu files=%llu namelen=%ld\n", label,
+           (unsigned long)fs->f_type, (long)fs->f_bsize, (unsigned long long)fs->f_blocks,
+           (unsigned long long)fs->f_files, (long)fs->f_namelen);
+}
+
+/* statfs of PATH, then fstatfs of an fd of it: the filesystem it is on. */
+static int cmd_statfs(const char *path)
+{
+    struct statfs fs;
+    if (statfs(path, &fs) != 0)
+        fail_errno(errno);
+    print_statfs("statfs", &fs);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        fail_errno(errno);
+    if (fstatfs(fd, &fs) != 0)
+        fail_errno(errno);
+    print_statfs("fstatfs", &fs);
     close(fd);
     return 0;
 }
@@ -773,6 +798,8 @@ int main(int argc, char **argv)
         return cmd_cat(args[0]);
     if (!strcmp(cmd, "stat") && nargs == 1)
         return cmd_stat(args[0]);
+    if (!strcmp(cmd, "statfs") && nargs == 1)
+        return cmd_statfs(args[0]);
     if (!strcmp(cmd, "ls") && nargs == 1)
         return cmd_ls(args[0]);
     if (!strcmp(cmd, "readlink") && nargs == 1)

@@ -22,7 +22,7 @@ import (
 )
 
 const usage = `usage: probe COMMAND ARGS...
-  env NAME | cat PATH | stat PATH | ls DIR | readlink PATH
+  env NAME | cat PATH | stat PATH | statfs PATH | ls DIR | readlink PATH
   resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL
   unix-connect PATH MSG
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
@@ -46,6 +46,8 @@ func main() {
 		cmdCat(args[0])
 	case cmd == "stat" && len(args) == 1:
 		cmdStat(args[0])
+	case cmd == "statfs" && len(args) == 1:
+		cmdStatfs(args[0])
 	case cmd == "ls" && len(args) == 1:
 		cmdLs(args[0])
 	case cmd == "readlink" && len(args) == 1:
@@ -135,6 +137,29 @@ func cmdCat(path string) {
 			fail(err)
 		}
 	}
+}
+
+func printStatfs(label string, fs *syscall.Statfs_t) {
+	fmt.Printf("%s type=%x bsize=%d blocks=%d files=%d namelen=%d\n", label,
+		uint64(fs.Type), int64(fs.Bsize), uint64(fs.Blocks), uint64(fs.Files), int64(fs.Namelen))
+}
+
+// cmdStatfs: statfs of path, then fstatfs of an fd of it (the filesystem it is on).
+func cmdStatfs(path string) {
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(path, &fs); err != nil {
+		fail(err)
+	}
+	printStatfs("statfs", &fs)
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		fail(err)
+	}
+	if err := syscall.Fstatfs(fd, &fs); err != nil {
+		fail(err)
+	}
+	printStatfs("fstatfs", &fs)
+	syscall.Close(fd)
 }
 
 func cmdStat(path string) {
