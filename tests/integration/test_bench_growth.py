@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench import growth, peer, remote  # noqa: E402
+from bench import growth, remote  # noqa: E402
 from bench.common import Context, Settings  # noqa: E402
 
 pytestmark = [pytest.mark.root,
@@ -89,11 +89,11 @@ def test_growth_points_grow_with_the_run_size() -> None:
 def test_proxychains_peer_rows_are_measured(tmp_path: Path) -> None:
     ctx = Context(Settings.for_mode(True), tmp_path)
     try:
-        rows = peer.proxychains_rows(ctx)
+        rows = remote.proxychains_rows(ctx)
     finally:
         ctx.close()
     assert {row.name for row in rows} == {remote.CONNECT, remote.HTTP_P50, remote.HTTP_P99,
                                           remote.BULK}
     for row in rows:
-        assert row.variant == peer.PROXYCHAINS
+        assert row.variant == remote.PROXYCHAINS
         assert row.value is not None and row.value > 0, row.note
