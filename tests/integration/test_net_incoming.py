@@ -763,49 +763,6 @@ while True:
     threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
 """
 
-H2C_UPGRADE_CLIENT = r"""
-import json, socket, sys
-import h2.connection, h2.events
-host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-sock = socket.create_connection((host, port), timeout=20)
-connection = h2.connection.H2Connection()
-settings = connection.initiate_upgrade_connection().decode()
-path, headers = requests[0]
-extra = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
-sock.sendall((f"GET {path} HTTP/1.1\r\nHost: target\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-              f"Upgrade: h2c\r\nHTTP2-Settings: {settings}\r\n{extra}\r\n").encode())
-data = b""
-while b"\r\n\r\n" not in data:
-    data += sock.recv(65536)
-head, _, data = data.partition(b"\r\n\r\n")
-if not head.startswith(b"HTTP/1.1 101 "):
-    sys.exit(f"no switch: {head!r} {data!r}")
-streams = [1]
-for path, headers in requests[1:]:
-    stream_id = connection.get_next_available_stream_id()
-    connection.send_headers(stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"),
-                                        (":authority", "target"), *headers.items()],
-                            end_stream=True)
-    streams.append(stream_id)
-sock.sendall(connection.data_to_send())
-bodies = {stream_id: b"" for stream_id in streams}
-ended = set()
-while len(ended) < len(streams):
-    for found in connection.receive_data(data):
-        if isinstance(found, h2.events.DataReceived):
-            bodies[found.stream_id] += found.data
-            connection.acknowledge_received_data(found.flow_controlled_length, found.stream_id)
-        elif isinstance(found, (h2.events.StreamEnded, h2.events.StreamReset)):
-            ended.add(found.stream_id)
-    sock.sendall(connection.data_to_send())
-    if len(ended) < len(streams):
-        data = sock.recv(65536)
-        if not data:
-            break
-print(json.dumps([bodies[stream_id].decode() for stream_id in streams]))
-"""
-
-
 @pytest.mark.parametrize("first_to", ["local", "target"])
 def test_filter_follows_an_http1_upgrade_to_h2c(incoming: Incoming, first_to: str) -> None:
     port = free_port()
@@ -822,8 +779,8 @@ def test_filter_follows_an_http1_upgrade_to_h2c(incoming: Incoming, first_to: st
             first = {"x-mtrace": "yes"} if first_to == "local" else {}
             requests = [["/first", first], ["/a", {"x-mtrace": "yes"}], ["/b", {}]]
             result = subprocess.run(incoming.target.nsenter_argv(
-                sys.executable, "-c", H2C_UPGRADE_CLIENT, "127.0.0.1", str(port),
-                json.dumps(requests), environment=False), capture_output=True, timeout=60,
+                sys.executable, H2_CLIENT, "127.0.0.1", str(port),
+                json.dumps(requests), "upgrade", environment=False), capture_output=True, timeout=60,
                 check=False)
             assert result.returncode == 0, result.stderr.decode()[-2000:]
         finally:
