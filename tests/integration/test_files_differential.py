@@ -59,8 +59,11 @@ def tree(netns_target: NetnsTarget) -> Iterator[str]:
 
 
 def mtrace(target: NetnsTarget, argv: list[str], fs: dict[str, Any] | None = None,
-           timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
-    config = {"feature": {"fs": fs or {}}}
+           timeout: float = RUN_TIMEOUT, backend: str | None = None
+           ) -> subprocess.CompletedProcess[bytes]:
+    config: dict[str, Any] = {"feature": {"fs": fs or {}}}
+    if backend is not None:
+        config["backend"] = backend
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
         json.dump(config, file)
     try:
@@ -75,6 +78,13 @@ def mtrace(target: NetnsTarget, argv: list[str], fs: dict[str, Any] | None = Non
 
 def visible(tree: str, mode: str = "read_only") -> dict[str, Any]:
     return {mode: ["^" + re.escape(os.path.dirname(tree)) + "(/|$)"]}
+
+
+def traced_ok(target: NetnsTarget, argv: list[str], fs: dict[str, Any], backend: str) -> bytes:
+    """The program's output under mtrace; it must exit 0."""
+    result = mtrace(target, argv, fs, backend=backend)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    return result.stdout
 
 
 def assert_like_inside(target: NetnsTarget, argv: list[str], fs: dict[str, Any]) -> bytes:
@@ -300,17 +310,10 @@ def test_statfs_of_a_target_path_is_the_targets_filesystem(
         netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
     """df and free-space checks saw this machine's filesystem for a target path."""
     fs = {"mode": "read", **visible(tree)}
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": fs}}))
     path = f"{tree}/config.yaml"
 
     def traced(*argv: str) -> bytes:
-        result = subprocess.run(
-            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
-             "-f", str(config_file), "--", *argv],
-            capture_output=True, timeout=RUN_TIMEOUT, check=False)
-        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
-        return result.stdout
+        return traced_ok(netns_target, list(argv), fs, backend)
 
     python = traced(sys.executable, "-S", "-c", STATFS, path)
     assert python == netns_target.run_inside(sys.executable, "-S", "-c", STATFS, path).stdout
@@ -328,16 +331,10 @@ def test_chown_and_touch_of_a_target_path_change_the_target_in_write_mode(
     Path(f"{host_view}/owned").write_text("x\n")
     os.symlink("owned", f"{host_view}/owned-link")
     os.utime(f"{host_view}/owned", ns=(5 * 10**9, 6 * 10**9))
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": {
-        "mode": "write", **visible(tree, "read_write")}}}))
+    fs = {"mode": "write", **visible(tree, "read_write")}
 
     def traced(*argv: str) -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
-             "-f", str(config_file), "--", *argv],
-            capture_output=True, timeout=RUN_TIMEOUT, check=False)
-        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+        traced_ok(netns_target, list(argv), fs, backend)
 
     try:
         traced(sys.executable, "-S", "-c",
@@ -371,16 +368,10 @@ def test_cp_p_and_install_m_to_a_target_path_keep_mode_and_times(
     os.utime(source, ns=(3 * 10**9, 4 * 10**9))
     Path(f"{host_view}/existing").write_text("old\n")
     os.chmod(f"{host_view}/existing", 0o600)
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": {
-        "mode": "write", **visible(tree, "read_write")}}}))
+    fs = {"mode": "write", **visible(tree, "read_write")}
 
     def traced(*argv: str) -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
-             "-f", str(config_file), "--", *argv],
-            capture_output=True, timeout=RUN_TIMEOUT, check=False)
-        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+        traced_ok(netns_target, list(argv), fs, backend)
 
     try:
         traced("cp", "-p", str(source), f"{tree}/copied")
