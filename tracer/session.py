@@ -48,28 +48,56 @@ class _SignalForwarder:
 
     The signals are blocked and taken with sigwaitinfo, so the terminal's own
     Ctrl-C (which the tracee, in the same process group, already receives) is
-    told apart from a ``kill`` aimed at mtrace and is not delivered twice.
+    told apart from a ``kill`` aimed at mtrace and is not delivered twice. A
+    signal taken before the tracee's pid is known (it was pending while the
+    session started, or came while the helper forked) is kept and delivered
+    the moment the pid is set: dropping it would leave the program running
+    after a Ctrl-C that mtrace had already acknowledged.
     """
 
     def __init__(self) -> None:
-        self.target: int | None = None
+        self._target: int | None = None
+        self._held: list[int] = []
+        self._lock = threading.Lock()
         self._done = False
         self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         self._thread = threading.Thread(target=self._run, name="mtrace-signals", daemon=True)
         self._thread.start()
+
+    @property
+    def target(self) -> int | None:
+        return self._target
+
+    @target.setter
+    def target(self, pid: int | None) -> None:
+        with self._lock:
+            self._target = pid
+            held, self._held = self._held, []
+        for signum in held:
+            self._send(signum)
 
     def _run(self) -> None:
         while not self._done:
             info = signal.sigwaitinfo(FORWARDED_SIGNALS)
             if self._done:
                 return
+            with self._lock:
+                if self._target is None:
+                    # Before the tracee exists the terminal's Ctrl-C reached
+                    # no program either: keep it too.
+                    self._held.append(info.si_signo)
+                    continue
             if info.si_code == SI_KERNEL and info.si_signo in (signal.SIGINT, signal.SIGQUIT):
                 continue
-            if self.target is not None:
-                try:
-                    os.kill(self.target, info.si_signo)
-                except ProcessLookupError:
-                    pass
+            self._send(info.si_signo)
+
+    def _send(self, signum: int) -> None:
+        if self._target is None:
+            return
+        try:
+            os.kill(self._target, signum)
+        except ProcessLookupError:
+            pass
 
     def close(self) -> None:
         self._done = True
