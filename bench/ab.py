@@ -1,7 +1,7 @@
 """A/B of `mtrace exec --target pid/N -- loop bulk` between installs, alternating.
 
     python -m bench.ab --variant old=/tmp/venv-old/bin/python --variant new=.venv/bin/python \\
-        [--rounds 6] [--relay]
+        [--rounds 6] [--relay | --startup]
 
 Each variant is an interpreter with mtrace installed (a venv per checkout:
 ``git worktree add /tmp/old COMMIT``, ``python3 -m venv --system-site-packages
@@ -9,7 +9,9 @@ Each variant is an interpreter with mtrace installed (a venv per checkout:
 -e /tmp/old``). One namespace target serves every run; the variants take turns,
 in reverse order every other round, so that a loaded machine's drift falls on
 all of them alike. ``--relay`` turns the direct path off (agent streams, as an
-agent over TCP or a Kubernetes target would carry them). Prints each run and
+agent over TCP or a Kubernetes target would carry them). ``--startup`` times
+`loop true` instead (start-up: `mtrace exec` and `mtrace exec --target pid/N`,
+wall milliseconds from fork to exit). Prints each run and
 the medians, with the load average before and after: compare ratios, not
 absolute numbers.
 """
@@ -25,7 +27,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.common import build_c_programs
+from bench.common import build_c_programs, time_command
 from bench.namespace import NamespaceTarget
 
 
@@ -40,8 +42,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--bulk-mib", type=int, default=256)
     parser.add_argument("--relay", action="store_true", help="feature.network.outgoing.direct off")
+    parser.add_argument("--startup", action="store_true", help="time start-up, not bulk")
     args = parser.parse_args()
     variants = dict(item.split("=", 1) for item in args.variant)
+    if args.startup:
+        _startup(variants, args.rounds)
+        return
     work = Path(tempfile.mkdtemp(prefix="mtrace-bench-ab-"))
     programs = build_c_programs(work / "bin")
     extra: list[str] = []
@@ -74,6 +80,29 @@ def main() -> None:
     for name, values in rates.items():
         if values:
             print(f"{name}: median {statistics.median(values):.1f} MB/s over {len(values)} runs")
+    print(f"load average {os.getloadavg()}")
+
+
+def _startup(variants: dict[str, str], rounds: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="mtrace-bench-ab-"))
+    programs = build_c_programs(work / "bin")
+    target = NamespaceTarget.start(netserve=programs["netserve"], work_dir=work, bulk_bytes=1 << 20)
+    kinds: dict[str, list[str]] = {"exec": [], "exec --target pid/N": ["--target", f"pid/{target.pid}"]}
+    times: dict[tuple[str, str], list[float]] = {(n, k): [] for n in variants for k in kinds}
+    print(f"load average {os.getloadavg()}", flush=True)
+    try:
+        for round_ in range(rounds):
+            names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+            for name in names:
+                for kind, flags in kinds.items():
+                    argv = [variants[name], "-m", "mtrace.cli", "exec", *flags, "--",
+                            str(programs["loop"]), "true"]
+                    times[(name, kind)].append(time_command(argv) * 1000)
+    finally:
+        target.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for (name, kind), values in times.items():
+        print(f"{name} {kind}: median {statistics.median(values):.0f} ms over {len(values)} runs")
     print(f"load average {os.getloadavg()}")
 
 

@@ -112,7 +112,6 @@ def _base_config(config_file: str | None, target: str | None, agent: str | None,
     """The config file (``-f``, else the first of config.DEFAULT_FILES in the
     current directory, else defaults) with the target flags applied over it."""
     from .config import Config, find_default, load
-    from .target import secret_from_flags
 
     found = config_file or find_default()
     config = load(found) if found else Config()
@@ -120,9 +119,11 @@ def _base_config(config_file: str | None, target: str | None, agent: str | None,
         config.target = target
     if agent is not None:
         config.agent.address = agent
-    secret = secret_from_flags(agent_secret, agent_secret_file)
-    if secret is not None:
-        config.agent.secret = secret
+    if agent_secret is not None or agent_secret_file is not None:
+        # Imported only here: the agent client costs a run without a target ~10 ms.
+        from .target import secret_from_flags
+
+        config.agent.secret = secret_from_flags(agent_secret, agent_secret_file)
     return config
 
 

@@ -8,7 +8,6 @@ files, network and DNS handlers route its calls to the target.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -24,6 +23,8 @@ from .errors import ConfigError, Interrupted, WriteBackFailed
 from .scratch import session_directory
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from ..agent.client import AgentClient
     from ..tracer.backend import AsyncSide, CallRecord, Handler, Observer
     from ..tracer.call import SyscallCall
@@ -86,8 +87,12 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
         try:
             where = config.agent.address or (target.describe() if target else "")
             progress(f"connecting to the agent for {where}...")
-            client = _wait(side, connect_agent(config, target, verbose=verbose, forked=forked),
-                           config.agent.startup_timeout + 5, "the start-up handshake")
+            connecting = side.submit(connect_agent(config, target, verbose=verbose, forked=forked))
+            # Imported while the agent starts (a forked local agent runs on the
+            # other core): these modules are most of what is left to load.
+            from ..tracer.features import files, incoming, net  # noqa: F401
+            client = _wait(side, connecting, config.agent.startup_timeout + 5,
+                           "the start-up handshake")
             latency = _wait(side, client.ping(), 10, "a ping")
             progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
             from . import summary
@@ -119,15 +124,16 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
             release_agent()
 
 
-def _wait(side: AsyncSide, coroutine: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
-    """Wait for start-up work on the agent, but never past ``timeout`` and never
-    deaf to Ctrl-C: the forwarded signals are blocked by now, so they are
-    looked for while waiting."""
+def _wait(side: AsyncSide, work: Coroutine[Any, Any, T] | Future[T], timeout: float,
+          what: str) -> T:
+    """Wait for start-up work on the agent (a coroutine, or one already
+    submitted), but never past ``timeout`` and never deaf to Ctrl-C: the
+    forwarded signals are blocked by now, so they are looked for while waiting."""
     import concurrent.futures
 
     from ..agent.errors import AgentUnavailable
 
-    future = side.submit(coroutine)
+    future = work if isinstance(work, concurrent.futures.Future) else side.submit(work)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -259,6 +265,8 @@ async def _watch_agent(client: AgentClient, context: RemoteContext) -> None:
     if context.closing:
         return
     context.agent_lost = True
+    import asyncio
+
     from .target import explain_agent_loss
 
     if isinstance(why, TargetExited):
