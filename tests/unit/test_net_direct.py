@@ -49,6 +49,36 @@ def test_options_the_program_set_are_copied() -> None:
             program.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
+def test_remembered_fresh_options_copy_the_same_as_reading_the_new_socket() -> None:
+    """The direct path reads a fresh socket's options once per family and
+    type; every later socket made is compared against those."""
+    network = direct.TargetNetwork("/proc/self/ns/net")
+    try:
+        with network.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as first:
+            fresh = network.fresh_options(first)
+        with socket.socket() as program, \
+                network.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as made:
+            assert network.fresh_options(made) is fresh
+            program.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            program.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\5\0\0\0")
+            program.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x10)
+            program.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+            direct.copy_socket_state(program, made, fresh)
+            for level, option, size in [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0),
+                                        (socket.SOL_SOCKET, socket.SO_LINGER, 8),
+                                        (socket.IPPROTO_IP, socket.IP_TOS, 0),
+                                        (socket.SOL_SOCKET, socket.SO_SNDBUF, 0),
+                                        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]:
+                args = (level, option, size) if size else (level, option)
+                assert made.getsockopt(*args) == program.getsockopt(*args), (level, option)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+                network.socket(socket.AF_INET, socket.SOCK_DGRAM, 0) as made_udp:
+            assert (socket.IPPROTO_TCP, socket.TCP_NODELAY) not in network.fresh_options(made_udp)
+            direct.copy_socket_state(udp, made_udp, network.fresh_options(made_udp))
+    finally:
+        network.close()
+
+
 def test_close_on_exec_is_read_from_fdinfo() -> None:
     with socket.socket() as sock:
         assert direct.close_on_exec(os.getpid(), sock.fileno()) is True

@@ -92,6 +92,17 @@ class TargetNetwork:
         self.target = os.open(namespace_path, os.O_RDONLY | os.O_CLOEXEC)
         self.own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.same = os.fstat(self.target).st_ino == os.fstat(self.own).st_ino
+        self._fresh: dict[tuple[int, int], OptionValues] = {}
+
+    def fresh_options(self, made: socket.socket) -> OptionValues:
+        """The options of a new socket of ``made``'s family and type here, read
+        from ``made`` (new, untouched) the first time, then remembered: a
+        direct connect then reads only the program's side."""
+        key = (made.family, made.type)
+        values = self._fresh.get(key)
+        if values is None:
+            values = self._fresh[key] = _read_options(made)
+        return values
 
     def socket(self, family: int, kind: int, protocol: int) -> socket.socket:
         """A new socket in the target's namespace (non-blocking, close-on-exec)."""
@@ -125,15 +136,28 @@ def connect_raw(sock: socket.socket, sockaddr: bytes) -> int:
     return ctypes.get_errno()
 
 
+def _read_small(path: str) -> bytes:
+    """A /proc file's bytes, without a Python file object: the direct path
+    reads several per connect."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:  # an epoll set of thousands of fds is longer
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def close_on_exec(tid: int, fd: int) -> bool | None:
     """Whether the tracee's ``fd`` is close-on-exec; None if it is gone."""
     try:
-        with open(f"/proc/{tid}/fdinfo/{fd}", "rb") as info:
-            for line in info:
-                if line.startswith(b"flags:"):
-                    return bool(int(line.split()[1], 8) & _O_CLOEXEC_FDINFO)
+        info = _read_small(f"/proc/{tid}/fdinfo/{fd}")
     except OSError:
         return None
+    for line in info.splitlines():
+        if line.startswith(b"flags:"):
+            return bool(int(line.split()[1], 8) & _O_CLOEXEC_FDINFO)
     return None
 
 
@@ -158,44 +182,63 @@ def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
                 return True
             if link != "anon_inode:[eventpoll]":
                 continue
-            with open(f"/proc/{tid}/fdinfo/{entry}", "rb") as info:
-                for line in info:
-                    if line.startswith(wanted_fd) and wanted_inode in line:
-                        return True
+            for line in _read_small(f"/proc/{tid}/fdinfo/{entry}").splitlines():
+                if line.startswith(wanted_fd) and wanted_inode in line:
+                    return True
         except OSError:
             continue
     return False
 
 
-def copy_socket_state(program: socket.socket, made: socket.socket) -> None:
-    """What the program set on its socket, onto the socket made for it."""
-    for level, option, size in _OPTIONS:
-        if level == socket.IPPROTO_TCP and made.type != socket.SOCK_STREAM:
-            continue
+#: A socket option's value as getsockopt gives it (an int, or the bytes of a
+#: struct such as SO_LINGER's); None where this kernel or socket lacks it.
+OptionValues = dict[tuple[int, int], int | bytes | None]
+
+
+def _read_options(sock: socket.socket) -> OptionValues:
+    """The options :func:`copy_socket_state` compares, as ``sock`` has them."""
+    values: OptionValues = {}
+    wanted = [(level, option, size) for level, option, size in _OPTIONS
+              if level != socket.IPPROTO_TCP or sock.type == socket.SOCK_STREAM]
+    wanted += [(socket.SOL_SOCKET, option, 0) for option in _BUFFERS]
+    if sock.family == socket.AF_INET:
+        wanted.append((socket.IPPROTO_IP, socket.IP_TOS, 4))
+    for level, option, size in wanted:
         try:
-            value = program.getsockopt(level, option, size)
-            if value != made.getsockopt(level, option, size):
-                made.setsockopt(level, option, value)
+            values[(level, option)] = (sock.getsockopt(level, option, size) if size
+                                       else sock.getsockopt(level, option))
         except OSError:
+            values[(level, option)] = None
+    return values
+
+
+def copy_socket_state(program: socket.socket, made: socket.socket,
+                      fresh: OptionValues | None = None) -> None:
+    """What the program set on its socket, onto the socket made for it.
+
+    ``fresh``: the options of a new socket of ``made``'s kind in its namespace
+    (:meth:`TargetNetwork.fresh_options`), so only the program's side is read;
+    without it ``made`` itself is read first."""
+    if fresh is None:
+        fresh = _read_options(made)
+    for (level, option), default in fresh.items():
+        if default is None:
             continue  # an option this kernel or this socket does not have
-    for option in _BUFFERS:
         try:
-            size = program.getsockopt(socket.SOL_SOCKET, option)
-            if size != made.getsockopt(socket.SOL_SOCKET, option):
-                made.setsockopt(socket.SOL_SOCKET, option, size // 2)
+            value = (program.getsockopt(level, option, len(default))
+                     if isinstance(default, bytes) else program.getsockopt(level, option))
+            if value == default:
+                continue
+            if option in _BUFFERS and level == socket.SOL_SOCKET:
+                assert isinstance(value, int)
+                value //= 2  # the kernel doubles what is set
+            made.setsockopt(level, option, value)
         except OSError:
             continue
     if program.family == socket.AF_INET6:
         try:
             value = program.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 4)
             made.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, value)
-        except OSError:
-            pass
-    elif program.family == socket.AF_INET:
-        try:
-            value = program.getsockopt(socket.IPPROTO_IP, socket.IP_TOS, 4)
-            if value != made.getsockopt(socket.IPPROTO_IP, socket.IP_TOS, 4):
-                made.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, value)
         except OSError:
             pass
 

@@ -642,7 +642,7 @@ class Outgoing:
             return Errno(errno.EBADF)
         made = self.target_network.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            direct_path.copy_socket_state(sock, made)
+            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
             result = direct_path.connect_raw(made, sockaddr)
             nonblocking = _nonblocking(sock.fileno())
             if result not in (0, *direct_path.IN_PROGRESS):
@@ -687,7 +687,7 @@ class Outgoing:
             return Errno(errno.EBADF)
         made = self.target_network.socket(sock.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         try:
-            direct_path.copy_socket_state(sock, made)
+            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
             result = direct_path.connect_raw(made, sockaddr)
             if result:
                 made.close()
