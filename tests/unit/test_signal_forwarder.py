@@ -11,7 +11,7 @@ import textwrap
 
 # Run in a child interpreter: the forwarder blocks signals for the calling
 # thread only, and a SIGTERM to pytest itself would stop the whole run.
-EARLY_SIGNAL = textwrap.dedent("""
+SCRIPT = textwrap.dedent("""
     import os, signal, subprocess, sys, time
     from mtrace.tracer.session import _SignalForwarder
 
@@ -19,10 +19,14 @@ EARLY_SIGNAL = textwrap.dedent("""
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
     forwarder = _SignalForwarder()
-    os.kill(os.getpid(), signal.{name})
-    time.sleep(0.3)  # taken by the forwarder while no program exists yet
+    early = {early}
+    if early:
+        os.kill(os.getpid(), signal.{name})
+        time.sleep(0.3)  # taken by the forwarder while no program exists yet
     program = subprocess.Popen(["sleep", "30"], preexec_fn=unblock)
     forwarder.target = program.pid
+    if not early:
+        os.kill(os.getpid(), signal.{name})
     try:
         print(program.wait(timeout=10))
     except subprocess.TimeoutExpired:
@@ -32,37 +36,17 @@ EARLY_SIGNAL = textwrap.dedent("""
 """)
 
 
-def _early(name: str) -> str:
-    result = subprocess.run([sys.executable, "-c", EARLY_SIGNAL.format(name=name)],
+def _program_status(name: str, *, early: bool) -> str:
+    result = subprocess.run([sys.executable, "-c", SCRIPT.format(name=name, early=early)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
 
 def test_a_signal_taken_before_the_program_exists_is_delivered_when_it_starts() -> None:
-    assert _early("SIGTERM") == "-15"
-    assert _early("SIGINT") == "-2"
+    assert _program_status("SIGTERM", early=True) == "-15"
+    assert _program_status("SIGINT", early=True) == "-2"
 
 
-def test_a_signal_after_the_program_started_is_forwarded_once() -> None:
-    script = textwrap.dedent("""
-        import os, signal, subprocess, time
-        from mtrace.tracer.session import _SignalForwarder
-
-        def unblock():
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
-
-        forwarder = _SignalForwarder()
-        program = subprocess.Popen(["sleep", "30"], preexec_fn=unblock)
-        forwarder.target = program.pid
-        os.kill(os.getpid(), signal.SIGHUP)
-        try:
-            print(program.wait(timeout=10))
-        except subprocess.TimeoutExpired:
-            program.kill()
-            print("still running")
-        forwarder.close()
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60)
-    assert result.stdout.strip() == "-1", result.stderr
+def test_a_signal_after_the_program_started_is_forwarded() -> None:
+    assert _program_status("SIGHUP", early=False) == "-1"
