@@ -47,6 +47,10 @@ the target's root; every failure in the target's context raises
     await client.chmod(path, mode)                            (capability files-chmod)
     await client.chown(path, uid, gid, follow=True)           (capability files-chown)
     await client.set_times(path, atime, mtime, follow=True)   (capability files-times)
+    await client.link(source, destination, follow=False)      (capability files-links)
+    await client.symlink(target, path), client.mknod(path, mode, device=0)   (files-links)
+    await client.set_xattr(path, name, value, flags=0, follow=True)     (capability files-xattr)
+    await client.remove_xattr(path, name, follow=True)                  (capability files-xattr)
 
     await client.statfs(path) -> FsStat                       (capability files-statfs)
 
@@ -145,8 +149,10 @@ from .protocol import (
     IncomingSubscribe,
     IncomingSubscribed,
     IncomingUnsubscribe,
+    Link,
     LinkTarget,
     MakeDir,
+    MakeNode,
     Open,
     Opened,
     Operation,
@@ -156,6 +162,7 @@ from .protocol import (
     ReadDir,
     ReadFile,
     ReadLink,
+    RemoveXattr,
     Rename,
     Request,
     Resolve,
@@ -163,6 +170,7 @@ from .protocol import (
     Result,
     Sent,
     SetTimes,
+    SetXattr,
     Stat,
     StatFs,
     StreamClose,
@@ -171,6 +179,7 @@ from .protocol import (
     StreamEof,
     StreamReset,
     StreamShutdown,
+    Symlink,
     TcpConnect,
     TcpConnected,
     TimeSpec,
@@ -740,6 +749,30 @@ class AgentClient:
         """utimensat of a target path: nanoseconds, ``"now"`` or ``None`` (leave
         it) for each (capability ``files-times``)."""
         await self._call(SetTimes(path=_path(path), atime=atime, mtime=mtime, follow=follow),
+                         Done)
+
+    async def link(self, source: Path, destination: Path, *, follow: bool = False) -> None:
+        """link (``follow``: linkat's AT_SYMLINK_FOLLOW) in the target (capability ``files-links``)."""
+        await self._call(Link(source=_path(source), destination=_path(destination),
+                              follow=follow), Done)
+
+    async def symlink(self, target: bytes | str, path: Path) -> None:
+        """A symlink at ``path`` holding ``target`` verbatim (capability ``files-links``)."""
+        await self._call(Symlink(target=os.fsencode(target), path=_path(path)), Done)
+
+    async def mknod(self, path: Path, mode: int, device: int = 0) -> None:
+        """mknod with exactly ``mode`` (type and permissions; capability ``files-links``)."""
+        await self._call(MakeNode(path=_path(path), mode=mode, device=device), Done)
+
+    async def set_xattr(self, path: Path, name: bytes | str, value: bytes, flags: int = 0, *,
+                        follow: bool = True) -> None:
+        """setxattr (``follow=False``: lsetxattr) of a target path (capability ``files-xattr``)."""
+        await self._call(SetXattr(path=_path(path), name=os.fsencode(name), value=value,
+                                  flags=flags, follow=follow), Done)
+
+    async def remove_xattr(self, path: Path, name: bytes | str, *, follow: bool = True) -> None:
+        """removexattr (``follow=False``: lremovexattr) of a target path (capability ``files-xattr``)."""
+        await self._call(RemoveXattr(path=_path(path), name=os.fsencode(name), follow=follow),
                          Done)
 
     async def statfs(self, path: Path) -> FsStat:

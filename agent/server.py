@@ -38,10 +38,12 @@ from .protocol import (
     CAP_FILES,
     CAP_FILES_CHMOD,
     CAP_FILES_CHOWN,
+    CAP_FILES_LINKS,
     CAP_FILES_STATFS,
     CAP_FILES_TIMES,
     CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
+    CAP_FILES_XATTR,
     CAP_INCOMING,
     CAP_TCP,
     CAP_UDP,
@@ -207,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
                     CAP_UNIX_STREAM, CAP_INCOMING]
     if args.write:
         capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD, CAP_FILES_CHOWN,
-                         CAP_FILES_TIMES]
+                         CAP_FILES_TIMES, CAP_FILES_LINKS, CAP_FILES_XATTR]
     context = AgentContext(
         secret=secret.encode(),
         target=target,

@@ -71,8 +71,10 @@ from .protocol import (
     Goodbye,
     IncomingSubscribe,
     IncomingUnsubscribe,
+    Link,
     LinkTarget,
     MakeDir,
+    MakeNode,
     Open,
     Opened,
     Operation,
@@ -82,6 +84,7 @@ from .protocol import (
     ReadDir,
     ReadFile,
     ReadLink,
+    RemoveXattr,
     Rename,
     Request,
     Resolve,
@@ -89,12 +92,14 @@ from .protocol import (
     Result,
     Sent,
     SetTimes,
+    SetXattr,
     Stat,
     StatFs,
     StreamClose,
     StreamCredit,
     StreamData,
     StreamShutdown,
+    Symlink,
     TcpConnect,
     Truncate,
     UdpClose,
@@ -525,6 +530,21 @@ class Session:
                 return Done()
             case SetTimes(path=path, atime=atime, mtime=mtime, follow=follow):
                 await in_thread(files.set_times, path, atime, mtime, follow)
+                return Done()
+            case Link(source=source, destination=destination, follow=follow):
+                await in_thread(files.link, source, destination, follow)
+                return Done()
+            case Symlink(target=link_target, path=path):
+                await in_thread(files.symlink, link_target, path)
+                return Done()
+            case MakeNode(path=path, mode=mode, device=device):
+                await in_thread(files.mknod, path, mode, device)
+                return Done()
+            case SetXattr(path=path, name=name, value=value, flags=flags, follow=follow):
+                await in_thread(files.set_xattr, path, name, value, flags, follow)
+                return Done()
+            case RemoveXattr(path=path, name=name, follow=follow):
+                await in_thread(files.remove_xattr, path, name, follow)
                 return Done()
             case StatFs(path=path):
                 return await in_thread(files.statfs, path)
