@@ -416,6 +416,7 @@ class ShadowTree:
     def forget(self, remote_path: bytes) -> None:
         """The target removed ``remote_path``: drop its copy and listing."""
         key = normalize(remote_path)
+        self._stop_tracking(key)
         self._copies.pop(key, None)
         self._listed.pop(key, None)
         self._listed.pop(normalize(key + b"/.."), None)
@@ -424,6 +425,9 @@ class ShadowTree:
     def moved(self, source: bytes, destination: bytes) -> None:
         """The target renamed ``source`` to ``destination``: follow it here."""
         source, destination = normalize(source), normalize(destination)
+        if source == destination:
+            return
+        self._stop_tracking(destination)
         local_source, local_destination = self.shadow_path(source), self.shadow_path(destination)
         for parent in (source, destination):
             self._listed.pop(normalize(parent + b"/.."), None)
@@ -440,6 +444,17 @@ class ShadowTree:
             path = normalize(node.remote_path)
             if path == source or path.startswith(prefix):
                 node.remote_path = destination + path[len(source):]
+
+    def _stop_tracking(self, remote_path: bytes) -> None:
+        """``remote_path`` (a file or a tree) is gone from its name in the
+        target: what a program still writes through an fd opened before is
+        never uploaded over whatever gets that name next (as writes to an
+        unlinked file go nowhere)."""
+        prefix = remote_path + b"/"
+        for node in self._nodes.values():
+            path = normalize(node.remote_path)
+            if node.tracked and (path == remote_path or path.startswith(prefix)):
+                node.tracked = False
 
     def invalidate_listing(self, remote_path: bytes) -> None:
         self._listed.pop(normalize(remote_path), None)
