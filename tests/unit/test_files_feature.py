@@ -920,6 +920,38 @@ def test_fsetxattr_on_a_copy_sets_the_target_files_and_survives_the_upload(
     assert os.getxattr(file, "user.tag") == b"kept"
 
 
+def test_chmod_of_a_target_symlink_itself_is_eopnotsupp_as_on_linux(harness: Harness) -> None:
+    """glibc's fchmodat(AT_SYMLINK_NOFOLLOW) (tar's, for every symlink it
+    extracts) opens the link O_PATH|O_NOFOLLOW and fstats it: the open gave
+    ELOOP under mtrace, so tar failed where Linux says EOPNOTSUPP and tar goes on."""
+    file = harness.write(f"{REMOTE}/file", "x", mode=0o644)
+    os.symlink("file", file.parent / "link")
+    code = ("import os\ntry:\n    os.chmod('/srv/mtrace-files-test/link', 0o600, "
+            "follow_symlinks=False)\nexcept NotImplementedError:\n    print('EOPNOTSUPP')\n"
+            "except OSError as e:\n    print(e.strerror)\n"
+            "fd = os.open('/srv/mtrace-files-test/link', os.O_PATH | os.O_NOFOLLOW)\n"
+            "print(oct(os.stat(fd).st_mode))\n")
+    for mode in ("read", "write"):
+        result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode=mode))
+        assert result.text == "EOPNOTSUPP\n0o120777\n", mode
+    assert stat.S_IMODE(file.stat().st_mode) == 0o644
+
+
+def test_chmod_through_proc_self_fd_of_a_copy_changes_the_target(harness: Harness) -> None:
+    """tar's directory modes (glibc's fchmodat(AT_SYMLINK_NOFOLLOW): an O_PATH
+    open, then chmod of /proc/self/fd/N) changed the copy, not the target's."""
+    file = harness.write(f"{REMOTE}/dir/file", "x")
+    os.chmod(file.parent, 0o700)
+    code = ("import os\nfd = os.open('/srv/mtrace-files-test/dir', os.O_PATH | os.O_NOFOLLOW)\n"
+            "os.chmod('/proc/self/fd/%d' % fd, 0o751)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.returncode == 0
+    assert stat.S_IMODE(file.parent.stat().st_mode) == 0o751
+    result = harness.run(["/usr/bin/python3", "-S", "-c",
+                          code + "print('changed')\n"], FsConfig(mode="read"))
+    assert result.returncode != 0 and "changed" not in result.text
+
+
 def test_links_and_xattrs_of_a_target_path_in_read_mode_are_erofs(harness: Harness) -> None:
     harness.write(f"{REMOTE}/file", "x")
     code = ("import errno, os\nb = '/srv/mtrace-files-test'\n"

@@ -798,7 +798,19 @@ class FilesFeature:
         else:
             info = await self._remote_stat(target.path, follow)
         if stat.S_ISLNK(info.mode):
-            return Errno(errno.ELOOP)
+            if not flags & abi.O_PATH:
+                return Errno(errno.ELOOP)
+            # O_PATH|O_NOFOLLOW names the link itself (glibc's and musl's
+            # fchmodat(AT_SYMLINK_NOFOLLOW), which tar calls for every symlink,
+            # then fstat it and answer EOPNOTSUPP for a link). A symlink's fd
+            # cannot be injected: a stand-in whose fstat is the link's.
+            fd = self.shadow.stand_in(target.path)
+            try:
+                self._remember(fd, target.path, info)
+            except BaseException:
+                os.close(fd)
+                raise
+            return InjectFd(fd, cloexec=cloexec)
         if flags & os.O_DIRECTORY and not stat.S_ISDIR(info.mode):
             return Errno(errno.ENOTDIR)
         if stat.S_ISSOCK(info.mode):
@@ -1306,6 +1318,21 @@ class FilesFeature:
         if target is None:
             return CONTINUE  # an fd (AT_EMPTY_PATH, NULL): a shadow copy or a local file
         follow = not flags & abi.AT_SYMLINK_NOFOLLOW
+        copy = self._copy_by_proc_path(call, target)
+        if copy is not None:
+            node, route = copy
+            if route is not Route.WRITE:
+                return Errno(errno.EROFS)
+
+            async def changed() -> Outcome:
+                try:
+                    if remote is None:
+                        return Errno(NOT_IN_TARGET)
+                    return await remote(node.remote_path, not stat.S_ISLNK(node.stat.mode))
+                finally:
+                    self._changed()
+
+            return self._defer(changed())
 
         def run_local() -> Outcome:
             local(target.path, follow)
@@ -1316,6 +1343,27 @@ class FilesFeature:
 
         return self._change(call, [target], local=run_local, remote=in_target,
                             probe=target.clean)
+
+    def _copy_by_proc_path(self, call: SyscallCall, target: Target) -> tuple[Node, Route] | None:
+        """``/proc/self/fd/N`` (or the caller's own pid) naming a target file's
+        copy: that file, as the fd forms have it. glibc's
+        fchmodat(AT_SYMLINK_NOFOLLOW), tar's last step for each directory,
+        opens the name O_PATH and chmods ``/proc/self/fd/N``; the kernel would
+        change the copy, not the target's file."""
+        match = _PROC_LINK.match(target.clean)
+        if match is None or not match.group(3).startswith(b"fd/"):
+            return None
+        who = match.group(1)
+        if who not in (b"self", b"thread-self") and int(who) != call.tid:
+            try:
+                if int(who) != _process_of(call.tid)[0]:
+                    return None
+            except (OSError, ValueError, IndexError):
+                return None
+        found = self._fd_route(call, int(match.group(3)[3:]))
+        if found is None or found[1] is Route.LOCAL:
+            return None
+        return found
 
     def _remote_chmod(self, mode: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
         """chmod in the target (write mode), where the agent can (``files-chmod``)."""
@@ -1358,8 +1406,8 @@ class FilesFeature:
 
         async def changed() -> Outcome:
             try:
-                return await self._remote_xattr(node.remote_path, name, value, flags, True,
-                                                 remove)
+                return await self._remote_xattr(node.remote_path, name, value, flags,
+                                                 not stat.S_ISLNK(node.stat.mode), remove)
             finally:
                 self._changed()
 
@@ -1384,6 +1432,8 @@ class FilesFeature:
 
     def _fd_chmod(self, mode: int) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
         async def change(node: Node) -> Outcome:
+            if stat.S_ISLNK(node.stat.mode):
+                return Errno(errno.EOPNOTSUPP)  # a symlink's own mode, as Linux answers
             if CAP_FILES_CHMOD not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
             await self.context.client.chmod(node.remote_path, mode)
@@ -1404,7 +1454,8 @@ class FilesFeature:
         async def change(node: Node) -> Outcome:
             if CAP_FILES_CHOWN not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
-            await self.context.client.chown(node.remote_path, uid, gid)
+            await self.context.client.chown(node.remote_path, uid, gid,
+                                            follow=not stat.S_ISLNK(node.stat.mode))
             node.stat = msgspec.structs.replace(
                 node.stat, uid=node.stat.uid if uid == -1 else uid,
                 gid=node.stat.gid if gid == -1 else gid)
@@ -1416,7 +1467,8 @@ class FilesFeature:
         async def change(node: Node) -> Outcome:
             if CAP_FILES_TIMES not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
-            await self.context.client.set_times(node.remote_path, atime, mtime)
+            await self.context.client.set_times(node.remote_path, atime, mtime,
+                                                follow=not stat.S_ISLNK(node.stat.mode))
             if node.tracked:
                 node.times = (atime, mtime)
             return CONTINUE

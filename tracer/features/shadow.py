@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -115,6 +116,7 @@ class ShadowTree:
     _fetching: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)
     _listed: dict[bytes, float] = field(default_factory=dict)
     _nodes: dict[tuple[int, int], Node] = field(default_factory=dict)
+    _stand_ins: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.root = os.fsencode(self.root).rstrip(b"/")
@@ -275,6 +277,18 @@ class ShadowTree:
             os.truncate(local, 0)
         self._copies[key] = _Copy((info.size, info.mtime_ns))
         return local
+
+    def stand_in(self, remote_path: bytes) -> int:
+        """A read-only fd of a new, already unlinked, empty file beside
+        ``remote_path``'s copy: an inode of its own to remember an object by
+        (a symlink) that cannot itself be handed to the tracee."""
+        local = self.shadow_path(normalize(remote_path))
+        self._ensure_parent(local)
+        name = local + b".mtrace-stand-in-%d" % next(self._stand_ins)
+        fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o400)
+        os.unlink(name)
+        return fd
 
     def pin(self, remote_path: bytes) -> None:
         """The local copy has writers: never replace it by a fetch."""
