@@ -132,6 +132,30 @@ def test_readlink(probe: Path, netns_target: NetnsTarget, tree: str, name: str) 
     assert_like_inside(netns_target, [str(probe), "readlink", f"{tree}/{name}"], visible(tree))
 
 
+def test_symlink_in_write_mode_is_made_in_the_target(probe: Path, netns_target: NetnsTarget,
+                                                     tree: str) -> None:
+    """Every flavour's symlink(at) of a target path (Go's os.Symlink is a raw
+    symlinkat) answered EPERM in write mode: it must make the link in the
+    target, contents verbatim, and fail again as inside the target."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    fs = {"mode": "write", **visible(tree, "read_write")}
+    try:
+        for attempt in range(2):  # the second time: EEXIST, on both sides
+            traced = mtrace(netns_target, [str(probe), "symlink", "../sub/notes.txt",
+                                           f"{tree}/probe-link"], fs)
+            inside = netns_target.run_inside(str(probe), "symlink", "../sub/notes.txt",
+                                             f"{tree}/probe-link-inside")
+            assert (traced.returncode, traced.stdout) == (inside.returncode, inside.stdout), \
+                traced.stderr.decode(errors="replace")[-3000:]
+            assert traced.stdout == (b"../sub/notes.txt\n" if attempt == 0
+                                     else b"error: EEXIST\n")
+        assert os.readlink(f"{host_view}/probe-link") == "../sub/notes.txt"
+    finally:
+        for name in ("probe-link", "probe-link-inside"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{host_view}/{name}")
+
+
 def test_relative_paths_after_chdir(probe: Path, netns_target: NetnsTarget, tree: str) -> None:
     script = (f"cd {tree}/sub && {probe} cat notes.txt && {probe} ls deeper && "
               f"{probe} stat ../config.yaml && cd deeper && {probe} cat ./leaf && "
