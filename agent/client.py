@@ -53,6 +53,8 @@ the target's root; every failure in the target's context raises
     await client.remove_xattr(path, name, follow=True)                  (capability files-xattr)
 
     await client.statfs(path) -> FsStat                       (capability files-statfs)
+    await client.get_xattr(path, name, follow=True) -> bytes  (capability files-xattr-read)
+    await client.list_xattr(path, follow=True) -> list[bytes] (capability files-xattr-read)
 
 ``TcpStream`` (flow controlled; like an asyncio StreamReader/Writer pair)::
 
@@ -143,6 +145,7 @@ from .protocol import (
     FrameEncoder,
     FsStat,
     GetEnviron,
+    GetXattr,
     Goodbye,
     HttpRequestFilter,
     IncomingConnection,
@@ -151,6 +154,7 @@ from .protocol import (
     IncomingUnsubscribe,
     Link,
     LinkTarget,
+    ListXattr,
     MakeDir,
     MakeNode,
     Open,
@@ -194,6 +198,8 @@ from .protocol import (
     UploadCommit,
     Welcome,
     Write,
+    XattrNames,
+    XattrValue,
     _Message,
     agent_proof,
     client_proof,
@@ -769,6 +775,19 @@ class AgentClient:
         """setxattr (``follow=False``: lsetxattr) of a target path (capability ``files-xattr``)."""
         await self._call(SetXattr(path=_path(path), name=os.fsencode(name), value=value,
                                   flags=flags, follow=follow), Done)
+
+    async def get_xattr(self, path: Path, name: bytes | str, *, follow: bool = True) -> bytes:
+        """getxattr (``follow=False``: lgetxattr) of a target path (capability
+        ``files-xattr-read``)."""
+        result = await self._call(GetXattr(path=_path(path), name=os.fsencode(name),
+                                           follow=follow), XattrValue)
+        return result.value
+
+    async def list_xattr(self, path: Path, *, follow: bool = True) -> list[bytes]:
+        """listxattr (``follow=False``: llistxattr) of a target path (capability
+        ``files-xattr-read``)."""
+        result = await self._call(ListXattr(path=_path(path), follow=follow), XattrNames)
+        return result.names
 
     async def remove_xattr(self, path: Path, name: bytes | str, *, follow: bool = True) -> None:
         """removexattr (``follow=False``: lremovexattr) of a target path (capability ``files-xattr``)."""

@@ -592,6 +592,15 @@ class FileService:
         with self._xattr_path(path, follow) as where:
             os.setxattr(where, name, value, flags, follow_symlinks=follow)
 
+    def get_xattr(self, path: bytes, name: bytes, follow: bool) -> bytes:
+        _check_xattr_name(name, path)
+        with self._xattr_path(path, follow) as where:
+            return os.getxattr(where, name, follow_symlinks=follow)
+
+    def list_xattr(self, path: bytes, follow: bool) -> list[bytes]:
+        with self._xattr_path(path, follow) as where:
+            return [os.fsencode(name) for name in os.listxattr(where, follow_symlinks=follow)]
+
     def remove_xattr(self, path: bytes, name: bytes, follow: bool) -> None:
         self._require_writable(path)
         _check_xattr_name(name, path)

@@ -125,6 +125,9 @@ CAP_FILES_LINKS: Final = "files-links"
 #: SetXattr, RemoveXattr: extended attributes of a target path (with --write).
 CAP_FILES_XATTR: Final = "files-xattr"
 
+#: GetXattr, ListXattr: read a target path's extended attributes.
+CAP_FILES_XATTR_READ: Final = "files-xattr-read"
+
 #: Linux's limits (linux/limits.h), checked by the agent with the kernel's errno.
 PATH_MAX: Final = 4096
 XATTR_NAME_MAX: Final = 255
@@ -436,6 +439,23 @@ class RemoveXattr(_Message, tag="remove-xattr"):
     follow: bool
 
 
+class GetXattr(_Message, tag="get-xattr"):
+    """getxattr(2) (``follow``; else lgetxattr) of ``path`` under the target's
+    root: answered with :class:`XattrValue`; capability ``files-xattr-read``."""
+
+    path: bytes
+    name: bytes
+    follow: bool
+
+
+class ListXattr(_Message, tag="list-xattr"):
+    """listxattr(2) (``follow``; else llistxattr) of ``path`` under the target's
+    root: answered with :class:`XattrNames`; capability ``files-xattr-read``."""
+
+    path: bytes
+    follow: bool
+
+
 class HttpRequestFilter(_Message, tag="http-filter"):
     """Which HTTP requests a filtered steal takes: Python regular expressions
     (``re.search``) on each ``Name: value`` header line, the request target and
@@ -502,6 +522,8 @@ Operation = (
     | MakeNode
     | SetXattr
     | RemoveXattr
+    | GetXattr
+    | ListXattr
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
@@ -631,6 +653,16 @@ class FsStat(_Message, tag="fs-stat"):
     flags: int
 
 
+class XattrValue(_Message, tag="xattr-value"):
+    value: bytes
+
+
+class XattrNames(_Message, tag="xattr-names"):
+    """Attribute names in the order the filesystem lists them."""
+
+    names: list[bytes]
+
+
 Result = (
     Error
     | Done
@@ -648,6 +680,8 @@ Result = (
     | Sent
     | IncomingSubscribed
     | FsStat
+    | XattrValue
+    | XattrNames
 )
 
 

@@ -44,6 +44,7 @@ from .protocol import (
     CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
     CAP_FILES_XATTR,
+    CAP_FILES_XATTR_READ,
     CAP_INCOMING,
     CAP_TCP,
     CAP_UDP,
@@ -205,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot open the root of {target.describe()}: {error.strerror}",
             hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
         ) from error
-    capabilities = [CAP_FILES, CAP_FILES_STATFS, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS,
+    capabilities = [CAP_FILES, CAP_FILES_STATFS, CAP_FILES_XATTR_READ, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS,
                     CAP_UNIX_STREAM, CAP_INCOMING]
     if args.write:
         capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD, CAP_FILES_CHOWN,

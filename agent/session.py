@@ -68,11 +68,13 @@ from .protocol import (
     Error,
     FrameEncoder,
     GetEnviron,
+    GetXattr,
     Goodbye,
     IncomingSubscribe,
     IncomingUnsubscribe,
     Link,
     LinkTarget,
+    ListXattr,
     MakeDir,
     MakeNode,
     Open,
@@ -111,6 +113,8 @@ from .protocol import (
     UploadCommit,
     Welcome,
     Write,
+    XattrNames,
+    XattrValue,
     _Message,
     agent_proof,
     client_proof,
@@ -543,6 +547,10 @@ class Session:
             case SetXattr(path=path, name=name, value=value, flags=flags, follow=follow):
                 await in_thread(files.set_xattr, path, name, value, flags, follow)
                 return Done()
+            case GetXattr(path=path, name=name, follow=follow):
+                return XattrValue(value=await in_thread(files.get_xattr, path, name, follow))
+            case ListXattr(path=path, follow=follow):
+                return XattrNames(names=await in_thread(files.list_xattr, path, follow))
             case RemoveXattr(path=path, name=name, follow=follow):
                 await in_thread(files.remove_xattr, path, name, follow)
                 return Done()

@@ -482,6 +482,9 @@ setfattr -n user.gone -v x "$D/file" && setfattr -x user.gone "$D/file"; echo "s
 setfattr -x user.missing "$D/file" 2>/dev/null; echo "setfattr -x missing $?"
 setfattr -h -n user.k -v v "$D/soft" 2>/dev/null; echo "setfattr -h on a symlink $?"
 setfattr -n user.k -v v "$D/nothing" 2>/dev/null; echo "setfattr on nothing $?"
+getfattr -n user.k --only-values "$D/file"; echo " getfattr $?"
+getfattr -d "$D/file" | sed 1d; echo "getfattr -d $?"
+getfattr -n user.none "$D/file" 2>/dev/null; echo "getfattr missing $?"
 """
 
 
@@ -514,6 +517,7 @@ def test_ln_mkfifo_mknod_setfattr_in_write_mode_act_on_the_target_as_inside_it(
             traced.stderr.decode(errors="replace")[-3000:]
         assert b"ln -s 0\nln -s 0\nln 0\nln again 1\nln to another filesystem 1\n" in \
             traced.stdout
+        assert b"value getfattr 0\nuser.k=\"value\"\n" in traced.stdout
         listings = [netns_target.run_inside(sys.executable, "-S", "-c", LISTING,
                                             f"{tree}/links-{side}").stdout
                     for side in ("traced", "inside")]

@@ -400,6 +400,21 @@ def test_xattrs_follow_symlinks_inside_the_root_and_honour_flags(writable: FileS
     assert os.listxattr(tree.parent / "secret.txt") == []
 
 
+def test_xattrs_are_read_inside_the_root(files: FileService, tree: Path) -> None:
+    """GetXattr/ListXattr need no --write; a symlink is followed only when asked."""
+    os.setxattr(tree / "etc" / "hosts", "user.k", b"value")
+    assert files.get_xattr(b"/etc/abs-hosts", b"user.k", True) == b"value"
+    assert files.list_xattr(b"/etc/abs-hosts", True) == [b"user.k"]
+    assert b"user.k" not in files.list_xattr(b"/etc/abs-hosts", False)
+    for attempt, expected in ((lambda: files.get_xattr(b"/etc/hosts", b"user.none", True),
+                               errno.ENODATA),
+                              (lambda: files.get_xattr(b"/etc/hosts", b"", True), errno.ERANGE),
+                              (lambda: files.list_xattr(b"/missing", True), errno.ENOENT)):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == expected
+
+
 def test_xattr_limits_are_the_kernels(writable: FileService) -> None:
     cases = [
         (lambda: writable.set_xattr(b"/etc/hosts", b"user.k", b"v", 4, True), errno.EINVAL),

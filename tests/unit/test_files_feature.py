@@ -62,7 +62,8 @@ class FakeAgent:
     lost: bool = False
     capabilities: list[str] = field(
         default_factory=lambda: ["files-write", "files-upload", "files-statfs", "files-chmod",
-                                 "files-chown", "files-times", "files-links", "files-xattr"])
+                                 "files-chown", "files-times", "files-links", "files-xattr",
+                                 "files-xattr-read"])
     # The agent is lost on this call of write (1 = the first): an upload cut short.
     lose_on_write: int = 0
     # read_file calls that returned a file (not refused: too big, missing, ...)
@@ -216,6 +217,14 @@ class FakeAgent:
                         follow: bool = True) -> None:
         await self._enter("set_xattr", path)
         self._call(self.service.set_xattr, path, name, value, flags, follow)
+
+    async def get_xattr(self, path: bytes, name: bytes, *, follow: bool = True) -> bytes:
+        await self._enter("get_xattr", path)
+        return self._call(self.service.get_xattr, path, name, follow)  # type: ignore[no-any-return]
+
+    async def list_xattr(self, path: bytes, *, follow: bool = True) -> list[bytes]:
+        await self._enter("list_xattr", path)
+        return self._call(self.service.list_xattr, path, follow)  # type: ignore[no-any-return]
 
     async def remove_xattr(self, path: bytes, name: bytes, *, follow: bool = True) -> None:
         await self._enter("remove_xattr", path)
@@ -832,6 +841,36 @@ def test_write_mode_links_nodes_and_xattrs_are_made_in_the_target(harness: Harne
     assert os.getxattr(file, "user.k") == b"v"
     assert not os.path.lexists("/tmp/mtrace-never-here")
     assert not os.path.lexists(REMOTE)
+
+
+XATTRS = r"""
+import errno, os, sys
+path = sys.argv[1]
+def outcome(function):
+    try:
+        return repr(function())
+    except OSError as error:
+        return errno.errorcode[error.errno]
+print(outcome(lambda: os.getxattr(path, "user.k")),
+      outcome(lambda: sorted(os.listxattr(path))),
+      outcome(lambda: os.getxattr(path, "user.none")),
+      outcome(lambda: os.getxattr(path + ".missing", "user.k")))
+"""
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_getxattr_and_listxattr_read_the_targets_attributes(harness: Harness, mode: str) -> None:
+    """getfattr under mtrace showed none of a target file's attributes."""
+    file = harness.write(f"{REMOTE}/file", "x")
+    os.setxattr(file, "user.k", b"value")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", XATTRS, f"{REMOTE}/file"],
+                         FsConfig(mode=mode))
+    assert result.text == "b'value' ['user.k'] ENODATA ENOENT\n"
+    # an older agent: none served, a missing file still ENOENT
+    harness.agent.capabilities.remove("files-xattr-read")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", XATTRS, f"{REMOTE}/file"],
+                         FsConfig(mode=mode))
+    assert result.text == "ENODATA [] ENODATA ENOENT\n"
 
 
 def test_links_and_xattrs_with_an_agent_without_them_are_refused(harness: Harness) -> None:

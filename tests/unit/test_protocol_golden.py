@@ -142,6 +142,12 @@ SAMPLES = {
         path=b"/tmp/x", name=b"user.k", value=b"v", flags=p.XATTR_CREATE, follow=False)),
     "remove-xattr": p.Request(id=33, operation=p.RemoveXattr(path=b"/tmp/x", name=b"user.k",
                                                              follow=True)),
+    "get-xattr": p.Request(id=34, operation=p.GetXattr(path=b"/tmp/x", name=b"user.k",
+                                                       follow=False)),
+    "list-xattr": p.Request(id=35, operation=p.ListXattr(path=b"/tmp/x", follow=True)),
+    "xattr-value": p.Response(id=34, result=p.XattrValue(value=b"v")),
+    "xattr-names": p.Response(id=35, result=p.XattrNames(names=[b"user.k",
+                                                                b"security.selinux"])),
     "fs-stat": p.Response(id=25, result=p.FsStat(
         type=0x01021994, bsize=4096, blocks=1000, bfree=900, bavail=800, files=500, ffree=400,
         fsid=(1, 2), namelen=255, frsize=4096, flags=0x20)),
@@ -217,6 +223,10 @@ GOLDEN = {
     "mknod": "0000001993a37265711f94a56d6b6e6f64c4062f746d702f70cd11a400",
     "set-xattr": "0000002693a37265712096a97365742d7861747472c4062f746d702f78c406757365722e6bc4017601c2",
     "remove-xattr": "0000002593a37265712194ac72656d6f76652d7861747472c4062f746d702f78c406757365722e6bc3",
+    "get-xattr": "0000002293a37265712294a96765742d7861747472c4062f746d702f78c406757365722e6bc2",
+    "list-xattr": "0000001b93a37265712393aa6c6973742d7861747472c4062f746d702f78c3",
+    "xattr-value": "0000001693a37265732292ab78617474722d76616c7565c40176",
+    "xattr-names": "0000002e93a37265732392ab78617474722d6e616d657392c406757365722e6bc41073656375726974792e73656c696e7578",
     "fs-stat": "0000002f93a3726573199ca766732d73746174ce01021994cd1000cd03e8cd0384cd0320cd01f4cd0190920102ccffcd100020",
 }
 

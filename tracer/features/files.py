@@ -105,6 +105,7 @@ from ...agent.protocol import (
     CAP_FILES_STATFS,
     CAP_FILES_TIMES,
     CAP_FILES_XATTR,
+    CAP_FILES_XATTR_READ,
     XATTR_CREATE,
     XATTR_REPLACE,
     XATTR_SIZE_MAX,
@@ -1042,9 +1043,10 @@ class FilesFeature:
 
     def _xattr(self, call: SyscallCall, path: bytes, name: bytes | None, buffer: int,
                size: int, *, follow: bool) -> Outcome:
-        """get/listxattr (name None: list). The target's extended attributes are
-        not served: a remote object has none (ENODATA, an empty list), but a
-        missing one is the target's ENOENT, as for stat."""
+        """get/listxattr (name None: list): the target's extended attributes
+        (the agent's ``files-xattr-read``). An older agent serves none: a
+        remote object has none (ENODATA, an empty list), but a missing one is
+        the target's ENOENT, as for stat."""
         target = self._resolve(call, AT_FDCWD, path)
         if target is None:
             return CONTINUE
@@ -1058,20 +1060,32 @@ class FilesFeature:
                     data = b"".join(os.fsencode(item) + b"\0" for item in found)
                 else:
                     data = os.getxattr(target.path, name, follow_symlinks=follow)
-                if size == 0:
-                    return ReturnValue(len(data))
-                if len(data) > size:
-                    return Errno(errno.ERANGE)
-                return ReturnValue(len(data), writes=((buffer, data),) if data else ())
+                return self._reply_xattr(data, buffer, size)
 
             return self._local(target, here)
 
         async def remote() -> Outcome:
             client = self.context.client
-            await (client.stat(target.path) if follow else client.lstat(target.path))
-            return ReturnValue(0) if name is None else Errno(errno.ENODATA)
+            if CAP_FILES_XATTR_READ not in client.capabilities:
+                await (client.stat(target.path) if follow else client.lstat(target.path))
+                return ReturnValue(0) if name is None else Errno(errno.ENODATA)
+            if name is None:
+                names = await client.list_xattr(target.path, follow=follow)
+                return self._reply_xattr(b"".join(item + b"\0" for item in names), buffer, size)
+            return self._reply_xattr(await client.get_xattr(target.path, name, follow=follow),
+                                     buffer, size)
 
         return self._defer(remote())
+
+    @staticmethod
+    def _reply_xattr(data: bytes, buffer: int, size: int) -> Outcome:
+        """What getxattr/listxattr return for ``data``: its size when asked
+        with size 0, ERANGE when it does not fit."""
+        if size == 0:
+            return ReturnValue(len(data))
+        if len(data) > size:
+            return Errno(errno.ERANGE)
+        return ReturnValue(len(data), writes=((buffer, data),) if data else ())
 
     @staticmethod
     def _reply_link(link: bytes | str, buffer: int, size: int) -> Outcome:
