@@ -225,7 +225,7 @@ class ReadFile(_Message, tag="read-file"):
 class Open(_Message, tag="open"):
     path: bytes
     flags: int = 0  # os.O_* (access mode, O_CREAT, O_EXCL, O_TRUNC, O_APPEND, ...)
-    mode: int = 0o666
+    mode: int = 0o666  # what a created file gets: the caller applied its umask
 
 
 class Read(_Message, tag="read"):
@@ -317,7 +317,7 @@ class Truncate(_Message, tag="truncate"):
 
 class MakeDir(_Message, tag="mkdir"):
     path: bytes
-    mode: int = 0o777
+    mode: int = 0o777  # what the directory gets: the caller applied its umask
 
 
 class Unlink(_Message, tag="unlink"):

@@ -179,6 +179,9 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as error:
         logs.event(logger, logging.WARNING, "secret_not_scrubbed", error=str(error))
     os.environ.pop(SECRET_VARIABLE, None)
+    # Modes on the wire are final (the client applied its program's umask to
+    # Open, MakeDir, MakeNode): the agent's own umask must not narrow them.
+    os.umask(0)
     if not secret:
         raise AgentError(
             "no shared secret",

@@ -477,6 +477,8 @@ mkfifo "$D/fifo"; echo "mkfifo $?"
 mkfifo -m 0604 "$D/fifo-mode"; echo "mkfifo -m $?"
 mkfifo "$D/fifo" 2>/dev/null; echo "mkfifo again $?"
 mknod "$D/null" c 1 3; echo "mknod c $?"
+mkdir "$D/dir"; echo "mkdir $?"
+echo created > "$D/created"; echo "created $?"
 setfattr -n user.k -v value "$D/file"; echo "setfattr $?"
 setfattr -n user.gone -v x "$D/file" && setfattr -x user.gone "$D/file"; echo "setfattr -x $?"
 setfattr -x user.missing "$D/file" 2>/dev/null; echo "setfattr -x missing $?"
@@ -524,6 +526,8 @@ def test_ln_mkfifo_mknod_setfattr_in_write_mode_act_on_the_target_as_inside_it(
         assert listings[0] == listings[1]
         assert b"soft lrwxrwxrwx 1 -> ../relative/target" in listings[0]
         assert b"fifo prw-rw-r--" in listings[0] and b"fifo-mode prw----r--" in listings[0]
+        # umask 002, not the agent's own
+        assert b"dir drwxrwxr-x" in listings[0] and b"created -rw-rw-r--" in listings[0]
         assert b"user.k=b'value'" in listings[0] and b"user.gone" not in listings[0]
         assert not os.path.lexists("/tmp/mtrace-links-cross-device")
     finally:
