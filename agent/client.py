@@ -47,8 +47,14 @@ the target's root; every failure in the target's context raises
     await client.chmod(path, mode)                            (capability files-chmod)
     await client.chown(path, uid, gid, follow=True)           (capability files-chown)
     await client.set_times(path, atime, mtime, follow=True)   (capability files-times)
+    await client.link(source, destination, follow=False)      (capability files-links)
+    await client.symlink(target, path), client.mknod(path, mode, device=0)   (files-links)
+    await client.set_xattr(path, name, value, flags=0, follow=True)     (capability files-xattr)
+    await client.remove_xattr(path, name, follow=True)                  (capability files-xattr)
 
     await client.statfs(path) -> FsStat                       (capability files-statfs)
+    await client.get_xattr(path, name, follow=True) -> bytes  (capability files-xattr-read)
+    await client.list_xattr(path, follow=True) -> list[bytes] (capability files-xattr-read)
 
 ``TcpStream`` (flow controlled; like an asyncio StreamReader/Writer pair)::
 
@@ -139,14 +145,18 @@ from .protocol import (
     FrameEncoder,
     FsStat,
     GetEnviron,
+    GetXattr,
     Goodbye,
     HttpRequestFilter,
     IncomingConnection,
     IncomingSubscribe,
     IncomingSubscribed,
     IncomingUnsubscribe,
+    Link,
     LinkTarget,
+    ListXattr,
     MakeDir,
+    MakeNode,
     Open,
     Opened,
     Operation,
@@ -156,6 +166,7 @@ from .protocol import (
     ReadDir,
     ReadFile,
     ReadLink,
+    RemoveXattr,
     Rename,
     Request,
     Resolve,
@@ -163,6 +174,7 @@ from .protocol import (
     Result,
     Sent,
     SetTimes,
+    SetXattr,
     Stat,
     StatFs,
     StreamClose,
@@ -171,6 +183,7 @@ from .protocol import (
     StreamEof,
     StreamReset,
     StreamShutdown,
+    Symlink,
     TcpConnect,
     TcpConnected,
     TimeSpec,
@@ -185,6 +198,8 @@ from .protocol import (
     UploadCommit,
     Welcome,
     Write,
+    XattrNames,
+    XattrValue,
     _Message,
     agent_proof,
     client_proof,
@@ -740,6 +755,43 @@ class AgentClient:
         """utimensat of a target path: nanoseconds, ``"now"`` or ``None`` (leave
         it) for each (capability ``files-times``)."""
         await self._call(SetTimes(path=_path(path), atime=atime, mtime=mtime, follow=follow),
+                         Done)
+
+    async def link(self, source: Path, destination: Path, *, follow: bool = False) -> None:
+        """link (``follow``: linkat's AT_SYMLINK_FOLLOW) in the target (capability ``files-links``)."""
+        await self._call(Link(source=_path(source), destination=_path(destination),
+                              follow=follow), Done)
+
+    async def symlink(self, target: bytes | str, path: Path) -> None:
+        """A symlink at ``path`` holding ``target`` verbatim (capability ``files-links``)."""
+        await self._call(Symlink(target=os.fsencode(target), path=_path(path)), Done)
+
+    async def mknod(self, path: Path, mode: int, device: int = 0) -> None:
+        """mknod with exactly ``mode`` (type and permissions; capability ``files-links``)."""
+        await self._call(MakeNode(path=_path(path), mode=mode, device=device), Done)
+
+    async def set_xattr(self, path: Path, name: bytes | str, value: bytes, flags: int = 0, *,
+                        follow: bool = True) -> None:
+        """setxattr (``follow=False``: lsetxattr) of a target path (capability ``files-xattr``)."""
+        await self._call(SetXattr(path=_path(path), name=os.fsencode(name), value=value,
+                                  flags=flags, follow=follow), Done)
+
+    async def get_xattr(self, path: Path, name: bytes | str, *, follow: bool = True) -> bytes:
+        """getxattr (``follow=False``: lgetxattr) of a target path (capability
+        ``files-xattr-read``)."""
+        result = await self._call(GetXattr(path=_path(path), name=os.fsencode(name),
+                                           follow=follow), XattrValue)
+        return result.value
+
+    async def list_xattr(self, path: Path, *, follow: bool = True) -> list[bytes]:
+        """listxattr (``follow=False``: llistxattr) of a target path (capability
+        ``files-xattr-read``)."""
+        result = await self._call(ListXattr(path=_path(path), follow=follow), XattrNames)
+        return result.names
+
+    async def remove_xattr(self, path: Path, name: bytes | str, *, follow: bool = True) -> None:
+        """removexattr (``follow=False``: lremovexattr) of a target path (capability ``files-xattr``)."""
+        await self._call(RemoveXattr(path=_path(path), name=os.fsencode(name), follow=follow),
                          Done)
 
     async def statfs(self, path: Path) -> FsStat:

@@ -32,7 +32,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import Data, DirEntries, DirEntry, FileContents, FileStat, FsStat, TimeSpec
+from .protocol import (
+    PATH_MAX,
+    XATTR_CREATE,
+    XATTR_NAME_MAX,
+    XATTR_REPLACE,
+    XATTR_SIZE_MAX,
+    Data,
+    DirEntries,
+    DirEntry,
+    FileContents,
+    FileStat,
+    FsStat,
+    TimeSpec,
+)
 
 MAX_SYMLINKS = 40  # what Linux allows in one path walk
 
@@ -111,6 +124,13 @@ def _check_path(path: bytes) -> None:
     if not path:
         raise _error(errno.ENOENT, path)
     if b"\0" in path:
+        raise _error(errno.EINVAL, path)
+
+
+def _check_xattr_name(name: bytes, path: bytes) -> None:
+    if not name or len(name) > XATTR_NAME_MAX:
+        raise _error(errno.ERANGE, path)
+    if b"\0" in name:
         raise _error(errno.EINVAL, path)
 
 
@@ -510,6 +530,95 @@ class FileService:
         with self.resolver.parent_of(path) as (directory, name):
             set_times(name, atime, mtime, dir_fd=directory, follow_symlinks=False)
 
+    # --- new names and extended attributes -------------------------------------
+    # Names are made with a directory fd the resolver confined to the root; a
+    # symlink's contents are stored as given (they are resolved, inside the
+    # root, only when something follows the link).
+
+    def link(self, source: bytes, destination: bytes, follow: bool) -> None:
+        self._require_writable(destination)
+        with self.resolver.parent_of(destination) as (directory, name):
+            if follow:
+                # linkat(AT_SYMLINK_FOLLOW) of the magic link: the file the
+                # resolver found inside the root, never a host path.
+                with self.resolver.opened(source, _PATH_FLAGS) as fd:
+                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory,
+                            follow_symlinks=True)
+                return
+            with self.resolver.parent_of(source) as (source_directory, source_name):
+                os.link(source_name, name, src_dir_fd=source_directory, dst_dir_fd=directory,
+                        follow_symlinks=False)
+
+    def symlink(self, target: bytes, path: bytes) -> None:
+        self._require_writable(path)
+        if not target:
+            raise _error(errno.ENOENT, path)
+        if b"\0" in target:
+            raise _error(errno.EINVAL, path)
+        if len(target) >= PATH_MAX:  # the kernel copies at most PATH_MAX with its NUL
+            raise _error(errno.ENAMETOOLONG, path)
+        with self.resolver.parent_of(path) as (directory, name):
+            os.symlink(target, name, dir_fd=directory)
+
+    def mknod(self, path: bytes, mode: int, device: int) -> None:
+        """mknod with exactly ``mode``'s permission bits (the caller applied its
+        umask; the agent's own must not narrow them again)."""
+        self._require_writable(path)
+        if device < 0 or device > 0xFFFFFFFFFFFFFFFF:
+            raise _error(errno.EINVAL, path)
+        with self.resolver.parent_of(path) as (directory, name):
+            os.mknod(name, mode & 0o177777, device, dir_fd=directory)
+            wanted = mode & 0o7777
+            # Opened without following: a name swapped for a symlink meanwhile
+            # is left alone.
+            with contextlib.suppress(OSError):
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+                try:
+                    made = os.fstat(fd)
+                    if not stat.S_ISLNK(made.st_mode) and stat.S_IMODE(made.st_mode) != wanted:
+                        os.chmod(f"/proc/self/fd/{fd}", wanted)
+                finally:
+                    os.close(fd)
+
+    def set_xattr(self, path: bytes, name: bytes, value: bytes, flags: int,
+                  follow: bool) -> None:
+        self._require_writable(path)
+        # The kernel's order: flags, name, size, then the path.
+        if flags & ~(XATTR_CREATE | XATTR_REPLACE):
+            raise _error(errno.EINVAL, path)
+        _check_xattr_name(name, path)
+        if len(value) > XATTR_SIZE_MAX:
+            raise _error(errno.E2BIG, path)
+        with self._xattr_path(path, follow) as where:
+            os.setxattr(where, name, value, flags, follow_symlinks=follow)
+
+    def get_xattr(self, path: bytes, name: bytes, follow: bool) -> bytes:
+        _check_xattr_name(name, path)
+        with self._xattr_path(path, follow) as where:
+            return os.getxattr(where, name, follow_symlinks=follow)
+
+    def list_xattr(self, path: bytes, follow: bool) -> list[bytes]:
+        with self._xattr_path(path, follow) as where:
+            return [os.fsencode(name) for name in os.listxattr(where, follow_symlinks=follow)]
+
+    def remove_xattr(self, path: bytes, name: bytes, follow: bool) -> None:
+        self._require_writable(path)
+        _check_xattr_name(name, path)
+        with self._xattr_path(path, follow) as where:
+            os.removexattr(where, name, follow_symlinks=follow)
+
+    @contextlib.contextmanager
+    def _xattr_path(self, path: bytes, follow: bool) -> Iterator[str]:
+        """A path naming what ``path`` resolves to under the root, for the
+        *xattr calls (they take no directory fd): the magic link of an O_PATH
+        fd, or (no follow) the last name under its directory's magic link."""
+        if follow:
+            with self.resolver.opened(path, _PATH_FLAGS) as fd:
+                yield f"/proc/self/fd/{fd}"
+            return
+        with self.resolver.parent_of(path) as (directory, name):
+            yield f"/proc/self/fd/{directory}/{os.fsdecode(name)}"
+
     def unlink(self, path: bytes, directory: bool) -> None:
         self._require_writable(path)
         with self.resolver.parent_of(path) as (parent, name):
@@ -575,6 +684,10 @@ class FileService:
             if current is not None:
                 with contextlib.suppress(PermissionError):
                     os.fchown(upload.fd, current.st_uid, current.st_gid)
+                # After the chown (which drops security.capability), before the
+                # chmod (which keeps an ACL's mask in step with the mode).
+                _copy_xattrs(f"/proc/self/fd/{upload.directory}/{os.fsdecode(upload.name)}",
+                             upload.fd)
                 os.fchmod(upload.fd, stat.S_IMODE(current.st_mode))
             if upload.temporary is None:
                 temporary = _temporary_name(upload.name)
@@ -632,6 +745,19 @@ class Upload:
         if self.directory >= 0:
             os.close(self.directory)
             self.directory = -1
+
+
+def _copy_xattrs(source: str, fd: int) -> None:
+    """The extended attributes of ``source`` (not followed) onto ``fd``, so a
+    replaced file keeps its ACLs, labels and user attributes. Each one the
+    agent may not set (a security.* name without the privilege) is left out."""
+    try:
+        names = os.listxattr(source, follow_symlinks=False)
+    except OSError:
+        return  # a filesystem without xattrs: nothing to keep
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, name, os.getxattr(source, name, follow_symlinks=False))
 
 
 def _temporary_name(name: bytes) -> bytes:

@@ -120,6 +120,21 @@ CAP_FILES_STATFS: Final = "files-statfs"
 CAP_FILES_CHOWN: Final = "files-chown"
 #: SetTimes: utimensat of a target path (with --write).
 CAP_FILES_TIMES: Final = "files-times"
+#: Link, Symlink, MakeNode: new names in the target (with --write).
+CAP_FILES_LINKS: Final = "files-links"
+#: SetXattr, RemoveXattr: extended attributes of a target path (with --write).
+CAP_FILES_XATTR: Final = "files-xattr"
+
+#: GetXattr, ListXattr: read a target path's extended attributes.
+CAP_FILES_XATTR_READ: Final = "files-xattr-read"
+
+#: Linux's limits (linux/limits.h), checked by the agent with the kernel's errno.
+PATH_MAX: Final = 4096
+XATTR_NAME_MAX: Final = 255
+XATTR_SIZE_MAX: Final = 65536
+#: setxattr(2) flags.
+XATTR_CREATE: Final = 1
+XATTR_REPLACE: Final = 2
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="tag", forbid_unknown_fields=False):
@@ -210,7 +225,7 @@ class ReadFile(_Message, tag="read-file"):
 class Open(_Message, tag="open"):
     path: bytes
     flags: int = 0  # os.O_* (access mode, O_CREAT, O_EXCL, O_TRUNC, O_APPEND, ...)
-    mode: int = 0o666
+    mode: int = 0o666  # what a created file gets: the caller applied its umask
 
 
 class Read(_Message, tag="read"):
@@ -302,7 +317,7 @@ class Truncate(_Message, tag="truncate"):
 
 class MakeDir(_Message, tag="mkdir"):
     path: bytes
-    mode: int = 0o777
+    mode: int = 0o777  # what the directory gets: the caller applied its umask
 
 
 class Unlink(_Message, tag="unlink"):
@@ -374,6 +389,73 @@ class SetTimes(_Message, tag="set-times"):
     follow: bool
 
 
+class Link(_Message, tag="link"):
+    """link(2): ``destination`` becomes another name of ``source`` (``follow``:
+    a symlink ``source`` is followed, linkat's AT_SYMLINK_FOLLOW), both under
+    the target's root; capability ``files-links``."""
+
+    source: bytes
+    destination: bytes
+    follow: bool = False
+
+
+class Symlink(_Message, tag="symlink"):
+    """symlink(2): a symlink named ``path`` (under the target's root) whose
+    contents are ``target``, stored as they are (never resolved); capability
+    ``files-links``."""
+
+    target: bytes
+    path: bytes
+
+
+class MakeNode(_Message, tag="mknod"):
+    """mknod(2) of ``path`` under the target's root: ``mode`` is the file type
+    (S_IFIFO, S_IFREG, S_IFCHR, ...) and the permission bits the node gets
+    (the caller's umask already applied), ``device`` the st_rdev of a device
+    node; capability ``files-links``."""
+
+    path: bytes
+    mode: int
+    device: int = 0
+
+
+class SetXattr(_Message, tag="set-xattr"):
+    """setxattr(2) (``follow``; else lsetxattr) of ``path`` under the target's
+    root; ``flags``: XATTR_CREATE, XATTR_REPLACE; capability ``files-xattr``."""
+
+    path: bytes
+    name: bytes
+    value: bytes
+    flags: int
+    follow: bool
+
+
+class RemoveXattr(_Message, tag="remove-xattr"):
+    """removexattr(2) (``follow``; else lremovexattr) of ``path`` under the
+    target's root; capability ``files-xattr``."""
+
+    path: bytes
+    name: bytes
+    follow: bool
+
+
+class GetXattr(_Message, tag="get-xattr"):
+    """getxattr(2) (``follow``; else lgetxattr) of ``path`` under the target's
+    root: answered with :class:`XattrValue`; capability ``files-xattr-read``."""
+
+    path: bytes
+    name: bytes
+    follow: bool
+
+
+class ListXattr(_Message, tag="list-xattr"):
+    """listxattr(2) (``follow``; else llistxattr) of ``path`` under the target's
+    root: answered with :class:`XattrNames`; capability ``files-xattr-read``."""
+
+    path: bytes
+    follow: bool
+
+
 class HttpRequestFilter(_Message, tag="http-filter"):
     """Which HTTP requests a filtered steal takes: Python regular expressions
     (``re.search``) on each ``Name: value`` header line, the request target and
@@ -435,12 +517,20 @@ Operation = (
     | StatFs
     | ChangeOwner
     | SetTimes
+    | Link
+    | Symlink
+    | MakeNode
+    | SetXattr
+    | RemoveXattr
+    | GetXattr
+    | ListXattr
 )
 
 #: Operations that change the target's files: refused with EROFS unless the
 #: agent runs with --write.
 WRITE_OPERATIONS: Final = (Write, Truncate, MakeDir, Unlink, Rename, UploadBegin, UploadCommit,
-                           ChangeMode, ChangeOwner, SetTimes)
+                           ChangeMode, ChangeOwner, SetTimes, Link, Symlink, MakeNode, SetXattr,
+                           RemoveXattr)
 
 
 # --- results (the body of a Response) ---------------------------------------------
@@ -563,6 +653,16 @@ class FsStat(_Message, tag="fs-stat"):
     flags: int
 
 
+class XattrValue(_Message, tag="xattr-value"):
+    value: bytes
+
+
+class XattrNames(_Message, tag="xattr-names"):
+    """Attribute names in the order the filesystem lists them."""
+
+    names: list[bytes]
+
+
 Result = (
     Error
     | Done
@@ -580,6 +680,8 @@ Result = (
     | Sent
     | IncomingSubscribed
     | FsStat
+    | XattrValue
+    | XattrNames
 )
 
 

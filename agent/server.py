@@ -38,10 +38,13 @@ from .protocol import (
     CAP_FILES,
     CAP_FILES_CHMOD,
     CAP_FILES_CHOWN,
+    CAP_FILES_LINKS,
     CAP_FILES_STATFS,
     CAP_FILES_TIMES,
     CAP_FILES_UPLOAD,
     CAP_FILES_WRITE,
+    CAP_FILES_XATTR,
+    CAP_FILES_XATTR_READ,
     CAP_INCOMING,
     CAP_TCP,
     CAP_UDP,
@@ -176,6 +179,9 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as error:
         logs.event(logger, logging.WARNING, "secret_not_scrubbed", error=str(error))
     os.environ.pop(SECRET_VARIABLE, None)
+    # Modes on the wire are final (the client applied its program's umask to
+    # Open, MakeDir, MakeNode): the agent's own umask must not narrow them.
+    os.umask(0)
     if not secret:
         raise AgentError(
             "no shared secret",
@@ -203,11 +209,11 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot open the root of {target.describe()}: {error.strerror}",
             hint="the agent needs root (CAP_SYS_PTRACE) to see another process's files",
         ) from error
-    capabilities = [CAP_FILES, CAP_FILES_STATFS, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS,
+    capabilities = [CAP_FILES, CAP_FILES_STATFS, CAP_FILES_XATTR_READ, CAP_ENV, CAP_TCP, CAP_UDP, CAP_DNS,
                     CAP_UNIX_STREAM, CAP_INCOMING]
     if args.write:
         capabilities += [CAP_FILES_WRITE, CAP_FILES_UPLOAD, CAP_FILES_CHMOD, CAP_FILES_CHOWN,
-                         CAP_FILES_TIMES]
+                         CAP_FILES_TIMES, CAP_FILES_LINKS, CAP_FILES_XATTR]
     context = AgentContext(
         secret=secret.encode(),
         target=target,

@@ -68,11 +68,15 @@ from .protocol import (
     Error,
     FrameEncoder,
     GetEnviron,
+    GetXattr,
     Goodbye,
     IncomingSubscribe,
     IncomingUnsubscribe,
+    Link,
     LinkTarget,
+    ListXattr,
     MakeDir,
+    MakeNode,
     Open,
     Opened,
     Operation,
@@ -82,6 +86,7 @@ from .protocol import (
     ReadDir,
     ReadFile,
     ReadLink,
+    RemoveXattr,
     Rename,
     Request,
     Resolve,
@@ -89,12 +94,14 @@ from .protocol import (
     Result,
     Sent,
     SetTimes,
+    SetXattr,
     Stat,
     StatFs,
     StreamClose,
     StreamCredit,
     StreamData,
     StreamShutdown,
+    Symlink,
     TcpConnect,
     Truncate,
     UdpClose,
@@ -106,6 +113,8 @@ from .protocol import (
     UploadCommit,
     Welcome,
     Write,
+    XattrNames,
+    XattrValue,
     _Message,
     agent_proof,
     client_proof,
@@ -525,6 +534,25 @@ class Session:
                 return Done()
             case SetTimes(path=path, atime=atime, mtime=mtime, follow=follow):
                 await in_thread(files.set_times, path, atime, mtime, follow)
+                return Done()
+            case Link(source=source, destination=destination, follow=follow):
+                await in_thread(files.link, source, destination, follow)
+                return Done()
+            case Symlink(target=link_target, path=path):
+                await in_thread(files.symlink, link_target, path)
+                return Done()
+            case MakeNode(path=path, mode=mode, device=device):
+                await in_thread(files.mknod, path, mode, device)
+                return Done()
+            case SetXattr(path=path, name=name, value=value, flags=flags, follow=follow):
+                await in_thread(files.set_xattr, path, name, value, flags, follow)
+                return Done()
+            case GetXattr(path=path, name=name, follow=follow):
+                return XattrValue(value=await in_thread(files.get_xattr, path, name, follow))
+            case ListXattr(path=path, follow=follow):
+                return XattrNames(names=await in_thread(files.list_xattr, path, follow))
+            case RemoveXattr(path=path, name=name, follow=follow):
+                await in_thread(files.remove_xattr, path, name, follow)
                 return Done()
             case StatFs(path=path):
                 return await in_thread(files.statfs, path)

@@ -19,6 +19,7 @@ from mtrace.agent.files import (
     RootResolver,
     WalkingResolver,
 )
+from mtrace.agent.protocol import XATTR_CREATE, XATTR_REPLACE
 
 OUTSIDE_CONTENT = b"outside the root\n"
 
@@ -328,3 +329,133 @@ def test_statfs_through_a_symlink_stays_in_the_root(files: FileService) -> None:
     with pytest.raises(OSError) as caught:
         files.statfs(b"/missing")
     assert caught.value.errno == errno.ENOENT
+
+
+# --- new names and extended attributes (Link, Symlink, MakeNode, SetXattr, RemoveXattr) ---
+
+
+def test_links_and_nodes_are_made_inside_the_root(writable: FileService, tree: Path) -> None:
+    """Each new name lands under the root, whatever symlinks the path crosses."""
+    writable.link(b"/secret.txt", b"/up/hard", False)  # "up" climbs: stops at the root
+    assert (tree / "hard").read_bytes() == b"inside\n"
+    assert os.stat(tree / "hard").st_ino == os.stat(tree / "secret.txt").st_ino
+    # follow: the file an absolute symlink names inside the root, not this machine's /etc/hosts
+    writable.link(b"/etc/abs-hosts", b"/followed", True)
+    assert os.stat(tree / "followed").st_ino == os.stat(tree / "etc" / "hosts").st_ino
+    writable.link(b"/etc/abs-hosts", b"/the-link", False)  # the symlink itself
+    assert os.readlink(tree / "the-link") == "/etc/hosts"
+    writable.symlink(b"../../outside/../x", b"/dir-link/soft")  # stored verbatim
+    assert os.readlink(tree / "etc" / "soft") == "../../outside/../x"
+    writable.mknod(b"/up/fifo", stat.S_IFIFO | 0o666, 0)
+    assert stat.S_ISFIFO(os.lstat(tree / "fifo").st_mode)
+    assert stat.S_IMODE(os.lstat(tree / "fifo").st_mode) == 0o666  # not narrowed by a umask
+    writable.mknod(b"/plain", 0o640, 0)  # type 0: a regular file
+    assert stat.S_ISREG(os.lstat(tree / "plain").st_mode)
+    assert stat.S_IMODE(os.lstat(tree / "plain").st_mode) == 0o640
+    assert (tree.parent / "secret.txt").read_bytes() == OUTSIDE_CONTENT
+    assert not (tree.parent / "hard").exists() and not (tree.parent / "fifo").exists()
+
+
+def test_new_names_fail_as_the_kernel_says(writable: FileService) -> None:
+    cases = [
+        (lambda: writable.link(b"/secret.txt", b"/etc/hosts", False), errno.EEXIST),
+        (lambda: writable.link(b"/missing", b"/new", False), errno.ENOENT),
+        (lambda: writable.link(b"/etc", b"/etc2", False), errno.EPERM),  # a directory
+        (lambda: writable.symlink(b"x", b"/secret.txt"), errno.EEXIST),
+        (lambda: writable.symlink(b"", b"/empty"), errno.ENOENT),
+        (lambda: writable.symlink(b"a" * 4096, b"/long"), errno.ENAMETOOLONG),
+        (lambda: writable.mknod(b"/d", stat.S_IFDIR | 0o755, 0), errno.EPERM),
+        (lambda: writable.mknod(b"/secret.txt", stat.S_IFIFO | 0o644, 0), errno.EEXIST),
+    ]
+    for attempt, expected in cases:
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == expected, attempt
+
+
+def test_xattrs_follow_symlinks_inside_the_root_and_honour_flags(writable: FileService,
+                                                                  tree: Path) -> None:
+    hosts = tree / "etc" / "hosts"
+    writable.set_xattr(b"/etc/abs-hosts", b"user.k", b"v1", 0, True)
+    assert os.getxattr(hosts, "user.k") == b"v1"
+    with pytest.raises(OSError) as caught:
+        writable.set_xattr(b"/etc/hosts", b"user.k", b"v2", XATTR_CREATE, True)
+    assert caught.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as caught:
+        writable.set_xattr(b"/etc/hosts", b"user.new", b"v", XATTR_REPLACE, True)
+    assert caught.value.errno == errno.ENODATA
+    writable.set_xattr(b"/etc/hosts", b"user.k", b"v2", XATTR_REPLACE, True)
+    assert os.getxattr(hosts, "user.k") == b"v2"
+    writable.remove_xattr(b"/etc/abs-hosts", b"user.k", True)
+    assert os.listxattr(hosts) == []
+    with pytest.raises(OSError) as caught:
+        writable.remove_xattr(b"/etc/hosts", b"user.k", True)
+    assert caught.value.errno == errno.ENODATA
+    # not followed: the symlink itself (user.* is not allowed on symlinks)
+    with pytest.raises(OSError) as caught:
+        writable.set_xattr(b"/etc/abs-hosts", b"user.k", b"v", 0, False)
+    assert caught.value.errno == errno.EPERM
+    writable.set_xattr(b"/up/secret.txt", b"user.k", b"inside", 0, False)
+    assert os.getxattr(tree / "secret.txt", "user.k") == b"inside"
+    assert os.listxattr(tree.parent / "secret.txt") == []
+
+
+def test_xattrs_are_read_inside_the_root(files: FileService, tree: Path) -> None:
+    """GetXattr/ListXattr need no --write; a symlink is followed only when asked."""
+    os.setxattr(tree / "etc" / "hosts", "user.k", b"value")
+    assert files.get_xattr(b"/etc/abs-hosts", b"user.k", True) == b"value"
+    assert files.list_xattr(b"/etc/abs-hosts", True) == [b"user.k"]
+    assert b"user.k" not in files.list_xattr(b"/etc/abs-hosts", False)
+    for attempt, expected in ((lambda: files.get_xattr(b"/etc/hosts", b"user.none", True),
+                               errno.ENODATA),
+                              (lambda: files.get_xattr(b"/etc/hosts", b"", True), errno.ERANGE),
+                              (lambda: files.list_xattr(b"/missing", True), errno.ENOENT)):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == expected
+
+
+def test_xattr_limits_are_the_kernels(writable: FileService) -> None:
+    cases = [
+        (lambda: writable.set_xattr(b"/etc/hosts", b"user.k", b"v", 4, True), errno.EINVAL),
+        (lambda: writable.set_xattr(b"/etc/hosts", b"", b"v", 0, True), errno.ERANGE),
+        (lambda: writable.set_xattr(b"/etc/hosts", b"user." + b"n" * 251, b"v", 0, True),
+         errno.ERANGE),
+        (lambda: writable.set_xattr(b"/etc/hosts", b"user.k", b"v" * 65537, 0, True),
+         errno.E2BIG),
+        (lambda: writable.remove_xattr(b"/etc/hosts", b"u" * 256, True), errno.ERANGE),
+        (lambda: writable.set_xattr(b"/etc/hosts", b"nonamespace", b"v", 0, True),
+         errno.EOPNOTSUPP),
+        (lambda: writable.set_xattr(b"/missing", b"user.k", b"v", 0, True), errno.ENOENT),
+    ]
+    for attempt, expected in cases:
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == expected
+    # the limits themselves are allowed
+    writable.set_xattr(b"/etc/hosts", b"user." + b"n" * 250, b"v", 0, True)
+
+
+def test_new_names_and_xattrs_need_a_writable_agent(files: FileService, tree: Path) -> None:
+    for change in (lambda: files.link(b"/secret.txt", b"/hard", False),
+                   lambda: files.symlink(b"x", b"/soft"),
+                   lambda: files.mknod(b"/fifo", stat.S_IFIFO | 0o600, 0),
+                   lambda: files.set_xattr(b"/secret.txt", b"user.k", b"v", 0, True),
+                   lambda: files.remove_xattr(b"/secret.txt", b"user.k", True)):
+        with pytest.raises(OSError) as caught:
+            change()
+        assert caught.value.errno == errno.EROFS
+    assert sorted(os.listdir(tree)) == sorted(
+        ["etc", "secret.txt", "up", "deep", "abs-escape", "host-path", "loop1", "loop2",
+         "dangling", "dir-link"])
+
+
+def test_an_upload_keeps_the_files_extended_attributes(writable: FileService, tree: Path) -> None:
+    """The replaced file lost its user attributes (and ACLs) at every upload."""
+    os.setxattr(tree / "secret.txt", "user.k", b"kept")
+    upload = writable.begin_upload(b"/secret.txt")
+    os.write(upload.fd, b"new contents\n")
+    writable.commit_upload(upload)
+    os.close(upload.fd)
+    assert (tree / "secret.txt").read_bytes() == b"new contents\n"
+    assert os.getxattr(tree / "secret.txt", "user.k") == b"kept"

@@ -62,7 +62,8 @@ class FakeAgent:
     lost: bool = False
     capabilities: list[str] = field(
         default_factory=lambda: ["files-write", "files-upload", "files-statfs", "files-chmod",
-                                 "files-chown", "files-times"])
+                                 "files-chown", "files-times", "files-links", "files-xattr",
+                                 "files-xattr-read"])
     # The agent is lost on this call of write (1 = the first): an upload cut short.
     lose_on_write: int = 0
     # read_file calls that returned a file (not refused: too big, missing, ...)
@@ -199,6 +200,35 @@ class FakeAgent:
                         follow: bool = True) -> None:
         await self._enter("set_times", path)
         self._call(self.service.set_times, path, atime, mtime, follow)
+
+    async def link(self, source: bytes, destination: bytes, *, follow: bool = False) -> None:
+        await self._enter("link", source)
+        self._call(self.service.link, source, destination, follow)
+
+    async def symlink(self, target: bytes, path: bytes) -> None:
+        await self._enter("symlink", path)
+        self._call(self.service.symlink, target, path)
+
+    async def mknod(self, path: bytes, mode: int, device: int = 0) -> None:
+        await self._enter("mknod", path)
+        self._call(self.service.mknod, path, mode, device)
+
+    async def set_xattr(self, path: bytes, name: bytes, value: bytes, flags: int = 0, *,
+                        follow: bool = True) -> None:
+        await self._enter("set_xattr", path)
+        self._call(self.service.set_xattr, path, name, value, flags, follow)
+
+    async def get_xattr(self, path: bytes, name: bytes, *, follow: bool = True) -> bytes:
+        await self._enter("get_xattr", path)
+        return self._call(self.service.get_xattr, path, name, follow)  # type: ignore[no-any-return]
+
+    async def list_xattr(self, path: bytes, *, follow: bool = True) -> list[bytes]:
+        await self._enter("list_xattr", path)
+        return self._call(self.service.list_xattr, path, follow)  # type: ignore[no-any-return]
+
+    async def remove_xattr(self, path: bytes, name: bytes, *, follow: bool = True) -> None:
+        await self._enter("remove_xattr", path)
+        self._call(self.service.remove_xattr, path, name, follow)
 
     async def statfs(self, path: bytes) -> FsStat:
         """The real statfs of the fake root's file, with a filesystem type and
@@ -764,6 +794,216 @@ def test_write_mode_unlink_truncate_and_errors(harness: Harness) -> None:
     base = harness.target_root / REMOTE.lstrip("/")
     assert not (base / "gone.txt").exists()
     assert (base / "long.txt").read_text() == "0123"
+
+
+LINKS = r"""
+import errno, os, stat, sys
+base = sys.argv[1]
+def outcome(function):
+    try:
+        function()
+        return "ok"
+    except OSError as error:
+        return errno.errorcode[error.errno]
+os.umask(0o027)
+print(outcome(lambda: os.link(base + "/file", base + "/hard")),
+      outcome(lambda: os.symlink("../relative/target", base + "/soft")),
+      outcome(lambda: os.symlink("/absolute", base + "/abs")),
+      outcome(lambda: os.mkfifo(base + "/fifo", 0o666)),
+      outcome(lambda: os.mknod(base + "/regular", stat.S_IFREG | 0o644)),
+      outcome(lambda: os.link(base + "/file", "/tmp/mtrace-never-here")),
+      outcome(lambda: os.setxattr(base + "/file", b"user.k", b"v", os.XATTR_CREATE)),
+      outcome(lambda: os.setxattr(base + "/file", b"user.k", b"v", os.XATTR_CREATE)),
+      outcome(lambda: os.setxattr(base + "/file", b"user.other", b"v", os.XATTR_REPLACE)),
+      outcome(lambda: os.setxattr(base + "/file", b"user.big", b"v" * 65537)),
+      outcome(lambda: os.removexattr(base + "/missing", b"user.k")),
+      outcome(lambda: os.removexattr(base + "/file", b"user.none")))
+print(os.readlink(base + "/soft"), os.readlink(base + "/abs"),
+      stat.S_ISFIFO(os.stat(base + "/fifo").st_mode), oct(os.stat(base + "/fifo").st_mode & 0o777),
+      os.stat(base + "/hard").st_nlink)
+"""
+
+
+def test_write_mode_links_nodes_and_xattrs_are_made_in_the_target(harness: Harness) -> None:
+    """They answered EPERM/ENOTSUP: no agent operation existed."""
+    file = harness.write(f"{REMOTE}/file", "contents\n")
+    base = file.parent
+    result = harness.run(["/usr/bin/python3", "-S", "-c", LINKS, REMOTE], FsConfig(mode="write"))
+    assert result.text.splitlines() == [
+        "ok ok ok ok ok EXDEV ok EEXIST ENODATA E2BIG ENOENT ENODATA",
+        "../relative/target /absolute True 0o640 2",
+    ]
+    assert os.stat(base / "hard").st_ino == file.stat().st_ino
+    assert os.readlink(base / "soft") == "../relative/target"
+    assert stat.S_ISFIFO(os.lstat(base / "fifo").st_mode)
+    assert stat.S_IMODE(os.lstat(base / "fifo").st_mode) == 0o640  # the program's umask 027
+    assert stat.S_ISREG(os.lstat(base / "regular").st_mode)
+    assert os.getxattr(file, "user.k") == b"v"
+    assert not os.path.lexists("/tmp/mtrace-never-here")
+    assert not os.path.lexists(REMOTE)
+
+
+XATTRS = r"""
+import errno, os, sys
+path = sys.argv[1]
+def outcome(function):
+    try:
+        return repr(function())
+    except OSError as error:
+        return errno.errorcode[error.errno]
+print(outcome(lambda: os.getxattr(path, "user.k")),
+      outcome(lambda: sorted(os.listxattr(path))),
+      outcome(lambda: os.getxattr(path, "user.none")),
+      outcome(lambda: os.getxattr(path + ".missing", "user.k")))
+"""
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_getxattr_and_listxattr_read_the_targets_attributes(harness: Harness, mode: str) -> None:
+    """getfattr under mtrace showed none of a target file's attributes."""
+    file = harness.write(f"{REMOTE}/file", "x")
+    os.setxattr(file, "user.k", b"value")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", XATTRS, f"{REMOTE}/file"],
+                         FsConfig(mode=mode))
+    assert result.text == "b'value' ['user.k'] ENODATA ENOENT\n"
+    # an older agent: none served, a missing file still ENOENT
+    harness.agent.capabilities.remove("files-xattr-read")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", XATTRS, f"{REMOTE}/file"],
+                         FsConfig(mode=mode))
+    assert result.text == "ENODATA [] ENODATA ENOENT\n"
+
+
+def test_links_and_xattrs_with_an_agent_without_them_are_refused(harness: Harness) -> None:
+    """An older agent (no files-links, files-xattr): today's answers, nothing made."""
+    harness.agent.capabilities = [cap for cap in harness.agent.capabilities
+                                  if cap not in ("files-links", "files-xattr")]
+    harness.write(f"{REMOTE}/file", "contents\n")
+    code = ("import errno, os\nb = '/srv/mtrace-files-test'\n"
+            "for f in (lambda: os.link(b + '/file', b + '/hard'), "
+            "lambda: os.symlink('x', b + '/soft'), lambda: os.mkfifo(b + '/fifo'), "
+            "lambda: os.setxattr(b + '/file', 'user.k', b'v'), "
+            "lambda: os.removexattr(b + '/file', 'user.k')):\n"
+            "    try:\n        f()\n    except OSError as e:\n"
+            "        print(errno.errorcode[e.errno])\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.text.split() == ["EPERM", "EPERM", "EPERM", "ENOTSUP", "ENOTSUP"]
+    assert sorted(os.listdir(harness.target_root / REMOTE.lstrip("/"))) == ["file"]
+    assert harness.agent.count("link") == harness.agent.count("symlink") == 0
+
+
+def test_a_hard_link_to_a_file_being_written_has_what_was_written(harness: Harness) -> None:
+    """link() of a target file the program is writing: the new name must get
+    the contents written so far, not the target's old ones."""
+    harness.write(f"{REMOTE}/draft", "old\n")
+    code = ("import os\nb = '/srv/mtrace-files-test'\n"
+            "fd = os.open(b + '/draft', os.O_WRONLY | os.O_TRUNC)\n"
+            "os.write(fd, b'written before the link\\n')\n"
+            "os.link(b + '/draft', b + '/final')\n"
+            "os.unlink(b + '/draft')\n"
+            "os.close(fd)\n"
+            "print(open(b + '/final').read(), end='')\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.text == "written before the link\n"
+    base = harness.target_root / REMOTE.lstrip("/")
+    assert (base / "final").read_text() == "written before the link\n"
+    assert sorted(os.listdir(base)) == ["final"]
+
+
+def test_a_rename_over_a_file_being_written_is_not_undone_by_its_upload(harness: Harness) -> None:
+    """The copy of a file replaced by a rename was uploaded over the renamed
+    file at close (locally, writes through the old fd go nowhere)."""
+    harness.write(f"{REMOTE}/current", "current\n")
+    harness.write(f"{REMOTE}/new", "new version\n")
+    code = ("import os\nb = '/srv/mtrace-files-test'\n"
+            "fd = os.open(b + '/current', os.O_WRONLY | os.O_APPEND)\n"
+            "os.write(fd, b'appended\\n')\n"
+            "os.fsync(fd)\n"
+            "os.rename(b + '/new', b + '/current')\n"
+            "os.write(fd, b'after the rename\\n')\n"
+            "os.close(fd)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.returncode == 0
+    base = harness.target_root / REMOTE.lstrip("/")
+    assert (base / "current").read_text() == "new version\n"
+    assert sorted(os.listdir(base)) == ["current"]
+
+
+def test_a_file_being_written_and_renamed_reaches_its_new_name(harness: Harness) -> None:
+    harness.write(f"{REMOTE}/tmpname", "")
+    code = ("import os\nb = '/srv/mtrace-files-test'\n"
+            "fd = os.open(b + '/tmpname', os.O_WRONLY)\n"
+            "os.write(fd, b'first ')\n"
+            "os.rename(b + '/tmpname', b + '/renamed')\n"
+            "os.write(fd, b'second\\n')\n"
+            "os.close(fd)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.returncode == 0
+    base = harness.target_root / REMOTE.lstrip("/")
+    assert (base / "renamed").read_text() == "first second\n"
+    assert sorted(os.listdir(base)) == ["renamed"]
+
+
+def test_fsetxattr_on_a_copy_sets_the_target_files_and_survives_the_upload(
+        harness: Harness) -> None:
+    file = harness.write(f"{REMOTE}/tagged", "old\n")
+    code = ("import os\nfd = os.open('/srv/mtrace-files-test/tagged', os.O_WRONLY | os.O_TRUNC)\n"
+            "os.write(fd, b'new\\n')\n"
+            "os.setxattr(fd, 'user.tag', b'kept')\n"
+            "os.setxattr(fd, 'user.gone', b'x')\n"
+            "os.removexattr(fd, 'user.gone')\n"
+            "os.close(fd)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.returncode == 0
+    assert file.read_text() == "new\n"
+    assert os.listxattr(file) == ["user.tag"]
+    assert os.getxattr(file, "user.tag") == b"kept"
+
+
+def test_chmod_of_a_target_symlink_itself_is_eopnotsupp_as_on_linux(harness: Harness) -> None:
+    """glibc's fchmodat(AT_SYMLINK_NOFOLLOW) (tar's, for every symlink it
+    extracts) opens the link O_PATH|O_NOFOLLOW and fstats it: the open gave
+    ELOOP under mtrace, so tar failed where Linux says EOPNOTSUPP and tar goes on."""
+    file = harness.write(f"{REMOTE}/file", "x", mode=0o644)
+    os.symlink("file", file.parent / "link")
+    code = ("import os\ntry:\n    os.chmod('/srv/mtrace-files-test/link', 0o600, "
+            "follow_symlinks=False)\nexcept NotImplementedError:\n    print('EOPNOTSUPP')\n"
+            "except OSError as e:\n    print(e.strerror)\n"
+            "fd = os.open('/srv/mtrace-files-test/link', os.O_PATH | os.O_NOFOLLOW)\n"
+            "print(oct(os.stat(fd).st_mode))\n")
+    for mode in ("read", "write"):
+        result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode=mode))
+        assert result.text == "EOPNOTSUPP\n0o120777\n", mode
+    assert stat.S_IMODE(file.stat().st_mode) == 0o644
+
+
+def test_chmod_through_proc_self_fd_of_a_copy_changes_the_target(harness: Harness) -> None:
+    """tar's directory modes (glibc's fchmodat(AT_SYMLINK_NOFOLLOW): an O_PATH
+    open, then chmod of /proc/self/fd/N) changed the copy, not the target's."""
+    file = harness.write(f"{REMOTE}/dir/file", "x")
+    os.chmod(file.parent, 0o700)
+    code = ("import os\nfd = os.open('/srv/mtrace-files-test/dir', os.O_PATH | os.O_NOFOLLOW)\n"
+            "os.chmod('/proc/self/fd/%d' % fd, 0o751)\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="write"))
+    assert result.returncode == 0
+    assert stat.S_IMODE(file.parent.stat().st_mode) == 0o751
+    result = harness.run(["/usr/bin/python3", "-S", "-c",
+                          code + "print('changed')\n"], FsConfig(mode="read"))
+    assert result.returncode != 0 and "changed" not in result.text
+
+
+def test_links_and_xattrs_of_a_target_path_in_read_mode_are_erofs(harness: Harness) -> None:
+    harness.write(f"{REMOTE}/file", "x")
+    code = ("import errno, os\nb = '/srv/mtrace-files-test'\n"
+            "fd = os.open(b + '/file', os.O_RDONLY)\n"
+            "for f in (lambda: os.link(b + '/file', b + '/hard'), "
+            "lambda: os.symlink('x', b + '/soft'), lambda: os.mkfifo(b + '/fifo'), "
+            "lambda: os.setxattr(b + '/file', 'user.k', b'v'), "
+            "lambda: os.setxattr(fd, 'user.k', b'v')):\n"
+            "    try:\n        f()\n    except OSError as e:\n"
+            "        print(errno.errorcode[e.errno])\n")
+    result = harness.run(["/usr/bin/python3", "-S", "-c", code], FsConfig(mode="read"))
+    assert result.text.split() == ["EROFS"] * 5
+    assert sorted(os.listdir(harness.target_root / REMOTE.lstrip("/"))) == ["file"]
 
 
 def test_write_mode_needs_a_writable_agent(harness: Harness) -> None:

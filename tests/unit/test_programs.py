@@ -166,6 +166,12 @@ def test_readlink(programs: ProgramPaths, tmp_path: Path) -> None:
     assert run_probes(programs.probes, "readlink", str(tmp_path / "plain")) == error("EINVAL")
 
 
+def test_symlink(programs: ProgramPaths, tmp_path: Path) -> None:
+    for index, probe in enumerate(programs.probes.values()):
+        assert run(probe, "symlink", "../rel/x", str(tmp_path / f"s{index}")) == ok("../rel/x\n")
+        assert run(probe, "symlink", "y", str(tmp_path / f"s{index}")) == error("EEXIST")
+
+
 # --- probe: process control ------------------------------------------------------------
 
 

@@ -134,6 +134,20 @@ SAMPLES = {
         path=b"/tmp/x", atime="now", mtime=1_700_000_000_000_000_002, follow=True)),
     "set-times-omit": p.Request(id=28, operation=p.SetTimes(
         path=b"/tmp/x", atime=None, mtime="now", follow=False)),
+    "link": p.Request(id=29, operation=p.Link(source=b"/tmp/x", destination=b"/tmp/y",
+                                              follow=True)),
+    "symlink": p.Request(id=30, operation=p.Symlink(target=b"../x", path=b"/tmp/y")),
+    "mknod": p.Request(id=31, operation=p.MakeNode(path=b"/tmp/p", mode=0o10644, device=0)),
+    "set-xattr": p.Request(id=32, operation=p.SetXattr(
+        path=b"/tmp/x", name=b"user.k", value=b"v", flags=p.XATTR_CREATE, follow=False)),
+    "remove-xattr": p.Request(id=33, operation=p.RemoveXattr(path=b"/tmp/x", name=b"user.k",
+                                                             follow=True)),
+    "get-xattr": p.Request(id=34, operation=p.GetXattr(path=b"/tmp/x", name=b"user.k",
+                                                       follow=False)),
+    "list-xattr": p.Request(id=35, operation=p.ListXattr(path=b"/tmp/x", follow=True)),
+    "xattr-value": p.Response(id=34, result=p.XattrValue(value=b"v")),
+    "xattr-names": p.Response(id=35, result=p.XattrNames(names=[b"user.k",
+                                                                b"security.selinux"])),
     "fs-stat": p.Response(id=25, result=p.FsStat(
         type=0x01021994, bsize=4096, blocks=1000, bfree=900, bavail=800, files=500, ffree=400,
         fsid=(1, 2), namelen=255, frsize=4096, flags=0x20)),
@@ -204,6 +218,15 @@ GOLDEN = {
     "chown": "0000001a93a37265711a95a563686f776ec4062f746d702f78cd03e8ffc2",
     "set-times": "0000002793a37265711b95a97365742d74696d6573c4062f746d702f78a36e6f77cf17979cfe362a0002c3",
     "set-times-omit": "0000001f93a37265711c95a97365742d74696d6573c4062f746d702f78c0a36e6f77c2",
+    "link": "0000001d93a37265711d94a46c696e6bc4062f746d702f78c4062f746d702f79c3",
+    "symlink": "0000001d93a37265711e93a773796d6c696e6bc4042e2e2f78c4062f746d702f79",
+    "mknod": "0000001993a37265711f94a56d6b6e6f64c4062f746d702f70cd11a400",
+    "set-xattr": "0000002693a37265712096a97365742d7861747472c4062f746d702f78c406757365722e6bc4017601c2",
+    "remove-xattr": "0000002593a37265712194ac72656d6f76652d7861747472c4062f746d702f78c406757365722e6bc3",
+    "get-xattr": "0000002293a37265712294a96765742d7861747472c4062f746d702f78c406757365722e6bc2",
+    "list-xattr": "0000001b93a37265712393aa6c6973742d7861747472c4062f746d702f78c3",
+    "xattr-value": "0000001693a37265732292ab78617474722d76616c7565c40176",
+    "xattr-names": "0000002e93a37265732392ab78617474722d6e616d657392c406757365722e6bc41073656375726974792e73656c696e7578",
     "fs-stat": "0000002f93a3726573199ca766732d73746174ce01021994cd1000cd03e8cd0384cd0320cd01f4cd0190920102ccffcd100020",
 }
 

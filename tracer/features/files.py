@@ -28,8 +28,12 @@ the remote directory it mirrors) and routed by :class:`PathPolicy`:
     injected writable, and its changes are uploaded when the tracee closes
     or fsyncs an fd of it, when a process exits (``exit_group``), and by a
     sweep every second. unlink/rmdir/rename/truncate/mkdir/chmod/chown/
-    utimensat go to the target; link/symlink/mknod by path have no agent
-    operation yet and answer ``EPERM`` (setxattr/removexattr: ``ENOTSUP``).
+    utimensat, link/symlink/mknod and setxattr/removexattr (by path, and the
+    f* forms on a copy's fd) go to the target; an agent without the
+    operation (``files-links``, ``files-xattr``, ...) answers ``EPERM``
+    (``ENOTSUP`` for extended attributes). A link of a file being written
+    uploads it first (the new name has what was written so far); a rename
+    or unlink of a name stops the uploads of copies opened under it before.
     An upload replaces the target's file atomically (the agent's
     ``files-upload``); one that fails makes that close/fsync fail with EIO.
     Limits: a file changed in the target while the tracee has it open for
@@ -97,8 +101,14 @@ from ...agent.files import fs_stat_of_fd, set_times
 from ...agent.protocol import (
     CAP_FILES_CHMOD,
     CAP_FILES_CHOWN,
+    CAP_FILES_LINKS,
     CAP_FILES_STATFS,
     CAP_FILES_TIMES,
+    CAP_FILES_XATTR,
+    CAP_FILES_XATTR_READ,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    XATTR_SIZE_MAX,
     FileContents,
     FileStat,
     FsStat,
@@ -181,10 +191,10 @@ _RENAME_NOREPLACE = 1
 _AT_SYMLINK_FOLLOW = 0x400
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
-#: What link, symlink and mknod (and chmod, chown, utimensat with an agent
-#: without ``files-chmod``, ``files-chown``, ``files-times``) on a target path
-#: answer in write mode, where the agent has no operation for them: "Operation
-#: not permitted", as a filesystem that does not allow the change says.
+#: What link, symlink, mknod, chmod, chown and utimensat of a target path
+#: answer in write mode when the agent lacks the operation (an older agent
+#: without ``files-links``, ``files-chmod``, ``files-chown``, ``files-times``):
+#: "Operation not permitted", as a filesystem that does not allow the change says.
 NOT_IN_TARGET = errno.EPERM
 #: Target errors a failed upload passes on to close/fsync as they are; others are EIO.
 _WRITE_BACK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -499,8 +509,8 @@ class FilesFeature:
             "fchmod": lambda call: self._fd_metadata(
                 call, call.int_arg(0), self._fd_chmod(call.uint_arg(1) & 0o7777)),
             "inotify_add_watch": lambda call: self._watch(call, call.read_string(1)),
-            "fsetxattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
-            "fremovexattr": lambda call: self._fd_xattr(call, call.int_arg(0)),
+            "fsetxattr": lambda call: self._fd_xattr(call, call.int_arg(0), remove=False),
+            "fremovexattr": lambda call: self._fd_xattr(call, call.int_arg(0), remove=True),
             "fchown": lambda call: self._fd_metadata(
                 call, call.int_arg(0), self._fd_chown(_id_arg(call, 1), _id_arg(call, 2))),
             "chown": lambda call: self._metadata(
@@ -528,20 +538,10 @@ class FilesFeature:
             "linkat": lambda call: self._link(call, call.int_arg(0), call.read_string(1),
                                               call.int_arg(2), call.read_string(3),
                                               call.int_arg(4)),
-            "symlink": lambda call: self._create_entry(
-                call, AT_FDCWD, call.read_string(1),
-                lambda path: os.symlink(call.read_string(0), path)),
-            "symlinkat": lambda call: self._create_entry(
-                call, call.int_arg(1), call.read_string(2),
-                lambda path: os.symlink(call.read_string(0), path)),
-            "mknod": lambda call: self._create_entry(
-                call, AT_FDCWD, call.read_string(0),
-                lambda path: os.mknod(path, call.uint_arg(1) & ~_thread_umask(call.tid),
-                                      call.uint_arg(2))),
-            "mknodat": lambda call: self._create_entry(
-                call, call.int_arg(0), call.read_string(1),
-                lambda path: os.mknod(path, call.uint_arg(2) & ~_thread_umask(call.tid),
-                                      call.uint_arg(3))),
+            "symlink": lambda call: self._symlink(call, 0, AT_FDCWD, 1),
+            "symlinkat": lambda call: self._symlink(call, 0, call.int_arg(1), 2),
+            "mknod": lambda call: self._mknod(call, AT_FDCWD, 0),
+            "mknodat": lambda call: self._mknod(call, call.int_arg(0), 1),
             "setxattr": lambda call: self._set_xattr(call, 0, follow=True, remove=False),
             "lsetxattr": lambda call: self._set_xattr(call, 0, follow=False, remove=False),
             "removexattr": lambda call: self._set_xattr(call, 0, follow=True, remove=True),
@@ -799,7 +799,19 @@ class FilesFeature:
         else:
             info = await self._remote_stat(target.path, follow)
         if stat.S_ISLNK(info.mode):
-            return Errno(errno.ELOOP)
+            if not flags & abi.O_PATH:
+                return Errno(errno.ELOOP)
+            # O_PATH|O_NOFOLLOW names the link itself (glibc's and musl's
+            # fchmodat(AT_SYMLINK_NOFOLLOW), which tar calls for every symlink,
+            # then fstat it and answer EOPNOTSUPP for a link). A symlink's fd
+            # cannot be injected: a stand-in whose fstat is the link's.
+            fd = self.shadow.stand_in(target.path)
+            try:
+                self._remember(fd, target.path, info)
+            except BaseException:
+                os.close(fd)
+                raise
+            return InjectFd(fd, cloexec=cloexec)
         if flags & os.O_DIRECTORY and not stat.S_ISDIR(info.mode):
             return Errno(errno.ENOTDIR)
         if stat.S_ISSOCK(info.mode):
@@ -1031,9 +1043,10 @@ class FilesFeature:
 
     def _xattr(self, call: SyscallCall, path: bytes, name: bytes | None, buffer: int,
                size: int, *, follow: bool) -> Outcome:
-        """get/listxattr (name None: list). The target's extended attributes are
-        not served: a remote object has none (ENODATA, an empty list), but a
-        missing one is the target's ENOENT, as for stat."""
+        """get/listxattr (name None: list): the target's extended attributes
+        (the agent's ``files-xattr-read``). An older agent serves none: a
+        remote object has none (ENODATA, an empty list), but a missing one is
+        the target's ENOENT, as for stat."""
         target = self._resolve(call, AT_FDCWD, path)
         if target is None:
             return CONTINUE
@@ -1047,20 +1060,32 @@ class FilesFeature:
                     data = b"".join(os.fsencode(item) + b"\0" for item in found)
                 else:
                     data = os.getxattr(target.path, name, follow_symlinks=follow)
-                if size == 0:
-                    return ReturnValue(len(data))
-                if len(data) > size:
-                    return Errno(errno.ERANGE)
-                return ReturnValue(len(data), writes=((buffer, data),) if data else ())
+                return self._reply_xattr(data, buffer, size)
 
             return self._local(target, here)
 
         async def remote() -> Outcome:
             client = self.context.client
-            await (client.stat(target.path) if follow else client.lstat(target.path))
-            return ReturnValue(0) if name is None else Errno(errno.ENODATA)
+            if CAP_FILES_XATTR_READ not in client.capabilities:
+                await (client.stat(target.path) if follow else client.lstat(target.path))
+                return ReturnValue(0) if name is None else Errno(errno.ENODATA)
+            if name is None:
+                names = await client.list_xattr(target.path, follow=follow)
+                return self._reply_xattr(b"".join(item + b"\0" for item in names), buffer, size)
+            return self._reply_xattr(await client.get_xattr(target.path, name, follow=follow),
+                                     buffer, size)
 
         return self._defer(remote())
+
+    @staticmethod
+    def _reply_xattr(data: bytes, buffer: int, size: int) -> Outcome:
+        """What getxattr/listxattr return for ``data``: its size when asked
+        with size 0, ERANGE when it does not fit."""
+        if size == 0:
+            return ReturnValue(len(data))
+        if len(data) > size:
+            return Errno(errno.ERANGE)
+        return ReturnValue(len(data), writes=((buffer, data),) if data else ())
 
     @staticmethod
     def _reply_link(link: bytes | str, buffer: int, size: int) -> Outcome:
@@ -1291,9 +1316,9 @@ class FilesFeature:
     # --- metadata and links by path ----------------------------------------------------
     #
     # Read mode: as unlink (local where the path exists here, EROFS where only the
-    # target has it). Write mode: chmod, chown, utimensat go to the agent; the
-    # others have no agent operation yet and a target path answers NOT_IN_TARGET, never a change
-    # to a local file of the same name.
+    # target has it). Write mode: the agent's operation; an agent without it
+    # answers NOT_IN_TARGET (ENOTSUP for xattrs), never a change to a local
+    # file of the same name.
 
     def _optional_path(self, call: SyscallCall, index: int) -> bytes:
         """A path argument that may be NULL (futimens is utimensat(fd, NULL, ...))."""
@@ -1307,6 +1332,21 @@ class FilesFeature:
         if target is None:
             return CONTINUE  # an fd (AT_EMPTY_PATH, NULL): a shadow copy or a local file
         follow = not flags & abi.AT_SYMLINK_NOFOLLOW
+        copy = self._copy_by_proc_path(call, target)
+        if copy is not None:
+            node, route = copy
+            if route is not Route.WRITE:
+                return Errno(errno.EROFS)
+
+            async def changed() -> Outcome:
+                try:
+                    if remote is None:
+                        return Errno(NOT_IN_TARGET)
+                    return await remote(node.remote_path, not stat.S_ISLNK(node.stat.mode))
+                finally:
+                    self._changed()
+
+            return self._defer(changed())
 
         def run_local() -> Outcome:
             local(target.path, follow)
@@ -1317,6 +1357,27 @@ class FilesFeature:
 
         return self._change(call, [target], local=run_local, remote=in_target,
                             probe=target.clean)
+
+    def _copy_by_proc_path(self, call: SyscallCall, target: Target) -> tuple[Node, Route] | None:
+        """``/proc/self/fd/N`` (or the caller's own pid) naming a target file's
+        copy: that file, as the fd forms have it. glibc's
+        fchmodat(AT_SYMLINK_NOFOLLOW), tar's last step for each directory,
+        opens the name O_PATH and chmods ``/proc/self/fd/N``; the kernel would
+        change the copy, not the target's file."""
+        match = _PROC_LINK.match(target.clean)
+        if match is None or not match.group(3).startswith(b"fd/"):
+            return None
+        who = match.group(1)
+        if who not in (b"self", b"thread-self") and int(who) != call.tid:
+            try:
+                if int(who) != _process_of(call.tid)[0]:
+                    return None
+            except (OSError, ValueError, IndexError):
+                return None
+        found = self._fd_route(call, int(match.group(3)[3:]))
+        if found is None or found[1] is Route.LOCAL:
+            return None
+        return found
 
     def _remote_chmod(self, mode: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
         """chmod in the target (write mode), where the agent can (``files-chmod``)."""
@@ -1341,13 +1402,30 @@ class FilesFeature:
         node = found[0]
         return node, self.policy.route(normalize(node.remote_path))
 
-    def _fd_xattr(self, call: SyscallCall, fd: int) -> Outcome:
-        """fsetxattr/fremovexattr on a copy: as the path forms (EROFS, ENOTSUP).
-        cp -p sets the mode as a POSIX ACL first and falls back to fchmod on ENOTSUP."""
+    def _fd_xattr(self, call: SyscallCall, fd: int, *, remove: bool) -> Outcome:
+        """fsetxattr/fremovexattr on a copy: the target file's attributes, as the
+        path forms (read mode EROFS; an agent without ``files-xattr``: ENOTSUP,
+        and cp -p, which sets the mode as a POSIX ACL first, falls back to fchmod).
+        The agent keeps them when an upload replaces the file."""
         found = self._fd_route(call, fd)
         if found is None or found[1] is Route.LOCAL:
             return CONTINUE
-        return Errno(errno.ENOTSUP if found[1] is Route.WRITE else errno.EROFS)
+        node, route = found
+        if route is not Route.WRITE:
+            return Errno(errno.EROFS)
+        change = self._xattr_change(call, 1, remove=remove)
+        if isinstance(change, Errno):
+            return change
+        name, value, flags = change
+
+        async def changed() -> Outcome:
+            try:
+                return await self._remote_xattr(node.remote_path, name, value, flags,
+                                                 not stat.S_ISLNK(node.stat.mode), remove)
+            finally:
+                self._changed()
+
+        return self._defer(changed())
 
     def _fd_metadata(self, call: SyscallCall, fd: int,
                      change: Callable[[Node], Coroutine[Any, Any, Outcome]]) -> Outcome:
@@ -1368,6 +1446,8 @@ class FilesFeature:
 
     def _fd_chmod(self, mode: int) -> Callable[[Node], Coroutine[Any, Any, Outcome]]:
         async def change(node: Node) -> Outcome:
+            if stat.S_ISLNK(node.stat.mode):
+                return Errno(errno.EOPNOTSUPP)  # a symlink's own mode, as Linux answers
             if CAP_FILES_CHMOD not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
             await self.context.client.chmod(node.remote_path, mode)
@@ -1388,7 +1468,8 @@ class FilesFeature:
         async def change(node: Node) -> Outcome:
             if CAP_FILES_CHOWN not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
-            await self.context.client.chown(node.remote_path, uid, gid)
+            await self.context.client.chown(node.remote_path, uid, gid,
+                                            follow=not stat.S_ISLNK(node.stat.mode))
             node.stat = msgspec.structs.replace(
                 node.stat, uid=node.stat.uid if uid == -1 else uid,
                 gid=node.stat.gid if gid == -1 else gid)
@@ -1400,7 +1481,8 @@ class FilesFeature:
         async def change(node: Node) -> Outcome:
             if CAP_FILES_TIMES not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
-            await self.context.client.set_times(node.remote_path, atime, mtime)
+            await self.context.client.set_times(node.remote_path, atime, mtime,
+                                                follow=not stat.S_ISLNK(node.stat.mode))
             if node.tracked:
                 node.times = (atime, mtime)
             return CONTINUE
@@ -1462,23 +1544,52 @@ class FilesFeature:
 
     def _link(self, call: SyscallCall, source_dirfd: int, source_path: bytes,
               destination_dirfd: int, destination_path: bytes, flags: int) -> Outcome:
-        source = (None if not source_path and flags & abi.AT_EMPTY_PATH
-                  else self._resolve(call, source_dirfd, source_path))
+        """link/linkat: in write mode the agent's Link (both names in the
+        target; one here and one there is EXDEV, as across two filesystems)."""
         destination = self._resolve(call, destination_dirfd, destination_path)
-        if source is None or destination is None:
+        if destination is None:
             return CONTINUE
+        follow = bool(flags & _AT_SYMLINK_FOLLOW)
+        if not source_path and flags & abi.AT_EMPTY_PATH:
+            # linkat(fd, "", AT_EMPTY_PATH): a copy's fd names its target file.
+            found = self._node_of_fd(call.tid, source_dirfd)
+            if found is None:
+                if self._route(destination) is Route.LOCAL:
+                    return CONTINUE
+                return Errno(errno.EXDEV)
+            remote_path = found[0].remote_path
+            source = Target(remote_path, normalize(remote_path), False)
+            follow = True
+        else:
+            resolved = self._resolve(call, source_dirfd, source_path)
+            if resolved is None:
+                return CONTINUE
+            source = resolved
+        client = self.context.client
 
         def run_local() -> Outcome:
-            os.link(source.path, destination.path,
-                    follow_symlinks=bool(flags & _AT_SYMLINK_FOLLOW))
+            os.link(source.path, destination.path, follow_symlinks=follow)
             return ReturnValue(0)
 
-        return self._change(call, [source, destination], local=run_local,
-                            remote=self._not_in_target, probe=source.clean)
+        async def remote() -> Outcome:
+            if flags & ~(_AT_SYMLINK_FOLLOW | abi.AT_EMPTY_PATH):
+                return Errno(errno.EINVAL)
+            if CAP_FILES_LINKS not in client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            # The new name is the file as the program wrote it so far.
+            await self._upload_now(source.clean)
+            await client.link(source.path, destination.path, follow=follow)
+            self.shadow.invalidate_listing(normalize(destination.clean + b"/.."))
+            return ReturnValue(0)
+
+        return self._change(call, [source, destination], local=run_local, remote=remote,
+                            probe=source.clean)
 
     def _create_entry(self, call: SyscallCall, dirfd: int, path: bytes,
-                      local: Callable[[bytes], None]) -> Outcome:
-        """symlink, mknod: a new name, decided by its parent (as mkdir)."""
+                      local: Callable[[bytes], None],
+                      remote: Callable[[bytes], Coroutine[Any, Any, None]]) -> Outcome:
+        """symlink, mknod: a new name, decided by its parent (as mkdir); in
+        write mode the agent makes it (``files-links``)."""
         target = self._resolve(call, dirfd, path)
         if target is None:
             return CONTINUE
@@ -1487,30 +1598,93 @@ class FilesFeature:
             local(target.path)
             return ReturnValue(0)
 
-        return self._change(call, [target], local=run_local, remote=self._not_in_target,
+        async def in_target() -> Outcome:
+            if CAP_FILES_LINKS not in self.context.client.capabilities:
+                return Errno(NOT_IN_TARGET)
+            await remote(target.path)
+            self.shadow.invalidate_listing(normalize(target.clean + b"/.."))
+            return ReturnValue(0)
+
+        return self._change(call, [target], local=run_local, remote=in_target,
                             probe=normalize(target.clean + b"/.."))
+
+    def _symlink(self, call: SyscallCall, link_index: int, dirfd: int, path_index: int) -> Outcome:
+        contents = call.read_string(link_index)  # stored verbatim, never resolved
+        return self._create_entry(
+            call, dirfd, call.read_string(path_index),
+            lambda path: os.symlink(contents, path),
+            lambda path: self.context.client.symlink(contents, path))
+
+    def _mknod(self, call: SyscallCall, dirfd: int, path_index: int) -> Outcome:
+        # The type bits as given, the permission bits less the program's umask;
+        # the syscall's dev is the 32-bit encoding glibc's dev_t reduces to.
+        mode = call.uint_arg(path_index + 1) & 0xFFFF & ~_thread_umask(call.tid)
+        device = call.uint_arg(path_index + 2) & 0xFFFFFFFF
+        return self._create_entry(
+            call, dirfd, call.read_string(path_index),
+            lambda path: os.mknod(path, mode, device),
+            lambda path: self.context.client.mknod(path, mode, device))
 
     def _set_xattr(self, call: SyscallCall, index: int, *, follow: bool,
                    remove: bool) -> Outcome:
+        """setxattr/lsetxattr/removexattr/lremovexattr by path: the agent's
+        SetXattr/RemoveXattr in write mode (``files-xattr``), else ENOTSUP."""
         target = self._resolve(call, AT_FDCWD, call.read_string(index))
         if target is None:
             return CONTINUE
-        name = call.read_string(index + 1)
+        if self._route(target) is Route.LOCAL and target.kernel_agrees:
+            return CONTINUE
+        change = self._xattr_change(call, index + 1, remove=remove)
+        if isinstance(change, Errno):
+            return change
+        name, value, flags = change
 
         def run_local() -> Outcome:
             if remove:
                 os.removexattr(target.path, name, follow_symlinks=follow)
             else:
-                value = call.read(call.pointer_arg(index + 2), call.uint_arg(index + 3))
-                os.setxattr(target.path, name, value, call.int_arg(index + 4),
-                            follow_symlinks=follow)
+                os.setxattr(target.path, name, value, flags, follow_symlinks=follow)
             return ReturnValue(0)
 
-        async def not_supported() -> Outcome:
-            return Errno(errno.ENOTSUP)
+        async def remote() -> Outcome:
+            return await self._remote_xattr(target.path, name, value, flags, follow, remove)
 
-        return self._change(call, [target], local=run_local, remote=not_supported,
+        return self._change(call, [target], local=run_local, remote=remote,
                             probe=target.clean)
+
+    @staticmethod
+    def _xattr_change(call: SyscallCall, index: int, *,
+                      remove: bool) -> tuple[bytes, bytes, int] | Errno:
+        """(name, value, flags) of a *setxattr/*removexattr whose name is
+        argument ``index``; the kernel's EINVAL and E2BIG before reading a value."""
+        name = call.read_string(index)
+        if remove:
+            return name, b"", 0
+        size, flags = call.uint_arg(index + 2), call.int_arg(index + 3)
+        if flags & ~(XATTR_CREATE | XATTR_REPLACE):
+            return Errno(errno.EINVAL)
+        if size > XATTR_SIZE_MAX:
+            return Errno(errno.E2BIG)
+        value = call.read(call.pointer_arg(index + 1), size) if size else b""
+        return name, value, flags
+
+    async def _remote_xattr(self, path: bytes, name: bytes, value: bytes, flags: int,
+                            follow: bool, remove: bool) -> Outcome:
+        client = self.context.client
+        if CAP_FILES_XATTR not in client.capabilities:
+            return Errno(errno.ENOTSUP)
+        if remove:
+            await client.remove_xattr(path, name, follow=follow)
+        else:
+            await client.set_xattr(path, name, value, flags, follow=follow)
+        return ReturnValue(0)
+
+    async def _upload_now(self, remote_path: bytes) -> None:
+        """Upload what the program wrote to copies of ``remote_path`` and not yet
+        to the target, before a call that gives that file another name."""
+        for node in self.shadow.tracked_nodes():
+            if normalize(node.remote_path) == remote_path:
+                await self.shadow.write_back(self.context.client, node)
 
     async def _not_in_target(self) -> Outcome:
         return Errno(NOT_IN_TARGET)

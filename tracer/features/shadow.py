@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -115,6 +116,7 @@ class ShadowTree:
     _fetching: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)
     _listed: dict[bytes, float] = field(default_factory=dict)
     _nodes: dict[tuple[int, int], Node] = field(default_factory=dict)
+    _stand_ins: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.root = os.fsencode(self.root).rstrip(b"/")
@@ -276,6 +278,18 @@ class ShadowTree:
         self._copies[key] = _Copy((info.size, info.mtime_ns))
         return local
 
+    def stand_in(self, remote_path: bytes) -> int:
+        """A read-only fd of a new, already unlinked, empty file beside
+        ``remote_path``'s copy: an inode of its own to remember an object by
+        (a symlink) that cannot itself be handed to the tracee."""
+        local = self.shadow_path(normalize(remote_path))
+        self._ensure_parent(local)
+        name = local + b".mtrace-stand-in-%d" % next(self._stand_ins)
+        fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o400)
+        os.unlink(name)
+        return fd
+
     def pin(self, remote_path: bytes) -> None:
         """The local copy has writers: never replace it by a fetch."""
         copy = self._copies.get(normalize(remote_path))
@@ -416,6 +430,7 @@ class ShadowTree:
     def forget(self, remote_path: bytes) -> None:
         """The target removed ``remote_path``: drop its copy and listing."""
         key = normalize(remote_path)
+        self._stop_tracking(key)
         self._copies.pop(key, None)
         self._listed.pop(key, None)
         self._listed.pop(normalize(key + b"/.."), None)
@@ -424,6 +439,9 @@ class ShadowTree:
     def moved(self, source: bytes, destination: bytes) -> None:
         """The target renamed ``source`` to ``destination``: follow it here."""
         source, destination = normalize(source), normalize(destination)
+        if source == destination:
+            return
+        self._stop_tracking(destination)
         local_source, local_destination = self.shadow_path(source), self.shadow_path(destination)
         for parent in (source, destination):
             self._listed.pop(normalize(parent + b"/.."), None)
@@ -440,6 +458,17 @@ class ShadowTree:
             path = normalize(node.remote_path)
             if path == source or path.startswith(prefix):
                 node.remote_path = destination + path[len(source):]
+
+    def _stop_tracking(self, remote_path: bytes) -> None:
+        """``remote_path`` (a file or a tree) is gone from its name in the
+        target: what a program still writes through an fd opened before is
+        never uploaded over whatever gets that name next (as writes to an
+        unlinked file go nowhere)."""
+        prefix = remote_path + b"/"
+        for node in self._nodes.values():
+            path = normalize(node.remote_path)
+            if node.tracked and (path == remote_path or path.startswith(prefix)):
+                node.tracked = False
 
     def invalidate_listing(self, remote_path: bytes) -> None:
         self._listed.pop(normalize(remote_path), None)

@@ -89,6 +89,7 @@ static void usage(void)
 {
     fputs("usage: probe COMMAND ARGS...\n"
           "  env NAME | cat PATH | stat PATH | statfs PATH | ls DIR | readlink PATH\n"
+          "  symlink TARGET PATH\n"
           "  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL\n"
           "  unix-connect PATH MSG\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
@@ -285,6 +286,14 @@ static int cmd_readlink(const char *path)
     buf[n] = 0;
     printf("%s\n", buf);
     return 0;
+}
+
+/* symlink(2), then the link read back: what was stored */
+static int cmd_symlink(const char *target, const char *path)
+{
+    if (symlink(target, path) < 0)
+        fail_errno(errno);
+    return cmd_readlink(path);
 }
 
 static int cmd_hostname(void)
@@ -804,6 +813,8 @@ int main(int argc, char **argv)
         return cmd_ls(args[0]);
     if (!strcmp(cmd, "readlink") && nargs == 1)
         return cmd_readlink(args[0]);
+    if (!strcmp(cmd, "symlink") && nargs == 2)
+        return cmd_symlink(args[0], args[1]);
     if (!strcmp(cmd, "resolve") && nargs == 1)
         return cmd_resolve(args[0]);
     if (!strcmp(cmd, "resolve6") && nargs == 1)

@@ -23,6 +23,7 @@ import (
 
 const usage = `usage: probe COMMAND ARGS...
   env NAME | cat PATH | stat PATH | statfs PATH | ls DIR | readlink PATH
+  symlink TARGET PATH
   resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL
   unix-connect PATH MSG
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
@@ -52,6 +53,8 @@ func main() {
 		cmdLs(args[0])
 	case cmd == "readlink" && len(args) == 1:
 		cmdReadlink(args[0])
+	case cmd == "symlink" && len(args) == 2:
+		cmdSymlink(args[0], args[1])
 	case cmd == "resolve" && len(args) == 1:
 		cmdResolve(args[0])
 	case cmd == "resolve6" && len(args) == 1:
@@ -197,6 +200,14 @@ func cmdLs(path string) {
 		text.WriteString(entry.Name() + "\n")
 	}
 	out([]byte(text.String()))
+}
+
+// cmdSymlink makes a symlink (symlinkat) and prints what it holds, read back.
+func cmdSymlink(target, path string) {
+	if err := os.Symlink(target, path); err != nil {
+		fail(err)
+	}
+	cmdReadlink(path)
 }
 
 func cmdReadlink(path string) {
