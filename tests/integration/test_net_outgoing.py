@@ -149,6 +149,18 @@ def test_keep_alive_requests(netns_target: NetnsTarget, programs: ProgramPaths) 
     assert out == b"ok 200\n"
 
 
+def test_sendmmsg_datagrams_with_a_destination_leave_from_the_target(
+        probe: Path, netns_target: NetnsTarget, backend: str) -> None:
+    """sendmmsg sent each message to its msg_name from this machine: the host's
+    look-alike service on the same address answered (host-udp:)."""
+    port = netns_target.udp_port
+    out = assert_like_inside(netns_target, [str(probe), "udp-mmsg", "127.0.0.1", str(port),
+                                            "mm", "4"], backend=backend)
+    # Each message's msg_len, then every answer came from the target's service.
+    assert out == b"sent 4: 4 4 4 4\n" + b"".join(
+        b"target-udp:mm-%d from 127.0.0.1:%d\n" % (index, port) for index in range(4))
+
+
 @pytest.mark.parametrize("command", ["tcp", "udp", "udp-unconnected", "resolve"])
 def test_ptrace_backend(probe: Path, netns_target: NetnsTarget, command: str) -> None:
     arguments = {"tcp": ["127.0.0.1", str(netns_target.tcp_port), "hello"],
@@ -376,6 +388,31 @@ def test_parallel_connections(netns_target: NetnsTarget) -> None:
             netns_target.tcp_banner.decode()[:-1]]
     out = mtrace_run(netns_target, argv)
     assert out.stdout == b"32 True\n", out.stderr
+
+
+STAYS_BLOCKING = r"""
+import fcntl, os, socket, struct, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("qq", 0, 300000))
+u.sendto(b"one", ("127.0.0.1", int(sys.argv[1])))
+print(u.recvfrom(100)[0])
+try:
+    u.recvfrom(100)  # nothing more comes: the receive waits out its timeout
+except BlockingIOError:
+    print("timed out")
+print("non-blocking", bool(fcntl.fcntl(u.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK))
+"""
+
+
+def test_a_waited_receive_leaves_a_relayed_socket_blocking(
+        netns_target: NetnsTarget, backend: str) -> None:
+    """The supervisor's wait for a relayed UDP socket's datagram made the
+    program's blocking socket non-blocking (uvloop sets O_NONBLOCK on a
+    watched fd): its next receive failed with EAGAIN at once."""
+    traced = mtrace_run(netns_target, [*_python(STAYS_BLOCKING), str(netns_target.udp_port)],
+                        backend=backend)
+    assert traced.stdout.decode().splitlines() == [
+        "b'target-udp:one'", "timed out", "non-blocking False"], traced.stderr[-3000:]
 
 
 MANY_SOCKETS = r"""

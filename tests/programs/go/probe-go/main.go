@@ -25,7 +25,7 @@ const usage = `usage: probe COMMAND ARGS...
   env NAME | cat PATH | stat PATH | statfs PATH | ls DIR | readlink PATH
   resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL
   unix-connect PATH MSG
-  udp HOST PORT MSG | udp-unconnected HOST PORT MSG
+  udp HOST PORT MSG | udp-unconnected HOST PORT MSG | udp-mmsg HOST PORT MSG N
   exit N | kill SIG | loop-getpid N | loop-open PATH N
   exec PATH ARGS... | fork-exec PATH ARGS... | hostname
   serve ADDR PORT NAME [PORT2]
@@ -66,6 +66,8 @@ func main() {
 		cmdUDP(args[0], args[1], args[2])
 	case cmd == "udp-unconnected" && len(args) == 3:
 		cmdUDPUnconnected(args[0], args[1], args[2])
+	case cmd == "udp-mmsg" && len(args) == 4:
+		cmdUDPMmsg(args[0], args[1], args[2], parseInt(args[3]))
 	case cmd == "exit" && len(args) == 1:
 		os.Exit(parseInt(args[0]))
 	case cmd == "kill" && len(args) == 1:
@@ -462,6 +464,93 @@ func sockaddrText(sa syscall.Sockaddr) string {
 		return formatPeer(net.IP(a.Addr[:]), a.Port)
 	}
 	return "?"
+}
+
+// mmsghdr is struct mmsghdr: a msghdr and the length the kernel sent.
+type mmsghdr struct {
+	hdr syscall.Msghdr
+	len uint32
+	_   [4]byte
+}
+
+// rawSockaddr is addr:port as the kernel's sockaddr_in or sockaddr_in6.
+func rawSockaddr(addr *net.UDPAddr) (int, []byte) {
+	if v4 := addr.IP.To4(); v4 != nil {
+		raw := make([]byte, syscall.SizeofSockaddrInet4)
+		binary.LittleEndian.PutUint16(raw[0:], syscall.AF_INET)
+		binary.BigEndian.PutUint16(raw[2:], uint16(addr.Port))
+		copy(raw[4:8], v4)
+		return syscall.AF_INET, raw
+	}
+	raw := make([]byte, syscall.SizeofSockaddrInet6)
+	binary.LittleEndian.PutUint16(raw[0:], syscall.AF_INET6)
+	binary.BigEndian.PutUint16(raw[2:], uint16(addr.Port))
+	copy(raw[8:24], addr.IP.To16())
+	return syscall.AF_INET6, raw
+}
+
+// cmdUDPMmsg: sendmmsg(2) of N datagrams "MSG-i" with a destination each on
+// an unconnected socket (Go's net package never uses it: a raw syscall), then
+// N replies, sorted.
+func cmdUDPMmsg(host, port, msg string, count int) {
+	if count < 1 || count > 16 {
+		failText("EINVAL")
+	}
+	target, err := net.ResolveUDPAddr("udp", net.JoinHostPort(host, port))
+	if err != nil {
+		fail(err)
+	}
+	family, name := rawSockaddr(target)
+	fd, err := syscall.Socket(family, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		fail(err)
+	}
+	timeout := syscall.NsecToTimeval(int64(receiveTimeout))
+	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &timeout); err != nil {
+		fail(err)
+	}
+	messages := make([]mmsghdr, count)
+	iov := make([]syscall.Iovec, count)
+	texts := make([][]byte, count)
+	for i := range messages {
+		texts[i] = []byte(fmt.Sprintf("%s-%d", msg, i))
+		iov[i].Base = &texts[i][0]
+		iov[i].SetLen(len(texts[i]))
+		messages[i].hdr.Name = &name[0]
+		messages[i].hdr.Namelen = uint32(len(name))
+		messages[i].hdr.Iov = &iov[i]
+		messages[i].hdr.Iovlen = 1
+	}
+	sent, _, errno := syscall.Syscall6(sysSendmmsg, uintptr(fd),
+		uintptr(unsafe.Pointer(&messages[0])), uintptr(count), 0, 0, 0)
+	if errno != 0 {
+		fail(errno)
+	}
+	line := fmt.Sprintf("sent %d:", sent)
+	for i := 0; i < int(sent); i++ {
+		line += fmt.Sprintf(" %d", messages[i].len)
+	}
+	fmt.Println(line)
+	replies := make([]string, 0, sent)
+	buf := make([]byte, 512)
+	for i := 0; i < int(sent); i++ {
+		n, from, err := syscall.Recvfrom(fd, buf, 0)
+		for err == syscall.EINTR {
+			n, from, err = syscall.Recvfrom(fd, buf, 0)
+		}
+		if err == syscall.EAGAIN {
+			err = syscall.ETIMEDOUT
+		}
+		if err != nil {
+			fail(err)
+		}
+		replies = append(replies, fmt.Sprintf("%s from %s", buf[:n], sockaddrText(from)))
+	}
+	sort.Strings(replies)
+	for _, reply := range replies {
+		fmt.Println(reply)
+	}
+	syscall.Close(fd)
 }
 
 var serveOutput = make(chan string)
