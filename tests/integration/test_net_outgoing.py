@@ -149,12 +149,14 @@ def test_keep_alive_requests(netns_target: NetnsTarget, programs: ProgramPaths) 
     assert out == b"ok 200\n"
 
 
+@pytest.mark.parametrize("command", ["udp-mmsg", "udp-mmsg-recv"])
 def test_sendmmsg_datagrams_with_a_destination_leave_from_the_target(
-        probe: Path, netns_target: NetnsTarget, backend: str) -> None:
+        probe: Path, netns_target: NetnsTarget, backend: str, command: str) -> None:
     """sendmmsg sent each message to its msg_name from this machine: the host's
-    look-alike service on the same address answered (host-udp:)."""
+    look-alike service on the same address answered (host-udp:). recvmmsg
+    reported the relay's loopback peer socket as each reply's source."""
     port = netns_target.udp_port
-    out = assert_like_inside(netns_target, [str(probe), "udp-mmsg", "127.0.0.1", str(port),
+    out = assert_like_inside(netns_target, [str(probe), command, "127.0.0.1", str(port),
                                             "mm", "4"], backend=backend)
     # Each message's msg_len, then every answer came from the target's service.
     assert out == b"sent 4: 4 4 4 4\n" + b"".join(

@@ -266,6 +266,8 @@ def test_udp_mmsg(programs: ProgramPaths, udp_echo_port: int) -> None:
     replies = "".join(f"m-{index} from 127.0.0.1:{port}\n" for index in range(3))
     assert run_probes(programs.probes, "udp-mmsg", "127.0.0.1", port, "m", "3") == ok(
         "sent 3: 3 3 3\n" + replies)
+    assert run_probes(programs.probes, "udp-mmsg-recv", "127.0.0.1", port, "m", "3") == ok(
+        "sent 3: 3 3 3\n" + replies)
     assert run_probes(programs.probes, "udp-mmsg", "127.0.0.1", port, "m", "0") == error("EINVAL")
 
 

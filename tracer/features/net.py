@@ -105,8 +105,8 @@ from .remote import RemoteContext
 log = logging.getLogger("mtrace.tracer.features.net")
 
 TRAPPED: tuple[str, ...] = (
-    "connect", "sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "getpeername",
-    "getsockname",
+    "connect", "sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg",
+    "getpeername", "getsockname",
 )
 #: recv() is recvfrom(fd, buf, len, flags, NULL, NULL): only a caller that asks
 #: for the source address (argument 4) can need its answer rewritten, so the
@@ -138,6 +138,8 @@ _IOVEC = struct.Struct("=QQ")
 _TIMEVAL = struct.Struct("=qq")
 _SOCKLEN = struct.Struct("=I")
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
+_MSG_WAITFORONE = 0x10000
+_TIMESPEC = struct.Struct("=qq")
 _MAX_IOV = 1024
 #: Control data read from a message sent locally on the tracee's behalf.
 _MAX_CONTROL = 4096
@@ -386,6 +388,27 @@ def _encode_ancillary(ancillary: list[tuple[int, int, bytes]], capacity: int) ->
     return bytes(out), False
 
 
+async def _readable(poller: select.epoll, relay: UdpRelay, deadline: float | None) -> None:
+    """Until ``poller`` (an epoll fd holding a tracee socket) is readable, the
+    relay fails, or ``deadline`` (the loop's clock) passes.
+
+    The event loop watches the epoll fd, never the socket: uvloop (libuv)
+    sets O_NONBLOCK on a watched fd, and a dup of the tracee's socket shares
+    its file status flags, so the program's blocking socket would turn
+    non-blocking (its next receive: EAGAIN at once)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(poller.fileno(), _set_once, readable)
+    failure: asyncio.Future[Any] = asyncio.ensure_future(relay.failure.wait())
+    try:
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        await asyncio.wait([readable, failure], timeout=remaining,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(poller.fileno())
+        failure.cancel()
+
+
 def _python_address(family: int, endpoint: Endpoint) -> tuple[Any, ...]:
     """``endpoint`` as a ``family`` socket's sendmsg takes it (IPv4 on an IPv6
     socket: IPv4-mapped)."""
@@ -485,6 +508,7 @@ class Outgoing:
             "sendmmsg": self.handle_sendmmsg,
             "recvfrom": self.handle_recvfrom,
             "recvmsg": self.handle_recvmsg,
+            "recvmmsg": self.handle_recvmmsg,
             "getpeername": self.handle_getpeername,
             "getsockname": self.handle_getsockname,
         }
@@ -1103,7 +1127,8 @@ class Outgoing:
             return ReturnValue(len(data), writes=tuple(writes))
         if receive.capacity_of_address:
             writes.append((receive.address_pointer, sockaddr[: receive.capacity_of_address]))
-        writes.append((receive.msghdr + 8, _SOCKLEN.pack(len(sockaddr))))
+        if receive.address_pointer:  # no msg_name: the kernel leaves msg_namelen alone
+            writes.append((receive.msghdr + 8, _SOCKLEN.pack(len(sockaddr))))
         control, truncated = _encode_ancillary(ancillary, receive.control_capacity)
         if control:
             writes.append((receive.control_pointer, control))
@@ -1117,24 +1142,11 @@ class Outgoing:
                                 fd: int, timeout: float | None) -> Outcome:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        # The loop watches an epoll fd that is readable while the socket is,
-        # never the socket: uvloop (libuv) sets O_NONBLOCK on a watched fd, and
-        # this dup shares the tracee's file status flags, so its blocking
-        # socket would turn non-blocking (its next receive: EAGAIN at once).
         poller = select.epoll(1)
         try:
             poller.register(fd, select.EPOLLIN)
             while True:
-                readable: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(poller.fileno(), _set_once, readable)
-                failure: asyncio.Future[Any] = asyncio.ensure_future(relay.failure.wait())
-                try:
-                    remaining = None if deadline is None else max(0.0, deadline - loop.time())
-                    await asyncio.wait([readable, failure], timeout=remaining,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    loop.remove_reader(poller.fileno())
-                    failure.cancel()
+                await _readable(poller, relay, deadline)
                 outcome = self._try_receive(call, relay, receive, fd)
                 if outcome is not None:
                     return outcome
@@ -1143,6 +1155,98 @@ class Outgoing:
         finally:
             poller.close()
             os.close(fd)
+
+    # -- recvmmsg --
+
+    def handle_recvmmsg(self, call: SyscallCall) -> Outcome:
+        """recvmmsg on a relayed socket, when a message asks for its source:
+        each datagram as recvmsg's would be (the remote peer's address)."""
+        if not self.udp_relays:
+            return CONTINUE
+        vector, count = call.pointer_arg(1), min(call.uint_arg(2), _MAX_MESSAGES)
+        if vector == 0 or count == 0:
+            return CONTINUE
+        inode = socket_inode(call.tid, call.int_arg(0))
+        relay = self.udp_relays.get(inode) if inode is not None else None
+        if relay is None:
+            return CONTINUE
+        raw = call.read(vector, _MMSGHDR_SIZE * count)
+        headers = [_MSGHDR.unpack_from(raw, index * _MMSGHDR_SIZE) for index in range(count)]
+        if not any(header[0] for header in headers):
+            return CONTINUE  # no source asked for: the kernel's answer is right
+        flags = call.int_arg(3)
+        receives: list[_Receive] = []
+        for index, header in enumerate(headers):
+            name, name_length, iov_pointer, iov_count, control, control_length = header[:6]
+            if iov_count > _MAX_IOV:
+                return Errno(errno.EMSGSIZE)
+            vectors = call.read(iov_pointer, _IOVEC.size * iov_count) if iov_count else b""
+            message = vector + index * _MMSGHDR_SIZE
+            receives.append(_Receive(
+                tuple(_IOVEC.iter_unpack(vectors)), flags & ~_MSG_WAITFORONE, name,
+                message + 8, name_length if name else 0, msghdr=message,
+                control_pointer=control, control_capacity=control_length))
+        timeout: float | None = None
+        if call.pointer_arg(4):
+            seconds, nanoseconds = _TIMESPEC.unpack(call.read(call.pointer_arg(4), _TIMESPEC.size))
+            if seconds < 0 or not 0 <= nanoseconds < 1_000_000_000:
+                return Errno(errno.EINVAL)
+            timeout = seconds + nanoseconds / 1e9
+        return OnTraceeFd(call.int_arg(0), partial(self._receive_many_action, call, relay,
+                                                   vector, receives, flags, timeout))
+
+    def _receive_many_action(self, call: SyscallCall, relay: UdpRelay, vector: int,
+                             receives: list[_Receive], flags: int, timeout: float | None,
+                             fd: int) -> Outcome:
+        waits = not (flags & _MSG_DONTWAIT or _nonblocking(fd))
+        with borrowed(fd) as sock:
+            wait_limit = _timeout_option(sock, socket.SO_RCVTIMEO)
+        return Defer(self._receive_many(call, relay, vector, receives, flags, waits, wait_limit,
+                                        timeout, os.dup(fd)))
+
+    async def _receive_many(self, call: SyscallCall, relay: UdpRelay, vector: int,
+                            receives: list[_Receive], flags: int, waits: bool,
+                            wait_limit: float | None, timeout: float | None,
+                            fd: int) -> Outcome:
+        """The kernel's recvmmsg: datagram after datagram, waiting for each on a
+        blocking socket (for the first only with MSG_WAITFORONE), until the
+        vector is full, a wait runs out (SO_RCVTIMEO), an error, or, checked
+        after each datagram, ``timeout``; the count, or the first error when
+        nothing came."""
+        loop = asyncio.get_running_loop()
+        ends = None if timeout is None else loop.time() + timeout
+        writes: list[tuple[int, bytes]] = []
+        received = 0
+        failure = errno.EAGAIN
+        poller = select.epoll(1)
+        try:
+            poller.register(fd, select.EPOLLIN)
+            for index, receive in enumerate(receives):
+                deadline = None if wait_limit is None else loop.time() + wait_limit
+                while True:
+                    outcome = self._try_receive(call, relay, receive, fd)
+                    if outcome is not None:
+                        break
+                    if not waits or (received and flags & _MSG_WAITFORONE) \
+                            or (deadline is not None and loop.time() >= deadline):
+                        break
+                    await _readable(poller, relay, deadline)
+                if not isinstance(outcome, ReturnValue):
+                    if isinstance(outcome, Errno):
+                        failure = outcome.errno
+                    break
+                writes += outcome.writes
+                writes.append((vector + index * _MMSGHDR_SIZE + _MSG_LEN_OFFSET,
+                               _MSG_LEN.pack(outcome.value)))
+                received += 1
+                if ends is not None and loop.time() >= ends:
+                    break
+        finally:
+            poller.close()
+            os.close(fd)
+        if not received:
+            return Errno(failure)
+        return ReturnValue(received, writes=tuple(writes))
 
     # -- getpeername / getsockname --
 
