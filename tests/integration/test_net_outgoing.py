@@ -392,6 +392,54 @@ def test_parallel_connections(netns_target: NetnsTarget) -> None:
     assert out.stdout == b"32 True\n", out.stderr
 
 
+MIXED_SENDMMSG = r"""
+import ctypes, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+class Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_char_p), ("len", ctypes.c_size_t)]
+class Msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(Iovec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+class Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
+target, local = int(sys.argv[1]), int(sys.argv[2])
+sent = [(b"remote", target), (b"local", local), (b"x" * 70000, target), (b"never", target)]
+messages = (Mmsghdr * len(sent))()
+for message, (data, port) in zip(messages, sent):
+    name = struct.pack("=H2s4s8x", socket.AF_INET, struct.pack("!H", port), bytes([127, 0, 0, 1]))
+    message.hdr.name, message.hdr.namelen = name, len(name)
+    message.hdr.iov, message.hdr.iovlen = ctypes.pointer(Iovec(data, len(data))), 1
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+count = libc.syscall(307, u.fileno(), messages, len(sent), 0)  # sendmmsg
+print("sent", count, [message.len for message in messages])
+u.settimeout(5)
+print(u.recvfrom(100)[0])
+"""
+
+
+def test_sendmmsg_sends_each_message_where_it_goes_and_stops_at_an_error(
+        netns_target: NetnsTarget, backend: str) -> None:
+    """One sendmmsg: a message to the target, one the filter keeps on this
+    machine, one too big (EMSGSIZE), one after it: the kernel's rule is the
+    count sent before the error, each sent message's msg_len set."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.settimeout(10)
+        local_port = listener.getsockname()[1]
+        features = {"network": {"outgoing": {"filter": {"local": [f"udp://127.0.0.1:{local_port}"]}}}}
+        traced = mtrace_run(netns_target, [*_python(MIXED_SENDMMSG), str(netns_target.udp_port),
+                                           str(local_port)], features=features, backend=backend)
+        assert traced.stdout.decode().splitlines() == [
+            "sent 2 [6, 5, 0, 0]", "b'target-udp:remote'"], traced.stderr[-3000:]
+        assert listener.recvfrom(100)[0] == b"local"
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.recvfrom(100)  # nothing after the error
+
+
 STAYS_BLOCKING = r"""
 import fcntl, os, socket, struct, sys
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
