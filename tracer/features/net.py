@@ -975,7 +975,7 @@ class Outgoing:
             tracee_address = self._bound_for_relay(sock)
             inode = os.fstat(fd).st_ino
             return Defer(self._send_many(inode, sock.family, call.tid, tracee_fd, tracee_address,
-                                         os.dup(fd), vector, messages, flags, failure))
+                                         os.dup(fd), vector, messages, flags))
 
     def _datagram(self, call: SyscallCall, sock: socket.socket, header: tuple[int, ...],
                   destination: tuple[int, Endpoint] | None) -> _Datagram | int:
@@ -1007,15 +1007,16 @@ class Outgoing:
 
     async def _send_many(self, inode: int, family: int, tid: int, tracee_fd: int,
                          tracee_address: tuple[Any, ...], fd: int, vector: int,
-                         messages: list[_Datagram], flags: int, failure: int) -> Outcome:
+                         messages: list[_Datagram], flags: int) -> Outcome:
         """The messages in order, as the kernel sends them: the count sent and
         each one's msg_len; an error stops the call, which reports it only
-        when nothing was sent (``failure``: the error of the message after
-        the last one read)."""
+        when nothing was sent (a message the tracee's memory did not give,
+        after the last in ``messages``, stopped it too: it is not sent)."""
         relay = self._relay_for(inode, family, tid, tracee_fd)
         relay.tracee_address = tracee_address
         relay.settling += 1
         sent: list[int] = []
+        failure = errno.EIO
         try:
             with borrowed(fd) as sock:
                 for message in messages:
@@ -1037,12 +1038,11 @@ class Outgoing:
                     except OSError as error:
                         failure = error.errno or errno.EIO
                         break
-                    failure = 0
         finally:
             relay.settling -= 1
             os.close(fd)
         if not sent:
-            return Errno(failure or errno.EIO)
+            return Errno(failure)
         return ReturnValue(len(sent), writes=tuple(
             (vector + index * _MMSGHDR_SIZE + _MSG_LEN_OFFSET, _MSG_LEN.pack(length))
             for index, length in enumerate(sent)))
