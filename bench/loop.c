@@ -9,6 +9,8 @@
  *                                   whole, as Go's os.ReadFile does: the Go client's
  *                                   per-request /etc/hosts)
  *   loop stat PATH N                N stat calls, each timed
+ *   loop fd-meta DIR N              N rounds of fchmod+fchown+fstatfs on an fd of a
+ *                                   new (unlinked) file in DIR, each round timed
  *   loop connect HOST PORT N        N socket+connect+close, each timed
  *   loop http HOST PORT N           one keep-alive connection, N small GETs, each timed
  *   loop bulk HOST PORT             read everything the server sends
@@ -31,6 +33,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -192,6 +195,29 @@ static int cmd_stat(const char *path, long n)
     return 0;
 }
 
+static int cmd_fd_meta(const char *dir, long n)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/loop-fd-meta-XXXXXX", dir);
+    int fd = mkstemp(path);
+    if (fd < 0)
+        die(path);
+    unlink(path);
+    int64_t *samples = alloc_samples(n);
+    struct statfs fs;
+    int64_t start = now_ns();
+    for (long i = 0; i < n; i++) {
+        int64_t t = now_ns();
+        if (fchmod(fd, (i & 1) ? 0600 : 0640) != 0 || fchown(fd, (uid_t)-1, (gid_t)-1) != 0
+                || fstatfs(fd, &fs) != 0)
+            die("fd-meta");
+        samples[i] = now_ns() - t;
+    }
+    report_samples("fd-meta", samples, n, now_ns() - start);
+    close(fd);
+    return 0;
+}
+
 static int cmd_connect(const char *host, const char *port, long n)
 {
     struct sockaddr_in sin = address(host, port);
@@ -294,6 +320,8 @@ int main(int argc, char **argv)
         return cmd_read_each(argv[2], parse_count(argv[3]));
     if (argc == 4 && !strcmp(argv[1], "stat"))
         return cmd_stat(argv[2], parse_count(argv[3]));
+    if (argc == 4 && !strcmp(argv[1], "fd-meta"))
+        return cmd_fd_meta(argv[2], parse_count(argv[3]));
     if (argc == 5 && !strcmp(argv[1], "connect"))
         return cmd_connect(argv[2], argv[3], parse_count(argv[4]));
     if (argc == 5 && !strcmp(argv[1], "http"))
@@ -301,6 +329,7 @@ int main(int argc, char **argv)
     if (argc == 4 && !strcmp(argv[1], "bulk"))
         return cmd_bulk(argv[2], argv[3]);
     fputs("usage: loop true | getpid N | open PATH N | open-each PATH N | stat PATH N\n"
+          "       | fd-meta DIR N\n"
           "       | connect HOST PORT N | http HOST PORT N | bulk HOST PORT\n",
           stderr);
     return 2;

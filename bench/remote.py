@@ -54,6 +54,8 @@ OPEN_CACHED = "file open+close, cached (p50)"
 STAT = "stat (p50)"
 STAT_COLD = "stat, cold (first call)"
 CONNECT = "TCP connect+close (p50)"
+#: Three calls trapped for the fds of target files' copies, on a local file's fd.
+FD_META = "fchmod+fchown+fstatfs of a local fd (p50)"
 HTTP_P50 = "small HTTP request p50"
 HTTP_P99 = "small HTTP request p99"
 PING = "agent round trip (ping, p50)"
@@ -107,6 +109,7 @@ def _loop_ops(ctx: Context, wrap: Callable[[list[str]], list[str]], variant: str
     workloads = {
         "open-each": ([loop, "open-each", remote_file, calls], (OPEN_COLD, OPEN_CACHED)),
         "stat": ([loop, "stat", remote_file, calls], (STAT_COLD, STAT)),
+        "fd-meta": ([loop, "fd-meta", "/tmp", calls], (FD_META,)),
         "connect": ([loop, "connect", HOST, str(namespace.http_port), calls], (CONNECT,)),
         "http": ([loop, "http", HOST, str(namespace.http_port), requests], (HTTP_P50, HTTP_P99)),
     }
@@ -290,8 +293,8 @@ def run(ctx: Context) -> list[Row]:
             return found + _memory_rows(memory, root, MTRACE, "the mtrace process")
 
         rows += _guard(lambda: _loop_ops(ctx, target_wrap, MTRACE), MTRACE,
-                       names=(OPEN_COLD, OPEN_CACHED, STAT_COLD, STAT, CONNECT, HTTP_P50,
-                              HTTP_P99))
+                       names=(OPEN_COLD, OPEN_CACHED, STAT_COLD, STAT, FD_META, CONNECT,
+                              HTTP_P50, HTTP_P99))
         rows += _guard(mtrace_bulk_rows, MTRACE, names=(BULK, MEMORY_SUPERVISOR, MEMORY_AGENT))
     ctx.log("remote: proxychains4 + microsocks")
     rows += proxychains_rows(ctx)
@@ -299,7 +302,8 @@ def run(ctx: Context) -> list[Row]:
     return rows
 
 
-_ALL_NAMES = ((OPEN_COLD, US), (OPEN_CACHED, US), (STAT_COLD, US), (STAT, US), (CONNECT, US),
+_ALL_NAMES = ((OPEN_COLD, US), (OPEN_CACHED, US), (STAT_COLD, US), (STAT, US), (FD_META, US),
+              (CONNECT, US),
               (HTTP_P50, US), (HTTP_P99, US), (BULK, MBPS), (MEMORY_SUPERVISOR, MIB), (MEMORY_AGENT, MIB))
 
 

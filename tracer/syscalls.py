@@ -72,7 +72,7 @@ _EXTRA = {
                435: "clone3", 448: "process_mrelease", 449: "futex_waitv",
                450: "set_mempolicy_home_node", 451: "cachestat", 452: "fchmodat2"},
     "aarch64": {439: "faccessat2", 434: "pidfd_open", 438: "pidfd_getfd", 437: "openat2",
-                435: "clone3"},
+                435: "clone3", 452: "fchmodat2"},
 }
 
 

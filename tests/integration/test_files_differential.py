@@ -646,6 +646,96 @@ def test_inotify_watch_of_a_target_path_never_watches_this_machines_path(
         shutil.rmtree(tree, ignore_errors=True)
 
 
+FANOTIFY = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fanotify_mark.argtypes = (ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
+                               ctypes.c_char_p)
+group = libc.fanotify_init(0, 0)
+assert group >= 0, ctypes.get_errno()
+for path in sys.argv[1:]:
+    print(libc.fanotify_mark(group, 1, 2, -100, path.encode()) >= 0 or ctypes.get_errno())
+"""
+
+
+def test_fanotify_mark_of_a_target_path_never_marks_this_machines_path(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """fanotify_mark was not trapped: a directory of the target path's name on
+    this machine was marked in its place (and a target-only path: ENOENT)."""
+    os.makedirs(tree)  # this machine's own directory of that name
+    try:
+        config_file = tmp_path / "config.json"
+        config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": visible(tree)}}))
+        result = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", sys.executable, "-S", "-c", FANOTIFY, tree,
+             f"{tree}/sub", str(tmp_path)],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        assert result.stdout.decode() == f"{errno.ENOTSUP}\n{errno.ENOTSUP}\nTrue\n", \
+            result.stderr[-3000:]
+        assert result.stderr.count(b"(fanotify)") == 1  # one line says why
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+FCHMODAT2 = r"""
+import ctypes, errno, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def fchmodat2(path, mode, flags):
+    if libc.syscall(452, -100, path.encode(), mode, flags) == 0:
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
+for path, flags in zip(sys.argv[1::2], sys.argv[2::2]):
+    print(path.rsplit("/", 1)[1], fchmodat2(path, 0o600, int(flags)))
+"""
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_fchmodat2_of_a_target_path_never_acts_on_this_machine(
+        netns_target: NetnsTarget, tree: str, backend: str, mode: str, tmp_path: Path) -> None:
+    """fchmodat2 (lchmod's call, 452) was not trapped: a target path changed a
+    local file of the same name, or was ENOENT."""
+    host_view = f"/proc/{netns_target.pid}/root{tree}"
+    local = tmp_path / "local"  # /tmp: local by default
+    local.mkdir()
+    (local / "file").write_text("local\n")
+    os.symlink("file", local / "link")
+    if mode == "write":
+        os.makedirs(tree)  # this machine's own directory of that name
+        Path(f"{tree}/config.yaml").write_text("a local shadow\n")
+        os.chmod(f"{tree}/config.yaml", 0o644)
+    fs = {"mode": mode, **visible(tree, "read_write" if mode == "write" else "read_only")}
+    nofollow = str(0x100)  # AT_SYMLINK_NOFOLLOW
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": fs}}))
+    try:
+        traced = subprocess.run(
+            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
+             "-f", str(config_file), "--", sys.executable, "-S", "-c", FCHMODAT2,
+             f"{tree}/config.yaml", nofollow, f"{tree}/link-to-notes", nofollow,
+             f"{local}/file", nofollow, f"{local}/link", nofollow],
+            capture_output=True, timeout=RUN_TIMEOUT, check=False)
+        target_mode = stat.S_IMODE(os.stat(f"{host_view}/config.yaml").st_mode)
+        notes_mode = stat.S_IMODE(os.stat(f"{host_view}/sub/notes.txt").st_mode)
+        shadow_mode = stat.S_IMODE(os.stat(f"{tree}/config.yaml").st_mode) \
+            if mode == "write" else None
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+        os.chmod(f"{host_view}/config.yaml", 0o640)
+    # A target symlink: the kernel's EOPNOTSUPP (read mode: EROFS comes first,
+    # as on a read-only mount); local paths: the kernel's own answers.
+    unsupported = errno.errorcode[errno.EOPNOTSUPP]  # Linux: ENOTSUP is the same number
+    changed, link = ("EROFS", "EROFS") if mode == "read" else ("ok", unsupported)
+    assert traced.stdout.decode().splitlines() == [
+        f"config.yaml {changed}", f"link-to-notes {link}", "file ok", f"link {unsupported}",
+    ], traced.stderr.decode(errors="replace")[-3000:]
+    assert target_mode == (0o640 if mode == "read" else 0o600)
+    assert notes_mode != 0o600
+    assert shadow_mode in (None, 0o644)
+    assert stat.S_IMODE(os.stat(local / "file").st_mode) == 0o600
+
+
 # --- repeated opens answered by the C trap loop ----------------------------------------
 
 REREAD = r"""

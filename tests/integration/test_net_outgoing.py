@@ -149,6 +149,20 @@ def test_keep_alive_requests(netns_target: NetnsTarget, programs: ProgramPaths) 
     assert out == b"ok 200\n"
 
 
+@pytest.mark.parametrize("command", ["udp-mmsg", "udp-mmsg-recv"])
+def test_sendmmsg_datagrams_with_a_destination_leave_from_the_target(
+        probe: Path, netns_target: NetnsTarget, backend: str, command: str) -> None:
+    """sendmmsg sent each message to its msg_name from this machine: the host's
+    look-alike service on the same address answered (host-udp:). recvmmsg
+    reported the relay's loopback peer socket as each reply's source."""
+    port = netns_target.udp_port
+    out = assert_like_inside(netns_target, [str(probe), command, "127.0.0.1", str(port),
+                                            "mm", "4"], backend=backend)
+    # Each message's msg_len, then every answer came from the target's service.
+    assert out == b"sent 4: 4 4 4 4\n" + b"".join(
+        b"target-udp:mm-%d from 127.0.0.1:%d\n" % (index, port) for index in range(4))
+
+
 @pytest.mark.parametrize("command", ["tcp", "udp", "udp-unconnected", "resolve"])
 def test_ptrace_backend(probe: Path, netns_target: NetnsTarget, command: str) -> None:
     arguments = {"tcp": ["127.0.0.1", str(netns_target.tcp_port), "hello"],
@@ -376,6 +390,79 @@ def test_parallel_connections(netns_target: NetnsTarget) -> None:
             netns_target.tcp_banner.decode()[:-1]]
     out = mtrace_run(netns_target, argv)
     assert out.stdout == b"32 True\n", out.stderr
+
+
+MIXED_SENDMMSG = r"""
+import ctypes, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+class Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_char_p), ("len", ctypes.c_size_t)]
+class Msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(Iovec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+class Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
+target, local = int(sys.argv[1]), int(sys.argv[2])
+sent = [(b"remote", target), (b"local", local), (b"x" * 70000, target), (b"never", target)]
+messages = (Mmsghdr * len(sent))()
+for message, (data, port) in zip(messages, sent):
+    name = struct.pack("=H2s4s8x", socket.AF_INET, struct.pack("!H", port), bytes([127, 0, 0, 1]))
+    message.hdr.name, message.hdr.namelen = name, len(name)
+    message.hdr.iov, message.hdr.iovlen = ctypes.pointer(Iovec(data, len(data))), 1
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+count = libc.syscall(307, u.fileno(), messages, len(sent), 0)  # sendmmsg
+print("sent", count, [message.len for message in messages])
+u.settimeout(5)
+print(u.recvfrom(100)[0])
+"""
+
+
+def test_sendmmsg_sends_each_message_where_it_goes_and_stops_at_an_error(
+        netns_target: NetnsTarget, backend: str) -> None:
+    """One sendmmsg: a message to the target, one the filter keeps on this
+    machine, one too big (EMSGSIZE), one after it: the kernel's rule is the
+    count sent before the error, each sent message's msg_len set."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.settimeout(10)
+        local_port = listener.getsockname()[1]
+        features = {"network": {"outgoing": {"filter": {"local": [f"udp://127.0.0.1:{local_port}"]}}}}
+        traced = mtrace_run(netns_target, [*_python(MIXED_SENDMMSG), str(netns_target.udp_port),
+                                           str(local_port)], features=features, backend=backend)
+        assert traced.stdout.decode().splitlines() == [
+            "sent 2 [6, 5, 0, 0]", "b'target-udp:remote'"], traced.stderr[-3000:]
+        assert listener.recvfrom(100)[0] == b"local"
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.recvfrom(100)  # nothing after the error
+
+
+STAYS_BLOCKING = r"""
+import fcntl, os, socket, struct, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("qq", 0, 300000))
+u.sendto(b"one", ("127.0.0.1", int(sys.argv[1])))
+print(u.recvfrom(100)[0])
+try:
+    u.recvfrom(100)  # nothing more comes: the receive waits out its timeout
+except BlockingIOError:
+    print("timed out")
+print("non-blocking", bool(fcntl.fcntl(u.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK))
+"""
+
+
+def test_a_waited_receive_leaves_a_relayed_socket_blocking(
+        netns_target: NetnsTarget, backend: str) -> None:
+    """The supervisor's wait for a relayed UDP socket's datagram made the
+    program's blocking socket non-blocking (uvloop sets O_NONBLOCK on a
+    watched fd): its next receive failed with EAGAIN at once."""
+    traced = mtrace_run(netns_target, [*_python(STAYS_BLOCKING), str(netns_target.udp_port)],
+                        backend=backend)
+    assert traced.stdout.decode().splitlines() == [
+        "b'target-udp:one'", "timed out", "non-blocking False"], traced.stderr[-3000:]
 
 
 MANY_SOCKETS = r"""

@@ -267,6 +267,16 @@ def test_udp(programs: ProgramPaths, udp_echo_port: int) -> None:
     assert run_probes(programs.probes, "udp", "127.0.0.1", closed, "x") == error("ECONNREFUSED")
 
 
+def test_udp_mmsg(programs: ProgramPaths, udp_echo_port: int) -> None:
+    port = str(udp_echo_port)
+    replies = "".join(f"m-{index} from 127.0.0.1:{port}\n" for index in range(3))
+    assert run_probes(programs.probes, "udp-mmsg", "127.0.0.1", port, "m", "3") == ok(
+        "sent 3: 3 3 3\n" + replies)
+    assert run_probes(programs.probes, "udp-mmsg-recv", "127.0.0.1", port, "m", "3") == ok(
+        "sent 3: 3 3 3\n" + replies)
+    assert run_probes(programs.probes, "udp-mmsg", "127.0.0.1", port, "m", "0") == error("EINVAL")
+
+
 def test_udp_timeout(programs: ProgramPaths) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))

@@ -141,14 +141,14 @@ TRAPPED: tuple[str, ...] = (
     "getxattr", "lgetxattr", "listxattr", "llistxattr",
     # Metadata and links by path: routed like unlink (below, "_change"), so they
     # never act on a local file in place of the target's.
-    "chmod", "fchmodat", "chown", "lchown", "fchownat",
+    "chmod", "fchmodat", "fchmodat2", "chown", "lchown", "fchownat",
     "utime", "utimes", "futimesat", "utimensat",
     "link", "linkat", "symlink", "symlinkat", "mknod", "mknodat",
     "setxattr", "lsetxattr", "removexattr", "lremovexattr",
     # Their fd forms on a target file's copy (cp -p, install -m): the target's file.
     "fchmod", "fchown", "fsetxattr", "fremovexattr",
     # A watch of a target path would watch this machine's path of that name.
-    "inotify_add_watch",
+    "inotify_add_watch", "fanotify_mark",
     # Write mode uploads changed copies when a process exits (once per process).
     "exit_group",
 )
@@ -189,6 +189,8 @@ _REMOTE_OPEN_FLAGS = (
 _LOCAL_WRITE_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
 _RENAME_NOREPLACE = 1
 _AT_SYMLINK_FOLLOW = 0x400
+#: fanotify_mark flags: FAN_MARK_FLUSH empties a group and names no path.
+_FAN_MARK_FLUSH = 0x80
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
 #: What link, symlink, mknod, chmod, chown and utimensat of a target path
@@ -375,6 +377,15 @@ def _writes(flags: int) -> bool:
     return bool(flags & _WRITE_INTENT) or (flags & abi.O_TMPFILE) == abi.O_TMPFILE
 
 
+def _change_mode(path: bytes, mode: int, follow: bool) -> None:
+    """chmod of a local path, not following a final symlink unless ``follow``
+    (a symlink: EOPNOTSUPP, as fchmodat2 says; Python's os.chmod would raise
+    NotImplementedError there)."""
+    if not follow and stat.S_ISLNK(os.lstat(path).st_mode):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    os.chmod(path, mode, follow_symlinks=True)
+
+
 def _thread_umask(tid: int) -> int:
     try:
         with open(f"/proc/{tid}/status", "rb") as status:
@@ -429,7 +440,7 @@ class FilesFeature:
         self._fast = seccomp.fast_answers()
         if self._fast is not None:
             self._fast.reset(self.shadow.root)
-        self._watch_warned = False
+        self._watch_warned: set[str] = set()
 
     # --- the handler table -------------------------------------------------
 
@@ -506,9 +517,12 @@ class FilesFeature:
                 call, call.int_arg(0), call.read_string(1), 0,
                 lambda path, follow: os.chmod(path, call.uint_arg(2) & 0o7777),
                 remote=self._remote_chmod(call.uint_arg(2) & 0o7777)),
+            "fchmodat2": self._fchmodat2,
             "fchmod": lambda call: self._fd_metadata(
                 call, call.int_arg(0), self._fd_chmod(call.uint_arg(1) & 0o7777)),
-            "inotify_add_watch": lambda call: self._watch(call, call.read_string(1)),
+            "inotify_add_watch": lambda call: self._watch(call, AT_FDCWD, call.read_string(1),
+                                                          "inotify"),
+            "fanotify_mark": self._fanotify_mark,
             "fsetxattr": lambda call: self._fd_xattr(call, call.int_arg(0), remove=False),
             "fremovexattr": lambda call: self._fd_xattr(call, call.int_arg(0), remove=True),
             "fchown": lambda call: self._fd_metadata(
@@ -961,15 +975,15 @@ class FilesFeature:
 
     # --- inotify -------------------------------------------------------------------
 
-    def _watch(self, call: SyscallCall, path: bytes) -> Outcome:
-        """inotify_add_watch: a local path is watched by the kernel; a target
-        path answers ENOTSUP (the agent sends no change notifications, and
-        watching this machine's path of that name, or the copy, which never
-        changes, would wait silently forever). Watchers report the path they
-        cannot watch, or poll it; inotify itself stays, so a program's watches
-        of its own local files (a dev server's reload) work as they do without
-        mtrace."""
-        target = self._resolve(call, AT_FDCWD, path)
+    def _watch(self, call: SyscallCall, dirfd: int, path: bytes, api: str) -> Outcome:
+        """inotify_add_watch, fanotify_mark: a local path is watched by the
+        kernel; a target path answers ENOTSUP (the agent sends no change
+        notifications, and watching this machine's path of that name, or the
+        copy, which never changes, would wait silently forever). Watchers
+        report the path they cannot watch, or poll it; inotify and fanotify
+        themselves stay, so a program's watches of its own local files (a dev
+        server's reload) work as they do without mtrace."""
+        target = self._resolve(call, dirfd, path)
         if target is None:
             return CONTINUE
         route = self._route(target)
@@ -977,11 +991,28 @@ class FilesFeature:
             return self._local(target, lambda: Errno(errno.ENOTSUP))
         if route is Route.NOT_FOUND:
             return Errno(errno.ENOENT)
-        if not self._watch_warned:
-            self._watch_warned = True
-            log.warning("%s: a file watch (inotify) of a target path is not supported; "
-                        "the program gets ENOTSUP", os.fsdecode(target.path))
+        return self._refuse_watch(target.path, api)
+
+    def _refuse_watch(self, path: bytes, api: str) -> Outcome:
+        if api not in self._watch_warned:
+            self._watch_warned.add(api)
+            log.warning("%s: a file watch (%s) of a target path is not supported; "
+                        "the program gets ENOTSUP", os.fsdecode(path), api)
         return Errno(errno.ENOTSUP)
+
+    def _fanotify_mark(self, call: SyscallCall) -> Outcome:
+        """fanotify_mark(group, flags, mask, dirfd, path): as inotify_add_watch
+        for a target path; with no path the mark is on ``dirfd`` itself (an fd
+        of a target file's copy is the target's file)."""
+        if call.uint_arg(1) & _FAN_MARK_FLUSH:
+            return CONTINUE
+        dirfd = call.int_arg(3)
+        if call.pointer_arg(4) == 0:
+            found = self._node_of_fd(call.tid, dirfd)
+            if found is None:
+                return CONTINUE
+            return self._refuse_watch(found[0].remote_path, "fanotify")
+        return self._watch(call, dirfd, call.read_string(4), "fanotify")
 
     # --- access, readlink ----------------------------------------------------------
 
@@ -1380,14 +1411,33 @@ class FilesFeature:
         return found
 
     def _remote_chmod(self, mode: int) -> Callable[[bytes, bool], Coroutine[Any, Any, Outcome]]:
-        """chmod in the target (write mode), where the agent can (``files-chmod``)."""
+        """chmod in the target (write mode), where the agent can (``files-chmod``).
+        Not following a symlink (fchmodat2's AT_SYMLINK_NOFOLLOW, lchmod): a
+        symlink's mode cannot change (the kernel says EOPNOTSUPP since 6.6, as
+        libcs did before), anything else changes as with chmod."""
         async def change(path: bytes, follow: bool) -> Outcome:
             if CAP_FILES_CHMOD not in self.context.client.capabilities:
                 return Errno(NOT_IN_TARGET)
+            if not follow and stat.S_ISLNK((await self._remote_stat(path, False)).mode):
+                return Errno(errno.EOPNOTSUPP)
             await self.context.client.chmod(path, mode)
             return ReturnValue(0)
 
         return change
+
+    def _fchmodat2(self, call: SyscallCall) -> Outcome:
+        """fchmodat2(dirfd, path, mode, flags): fchmodat with flags
+        (AT_SYMLINK_NOFOLLOW: glibc's and musl's lchmod; AT_EMPTY_PATH: the fd)."""
+        dirfd, mode, flags = call.int_arg(0), call.uint_arg(2) & 0o7777, call.int_arg(3)
+        if flags & ~(abi.AT_SYMLINK_NOFOLLOW | abi.AT_EMPTY_PATH):
+            return CONTINUE  # the kernel's EINVAL, before it looks at the path
+        path = call.read_string(1)
+        if not path and flags & abi.AT_EMPTY_PATH and dirfd != AT_FDCWD:
+            return self._fd_metadata(call, dirfd, self._fd_chmod(mode))
+        return self._metadata(
+            call, dirfd, path, flags,
+            lambda local, follow: _change_mode(local, mode, follow),
+            remote=self._remote_chmod(mode))
 
     # The fd forms: an fd of a target file's copy changes the target's file (and,
     # for mode and times, the copy too, so the tracee's fstat agrees); the agent

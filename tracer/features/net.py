@@ -55,11 +55,12 @@ import ipaddress
 import logging
 import os
 import re
+import select
 import socket
 import struct
 import time
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -104,7 +105,8 @@ from .remote import RemoteContext
 log = logging.getLogger("mtrace.tracer.features.net")
 
 TRAPPED: tuple[str, ...] = (
-    "connect", "sendto", "sendmsg", "recvfrom", "recvmsg", "getpeername", "getsockname",
+    "connect", "sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg",
+    "getpeername", "getsockname",
 )
 #: recv() is recvfrom(fd, buf, len, flags, NULL, NULL): only a caller that asks
 #: for the source address (argument 4) can need its answer rewritten, so the
@@ -126,11 +128,21 @@ MAX_REMEMBERED = 16384
 
 _SOCKADDR_MAX = 128
 _MSGHDR = struct.Struct("=QI4xQQQQi4x")  # name, namelen, iov, iovlen, control, controllen, flags
+#: struct mmsghdr: a msghdr, then the unsigned msg_len the kernel fills in (and padding).
+_MMSGHDR_SIZE = _MSGHDR.size + 8
+_MSG_LEN_OFFSET = _MSGHDR.size
+_MSG_LEN = struct.Struct("=I")
+#: sendmmsg/recvmmsg take at most this many messages a call (the kernel's UIO_MAXIOV).
+_MAX_MESSAGES = 1024
 _IOVEC = struct.Struct("=QQ")
 _TIMEVAL = struct.Struct("=qq")
 _SOCKLEN = struct.Struct("=I")
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
+_MSG_WAITFORONE = 0x10000
+_TIMESPEC = struct.Struct("=qq")
 _MAX_IOV = 1024
+#: Control data read from a message sent locally on the tracee's behalf.
+_MAX_CONTROL = 4096
 #: No datagram is larger: a bigger receive buffer is never filled.
 _MAX_RECEIVE = 1 << 17
 
@@ -376,6 +388,60 @@ def _encode_ancillary(ancillary: list[tuple[int, int, bytes]], capacity: int) ->
     return bytes(out), False
 
 
+async def _readable(poller: select.epoll, relay: UdpRelay, deadline: float | None) -> None:
+    """Until ``poller`` (an epoll fd holding a tracee socket) is readable, the
+    relay fails, or ``deadline`` (the loop's clock) passes.
+
+    The event loop watches the epoll fd, never the socket: uvloop (libuv)
+    sets O_NONBLOCK on a watched fd, and a dup of the tracee's socket shares
+    its file status flags, so the program's blocking socket would turn
+    non-blocking (its next receive: EAGAIN at once)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(poller.fileno(), _set_once, readable)
+    failure: asyncio.Future[Any] = asyncio.ensure_future(relay.failure.wait())
+    try:
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        await asyncio.wait([readable, failure], timeout=remaining,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(poller.fileno())
+        failure.cancel()
+
+
+def _python_address(family: int, endpoint: Endpoint) -> tuple[Any, ...]:
+    """``endpoint`` as a ``family`` socket's sendmsg takes it (IPv4 on an IPv6
+    socket: IPv4-mapped)."""
+    if family == socket.AF_INET:
+        return (endpoint.host, endpoint.port)
+    host = endpoint.host if endpoint.address.version == 6 else f"::ffff:{endpoint.host}"
+    return (host, endpoint.port, 0, 0)
+
+
+def _decode_ancillary(control: bytes) -> list[tuple[int, int, bytes]]:
+    """The cmsghdr records of a control buffer as (level, type, data)."""
+    records: list[tuple[int, int, bytes]] = []
+    offset = 0
+    while offset + 16 <= len(control):
+        length, level, kind = struct.unpack_from("=Qii", control, offset)
+        if length < 16 or offset + length > len(control):
+            break
+        records.append((level, kind, control[offset + 16: offset + length]))
+        offset += (length + 7) & ~7
+    return records
+
+
+@dataclass(frozen=True, slots=True)
+class _Datagram:
+    """One message of a sendmmsg: to a remote ``endpoint`` through the relay,
+    or (``endpoint`` None) sent by this machine's kernel to ``address``."""
+
+    data: bytes
+    endpoint: Endpoint | None = None
+    address: tuple[Any, ...] | None = None
+    ancillary: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class Relayed:
     """What getpeername/getsockname answer for a relayed socket."""
@@ -439,8 +505,10 @@ class Outgoing:
             "connect": self.handle_connect,
             "sendto": self.handle_sendto,
             "sendmsg": self.handle_sendmsg,
+            "sendmmsg": self.handle_sendmmsg,
             "recvfrom": self.handle_recvfrom,
             "recvmsg": self.handle_recvmsg,
+            "recvmmsg": self.handle_recvmmsg,
             "getpeername": self.handle_getpeername,
             "getsockname": self.handle_getsockname,
         }
@@ -803,12 +871,10 @@ class Outgoing:
 
     def handle_sendmsg(self, call: SyscallCall) -> Outcome:
         header = _MSGHDR.unpack(call.read(call.pointer_arg(1), _MSGHDR.size))
-        name, name_length, iov_pointer, iov_count = header[0], header[1], header[2], header[3]
-        if name == 0 or name_length < 2:
+        parsed = self._remote_destination(call, header[0], header[1])
+        if parsed is None:
             return CONTINUE
-        parsed = parse_sockaddr(call.read(name, min(name_length, _SOCKADDR_MAX)))
-        if parsed is None or not self.remote_for("udp", parsed[1]):
-            return CONTINUE
+        iov_pointer, iov_count = header[2], header[3]
         if iov_count > _MAX_IOV:
             return Errno(errno.EMSGSIZE)
         vectors = call.read(iov_pointer, _IOVEC.size * iov_count) if iov_count else b""
@@ -816,32 +882,170 @@ class Outgoing:
         return OnTraceeFd(call.int_arg(0), partial(
             self._send_action, call, call.int_arg(0), parsed[0], parsed[1], iov))
 
+    def _remote_destination(self, call: SyscallCall, name: int,
+                            name_length: int) -> tuple[int, Endpoint] | None:
+        """A message's destination (msg_name) when it is one the target sends to."""
+        if name == 0 or name_length < 2:
+            return None
+        parsed = parse_sockaddr(call.read(name, min(name_length, _SOCKADDR_MAX)))
+        if parsed is None or not self.remote_for("udp", parsed[1]):
+            return None
+        return parsed
+
+    def _relayable(self, sock: socket.socket, fd: int) -> bool:
+        """Whether the tracee's socket sends its datagrams with a destination
+        through a relay: an IP datagram socket the direct path did not make."""
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_DGRAM:
+            return False  # a stream socket ignores the address
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        # A socket of the target (the direct path) sends from there itself.
+        return os.fstat(fd).st_ino not in self.direct_udp
+
+    @staticmethod
+    def _bound_for_relay(sock: socket.socket) -> tuple[Any, ...]:
+        """Where the socket receives the relay's replies, bound first if it was
+        not, as the kernel's autobind would bind it for the first datagram."""
+        bound = sock.getsockname()
+        if bound[1] == 0:
+            sock.bind(("0.0.0.0", 0) if sock.family == socket.AF_INET else ("::", 0))
+            bound = sock.getsockname()
+        return reachable_address(sock.family, bound)
+
     def _send_action(self, call: SyscallCall, tracee_fd: int, family: int, endpoint: Endpoint,
                      iov: tuple[tuple[int, int], ...], fd: int) -> Outcome:
         with borrowed(fd) as sock:
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_DGRAM:
-                return CONTINUE  # a stream socket ignores the address
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            if not self._relayable(sock, fd):
                 return CONTINUE
             if sock.family == socket.AF_INET and family != socket.AF_INET:
                 return CONTINUE  # the kernel's EAFNOSUPPORT
-            if os.fstat(fd).st_ino in self.direct_udp:
-                return CONTINUE  # a socket of the target: it sends from there itself
             if self.agent_gone():
                 return Errno(errno.ENETUNREACH)
             size = sum(length for _, length in iov)
             if size > MAX_DATAGRAM:
                 return Errno(errno.EMSGSIZE)
             data = b"".join(call.read(base, length) for base, length in iov if length)
-            bound = sock.getsockname()
-            if bound[1] == 0:
-                # What the kernel's autobind would do for the first datagram.
-                sock.bind(("0.0.0.0", 0) if sock.family == socket.AF_INET else ("::", 0))
-                bound = sock.getsockname()
+            tracee_address = self._bound_for_relay(sock)
             inode = os.fstat(fd).st_ino
             return Defer(self._send_datagram(inode, sock.family, call.tid, tracee_fd,
-                                             reachable_address(sock.family, bound),
-                                             endpoint, data))
+                                             tracee_address, endpoint, data))
+
+    # -- sendmmsg --
+
+    def handle_sendmmsg(self, call: SyscallCall) -> Outcome:
+        """sendmmsg on an unconnected socket: each message with a destination
+        the target sends to goes as sendmsg's would; the rest of the call is
+        the kernel's (see ``_send_many``)."""
+        vector, count = call.pointer_arg(1), min(call.uint_arg(2), _MAX_MESSAGES)
+        if vector == 0 or count == 0:
+            return CONTINUE
+        raw = call.read(vector, _MMSGHDR_SIZE * count)
+        headers = [_MSGHDR.unpack_from(raw, index * _MMSGHDR_SIZE) for index in range(count)]
+        destinations = [self._remote_destination(call, header[0], header[1])
+                        for header in headers]
+        if not any(destinations):
+            return CONTINUE  # no message leaves from the target: the kernel sends them all
+        return OnTraceeFd(call.int_arg(0), partial(
+            self._send_many_action, call, call.int_arg(0), vector, headers, destinations,
+            call.int_arg(3)))
+
+    def _send_many_action(self, call: SyscallCall, tracee_fd: int, vector: int,
+                          headers: list[tuple[int, ...]],
+                          destinations: list[tuple[int, Endpoint] | None], flags: int,
+                          fd: int) -> Outcome:
+        with borrowed(fd) as sock:
+            if not self._relayable(sock, fd):
+                return CONTINUE
+            if self.agent_gone():
+                return Errno(errno.ENETUNREACH)
+            messages: list[_Datagram] = []
+            failure = 0
+            for header, destination in zip(headers, destinations, strict=True):
+                try:
+                    message = self._datagram(call, sock, header, destination)
+                except OSError as error:
+                    failure = error.errno or errno.EIO
+                    break
+                if isinstance(message, int):
+                    failure = message
+                    break
+                messages.append(message)
+            if not messages:
+                return Errno(failure)
+            tracee_address = self._bound_for_relay(sock)
+            inode = os.fstat(fd).st_ino
+            return Defer(self._send_many(inode, sock.family, call.tid, tracee_fd, tracee_address,
+                                         os.dup(fd), vector, messages, flags))
+
+    def _datagram(self, call: SyscallCall, sock: socket.socket, header: tuple[int, ...],
+                  destination: tuple[int, Endpoint] | None) -> _Datagram | int:
+        """One message of a sendmmsg, read from the tracee; an int: the errno
+        the kernel would stop at for it."""
+        name, name_length, iov_pointer, iov_count, control, control_length = header[:6]
+        if iov_count > _MAX_IOV:
+            return errno.EMSGSIZE
+        vectors = call.read(iov_pointer, _IOVEC.size * iov_count) if iov_count else b""
+        iov = tuple(_IOVEC.iter_unpack(vectors))
+        if sum(length for _, length in iov) > MAX_DATAGRAM:
+            return errno.EMSGSIZE
+        data = b"".join(call.read(base, length) for base, length in iov if length)
+        if destination is not None:
+            family, endpoint = destination
+            if sock.family == socket.AF_INET and family != socket.AF_INET:
+                return errno.EAFNOSUPPORT
+            return _Datagram(data, endpoint=endpoint)
+        # Sent from this machine by the supervisor, on the tracee's own socket.
+        address: tuple[Any, ...] | None = None
+        if name and name_length:
+            parsed = parse_sockaddr(call.read(name, min(name_length, _SOCKADDR_MAX)))
+            if parsed is None:
+                return errno.EAFNOSUPPORT if name_length >= 2 else errno.EINVAL
+            address = _python_address(sock.family, parsed[1])
+        ancillary = _decode_ancillary(call.read(control, min(control_length, _MAX_CONTROL))
+                                      if control and control_length else b"")
+        return _Datagram(data, address=address, ancillary=ancillary)
+
+    async def _send_many(self, inode: int, family: int, tid: int, tracee_fd: int,
+                         tracee_address: tuple[Any, ...], fd: int, vector: int,
+                         messages: list[_Datagram], flags: int) -> Outcome:
+        """The messages in order, as the kernel sends them: the count sent and
+        each one's msg_len; an error stops the call, which reports it only
+        when nothing was sent (a message the tracee's memory did not give,
+        after the last in ``messages``, stopped it too: it is not sent)."""
+        relay = self._relay_for(inode, family, tid, tracee_fd)
+        relay.tracee_address = tracee_address
+        relay.settling += 1
+        sent: list[int] = []
+        failure = errno.EIO
+        try:
+            with borrowed(fd) as sock:
+                for message in messages:
+                    try:
+                        if message.endpoint is not None:
+                            await relay.send(message.data, message.endpoint)
+                            sent.append(len(message.data))
+                        else:
+                            # Never block the event loop: a full send buffer is EAGAIN.
+                            sent.append(sock.sendmsg([message.data], message.ancillary,
+                                                     flags | _MSG_DONTWAIT, message.address)
+                                        if message.address is not None else
+                                        sock.sendmsg([message.data], message.ancillary,
+                                                     flags | _MSG_DONTWAIT))
+                    except AgentUnavailable:
+                        self.agent_lost()
+                        failure = errno.ENETUNREACH
+                        break
+                    except OSError as error:
+                        failure = error.errno or errno.EIO
+                        break
+        finally:
+            relay.settling -= 1
+            os.close(fd)
+        if not sent:
+            return Errno(failure)
+        return ReturnValue(len(sent), writes=tuple(
+            (vector + index * _MMSGHDR_SIZE + _MSG_LEN_OFFSET, _MSG_LEN.pack(length))
+            for index, length in enumerate(sent)))
 
     # -- recvfrom / recvmsg --
 
@@ -923,7 +1127,8 @@ class Outgoing:
             return ReturnValue(len(data), writes=tuple(writes))
         if receive.capacity_of_address:
             writes.append((receive.address_pointer, sockaddr[: receive.capacity_of_address]))
-        writes.append((receive.msghdr + 8, _SOCKLEN.pack(len(sockaddr))))
+        if receive.address_pointer:  # no msg_name: the kernel leaves msg_namelen alone
+            writes.append((receive.msghdr + 8, _SOCKLEN.pack(len(sockaddr))))
         control, truncated = _encode_ancillary(ancillary, receive.control_capacity)
         if control:
             writes.append((receive.control_pointer, control))
@@ -937,25 +1142,111 @@ class Outgoing:
                                 fd: int, timeout: float | None) -> Outcome:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        poller = select.epoll(1)
         try:
+            poller.register(fd, select.EPOLLIN)
             while True:
-                readable: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, _set_once, readable)
-                failure: asyncio.Future[Any] = asyncio.ensure_future(relay.failure.wait())
-                try:
-                    remaining = None if deadline is None else max(0.0, deadline - loop.time())
-                    await asyncio.wait([readable, failure], timeout=remaining,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    loop.remove_reader(fd)
-                    failure.cancel()
+                await _readable(poller, relay, deadline)
                 outcome = self._try_receive(call, relay, receive, fd)
                 if outcome is not None:
                     return outcome
                 if deadline is not None and loop.time() >= deadline:
                     return Errno(errno.EAGAIN)
         finally:
+            poller.close()
             os.close(fd)
+
+    # -- recvmmsg --
+
+    def handle_recvmmsg(self, call: SyscallCall) -> Outcome:
+        """recvmmsg on a relayed socket, when a message asks for its source:
+        each datagram as recvmsg's would be (the remote peer's address)."""
+        if not self.udp_relays:
+            return CONTINUE
+        vector, count = call.pointer_arg(1), min(call.uint_arg(2), _MAX_MESSAGES)
+        if vector == 0 or count == 0:
+            return CONTINUE
+        inode = socket_inode(call.tid, call.int_arg(0))
+        relay = self.udp_relays.get(inode) if inode is not None else None
+        if relay is None:
+            return CONTINUE
+        raw = call.read(vector, _MMSGHDR_SIZE * count)
+        headers = [_MSGHDR.unpack_from(raw, index * _MMSGHDR_SIZE) for index in range(count)]
+        if not any(header[0] for header in headers):
+            return CONTINUE  # no source asked for: the kernel's answer is right
+        flags = call.int_arg(3)
+        receives: list[_Receive] = []
+        for index, header in enumerate(headers):
+            name, name_length, iov_pointer, iov_count, control, control_length = header[:6]
+            if iov_count > _MAX_IOV:
+                return Errno(errno.EMSGSIZE)
+            vectors = call.read(iov_pointer, _IOVEC.size * iov_count) if iov_count else b""
+            message = vector + index * _MMSGHDR_SIZE
+            receives.append(_Receive(
+                tuple(_IOVEC.iter_unpack(vectors)), flags & ~_MSG_WAITFORONE, name,
+                message + 8, name_length if name else 0, msghdr=message,
+                control_pointer=control, control_capacity=control_length))
+        timeout: float | None = None
+        if call.pointer_arg(4):
+            seconds, nanoseconds = _TIMESPEC.unpack(call.read(call.pointer_arg(4), _TIMESPEC.size))
+            if seconds < 0 or not 0 <= nanoseconds < 1_000_000_000:
+                return Errno(errno.EINVAL)
+            timeout = seconds + nanoseconds / 1e9
+        return OnTraceeFd(call.int_arg(0), partial(self._receive_many_action, call, relay,
+                                                   vector, receives, flags, timeout))
+
+    def _receive_many_action(self, call: SyscallCall, relay: UdpRelay, vector: int,
+                             receives: list[_Receive], flags: int, timeout: float | None,
+                             fd: int) -> Outcome:
+        waits = not (flags & _MSG_DONTWAIT or _nonblocking(fd))
+        with borrowed(fd) as sock:
+            wait_limit = _timeout_option(sock, socket.SO_RCVTIMEO)
+        return Defer(self._receive_many(call, relay, vector, receives, flags, waits, wait_limit,
+                                        timeout, os.dup(fd)))
+
+    async def _receive_many(self, call: SyscallCall, relay: UdpRelay, vector: int,
+                            receives: list[_Receive], flags: int, waits: bool,
+                            wait_limit: float | None, timeout: float | None,
+                            fd: int) -> Outcome:
+        """The kernel's recvmmsg: datagram after datagram, waiting for each on a
+        blocking socket (for the first only with MSG_WAITFORONE), until the
+        vector is full, a wait runs out (SO_RCVTIMEO), an error, or, checked
+        after each datagram, ``timeout``; the count, or the first error when
+        nothing came."""
+        loop = asyncio.get_running_loop()
+        ends = None if timeout is None else loop.time() + timeout
+        writes: list[tuple[int, bytes]] = []
+        received = 0
+        failure = errno.EAGAIN
+        poller = select.epoll(1)
+        try:
+            poller.register(fd, select.EPOLLIN)
+            for index, receive in enumerate(receives):
+                deadline = None if wait_limit is None else loop.time() + wait_limit
+                while True:
+                    outcome = self._try_receive(call, relay, receive, fd)
+                    if outcome is not None:
+                        break
+                    if not waits or (received and flags & _MSG_WAITFORONE) \
+                            or (deadline is not None and loop.time() >= deadline):
+                        break
+                    await _readable(poller, relay, deadline)
+                if not isinstance(outcome, ReturnValue):
+                    if isinstance(outcome, Errno):
+                        failure = outcome.errno
+                    break
+                writes += outcome.writes
+                writes.append((vector + index * _MMSGHDR_SIZE + _MSG_LEN_OFFSET,
+                               _MSG_LEN.pack(outcome.value)))
+                received += 1
+                if ends is not None and loop.time() >= ends:
+                    break
+        finally:
+            poller.close()
+            os.close(fd)
+        if not received:
+            return Errno(failure)
+        return ReturnValue(received, writes=tuple(writes))
 
     # -- getpeername / getsockname --
 

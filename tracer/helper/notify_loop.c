@@ -20,6 +20,14 @@
  * size changed by the tracee's writes, a failed memory access) goes to Python
  * as before, which gives the full answer.
  *
+ * Local fds: fchmod, fchown and fstatfs are trapped for the fds of shadow
+ * copies (a target file's mode, owner and filesystem), but most calls name
+ * an fd of this machine's own files, which the files feature lets the kernel
+ * run anyway. While a shadow root is set, this loop answers CONTINUE itself
+ * to those whose fd is not under it (one readlink of /proc/PID/fd/N, the
+ * same test the files feature makes first), so they no longer cost a trip
+ * through Python; an fd under the root, or one it cannot read, goes to Python.
+ *
  * Returns 1: a wanted notification is in *out; 0: timeout or a signal (the
  * caller looks at its stop condition); -1: the listener hung up (every tracee
  * is gone); -2: an error, errno set. *passed counts the calls answered here
@@ -316,6 +324,37 @@ static int fast_fstat(int fd, const struct seccomp_notif *n)
     return send_value(fd, n->id, 0);
 }
 
+/* fchmod, fchown, fstatfs of an fd outside the shadow tree: CONTINUE.
+ * 1: answered; 0: Python answers it; -1: error, errno set. */
+static int fast_local_fd(int fd, const struct seccomp_notif *n)
+{
+    if (n->data.nr != SYS_fchmod && n->data.nr != SYS_fchown && n->data.nr != SYS_fstatfs)
+        return 0;
+    int tracee_fd = (int)n->data.args[0];
+    if (tracee_fd < 0)
+        return 0;
+    char proc[64], link[PATH_MAX];
+    snprintf(proc, sizeof(proc), "/proc/%u/fd/%d", n->pid, tracee_fd);
+    ssize_t length = readlink(proc, link, sizeof(link) - 1);
+    if (length <= 0 || length >= (ssize_t)sizeof(link) - 1)
+        return 0; /* no such fd (EBADF), a gone thread, a long path: Python's */
+    link[length] = 0;
+    pthread_mutex_lock(&lock);
+    size_t root_length = strlen(shadow_root);
+    int inside = root_length == 0
+        || (!strncmp(link, shadow_root, root_length)
+            && (link[root_length] == '/' || link[root_length] == 0));
+    pthread_mutex_unlock(&lock);
+    if (inside)
+        return 0;
+    struct seccomp_notif_resp response = {
+        .id = n->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE,
+    };
+    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &response) != 0 && errno != ENOENT)
+        return -1;
+    return 1;
+}
+
 int mtrace_notify_next(int fd, const unsigned char *wanted, unsigned int wanted_bits,
                        int timeout_ms, struct seccomp_notif *out,
                        unsigned long long *passed)
@@ -340,6 +379,8 @@ int mtrace_notify_next(int fd, const unsigned char *wanted, unsigned int wanted_
                 int answered = shadow_root[0] ? fast_open(fd, out) : 0;
                 if (answered == 0 && shadow_root[0])
                     answered = fast_fstat(fd, out);
+                if (answered == 0 && shadow_root[0])
+                    answered = fast_local_fd(fd, out);
                 if (answered < 0)
                     return -2;
                 if (answered == 0)

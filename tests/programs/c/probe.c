@@ -93,6 +93,7 @@ static void usage(void)
           "  resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL\n"
           "  unix-connect PATH MSG\n"
           "  udp HOST PORT MSG | udp-unconnected HOST PORT MSG\n"
+          "  udp-mmsg HOST PORT MSG N | udp-mmsg-recv HOST PORT MSG N\n"
           "  exit N | kill SIG | loop-getpid N | loop-open PATH N\n"
           "  exec PATH ARGS... | fork-exec PATH ARGS... | hostname\n"
           "  serve ADDR PORT NAME [PORT2]\n",
@@ -698,6 +699,108 @@ static void format_peer(const struct sockaddr_storage *address, char *text, size
     snprintf(text, size, "[%s]:%u", host, ntohs(in6->sin6_port));
 }
 
+static int compare_lines(const void *a, const void *b)
+{
+    return strcmp((const char *)a, (const char *)b);
+}
+
+/* The replies, received with recvmmsg(2) (raw, MSG_WAITFORONE) until there are
+ * `count`, each as "REPLY from PEER". */
+static void receive_many(int fd, long count, char (*replies)[256 + 80])
+{
+    enum { MAX = 16 };
+    long got = 0;
+    while (got < count) {
+        struct mmsghdr messages[MAX];
+        struct iovec iov[MAX];
+        struct sockaddr_storage from[MAX];
+        char bufs[MAX][256];
+        memset(messages, 0, sizeof(messages));
+        for (long i = 0; i < count - got; i++) {
+            iov[i].iov_base = bufs[i];
+            iov[i].iov_len = sizeof(bufs[i]) - 1;
+            messages[i].msg_hdr.msg_name = &from[i];
+            messages[i].msg_hdr.msg_namelen = sizeof(from[i]);
+            messages[i].msg_hdr.msg_iov = &iov[i];
+            messages[i].msg_hdr.msg_iovlen = 1;
+        }
+        long n;
+        do
+            n = syscall(SYS_recvmmsg, fd, messages, (unsigned)(count - got), MSG_WAITFORONE, NULL);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+            fail_receive(errno);
+        for (long i = 0; i < n; i++) {
+            char peer[80];
+            bufs[i][messages[i].msg_len] = 0;
+            format_peer(&from[i], peer, sizeof(peer));
+            snprintf(replies[got + i], sizeof(replies[0]), "%s from %s", bufs[i], peer);
+        }
+        got += n;
+    }
+}
+
+/* sendmmsg(2) of N datagrams "MSG-i" with a destination each, on an
+ * unconnected socket, then N replies (recvfrom, or with `many` recvmmsg).
+ * Raw syscalls: musl's sendmmsg wrapper sends one sendmsg per message on
+ * 64-bit machines. */
+static int cmd_udp_mmsg(const char *host, const char *port, const char *msg, long count,
+                        int many)
+{
+    enum { MAX = 16, TEXT = 256 };
+    if (count < 1 || count > MAX)
+        fail_text("EINVAL");
+    struct addrinfo *res = resolve_addr(host, port, SOCK_DGRAM);
+    int fd = socket(res->ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        fail_errno(errno);
+    set_receive_timeout(fd);
+    struct mmsghdr messages[MAX];
+    struct iovec iov[MAX];
+    char texts[MAX][TEXT];
+    memset(messages, 0, sizeof(messages));
+    for (long i = 0; i < count; i++) {
+        snprintf(texts[i], TEXT, "%s-%ld", msg, i);
+        iov[i].iov_base = texts[i];
+        iov[i].iov_len = strlen(texts[i]);
+        messages[i].msg_hdr.msg_name = res->ai_addr;
+        messages[i].msg_hdr.msg_namelen = res->ai_addrlen;
+        messages[i].msg_hdr.msg_iov = &iov[i];
+        messages[i].msg_hdr.msg_iovlen = 1;
+    }
+    long sent = syscall(SYS_sendmmsg, fd, messages, (unsigned)count, 0);
+    if (sent < 0)
+        fail_errno(errno);
+    freeaddrinfo(res);
+    printf("sent %ld:", sent);
+    for (long i = 0; i < sent; i++)
+        printf(" %u", messages[i].msg_len);
+    printf("\n");
+    char replies[MAX][TEXT + 80];
+    if (many)
+        receive_many(fd, sent, replies);
+    for (long i = 0; i < sent && !many; i++) {
+        char buf[TEXT + 32], peer[80];
+        struct sockaddr_storage from;
+        socklen_t from_len;
+        ssize_t n;
+        do {
+            from_len = sizeof(from);
+            n = recvfrom(fd, buf, sizeof(buf) - 1, 0, (struct sockaddr *)&from, &from_len);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0)
+            fail_receive(errno);
+        buf[n] = 0;
+        format_peer(&from, peer, sizeof(peer));
+        snprintf(replies[i], sizeof(replies[i]), "%s from %s", buf, peer);
+    }
+    qsort(replies, (size_t)sent, sizeof(replies[0]), compare_lines);
+    for (long i = 0; i < sent; i++)
+        printf("%s\n", replies[i]);
+    close(fd);
+    return 0;
+}
+
 static int listen_on(const char *addr, const char *port)
 {
     struct addrinfo hints = {0}, *found;
@@ -829,6 +932,10 @@ int main(int argc, char **argv)
         return cmd_udp(args[0], args[1], args[2]);
     if (!strcmp(cmd, "udp-unconnected") && nargs == 3)
         return cmd_udp_unconnected(args[0], args[1], args[2]);
+    if (!strcmp(cmd, "udp-mmsg") && nargs == 4)
+        return cmd_udp_mmsg(args[0], args[1], args[2], parse_long(args[3]), 0);
+    if (!strcmp(cmd, "udp-mmsg-recv") && nargs == 4)
+        return cmd_udp_mmsg(args[0], args[1], args[2], parse_long(args[3]), 1);
     if (!strcmp(cmd, "exit") && nargs == 1)
         return (int)parse_long(args[0]);
     if (!strcmp(cmd, "kill") && nargs == 1)

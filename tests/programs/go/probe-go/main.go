@@ -27,6 +27,7 @@ const usage = `usage: probe COMMAND ARGS...
   resolve NAME | resolve6 NAME | tcp HOST PORT MSG | http URL
   unix-connect PATH MSG
   udp HOST PORT MSG | udp-unconnected HOST PORT MSG
+  udp-mmsg HOST PORT MSG N | udp-mmsg-recv HOST PORT MSG N
   exit N | kill SIG | loop-getpid N | loop-open PATH N
   exec PATH ARGS... | fork-exec PATH ARGS... | hostname
   serve ADDR PORT NAME [PORT2]
@@ -69,6 +70,10 @@ func main() {
 		cmdUDP(args[0], args[1], args[2])
 	case cmd == "udp-unconnected" && len(args) == 3:
 		cmdUDPUnconnected(args[0], args[1], args[2])
+	case cmd == "udp-mmsg" && len(args) == 4:
+		cmdUDPMmsg(args[0], args[1], args[2], parseInt(args[3]), false)
+	case cmd == "udp-mmsg-recv" && len(args) == 4:
+		cmdUDPMmsg(args[0], args[1], args[2], parseInt(args[3]), true)
 	case cmd == "exit" && len(args) == 1:
 		os.Exit(parseInt(args[0]))
 	case cmd == "kill" && len(args) == 1:
@@ -473,6 +478,140 @@ func sockaddrText(sa syscall.Sockaddr) string {
 		return formatPeer(net.IP(a.Addr[:]), a.Port)
 	}
 	return "?"
+}
+
+// mmsghdr is struct mmsghdr: a msghdr and the length the kernel sent.
+type mmsghdr struct {
+	hdr syscall.Msghdr
+	len uint32
+	_   [4]byte
+}
+
+// rawSockaddr is addr:port as the kernel's sockaddr_in or sockaddr_in6.
+func rawSockaddr(addr *net.UDPAddr) (int, []byte) {
+	if v4 := addr.IP.To4(); v4 != nil {
+		raw := make([]byte, syscall.SizeofSockaddrInet4)
+		binary.LittleEndian.PutUint16(raw[0:], syscall.AF_INET)
+		binary.BigEndian.PutUint16(raw[2:], uint16(addr.Port))
+		copy(raw[4:8], v4)
+		return syscall.AF_INET, raw
+	}
+	raw := make([]byte, syscall.SizeofSockaddrInet6)
+	binary.LittleEndian.PutUint16(raw[0:], syscall.AF_INET6)
+	binary.BigEndian.PutUint16(raw[2:], uint16(addr.Port))
+	copy(raw[8:24], addr.IP.To16())
+	return syscall.AF_INET6, raw
+}
+
+// receiveMany: count replies received with recvmmsg(2) (raw, MSG_WAITFORONE),
+// each as "REPLY from PEER".
+func receiveMany(fd int, count int) []string {
+	replies := make([]string, 0, count)
+	for len(replies) < count {
+		want := count - len(replies)
+		messages := make([]mmsghdr, want)
+		iov := make([]syscall.Iovec, want)
+		names := make([]syscall.RawSockaddrAny, want)
+		bufs := make([][]byte, want)
+		for i := range messages {
+			bufs[i] = make([]byte, 255)
+			iov[i].Base = &bufs[i][0]
+			iov[i].SetLen(len(bufs[i]))
+			messages[i].hdr.Name = (*byte)(unsafe.Pointer(&names[i]))
+			messages[i].hdr.Namelen = uint32(unsafe.Sizeof(names[i]))
+			messages[i].hdr.Iov = &iov[i]
+			messages[i].hdr.Iovlen = 1
+		}
+		n, _, errno := syscall.Syscall6(syscall.SYS_RECVMMSG, uintptr(fd),
+			uintptr(unsafe.Pointer(&messages[0])), uintptr(want), 0x10000, 0, 0)
+		if errno == syscall.EINTR {
+			continue
+		}
+		if errno == syscall.EAGAIN {
+			errno = syscall.ETIMEDOUT
+		}
+		if errno != 0 {
+			fail(errno)
+		}
+		for i := 0; i < int(n); i++ {
+			raw := (*[28]byte)(unsafe.Pointer(&names[i]))
+			peerPort := int(binary.BigEndian.Uint16(raw[2:4]))
+			peer := net.IP(raw[8:24])
+			if binary.LittleEndian.Uint16(raw[0:2]) == syscall.AF_INET {
+				peer = net.IP(raw[4:8])
+			}
+			replies = append(replies, fmt.Sprintf("%s from %s", bufs[i][:messages[i].len],
+				formatPeer(peer, peerPort)))
+		}
+	}
+	return replies
+}
+
+// cmdUDPMmsg: sendmmsg(2) of N datagrams "MSG-i" with a destination each on
+// an unconnected socket (Go's net package never uses it: a raw syscall), then
+// N replies (recvfrom, or with many recvmmsg), sorted.
+func cmdUDPMmsg(host, port, msg string, count int, many bool) {
+	if count < 1 || count > 16 {
+		failText("EINVAL")
+	}
+	target, err := net.ResolveUDPAddr("udp", net.JoinHostPort(host, port))
+	if err != nil {
+		fail(err)
+	}
+	family, name := rawSockaddr(target)
+	fd, err := syscall.Socket(family, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		fail(err)
+	}
+	timeout := syscall.NsecToTimeval(int64(receiveTimeout))
+	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &timeout); err != nil {
+		fail(err)
+	}
+	messages := make([]mmsghdr, count)
+	iov := make([]syscall.Iovec, count)
+	texts := make([][]byte, count)
+	for i := range messages {
+		texts[i] = []byte(fmt.Sprintf("%s-%d", msg, i))
+		iov[i].Base = &texts[i][0]
+		iov[i].SetLen(len(texts[i]))
+		messages[i].hdr.Name = &name[0]
+		messages[i].hdr.Namelen = uint32(len(name))
+		messages[i].hdr.Iov = &iov[i]
+		messages[i].hdr.Iovlen = 1
+	}
+	sent, _, errno := syscall.Syscall6(sysSendmmsg, uintptr(fd),
+		uintptr(unsafe.Pointer(&messages[0])), uintptr(count), 0, 0, 0)
+	if errno != 0 {
+		fail(errno)
+	}
+	line := fmt.Sprintf("sent %d:", sent)
+	for i := 0; i < int(sent); i++ {
+		line += fmt.Sprintf(" %d", messages[i].len)
+	}
+	fmt.Println(line)
+	replies := make([]string, 0, sent)
+	if many {
+		replies = receiveMany(fd, int(sent))
+	}
+	buf := make([]byte, 512)
+	for i := 0; i < int(sent) && !many; i++ {
+		n, from, err := syscall.Recvfrom(fd, buf, 0)
+		for err == syscall.EINTR {
+			n, from, err = syscall.Recvfrom(fd, buf, 0)
+		}
+		if err == syscall.EAGAIN {
+			err = syscall.ETIMEDOUT
+		}
+		if err != nil {
+			fail(err)
+		}
+		replies = append(replies, fmt.Sprintf("%s from %s", buf[:n], sockaddrText(from)))
+	}
+	sort.Strings(replies)
+	for _, reply := range replies {
+		fmt.Println(reply)
+	}
+	syscall.Close(fd)
 }
 
 var serveOutput = make(chan string)
