@@ -112,6 +112,7 @@ from .protocol import (
     GOODBYE_CHANNEL,
     GOODBYE_TARGET_EXITED,
     GOODBYE_VERSION,
+    INCOMING_WINDOWS_VERSION,
     LENGTH_PREFIX,
     MAX_CHUNK_SIZE,
     MAX_FRAME_SIZE,
@@ -365,6 +366,8 @@ class AgentClient:
         #: The channel the handshake chose (CHANNEL_PLAIN or CHANNEL_CHACHA20_POLY1305).
         self.channel = CHANNEL_PLAIN
         self.target_hostname: str | None = None
+        #: The receive window this client grants each incoming stream (protocol 3).
+        self.incoming_window = DEFAULT_WINDOW
 
     # --- connection ---
 
@@ -818,12 +821,19 @@ class AgentClient:
         await self._call(IncomingUnsubscribe(port=port), Done)
 
     def _on_incoming(self, connection: IncomingConnection) -> None:
-        stream = TcpStream(self, connection.stream, DEFAULT_WINDOW)
+        windows = self.version >= INCOMING_WINDOWS_VERSION
+        window = self.incoming_window if windows else DEFAULT_WINDOW
+        stream = TcpStream(self, connection.stream, window)
         self._streams[connection.stream] = stream
+        if windows:
+            # The agent sends nothing until it knows our receive window.
+            with contextlib.suppress(AgentUnavailable):
+                self._send_nowait(StreamCredit(stream=connection.stream, size=window))
         stream._on_connected(TcpConnected(
             stream=connection.stream, local_host=connection.local_host,
             local_port=connection.local_port, peer_host=connection.peer_host,
-            peer_port=connection.peer_port, window=DEFAULT_WINDOW))
+            peer_port=connection.peer_port,
+            window=connection.window if windows else DEFAULT_WINDOW))
         handler = self._incoming.get(connection.port)
         if handler is None:
             stream.abort()
@@ -973,6 +983,11 @@ class TcpStream:
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._inbox
+
+    @property
+    def failure(self) -> Exception | None:
+        """Why the stream ended badly (a reset, a lost agent), None otherwise."""
+        return self._failure
 
     @property
     def write_buffer_size(self) -> int:
