@@ -908,3 +908,44 @@ def test_a_mirrored_flood_the_program_never_reads_is_dropped_not_buffered(
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize("version", [2, p.PROTOCOL_VERSION])
+def test_incoming_windows_follow_the_protocol_the_client_speaks(
+    listening_agent: Any, netns_target: Any, version: int
+) -> None:
+    """Protocol 2: 1 MiB both ways from the start (what an older mtrace
+    assumes). Protocol 3: the window comes from the pool and the agent sends
+    nothing before the client's first credit."""
+    port = _free_port_in(netns_target)
+    with listening_agent(target_pid=netns_target.pid, extra_args=["--allow-plaintext"]) as agent:
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        welcome = connection.handshake(agent.secret, version=version, channel=p.CHANNEL_PLAIN)
+        assert isinstance(welcome, p.Welcome) and welcome.version == version
+        _subscribe(connection, port, "steal")
+        peer = subprocess.Popen(netns_target.nsenter_argv(
+            sys.executable, "-c", _INCOMING_HELPER, "peers", "127.0.0.1", str(port), "1",
+            str(65536), environment=False))
+        try:
+            announced = connection.receive()
+            assert isinstance(announced, p.IncomingConnection), announced
+            if version == 2:
+                assert announced.window == p.DEFAULT_WINDOW
+            else:
+                assert 0 < announced.window < p.DEFAULT_WINDOW  # the pool's first window
+                assert not select.select([connection.sock], [], [], 1)[0], \
+                    "the agent sent before the client granted a window"
+                connection.send(p.StreamCredit(stream=announced.stream, size=100))
+            received = b""
+            while len(received) < (65536 if version == 2 else 100):
+                frame = connection.receive()
+                assert isinstance(frame, p.StreamData) and frame.stream == announced.stream, frame
+                received += frame.data
+            assert received == b"p" * len(received)
+            if version != 2:  # exactly the credit, no more
+                assert len(received) == 100
+                assert not select.select([connection.sock], [], [], 0.5)[0]
+        finally:
+            peer.kill()
+            peer.wait()
+            connection.close()
