@@ -1154,6 +1154,10 @@ class MirrorCapture:
             self._close_flow(flow)
 
     def _end(self, flow: _Flow) -> None:
+        """The connection is over (or forgotten): what is still out of order never comes."""
+        self.held -= flow.pending_bytes
+        flow.pending.clear()
+        flow.pending_bytes = 0
         if flow.outbox:
             flow.fin_seq = flow.next_seq
             return  # closed once flushed (_writable)

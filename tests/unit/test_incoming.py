@@ -225,6 +225,21 @@ def test_a_mirror_copy_nobody_reads_is_dropped_once_its_backlog_is_full() -> Non
     assert "did not read" in dropped[0][1]
 
 
+def test_a_mirrored_connection_that_ends_with_segments_out_of_order_gives_their_bytes_back() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        capture = MirrorCapture.__new__(MirrorCapture)
+        capture.held = 0
+        flow = _Flow(ours, 1, 80, ("10.0.0.2", 40000), next_seq=1000)
+        capture._segment(flow, 2000, b"x" * 100)  # a gap before it: held
+        assert capture.held == 100
+        capture._end(flow)  # a RST: the gap is never filled
+        assert capture.held == 0 and not flow.pending
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_incoming_is_a_mode_string_or_a_table() -> None:
     assert msgspec.convert({"incoming": "steal"}, NetworkConfig).incoming_config == \
         IncomingConfig(mode="steal")
