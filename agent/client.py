@@ -112,6 +112,7 @@ from .protocol import (
     GOODBYE_CHANNEL,
     GOODBYE_TARGET_EXITED,
     GOODBYE_VERSION,
+    INCOMING_INITIAL_CREDIT,
     INCOMING_WINDOWS_VERSION,
     LENGTH_PREFIX,
     MAX_CHUNK_SIZE,
@@ -366,7 +367,8 @@ class AgentClient:
         #: The channel the handshake chose (CHANNEL_PLAIN or CHANNEL_CHACHA20_POLY1305).
         self.channel = CHANNEL_PLAIN
         self.target_hostname: str | None = None
-        #: The receive window this client grants each incoming stream (protocol 3).
+        #: The receive window this client grants each incoming stream (protocol 3;
+        #: at least INCOMING_INITIAL_CREDIT).
         self.incoming_window = DEFAULT_WINDOW
 
     # --- connection ---
@@ -822,13 +824,14 @@ class AgentClient:
 
     def _on_incoming(self, connection: IncomingConnection) -> None:
         windows = self.version >= INCOMING_WINDOWS_VERSION
-        window = self.incoming_window if windows else DEFAULT_WINDOW
+        window = max(self.incoming_window, INCOMING_INITIAL_CREDIT) if windows else DEFAULT_WINDOW
         stream = TcpStream(self, connection.stream, window)
         self._streams[connection.stream] = stream
-        if windows:
-            # The agent sends nothing until it knows our receive window.
+        if windows and window > INCOMING_INITIAL_CREDIT:
+            # The agent knows only the protocol's first credit: the rest of our window.
             with contextlib.suppress(AgentUnavailable):
-                self._send_nowait(StreamCredit(stream=connection.stream, size=window))
+                self._send_nowait(StreamCredit(stream=connection.stream,
+                                               size=window - INCOMING_INITIAL_CREDIT))
         stream._on_connected(TcpConnected(
             stream=connection.stream, local_host=connection.local_host,
             local_port=connection.local_port, peer_host=connection.peer_host,

@@ -45,6 +45,7 @@ from .files import RootResolver
 from .logs import event
 from .protocol import (
     DEFAULT_WINDOW,
+    INCOMING_INITIAL_CREDIT,
     Datagram,
     StreamCredit,
     StreamData,
@@ -522,14 +523,15 @@ class Outgoing:
         """Pump an already connected socket as stream ``stream_id`` (incoming
         connections: the caller announces it with an ``IncomingConnection``
         before it yields to the loop). ``pooled`` (a protocol-3 client): its
-        window comes from the pool and the agent waits for the client's first
-        credit; else both windows are ``DEFAULT_WINDOW``. None (``sock``
+        window comes from the pool, and the agent sends INCOMING_INITIAL_CREDIT
+        before the client's first credit; else both windows are
+        ``DEFAULT_WINDOW``. None (``sock``
         closed): the client went away or has :data:`MAX_STREAMS` streams."""
         if self._closed or len(self._streams) + len(self._connecting) >= MAX_STREAMS:
             sock.close()
             return None
         sock.setblocking(False)
-        stream = TcpStream(stream_id, sock, send_window=0 if pooled else DEFAULT_WINDOW,
+        stream = TcpStream(stream_id, sock, send_window=INCOMING_INITIAL_CREDIT if pooled else DEFAULT_WINDOW,
                            receive_window=self.windows.take(None if pooled else DEFAULT_WINDOW),
                            outgoing=self)
         self._streams[stream_id] = stream

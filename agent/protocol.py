@@ -46,9 +46,10 @@ side is overwhelmed.
 
 Incoming streams (protocol 3): ``IncomingConnection.window`` is what the client
 may send to the agent, taken from the same pool as an outgoing stream's; the
-agent may send nothing until the client grants its receive window with a
-``StreamCredit`` as it takes the stream. With a protocol-2 peer both windows
-are :data:`DEFAULT_WINDOW` from the start, and no such credit is sent. A
+agent may send :data:`INCOMING_INITIAL_CREDIT` at once (the first request
+needs no round trip), and the client grants the rest of its receive window
+with a ``StreamCredit`` as it takes the stream. With a protocol-2 peer both
+windows are :data:`DEFAULT_WINDOW` from the start, and no such credit is sent. A
 mirror stream whose window is spent (the client does not read it) is ended
 with ``StreamReset(ENOBUFS)``: a copy never holds up the target's traffic nor
 piles up in the agent.
@@ -100,6 +101,9 @@ DEFAULT_WINDOW: Final = 1024 * 1024
 #: The first protocol in which incoming streams take their windows as
 #: outgoing ones do (``IncomingConnection.window``, the client's first credit).
 INCOMING_WINDOWS_VERSION: Final = 3
+#: What the agent may send on an incoming stream before the client's first
+#: credit (protocol 3): the client's receive window is this plus what it grants.
+INCOMING_INITIAL_CREDIT: Final = 64 * 1024
 #: Once a frame has started, both sides wait this many seconds at most for the
 #: rest of it (their default; an idle peer may wait forever between frames).
 FRAME_TIMEOUT: Final = 30.0
@@ -665,9 +669,9 @@ class IncomingConnection(_Message, tag="incoming-connection"):
     client writes to it is dropped.
 
     Windows (version 3): ``window`` is what the client may send before more
-    credit, and the agent sends nothing until the client's first
-    ``StreamCredit`` (its receive window). Version 2: both are
-    :data:`DEFAULT_WINDOW` from the start."""
+    credit; the agent may send :data:`INCOMING_INITIAL_CREDIT`, and more as
+    the client grants it (its first ``StreamCredit``: the rest of its receive
+    window). Version 2: both are :data:`DEFAULT_WINDOW` from the start."""
 
     stream: int
     port: int

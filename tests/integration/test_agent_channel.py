@@ -784,10 +784,12 @@ def _subscribe(connection: RawConnection, port: int, mode: str) -> None:
 
 
 def _take_stream(connection: RawConnection, announced: Any, receive_window: int) -> int:
-    """What a client does with an ``IncomingConnection``: grant its receive
-    window (protocol 3; a protocol-2 agent assumed 1 MiB); the window it may send."""
-    if hasattr(announced, "window"):
-        connection.send(p.StreamCredit(stream=announced.stream, size=receive_window))
+    """What a client does with an ``IncomingConnection``: grant the rest of its
+    receive window (protocol 3; a protocol-2 agent assumed 1 MiB); the window
+    it may send."""
+    first = getattr(p, "INCOMING_INITIAL_CREDIT", receive_window)
+    if hasattr(announced, "window") and receive_window > first:
+        connection.send(p.StreamCredit(stream=announced.stream, size=receive_window - first))
     return int(getattr(announced, "window", 1 << 20))
 
 
@@ -916,7 +918,7 @@ def test_incoming_windows_follow_the_protocol_the_client_speaks(
 ) -> None:
     """Protocol 2: 1 MiB both ways from the start (what an older mtrace
     assumes). Protocol 3: the window comes from the pool and the agent sends
-    nothing before the client's first credit."""
+    INCOMING_INITIAL_CREDIT before the client's first credit, no more."""
     port = _free_port_in(netns_target)
     with listening_agent(target_pid=netns_target.pid, extra_args=["--allow-plaintext"]) as agent:
         connection = RawConnection(agent.host, agent.port, timeout=30)
@@ -925,26 +927,30 @@ def test_incoming_windows_follow_the_protocol_the_client_speaks(
         _subscribe(connection, port, "steal")
         peer = subprocess.Popen(netns_target.nsenter_argv(
             sys.executable, "-c", _INCOMING_HELPER, "peers", "127.0.0.1", str(port), "1",
-            str(65536), environment=False))
+            str(256 * 1024), environment=False))
         try:
             announced = connection.receive()
             assert isinstance(announced, p.IncomingConnection), announced
+            first = p.DEFAULT_WINDOW if version == 2 else p.INCOMING_INITIAL_CREDIT
             if version == 2:
                 assert announced.window == p.DEFAULT_WINDOW
             else:
                 assert 0 < announced.window < p.DEFAULT_WINDOW  # the pool's first window
-                assert not select.select([connection.sock], [], [], 1)[0], \
-                    "the agent sent before the client granted a window"
-                connection.send(p.StreamCredit(stream=announced.stream, size=100))
             received = b""
-            while len(received) < (65536 if version == 2 else 100):
+            while len(received) < min(first, 256 * 1024):
                 frame = connection.receive()
                 assert isinstance(frame, p.StreamData) and frame.stream == announced.stream, frame
                 received += frame.data
-            assert received == b"p" * len(received)
-            if version != 2:  # exactly the credit, no more
-                assert len(received) == 100
+            if version != 2:  # the first credit, no more until the client grants it
+                assert len(received) == first
+                assert not select.select([connection.sock], [], [], 1)[0], \
+                    "the agent sent beyond the first credit"
+                connection.send(p.StreamCredit(stream=announced.stream, size=100))
+                frame = connection.receive()
+                assert isinstance(frame, p.StreamData) and len(frame.data) == 100, frame
+                received += frame.data
                 assert not select.select([connection.sock], [], [], 0.5)[0]
+            assert received == b"p" * len(received)
         finally:
             peer.kill()
             peer.wait()

@@ -811,6 +811,7 @@ NEVER_READS = r"""
 import socket, sys, time
 listener = socket.socket(socket.AF_INET6)
 listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # earlier tests' TIME_WAITs
 listener.bind(("::", int(sys.argv[1])))
 listener.listen(64)
 print(f"listening on {listener.getsockname()[1]}", flush=True)
