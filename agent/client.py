@@ -827,11 +827,11 @@ class AgentClient:
         window = max(self.incoming_window, INCOMING_INITIAL_CREDIT) if windows else DEFAULT_WINDOW
         stream = TcpStream(self, connection.stream, window)
         self._streams[connection.stream] = stream
-        if windows and window > INCOMING_INITIAL_CREDIT:
-            # The agent knows only the protocol's first credit: the rest of our window.
-            with contextlib.suppress(AgentUnavailable):
-                self._send_nowait(StreamCredit(stream=connection.stream,
-                                               size=window - INCOMING_INITIAL_CREDIT))
+        if windows:
+            # The agent knows only the protocol's first credit: the rest of our
+            # window is owed, and goes with the credit of the first read (no
+            # extra frame on the way of the first request).
+            stream._consumed = window - INCOMING_INITIAL_CREDIT
         stream._on_connected(TcpConnected(
             stream=connection.stream, local_host=connection.local_host,
             local_port=connection.local_port, peer_host=connection.peer_host,

@@ -955,3 +955,36 @@ def test_incoming_windows_follow_the_protocol_the_client_speaks(
             peer.kill()
             peer.wait()
             connection.close()
+
+
+def test_a_client_reading_an_incoming_stream_gets_all_of_it_past_the_first_credit(
+    listening_agent: Any, netns_target: Any
+) -> None:
+    """The client's window beyond INCOMING_INITIAL_CREDIT goes with its first
+    read's credit: a stream read as it comes flows whole (else it would stop
+    at 64 KiB)."""
+    port = _free_port_in(netns_target)
+    size = 8 << 20
+
+    async def main(agent: Any) -> int:
+        client = await connect_tcp(agent.host, agent.port, agent.secret)
+        arrived: asyncio.Queue[Any] = asyncio.Queue()
+        try:
+            await client.subscribe_incoming(port, "steal", lambda _, stream: arrived.put_nowait(stream))
+            peer = await asyncio.create_subprocess_exec(*netns_target.nsenter_argv(
+                sys.executable, "-c", _INCOMING_HELPER, "peers", "127.0.0.1", str(port), "1",
+                str(size), environment=False))
+            try:
+                stream = await asyncio.wait_for(arrived.get(), 30)
+                received = 0
+                while received < size:
+                    received += len(await asyncio.wait_for(stream.read(1 << 16), 30))
+                return received
+            finally:
+                peer.kill()
+                await peer.wait()
+        finally:
+            await client.close()
+
+    with listening_agent(target_pid=netns_target.pid) as agent:
+        assert asyncio.run(main(agent)) == size
