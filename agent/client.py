@@ -829,9 +829,9 @@ class AgentClient:
         self._streams[connection.stream] = stream
         if windows:
             # The agent knows only the protocol's first credit: the rest of our
-            # window is owed, and goes with the credit of the first read (no
-            # extra frame on the way of the first request).
-            stream._consumed = window - INCOMING_INITIAL_CREDIT
+            # window is owed, and goes with the first credit the stream returns
+            # (no frame of its own on the way of a small request).
+            stream._owed = window - INCOMING_INITIAL_CREDIT
         stream._on_connected(TcpConnected(
             stream=connection.stream, local_host=connection.local_host,
             local_port=connection.local_port, peer_host=connection.peer_host,
@@ -866,6 +866,7 @@ class TcpStream:
         self._send_credit = 0
         self._inbox = bytearray()
         self._consumed = 0  # bytes read by the application, credit not yet returned
+        self._owed = 0  # window the agent does not know of yet (incoming streams)
         self._eof = False
         self._failure: Exception | None = None
         self._readable = asyncio.Event()
@@ -935,12 +936,15 @@ class TcpStream:
 
     def _return_credit(self, size: int) -> None:
         self._consumed += size
-        # Batched, but never sitting on more than a quarter window: the sender
-        # can always make progress while the application keeps reading.
-        if self._consumed >= self._receive_window // 4 and self._failure is None:
+        # Batched, but never sitting on more than a quarter of what the sender
+        # knows of the window: it can always make progress while the
+        # application keeps reading.
+        known = self._receive_window - self._owed
+        if self._consumed >= known // 4 and self._failure is None:
             with contextlib.suppress(AgentUnavailable):
-                self._client._send_nowait(StreamCredit(stream=self.id, size=self._consumed))
-            self._consumed = 0
+                self._client._send_nowait(StreamCredit(stream=self.id,
+                                                       size=self._consumed + self._owed))
+            self._consumed = self._owed = 0
 
     # --- writing ---
 

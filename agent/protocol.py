@@ -48,7 +48,7 @@ Incoming streams (protocol 3): ``IncomingConnection.window`` is what the client
 may send to the agent, taken from the same pool as an outgoing stream's; the
 agent may send :data:`INCOMING_INITIAL_CREDIT` at once (the first request
 needs no round trip), and the client grants the rest of its receive window
-with its first ``StreamCredit`` (mtrace: with the credit of its first read). With a protocol-2 peer both
+with its first ``StreamCredit`` (mtrace: once 16 KiB have been read). With a protocol-2 peer both
 windows are :data:`DEFAULT_WINDOW` from the start, and no such credit is sent. A
 mirror stream whose window is spent (the client does not read it) is ended
 with ``StreamReset(ENOBUFS)``: a copy never holds up the target's traffic nor
