@@ -118,6 +118,8 @@ from .protocol import (
     GOODBYE_CHANNEL,
     GOODBYE_TARGET_EXITED,
     GOODBYE_VERSION,
+    INCOMING_INITIAL_CREDIT,
+    INCOMING_WINDOWS_VERSION,
     LENGTH_PREFIX,
     MAX_CHUNK_SIZE,
     MAX_FRAME_SIZE,
@@ -380,6 +382,9 @@ class AgentClient:
         #: The channel the handshake chose (CHANNEL_PLAIN or CHANNEL_CHACHA20_POLY1305).
         self.channel = CHANNEL_PLAIN
         self.target_hostname: str | None = None
+        #: The receive window this client grants each incoming stream (protocol 3;
+        #: at least INCOMING_INITIAL_CREDIT).
+        self.incoming_window = DEFAULT_WINDOW
 
     # --- connection ---
 
@@ -870,12 +875,20 @@ class AgentClient:
         await self._call(IncomingUnsubscribe(port=port), Done)
 
     def _on_incoming(self, connection: IncomingConnection) -> None:
-        stream = TcpStream(self, connection.stream, DEFAULT_WINDOW)
+        windows = self.version >= INCOMING_WINDOWS_VERSION
+        window = max(self.incoming_window, INCOMING_INITIAL_CREDIT) if windows else DEFAULT_WINDOW
+        stream = TcpStream(self, connection.stream, window)
         self._streams[connection.stream] = stream
+        if windows:
+            # The agent knows only the protocol's first credit: the rest of our
+            # window is owed, and goes with the first credit the stream returns
+            # (no frame of its own on the way of a small request).
+            stream._owed = window - INCOMING_INITIAL_CREDIT
         stream._on_connected(TcpConnected(
             stream=connection.stream, local_host=connection.local_host,
             local_port=connection.local_port, peer_host=connection.peer_host,
-            peer_port=connection.peer_port, window=DEFAULT_WINDOW))
+            peer_port=connection.peer_port,
+            window=connection.window if windows else DEFAULT_WINDOW))
         handler = self._incoming.get(connection.port)
         if handler is None:
             stream.abort()
@@ -905,6 +918,7 @@ class TcpStream:
         self._send_credit = 0
         self._inbox = bytearray()
         self._consumed = 0  # bytes read by the application, credit not yet returned
+        self._owed = 0  # window the agent does not know of yet (incoming streams)
         self._eof = False
         self._failure: Exception | None = None
         self._readable = asyncio.Event()
@@ -974,12 +988,15 @@ class TcpStream:
 
     def _return_credit(self, size: int) -> None:
         self._consumed += size
-        # Batched, but never sitting on more than a quarter window: the sender
-        # can always make progress while the application keeps reading.
-        if self._consumed >= self._receive_window // 4 and self._failure is None:
+        # Batched, but never sitting on more than a quarter of what the sender
+        # knows of the window: it can always make progress while the
+        # application keeps reading.
+        known = self._receive_window - self._owed
+        if self._consumed >= known // 4 and self._failure is None:
             with contextlib.suppress(AgentUnavailable):
-                self._client._send_nowait(StreamCredit(stream=self.id, size=self._consumed))
-            self._consumed = 0
+                self._client._send_nowait(StreamCredit(stream=self.id,
+                                                       size=self._consumed + self._owed))
+            self._consumed = self._owed = 0
 
     # --- writing ---
 
@@ -1025,6 +1042,11 @@ class TcpStream:
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._inbox
+
+    @property
+    def failure(self) -> Exception | None:
+        """Why the stream ended badly (a reset, a lost agent), None otherwise."""
+        return self._failure
 
     @property
     def write_buffer_size(self) -> int:

@@ -25,7 +25,15 @@ and removes them all when the client goes away.
 
 Each of these ends in :meth:`mtrace.agent.net.Outgoing.adopt`: a connected
 socket (the stolen one, or the agent's end of a socketpair) is pumped to the
-client exactly like an outgoing stream.
+client exactly like an outgoing stream, with its windows from the same pool
+(a protocol-3 client) and within the same :data:`~mtrace.agent.net.MAX_STREAMS`.
+So a stolen connection whose program does not read stops being read (its
+peer's TCP pushes back), and the steal stops accepting while the client has
+``MAX_STREAMS`` streams. A mirror copy cannot push back (the target's own
+traffic must not wait for it): once its stream's window is spent and its
+small backlog full, the copy of that connection is dropped (``StreamReset``
+with ENOBUFS, logged once per connection); the capture holds at most
+:data:`MAX_MIRROR_HELD` bytes for all connections together.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ from .logs import event
 from .net import Outgoing
 from .protocol import (
     AGENT_STREAM_BASE,
+    DEFAULT_WINDOW,
+    INCOMING_WINDOWS_VERSION,
+    PROTOCOL_VERSION,
     HttpRequestFilter,
     IncomingConnection,
     IncomingSubscribe,
@@ -62,6 +73,12 @@ IP6T_SO_ORIGINAL_DST = 80
 MAX_SUBSCRIPTIONS = 64
 #: Out-of-order bytes a mirrored connection may hold before it is dropped.
 MAX_REORDER = 4 * 1024 * 1024
+#: What a mirrored connection may hold, in order, beyond its socketpair while
+#: its stream waits for the client's credit; past it the copy is dropped.
+MIRROR_BACKLOG = 256 * 1024
+#: What the capture holds for all mirrored connections together (in-order
+#: backlogs and out-of-order segments); the connection that would pass it is dropped.
+MAX_MIRROR_HELD = 16 * 1024 * 1024
 #: Largest HTTP head or buffered body a filtered steal keeps.
 MAX_HTTP_BUFFER = 16 * 1024 * 1024
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -176,6 +193,9 @@ class Incoming:
         self._stream_ids = itertools.count(AGENT_STREAM_BASE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        #: The protocol the client speaks (set by the session after the handshake).
+        self.client_version = PROTOCOL_VERSION
+        self._full_said = False
 
     async def subscribe(self, request: IncomingSubscribe) -> IncomingSubscribed:
         port = request.port
@@ -242,13 +262,32 @@ class Incoming:
         task.add_done_callback(self._tasks.discard)
 
     def _new_stream(self, sock: socket.socket, port: int, peer: tuple[str, int],
-                    local: tuple[str, int], *, mirror: bool = False) -> None:
-        """Announce a connection to the client and pump ``sock`` as its stream."""
+                    local: tuple[str, int], *, mirror: bool = False) -> int | None:
+        """Pump ``sock`` as a new stream and announce it to the client; its id,
+        or None (``sock`` closed) when the client has no room for one more."""
         stream_id = next(self._stream_ids)
+        pooled = self.client_version >= INCOMING_WINDOWS_VERSION
+        stream = self._outgoing.adopt(stream_id, sock, pooled=pooled)
+        if stream is None:
+            if not self._full_said and not self._closed:
+                self._full_said = True
+                event(logger, logging.WARNING, "incoming_streams_full", port=port,
+                      peer=f"{peer[0]}:{peer[1]}", mirror=mirror)
+            return None
+        # Before the stream's pumps first run: the client hears of the stream first.
         self._outgoing.send_nowait(IncomingConnection(
             stream=stream_id, port=port, peer_host=_unmapped(peer[0]), peer_port=peer[1],
-            local_host=_unmapped(local[0]), local_port=local[1], mirror=mirror))
-        self._spawn(self._outgoing.adopt(stream_id, sock))
+            local_host=_unmapped(local[0]), local_port=local[1], mirror=mirror,
+            window=stream.receive_window if pooled else DEFAULT_WINDOW))
+        return stream_id
+
+    def _drop_mirror(self, stream_id: int, port: int, peer: tuple[str, int], reason: str) -> None:
+        """A mirrored connection's copy is dropped (see the module docstring)."""
+        event(logger, logging.INFO, "mirror_copy_dropped", stream=stream_id, port=port,
+              peer=f"{peer[0]}:{peer[1]}", reason=reason)
+        stream = self._outgoing.stream(stream_id)
+        if stream is not None:
+            stream.reset(errno.ENOBUFS, f"mirror copy dropped: {reason}")
 
     # -- steal --
 
@@ -278,6 +317,8 @@ class Incoming:
         loop = asyncio.get_running_loop()
         assert subscription.listener is not None
         while True:
+            # Full: the connections wait in the listener's backlog (TCP pushes back).
+            await self._outgoing.stream_room()
             try:
                 connection, peer = await loop.sock_accept(subscription.listener)
             except OSError as error:
@@ -303,21 +344,25 @@ class Incoming:
     async def _mirror(self, subscription: Subscription) -> None:
         if self._capture is None:
             try:
-                self._capture = MirrorCapture(self._on_mirrored)
+                self._capture = MirrorCapture(self._on_mirrored, self._drop_mirror)
             except PermissionError:
                 raise _oserror(errno.EPERM, f"cannot capture packets: {NEEDS_NET_ADMIN}") from None
         self._capture.set_ports(self._mirrored_ports() | {subscription.port})
 
     def _on_mirrored(self, port: int, peer: tuple[str, int], local: tuple[str, int]
-                     ) -> socket.socket:
-        """A new mirrored connection: the capture's end of its socketpair."""
+                     ) -> tuple[socket.socket, int] | None:
+        """A new mirrored connection: the capture's end of its socketpair and
+        the stream's id (None: not mirrored, the client has no room)."""
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
-        self._new_stream(theirs, port, peer, local, mirror=True)
+        stream_id = self._new_stream(theirs, port, peer, local, mirror=True)
+        if stream_id is None:
+            ours.close()
+            return None
         # What the client writes back on a mirror is dropped; the socket closes
         # once the client's side is done with it.
         self._spawn(_drain_and_close(ours))
-        return ours
+        return ours, stream_id
 
 
 # -- filtered steal (HTTP/1.1) ---------------------------------------------------------------
@@ -465,9 +510,7 @@ class FilteredConnection:
 
     async def _to_client(self) -> _Upstream:
         if self._client is None:
-            ours, theirs = socket.socketpair()
-            self.incoming._new_stream(theirs, self.port, self.peer, self.local)
-            reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 16)
+            reader, writer = await self.client_socket()
             self._client = _Upstream(reader, writer)
         return self._client
 
@@ -495,8 +538,11 @@ class FilteredConnection:
 
     async def client_socket(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A new stream to the client for this connection (HTTP/2: one, lazily)."""
+        await self.incoming._outgoing.stream_room()
         ours, theirs = socket.socketpair()
-        self.incoming._new_stream(theirs, self.port, self.peer, self.local)
+        if self.incoming._new_stream(theirs, self.port, self.peer, self.local) is None:
+            ours.close()
+            raise _oserror(errno.EMFILE, "the client has too many streams")
         return await asyncio.open_connection(sock=ours, limit=1 << 16)
 
 
@@ -921,6 +967,9 @@ def bpf_for_ports(ports: set[int]) -> list[Instruction]:
 @dataclass
 class _Flow:
     sock: socket.socket
+    stream_id: int
+    port: int
+    peer: tuple[str, int]
     next_seq: int
     pending: dict[int, bytes] = field(default_factory=dict)
     pending_bytes: int = 0
@@ -936,8 +985,12 @@ class MirrorCapture:
     """Packets to the mirrored ports, reassembled per connection (see the module docstring)."""
 
     def __init__(self, on_connection: Callable[[int, tuple[str, int], tuple[str, int]],
-                                               socket.socket]) -> None:
+                                               tuple[socket.socket, int] | None],
+                 on_dropped: Callable[[int, int, tuple[str, int], str], None]) -> None:
         self._on_connection = on_connection
+        self._on_dropped = on_dropped
+        #: Bytes held in every flow's outbox and out-of-order segments.
+        self.held = 0
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
@@ -1006,13 +1059,16 @@ class MirrorCapture:
                 if flow.next_seq == (seq + 1) % _SEQ:
                     return  # a retransmitted SYN
                 self._end(flow)
-            sock = self._on_connection(destination_port, (source, source_port),
-                                       (destination, destination_port))
-            self._flows[key] = _Flow(sock, (seq + 1) % _SEQ)
+            mirrored = self._on_connection(destination_port, (source, source_port),
+                                           (destination, destination_port))
+            if mirrored is not None:
+                sock, stream_id = mirrored
+                self._flows[key] = _Flow(sock, stream_id, destination_port,
+                                         (source, source_port), (seq + 1) % _SEQ)
             return
         if flow is None:
             return  # began before the subscription: its start is unknown
-        if rst:
+        if rst or (fin and flow.done):
             self._end(flow)
             del self._flows[key]
             return
@@ -1025,6 +1081,8 @@ class MirrorCapture:
             del self._flows[key]
 
     def _segment(self, flow: _Flow, seq: int, data: bytes) -> None:
+        if flow.done:
+            return  # dropped: forgotten at its FIN or RST
         behind = (flow.next_seq - seq) % _SEQ
         if behind and behind < (1 << 31):  # starts before what we have: trim
             if behind >= len(data):
@@ -1034,13 +1092,17 @@ class MirrorCapture:
             if seq not in flow.pending:
                 flow.pending[seq] = data
                 flow.pending_bytes += len(data)
+                self.held += len(data)
                 if flow.pending_bytes > MAX_REORDER:
-                    flow.done = True
+                    self._drop(flow, "too many out-of-order bytes (a segment was missed)")
+                elif self.held > MAX_MIRROR_HELD:
+                    self._drop(flow, "the mirror's buffers are full")
             return
         self._deliver(flow, data)
         while flow.next_seq in flow.pending:
             following = flow.pending.pop(flow.next_seq)
             flow.pending_bytes -= len(following)
+            self.held -= len(following)
             self._deliver(flow, following)
 
     def _deliver(self, flow: _Flow, data: bytes) -> None:
@@ -1048,6 +1110,7 @@ class MirrorCapture:
         if flow.done:
             return
         flow.outbox += data
+        self.held += len(data)
         self._flush(flow)
 
     def _flush(self, flow: _Flow) -> None:
@@ -1055,15 +1118,34 @@ class MirrorCapture:
             try:
                 sent = flow.sock.send(flow.outbox)
             except BlockingIOError:
-                self._loop.add_writer(flow.sock.fileno(), self._writable, flow)
+                # The stream's window is spent and the socketpair full: a little
+                # backlog (the client's credit may be on its way), never more.
+                if len(flow.outbox) > MIRROR_BACKLOG:
+                    self._drop(flow, "the program did not read it in time")
+                elif self.held > MAX_MIRROR_HELD:
+                    self._drop(flow, "the mirror's buffers are full")
+                else:
+                    self._loop.add_writer(flow.sock.fileno(), self._writable, flow)
                 return
-            except OSError:
-                flow.done = True
-                flow.outbox.clear()
+            except OSError:  # the stream is gone (the client closed it)
+                self._drop(flow, None)
                 return
             del flow.outbox[:sent]
-        if len(flow.outbox) > MAX_REORDER:
-            flow.done = True
+            self.held -= sent
+
+    def _drop(self, flow: _Flow, reason: str | None) -> None:
+        """Stop copying ``flow`` and free what it holds; ``reason``: tell the client."""
+        if flow.done:
+            return
+        flow.done = True
+        self.held -= len(flow.outbox) + flow.pending_bytes
+        flow.outbox = bytearray()
+        flow.pending.clear()
+        flow.pending_bytes = 0
+        with contextlib.suppress(Exception):
+            self._loop.remove_writer(flow.sock.fileno())
+        if reason is not None:
+            self._on_dropped(flow.stream_id, flow.port, flow.peer, reason)
 
     def _writable(self, flow: _Flow) -> None:
         self._loop.remove_writer(flow.sock.fileno())
@@ -1072,6 +1154,10 @@ class MirrorCapture:
             self._close_flow(flow)
 
     def _end(self, flow: _Flow) -> None:
+        """The connection is over (or forgotten): what is still out of order never comes."""
+        self.held -= flow.pending_bytes
+        flow.pending.clear()
+        flow.pending_bytes = 0
         if flow.outbox:
             flow.fin_seq = flow.next_seq
             return  # closed once flushed (_writable)

@@ -15,7 +15,8 @@ A TCP stream is two pumps over the raw socket:
 * client -> target: ``StreamData`` from the client is queued (never more than
   the stream's window, else the stream is reset with EPROTO), written to the
   socket, and credit is returned once the socket took it. The windows of all
-  of a connection's streams come out of one :class:`WindowPool`: a stream
+  of a connection's streams (incoming ones too, for a protocol-3 client:
+  :meth:`Outgoing.adopt`) come out of one :class:`WindowPool`: a stream
   starts small and grows its window as it flows while the pool has room, and
   gives window back (returns less credit than it consumed) while the pool is
   over, never below :data:`MIN_STREAM_WINDOW`.
@@ -44,6 +45,7 @@ from .files import RootResolver
 from .logs import event
 from .protocol import (
     DEFAULT_WINDOW,
+    INCOMING_INITIAL_CREDIT,
     Datagram,
     StreamCredit,
     StreamData,
@@ -99,9 +101,9 @@ class WindowPool:
     """The windows one connection's streams grant the client, out of one total.
 
     The total is exceeded only by :data:`MIN_STREAM_WINDOW` per stream (a
-    stream opened while the pool is spent) and by incoming streams, whose
-    first window the protocol fixes at ``DEFAULT_WINDOW``; both shrink back
-    as they flow.
+    stream opened while the pool is spent) and by the incoming streams of a
+    protocol-2 client, whose first window that protocol fixes at
+    ``DEFAULT_WINDOW``; both shrink back as they flow.
     """
 
     def __init__(self, limit: int = MAX_STREAM_WINDOWS) -> None:
@@ -111,7 +113,8 @@ class WindowPool:
     def take(self, fixed: int | None = None) -> int:
         """A new stream's window: :data:`INITIAL_STREAM_WINDOW` while the pool
         has room for it, else :data:`MIN_STREAM_WINDOW`; ``fixed`` when the
-        protocol already told the client what it is (incoming streams)."""
+        protocol already told the client what it is (a protocol-2 client's
+        incoming streams)."""
         if fixed is not None:
             window = fixed
         elif self.granted + INITIAL_STREAM_WINDOW <= self.limit:
@@ -164,6 +167,15 @@ class TcpStream:
         self._done = False
         self._to_client = asyncio.create_task(self._pump_to_client(), name=f"stream-{stream_id}-out")
         self._to_target = asyncio.create_task(self._pump_to_target(), name=f"stream-{stream_id}-in")
+
+    @property
+    def receive_window(self) -> int:
+        """What the client may send now beyond what the agent holds of it."""
+        return self._receive_window
+
+    def reset(self, code: int, message: str) -> None:
+        """End the stream from the agent's side: the client gets ``StreamReset``."""
+        self._fail(code, message)
 
     # --- events from the client ---
 
@@ -375,6 +387,7 @@ class Outgoing:
         #: What the streams may hold of the client's data.
         self.windows = WindowPool()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stream_closed = asyncio.Event()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a clean-up task that must not be garbage-collected half way."""
@@ -506,23 +519,36 @@ class Outgoing:
         return TcpConnected(stream=request.stream, local_host="", local_port=0,
                             peer_host=shown, peer_port=0, window=window)
 
-    async def adopt(self, stream_id: int, sock: socket.socket) -> None:
+    def adopt(self, stream_id: int, sock: socket.socket, *, pooled: bool) -> TcpStream | None:
         """Pump an already connected socket as stream ``stream_id`` (incoming
-        connections: the client learnt of it from an ``IncomingConnection``)."""
-        if self._closed:
+        connections: the caller announces it with an ``IncomingConnection``
+        before it yields to the loop). ``pooled`` (a protocol-3 client): its
+        window comes from the pool, and the agent sends INCOMING_INITIAL_CREDIT
+        before the client's first credit; else both windows are
+        ``DEFAULT_WINDOW``. None (``sock``
+        closed): the client went away or has :data:`MAX_STREAMS` streams."""
+        if self._closed or len(self._streams) + len(self._connecting) >= MAX_STREAMS:
             sock.close()
-            return
+            return None
         sock.setblocking(False)
-        # The client took both windows as DEFAULT_WINDOW (IncomingConnection carries none).
-        self._streams[stream_id] = TcpStream(stream_id, sock, send_window=DEFAULT_WINDOW,
-                                             receive_window=self.windows.take(DEFAULT_WINDOW),
-                                             outgoing=self)
+        stream = TcpStream(stream_id, sock, send_window=INCOMING_INITIAL_CREDIT if pooled else DEFAULT_WINDOW,
+                           receive_window=self.windows.take(None if pooled else DEFAULT_WINDOW),
+                           outgoing=self)
+        self._streams[stream_id] = stream
+        return stream
+
+    async def stream_room(self) -> None:
+        """Until the connection may open one more stream (under :data:`MAX_STREAMS`)."""
+        while len(self._streams) + len(self._connecting) >= MAX_STREAMS and not self._closed:
+            self._stream_closed.clear()
+            await self._stream_closed.wait()
 
     def stream(self, stream_id: int) -> TcpStream | None:
         return self._streams.get(stream_id)
 
     def forget_stream(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
+        self._stream_closed.set()
 
     async def udp_open(self, request: UdpOpen) -> UdpOpened:
         if request.socket in self._udp:
@@ -562,6 +588,7 @@ class Outgoing:
 
     def close_all(self) -> None:
         self._closed = True
+        self._stream_closed.set()
         for stream in list(self._streams.values()):
             stream.close()
         for udp in list(self._udp.values()):

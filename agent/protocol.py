@@ -44,6 +44,16 @@ connection's windows bounded), so a sender counts credit, never a fixed
 window. Datagrams have no flow control; like UDP, they may be dropped when a
 side is overwhelmed.
 
+Incoming streams (protocol 3): ``IncomingConnection.window`` is what the client
+may send to the agent, taken from the same pool as an outgoing stream's; the
+agent may send :data:`INCOMING_INITIAL_CREDIT` at once (the first request
+needs no round trip), and the client grants the rest of its receive window
+with its first ``StreamCredit`` (mtrace: once 16 KiB have been read). With a protocol-2 peer both
+windows are :data:`DEFAULT_WINDOW` from the start, and no such credit is sent. A
+mirror stream whose window is spent (the client does not read it) is ended
+with ``StreamReset(ENOBUFS)``: a copy never holds up the target's traffic nor
+piles up in the agent.
+
 Compatibility rules (read before changing anything here):
 
 1. New fields go at the END of a struct and always have a default: an older
@@ -75,7 +85,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 MIN_PROTOCOL_VERSION: Final = 1
 
 #: Largest frame either side accepts after the handshake (length prefix excluded).
@@ -88,6 +98,12 @@ MAX_CHUNK_SIZE: Final = 1024 * 1024
 MAX_WHOLE_FILE_SIZE: Final = 4 * 1024 * 1024
 #: Default per-direction stream window.
 DEFAULT_WINDOW: Final = 1024 * 1024
+#: The first protocol in which incoming streams take their windows as
+#: outgoing ones do (``IncomingConnection.window``, the client's first credit).
+INCOMING_WINDOWS_VERSION: Final = 3
+#: What the agent may send on an incoming stream before the client's first
+#: credit (protocol 3): the client's receive window is this plus what it grants.
+INCOMING_INITIAL_CREDIT: Final = 64 * 1024
 #: Once a frame has started, both sides wait this many seconds at most for the
 #: rest of it (their default; an idle peer may wait forever between frames).
 FRAME_TIMEOUT: Final = 30.0
@@ -749,10 +765,15 @@ class Datagram(_Message, tag="datagram"):
 
 class IncomingConnection(_Message, tag="incoming-connection"):
     """Agent -> client (version 2): a connection to a subscribed port, now a
-    stream (``stream`` chosen by the agent, from :data:`AGENT_STREAM_BASE` up;
-    both windows :data:`DEFAULT_WINDOW`). ``peer_*`` is the real remote peer,
-    ``local_*`` the address it reached in the target. A mirror stream carries
-    a copy of what the peer sent; what the client writes to it is dropped."""
+    stream (``stream`` chosen by the agent, from :data:`AGENT_STREAM_BASE` up).
+    ``peer_*`` is the real remote peer, ``local_*`` the address it reached in
+    the target. A mirror stream carries a copy of what the peer sent; what the
+    client writes to it is dropped.
+
+    Windows (version 3): ``window`` is what the client may send before more
+    credit; the agent may send :data:`INCOMING_INITIAL_CREDIT`, and more as
+    the client grants it (its first ``StreamCredit`` adds the rest of its
+    receive window). Version 2: both are :data:`DEFAULT_WINDOW` from the start."""
 
     stream: int
     port: int
@@ -761,6 +782,7 @@ class IncomingConnection(_Message, tag="incoming-connection"):
     local_host: str
     local_port: int
     mirror: bool = False
+    window: int = DEFAULT_WINDOW
 
 
 #: Stream ids the agent picks for incoming connections start here (the client's

@@ -13,8 +13,10 @@ and only while the connection's send buffer is below its high-water mark, so a
 client that never reads stalls its own replies, not the agent. Stream data
 has budgets of its own (``net.py``): 16 MiB read from targets and not yet
 handed to the connection, and 16 MiB of windows granted to the client (plus
-4 KiB per stream beyond it). Together: about 64 MiB per connection, each byte
-counted two or three times over while encoded and sealed.
+4 KiB per stream beyond it, at most 4096 streams, stolen and mirrored ones
+included); a mirror's capture holds at most 16 MiB more (``incoming.py``).
+Together: about 80 MiB per connection, each byte counted two or three times
+over while encoded and sealed.
 Everything the client opened (files, streams, sockets) is closed when the
 connection ends, however it ends.
 """
@@ -344,6 +346,7 @@ class Session:
             self.goodbye(GOODBYE_CHANNEL, message)
             return False
         version = min(hello.version, PROTOCOL_VERSION)
+        self._incoming.client_version = version
         await self.send(Welcome(version=version, proof=agent_proof(self.context.secret, nonce, hello.nonce)))
         if hello.channel != CHANNEL_PLAIN:
             # imported here: a plain (stdio) agent never pays for loading the crypto library

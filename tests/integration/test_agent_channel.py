@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import select
 import socket
@@ -462,7 +463,8 @@ def test_the_forked_local_agent_of_a_pid_target_is_plain() -> None:
         target.kill()
         target.wait()
     assert result.returncode == 0, result.stderr
-    assert "event=client_authenticated peer=stdio version=2 channel=plain" in result.stderr, \
+    assert f"event=client_authenticated peer=stdio version={p.PROTOCOL_VERSION} channel=plain" \
+        in result.stderr, \
         result.stderr
 
 
@@ -701,3 +703,288 @@ def test_streams_whose_target_never_reads_cannot_grow_the_agent(
         assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
         ping_ok(agent.host, agent.port, agent.secret)
         connection.close()
+
+
+# --- incoming streams (steal, mirror) ----------------------------------------------------------
+
+#: Inside the target namespace. ``peers HOST PORT N SIZE``: N connections, each
+#: sending SIZE bytes and never reading (a small receive buffer, so the kernel
+#: does not absorb what comes back). ``server PORT``: the target's own process,
+#: reads each connection to its end and answers how many bytes it got.
+#: ``clients HOST PORT N SIZE``: N connections at once, each sends SIZE bytes,
+#: half-closes and checks the answer; prints how many were answered right.
+_INCOMING_HELPER = r"""
+import asyncio, socket, sys
+
+async def connect(host, port, receive_buffer=None):
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    return await asyncio.open_connection(sock=sock)
+
+async def peer(host, port, size):
+    reader, writer = await connect(host, port, receive_buffer=4096)
+    chunk = b"p" * 65536
+    try:
+        for _ in range(size // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        await asyncio.Event().wait()  # never reads
+    except OSError:
+        pass
+
+async def handle(reader, writer):
+    count = 0
+    while data := await reader.read(1 << 20):
+        count += len(data)
+    writer.write(f"{count}\n".encode())
+    await writer.drain()
+    writer.close()
+
+async def client(host, port, size):
+    reader, writer = await connect(host, port)
+    chunk = b"c" * 65536
+    for _ in range(size // len(chunk)):
+        writer.write(chunk)
+        await writer.drain()
+    writer.write_eof()
+    answer = await reader.read()
+    writer.close()
+    return answer == f"{size}\n".encode()
+
+async def main():
+    mode = sys.argv[1]
+    if mode == "server":
+        server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[2]), backlog=1024)
+        print("READY", flush=True)
+        await server.serve_forever()
+    host, port, count, size = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    if mode == "peers":
+        await asyncio.gather(*(peer(host, port, size) for _ in range(count)))
+    else:
+        answered = await asyncio.gather(*(client(host, port, size) for _ in range(count)))
+        print(sum(answered), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def _free_port_in(target: Any) -> int:
+    result = target.run_inside(sys.executable, "-c", "import socket; s = socket.socket(); "
+                               "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    return int(result.stdout)
+
+
+def _subscribe(connection: RawConnection, port: int, mode: str) -> None:
+    connection.send(p.Request(id=1, operation=p.IncomingSubscribe(port=port, mode=mode)))
+    reply = connection.receive()
+    assert isinstance(reply, p.Response) and isinstance(reply.result, p.IncomingSubscribed), reply
+
+
+def _take_stream(connection: RawConnection, announced: Any, receive_window: int) -> int:
+    """What a client does with an ``IncomingConnection``: grant the rest of its
+    receive window (protocol 3; a protocol-2 agent assumed 1 MiB); the window
+    it may send."""
+    first = getattr(p, "INCOMING_INITIAL_CREDIT", receive_window)
+    if hasattr(announced, "window") and receive_window > first:
+        connection.send(p.StreamCredit(stream=announced.stream, size=receive_window - first))
+    return int(getattr(announced, "window", 1 << 20))
+
+
+def test_stolen_connections_whose_program_never_reads_cannot_grow_the_agent(
+    listening_agent: Any, netns_target: Any
+) -> None:
+    """1000 stolen connections, each peer sending 4 MiB and never reading what
+    the program sends back, to a program that never reads: the agent neither
+    reads the peers beyond the program's window nor holds more of the
+    program's data than the pool (before: 1 MiB per incoming stream, a gigabyte)."""
+    port = _free_port_in(netns_target)
+    streams = 1000
+    with listening_agent(target_pid=netns_target.pid, extra_args=["--allow-plaintext"]) as agent:
+        pid = agent.process.pid
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        assert isinstance(connection.handshake(agent.secret, channel=p.CHANNEL_PLAIN), p.Welcome)
+        _subscribe(connection, port, "steal")
+        baseline = _memory(pid, "VmRSS")
+        peers = subprocess.Popen(netns_target.nsenter_argv(
+            sys.executable, "-c", _INCOMING_HELPER, "peers", "127.0.0.1", str(port), str(streams),
+            str(4 << 20), environment=False))
+        try:
+            credit: dict[int, int] = {}
+            received = sent = 0
+            deadline = time.monotonic() + 30
+            quiet_until = None
+            while time.monotonic() < deadline and (quiet_until is None or time.monotonic() < quiet_until):
+                peak = _memory(pid, "VmHWM")
+                assert peak - baseline < AGENT_MEMORY_BOUND, \
+                    f"the agent grew by {(peak - baseline) >> 20} MiB"
+                for stream_id, size in list(credit.items()):  # the program answers
+                    while size > 0:
+                        chunk = min(size, p.MAX_CHUNK_SIZE)
+                        connection.send(p.StreamData(stream=stream_id, data=b"a" * chunk))
+                        size -= chunk
+                        sent += chunk
+                    credit[stream_id] = 0
+                if not select.select([connection.sock], [], [], 0.2)[0]:
+                    continue
+                frame = connection.receive()
+                if isinstance(frame, p.IncomingConnection):
+                    credit[frame.stream] = _take_stream(connection, frame, 64 * 1024)
+                    if len(credit) == streams:  # all arrived: watch a few seconds more
+                        quiet_until = time.monotonic() + 5
+                elif isinstance(frame, p.StreamCredit):
+                    credit[frame.stream] += frame.size
+                elif isinstance(frame, p.StreamData):
+                    assert frame.data == b"p" * len(frame.data)
+                    received += len(frame.data)  # and never read by the program: no credit back
+                else:
+                    raise AssertionError(f"unexpected {frame!r}")  # a reset: the client kept its windows
+            peak = _memory(pid, "VmHWM")
+            print(f"{len(credit)} stolen connections, sent {sent >> 20} MiB, received "
+                  f"{received >> 20} MiB; agent: {baseline >> 20} MiB before, peak {peak >> 20} MiB")
+            assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+            assert len(credit) == streams
+            # The agent read no peer beyond the program's window (64 KiB each).
+            assert received <= streams * 64 * 1024
+            ping_ok(agent.host, agent.port, agent.secret)
+        finally:
+            peers.kill()
+            peers.wait()
+            connection.close()
+
+
+def test_a_mirrored_flood_the_program_never_reads_is_dropped_not_buffered(
+    listening_agent: Any, netns_target: Any
+) -> None:
+    """64 connections sending 8 MiB each to the target's own server, mirrored
+    to a program that never reads: the target answers every one, the agent's
+    memory stays bounded (before: it kept every byte it could not hand on),
+    and the copies it could not hand on are dropped with ENOBUFS."""
+    port = _free_port_in(netns_target)
+    connections, size = 64, 8 << 20
+    server = subprocess.Popen(netns_target.nsenter_argv(
+        sys.executable, "-c", _INCOMING_HELPER, "server", str(port), environment=False),
+        stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"READY\n"
+        with listening_agent(target_pid=netns_target.pid, extra_args=["--allow-plaintext"]) as agent:
+            pid = agent.process.pid
+            connection = RawConnection(agent.host, agent.port, timeout=30)
+            assert isinstance(connection.handshake(agent.secret, channel=p.CHANNEL_PLAIN), p.Welcome)
+            _subscribe(connection, port, "mirror")
+            baseline = _memory(pid, "VmRSS")
+            clients = subprocess.Popen(netns_target.nsenter_argv(
+                sys.executable, "-c", _INCOMING_HELPER, "clients", "127.0.0.1", str(port),
+                str(connections), str(size), environment=False), stdout=subprocess.PIPE)
+            announced: set[int] = set()
+            dropped: set[int] = set()
+            try:
+                while clients.poll() is None:
+                    peak = _memory(pid, "VmHWM")
+                    assert peak - baseline < AGENT_MEMORY_BOUND, \
+                        f"the agent grew by {(peak - baseline) >> 20} MiB"
+                    if not select.select([connection.sock], [], [], 0.2)[0]:
+                        continue
+                    frame = connection.receive()
+                    if isinstance(frame, p.IncomingConnection):
+                        assert frame.mirror
+                        announced.add(frame.stream)
+                        _take_stream(connection, frame, 64 * 1024)  # and never read
+                    elif isinstance(frame, p.StreamReset):
+                        assert frame.errno == errno.ENOBUFS, frame
+                        dropped.add(frame.stream)
+            finally:
+                output, _ = clients.communicate(timeout=120)
+            peak = _memory(pid, "VmHWM")
+            print(f"{len(announced)} mirrored, {len(dropped)} copies dropped; agent: "
+                  f"{baseline >> 20} MiB before, peak {peak >> 20} MiB")
+            assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
+            assert int(output) == connections, "the target did not answer every request right"
+            assert dropped and dropped <= announced
+            # Said once per dropped connection (some resets may still be on their way).
+            assert len(dropped) <= agent.log().count("event=mirror_copy_dropped") <= len(announced)
+            ping_ok(agent.host, agent.port, agent.secret)
+            connection.close()
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize("version", [2, p.PROTOCOL_VERSION])
+def test_incoming_windows_follow_the_protocol_the_client_speaks(
+    listening_agent: Any, netns_target: Any, version: int
+) -> None:
+    """Protocol 2: 1 MiB both ways from the start (what an older mtrace
+    assumes). Protocol 3: the window comes from the pool and the agent sends
+    INCOMING_INITIAL_CREDIT before the client's first credit, no more."""
+    port = _free_port_in(netns_target)
+    with listening_agent(target_pid=netns_target.pid, extra_args=["--allow-plaintext"]) as agent:
+        connection = RawConnection(agent.host, agent.port, timeout=30)
+        welcome = connection.handshake(agent.secret, version=version, channel=p.CHANNEL_PLAIN)
+        assert isinstance(welcome, p.Welcome) and welcome.version == version
+        _subscribe(connection, port, "steal")
+        peer = subprocess.Popen(netns_target.nsenter_argv(
+            sys.executable, "-c", _INCOMING_HELPER, "peers", "127.0.0.1", str(port), "1",
+            str(256 * 1024), environment=False))
+        try:
+            announced = connection.receive()
+            assert isinstance(announced, p.IncomingConnection), announced
+            first = p.DEFAULT_WINDOW if version == 2 else p.INCOMING_INITIAL_CREDIT
+            if version == 2:
+                assert announced.window == p.DEFAULT_WINDOW
+            else:
+                assert 0 < announced.window < p.DEFAULT_WINDOW  # the pool's first window
+            received = b""
+            while len(received) < min(first, 256 * 1024):
+                frame = connection.receive()
+                assert isinstance(frame, p.StreamData) and frame.stream == announced.stream, frame
+                received += frame.data
+            if version != 2:  # the first credit, no more until the client grants it
+                assert len(received) == first
+                assert not select.select([connection.sock], [], [], 1)[0], \
+                    "the agent sent beyond the first credit"
+                connection.send(p.StreamCredit(stream=announced.stream, size=100))
+                frame = connection.receive()
+                assert isinstance(frame, p.StreamData) and len(frame.data) == 100, frame
+                received += frame.data
+                assert not select.select([connection.sock], [], [], 0.5)[0]
+            assert received == b"p" * len(received)
+        finally:
+            peer.kill()
+            peer.wait()
+            connection.close()
+
+
+def test_a_client_reading_an_incoming_stream_gets_all_of_it_past_the_first_credit(
+    listening_agent: Any, netns_target: Any
+) -> None:
+    """The client's window beyond INCOMING_INITIAL_CREDIT goes with its first
+    read's credit: a stream read as it comes flows whole (else it would stop
+    at 64 KiB)."""
+    port = _free_port_in(netns_target)
+    size = 8 << 20
+
+    async def main(agent: Any) -> int:
+        client = await connect_tcp(agent.host, agent.port, agent.secret)
+        arrived: asyncio.Queue[Any] = asyncio.Queue()
+        try:
+            await client.subscribe_incoming(port, "steal", lambda _, stream: arrived.put_nowait(stream))
+            peer = await asyncio.create_subprocess_exec(*netns_target.nsenter_argv(
+                sys.executable, "-c", _INCOMING_HELPER, "peers", "127.0.0.1", str(port), "1",
+                str(size), environment=False))
+            try:
+                stream = await asyncio.wait_for(arrived.get(), 30)
+                received = 0
+                while received < size:
+                    received += len(await asyncio.wait_for(stream.read(1 << 16), 30))
+                return received
+            finally:
+                peer.kill()
+                await peer.wait()
+        finally:
+            await client.close()
+
+    with listening_agent(target_pid=netns_target.pid) as agent:
+        assert asyncio.run(main(agent)) == size

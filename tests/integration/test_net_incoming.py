@@ -805,3 +805,50 @@ def test_an_upgrade_the_server_declines_stays_http1_and_filtered(incoming: Incom
         traced.stop()
     assert answers[0][0].startswith("target GET /hello from ")
     assert answers[1][0] == "hello from local\n"
+
+
+NEVER_READS = r"""
+import socket, sys, time
+listener = socket.socket(socket.AF_INET6)
+listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # earlier tests' TIME_WAITs
+listener.bind(("::", int(sys.argv[1])))
+listener.listen(64)
+print(f"listening on {listener.getsockname()[1]}", flush=True)
+time.sleep(3600)  # never accepts, never reads
+"""
+
+UPLOADS = r"""
+import http.client, json, sys, threading
+host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+answers = [None] * count
+def one(index):
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.request("POST", f"/upload/{index}", body=b"u" * size)
+    answers[index] = connection.getresponse().read().decode()
+threads = [threading.Thread(target=one, args=(index,)) for index in range(count)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(json.dumps(answers))
+"""
+
+
+def test_a_mirror_copy_the_program_does_not_read_is_cut_said_once_and_the_target_answers(
+        incoming: Incoming) -> None:
+    """Regression (issue 14): a program that never reads a mirror made the agent
+    keep every byte of the copies; now the copies are cut (the target's own
+    answers are untouched) and mtrace says so once."""
+    traced = Traced(incoming.target, [sys.executable, "-c", NEVER_READS, str(incoming.port)],
+                    "mirror")
+    try:
+        result = subprocess.run(incoming.target.nsenter_argv(
+            sys.executable, "-c", UPLOADS, "127.0.0.1", str(incoming.port), "8", str(24 << 20),
+            environment=False), capture_output=True, text=True, timeout=180, check=False)
+    finally:
+        _, err = traced.stop()
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = json.loads(result.stdout)
+    assert len(answers) == 8
+    for index, answer in enumerate(answers):
+        assert (answer or "").startswith(f"target POST /upload/{index} from 127.0.0.1:"), answer
+    assert err.count("so that copy was cut") == 1, err

@@ -176,7 +176,8 @@ def test_reassembly_orders_segments_and_trims_overlaps() -> None:
     ours, theirs = socket.socketpair()
     try:
         capture = MirrorCapture.__new__(MirrorCapture)
-        flow = _Flow(ours, next_seq=1000)
+        capture.held = 0
+        flow = _Flow(ours, 1, 80, ("10.0.0.2", 40000), next_seq=1000)
         capture._segment(flow, 1005, b"world")       # ahead: buffered
         capture._segment(flow, 1000, b"hello")       # fills the gap
         capture._segment(flow, 1003, b"loworld!")    # overlaps: only "!" is new
@@ -184,6 +185,56 @@ def test_reassembly_orders_segments_and_trims_overlaps() -> None:
         theirs.settimeout(2)
         assert theirs.recv(100) == b"helloworld!"
         assert flow.next_seq == 1011
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_mirror_copy_nobody_reads_is_dropped_once_its_backlog_is_full() -> None:
+    """Regression (issue 14): a copy whose stream was not read piled up in the
+    agent without bound; now it is dropped, said once, and holds nothing."""
+    import asyncio
+
+    from mtrace.agent.incoming import MIRROR_BACKLOG
+
+    dropped: list[tuple[int, str]] = []
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        try:
+            capture = MirrorCapture.__new__(MirrorCapture)
+            capture.held = 0
+            capture._loop = asyncio.get_running_loop()
+            capture._on_dropped = lambda stream, port, peer, reason: dropped.append((stream, reason))
+            flow = _Flow(ours, 7, 80, ("10.0.0.2", 40000), next_seq=0)
+            seq = 0
+            for _ in range(200):  # 12.5 MiB, never read on the other side
+                capture._segment(flow, seq, b"m" * 65536)
+                seq += 65536
+                assert capture.held <= MIRROR_BACKLOG + 65536
+            assert flow.done and capture.held == 0 and not flow.outbox and not flow.pending
+            capture._segment(flow, seq + 65536, b"late")  # out of order, after the drop
+            assert capture.held == 0 and not flow.pending
+        finally:
+            ours.close()
+            theirs.close()
+
+    asyncio.run(main())
+    assert [stream for stream, _ in dropped] == [7], dropped
+    assert "did not read" in dropped[0][1]
+
+
+def test_a_mirrored_connection_that_ends_with_segments_out_of_order_gives_their_bytes_back() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        capture = MirrorCapture.__new__(MirrorCapture)
+        capture.held = 0
+        flow = _Flow(ours, 1, 80, ("10.0.0.2", 40000), next_seq=1000)
+        capture._segment(flow, 2000, b"x" * 100)  # a gap before it: held
+        assert capture.held == 100
+        capture._end(flow)  # a RST: the gap is never filled
+        assert capture.held == 0 and not flow.pending
     finally:
         ours.close()
         theirs.close()

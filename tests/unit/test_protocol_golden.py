@@ -126,6 +126,10 @@ SAMPLES = {
     "incoming-connection": p.IncomingConnection(
         stream=1 << 48, port=80, peer_host="10.0.0.2", peer_port=40000, local_host="10.0.0.1",
         local_port=80, mirror=True),
+    # protocol 3: the window the agent grants the client on an incoming stream
+    "incoming-connection-window": p.IncomingConnection(
+        stream=1 << 48, port=80, peer_host="10.0.0.2", peer_port=40000, local_host="10.0.0.1",
+        local_port=80, window=65536),
     "chmod": p.Request(id=24, operation=p.ChangeMode(path=b"/tmp/x", mode=0o755)),
     "statfs": p.Request(id=25, operation=p.StatFs(path=b"/tmp/x")),
     "chown": p.Request(id=26, operation=p.ChangeOwner(path=b"/tmp/x", uid=1000, gid=-1,
@@ -212,7 +216,9 @@ GOLDEN = {
     "incoming-subscribe-filtered": "0000006793a37265711694b2696e636f6d696e672d73756273637269626550a5737465616c97ab687474702d66696c746572a65e783a203124c0c0c09297ab687474702d66696c746572c0a35e2f61c0c0c0c097ab687474702d66696c746572c0c0a3474554c0c0c09150",
     "incoming-unsubscribe": "0000001d93a37265711792b4696e636f6d696e672d756e73756273637269626550",
     "incoming-subscribed": "0000001d93a37265731593b3696e636f6d696e672d7375627363726962656450c3",
-    "incoming-connection": "0000003698b3696e636f6d696e672d636f6e6e656374696f6ecf000100000000000050a831302e302e302e32cd9c40a831302e302e302e3150c3",
+    # protocol 3: grown by the default window (DEFAULT_WINDOW) at the end
+    "incoming-connection": "0000003b99b3696e636f6d696e672d636f6e6e656374696f6ecf000100000000000050a831302e302e302e32cd9c40a831302e302e302e3150c3ce00100000",
+    "incoming-connection-window": "0000003b99b3696e636f6d696e672d636f6e6e656374696f6ecf000100000000000050a831302e302e302e32cd9c40a831302e302e302e3150c2ce00010000",
     "chmod": "0000001893a37265711893a563686d6f64c4062f746d702f78cd01ed",
     "statfs": "0000001693a37265711992a6737461746673c4062f746d702f78",
     "chown": "0000001a93a37265711a95a563686f776ec4062f746d702f78cd03e8ffc2",
@@ -271,3 +277,12 @@ def _all_message_types(base: type) -> list[type]:
         found.append(sub)
         found.extend(_all_message_types(sub))
     return found
+
+
+def test_a_protocol_2_incoming_connection_reads_as_the_default_window() -> None:
+    # Regression guard for the compatibility rule: the version-2 frame (no window).
+    body = bytes.fromhex(
+        "98b3696e636f6d696e672d636f6e6e656374696f6ecf000100000000000050a831302e302e302e32cd9c40"
+        "a831302e302e302e3150c3")
+    message = p.decode_from_agent(body)
+    assert isinstance(message, p.IncomingConnection) and message.window == p.DEFAULT_WINDOW

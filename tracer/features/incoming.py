@@ -22,6 +22,8 @@ What is trapped and what it becomes (``feature.network.incoming``):
   table of relayed sockets). A non-blocking listener with nothing pending gets
   ``EAGAIN``; a blocking one waits on the async side (:class:`AcceptWaiter`),
   never in the trap loop, and never changes the listener's flags.
+* a mirror copy the program does not read in time is cut by the agent (its
+  connection to the program is reset), said once on stderr, the rest at -v.
 * a listener closed (its last fd, ``close`` is not trapped): seen from the
   kernel (:class:`ListenerCloses`), its port is unsubscribed at once.
 
@@ -118,6 +120,7 @@ class IncomingFeature:
         self._tasks: set[asyncio.Task[Any]] = set()
         # The agents of the target's other replicas, started at the first subscription.
         self._replicas: asyncio.Future[list[AgentClient]] | None = None
+        self._mirror_drop_said = False
 
     def handlers(self) -> dict[str, Handler]:
         if self.config.mode == "off":
@@ -320,6 +323,16 @@ class IncomingFeature:
             return
         await relay_tcp(sock, stream,
                         on_agent_lost=self.outgoing.agent_lost if primary else lambda: None)
+        failure = stream.failure
+        if connection.mirror and isinstance(failure, RemoteError) \
+                and failure.errno == errno.ENOBUFS:
+            log.info("incoming: mirror copy of %s:%d dropped: %s", connection.peer_host,
+                     connection.peer_port, failure.strerror)
+            if not self._mirror_drop_said:
+                self._mirror_drop_said = True
+                _say(f"mirror of port {connection.port}: the program did not read the copy of "
+                     f"{connection.peer_host}:{connection.peer_port} in time, so that copy was "
+                     "cut (a copy never holds up the target's traffic); later ones at -v")
 
     # -- accept --
 
