@@ -628,22 +628,28 @@ for path in sys.argv[1:]:
 """
 
 
-def test_inotify_watch_of_a_target_path_never_watches_this_machines_path(
-        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
-    """A directory of the target path's name on this machine was watched in its place."""
+def _watch_with(script: str, netns_target: NetnsTarget, tree: str, backend: str,
+                tmp_path: Path, *paths: str) -> subprocess.CompletedProcess[bytes]:
+    """``script`` (one answer per path) under mtrace, while this machine has a
+    directory of the target path's name."""
     os.makedirs(tree)  # this machine's own directory of that name
     try:
         config_file = tmp_path / "config.json"
         config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": visible(tree)}}))
-        result = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
-             "-f", str(config_file), "--", sys.executable, "-S", "-c", WATCH, tree,
-             str(tmp_path)],
+             "-f", str(config_file), "--", sys.executable, "-S", "-c", script, *paths],
             capture_output=True, timeout=RUN_TIMEOUT, check=False)
-        assert result.stdout.decode() == f"{errno.ENOTSUP}\nTrue\n", result.stderr[-3000:]
-        assert b"inotify" in result.stderr  # one line says why
     finally:
         shutil.rmtree(tree, ignore_errors=True)
+
+
+def test_inotify_watch_of_a_target_path_never_watches_this_machines_path(
+        netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
+    """A directory of the target path's name on this machine was watched in its place."""
+    result = _watch_with(WATCH, netns_target, tree, backend, tmp_path, tree, str(tmp_path))
+    assert result.stdout.decode() == f"{errno.ENOTSUP}\nTrue\n", result.stderr[-3000:]
+    assert b"inotify" in result.stderr  # one line says why
 
 
 FANOTIFY = r"""
@@ -662,20 +668,11 @@ def test_fanotify_mark_of_a_target_path_never_marks_this_machines_path(
         netns_target: NetnsTarget, tree: str, backend: str, tmp_path: Path) -> None:
     """fanotify_mark was not trapped: a directory of the target path's name on
     this machine was marked in its place (and a target-only path: ENOENT)."""
-    os.makedirs(tree)  # this machine's own directory of that name
-    try:
-        config_file = tmp_path / "config.json"
-        config_file.write_text(json.dumps({"backend": backend, "feature": {"fs": visible(tree)}}))
-        result = subprocess.run(
-            [sys.executable, "-m", "mtrace.cli", "exec", "--target", f"pid/{netns_target.pid}",
-             "-f", str(config_file), "--", sys.executable, "-S", "-c", FANOTIFY, tree,
-             f"{tree}/sub", str(tmp_path)],
-            capture_output=True, timeout=RUN_TIMEOUT, check=False)
-        assert result.stdout.decode() == f"{errno.ENOTSUP}\n{errno.ENOTSUP}\nTrue\n", \
-            result.stderr[-3000:]
-        assert result.stderr.count(b"(fanotify)") == 1  # one line says why
-    finally:
-        shutil.rmtree(tree, ignore_errors=True)
+    result = _watch_with(FANOTIFY, netns_target, tree, backend, tmp_path, tree, f"{tree}/sub",
+                         str(tmp_path))
+    assert result.stdout.decode() == f"{errno.ENOTSUP}\n{errno.ENOTSUP}\nTrue\n", \
+        result.stderr[-3000:]
+    assert result.stderr.count(b"(fanotify)") == 1  # one line says why
 
 
 FCHMODAT2 = r"""

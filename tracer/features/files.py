@@ -715,11 +715,16 @@ class FilesFeature:
             self._fast.reset(self.shadow.root)
 
     def _remember(self, fd: int, remote_path: bytes, info: FileStat) -> Node:
-        """shadow.remember, and the C loop's fstat answer for that inode."""
-        node = self.shadow.remember(fd, remote_path, info)
-        if self._fast is not None:
-            local = os.fstat(fd)
-            self._fast.node(local.st_dev, local.st_ino, info.size, abi.pack_stat(info))
+        """shadow.remember, and the C loop's fstat answer for that inode; ``fd``
+        (about to be injected) is closed if that fails."""
+        try:
+            node = self.shadow.remember(fd, remote_path, info)
+            if self._fast is not None:
+                local = os.fstat(fd)
+                self._fast.node(local.st_dev, local.st_ino, info.size, abi.pack_stat(info))
+        except BaseException:
+            os.close(fd)
+            raise
         return node
 
     def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -783,11 +788,7 @@ class FilesFeature:
                          | (flags & os.O_NONBLOCK))
         except OSError:
             return None
-        try:
-            self._remember(fd, target.path, info)
-        except BaseException:
-            os.close(fd)
-            raise
+        self._remember(fd, target.path, info)
         if (self._fast is not None and tracee_path == target.path == target.clean
                 and not flags & os.O_NOFOLLOW):
             # The next opens of this path until the stat goes stale are the
@@ -820,11 +821,7 @@ class FilesFeature:
             # then fstat it and answer EOPNOTSUPP for a link). A symlink's fd
             # cannot be injected: a stand-in whose fstat is the link's.
             fd = self.shadow.stand_in(target.path)
-            try:
-                self._remember(fd, target.path, info)
-            except BaseException:
-                os.close(fd)
-                raise
+            self._remember(fd, target.path, info)
             return InjectFd(fd, cloexec=cloexec)
         if flags & os.O_DIRECTORY and not stat.S_ISDIR(info.mode):
             return Errno(errno.ENOTDIR)
@@ -840,11 +837,7 @@ class FilesFeature:
         else:
             local = await self.shadow.file(client, target.path, info, contents)
             fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | extra)
-        try:
-            self._remember(fd, target.path, info)
-        except BaseException:
-            os.close(fd)
-            raise
+        self._remember(fd, target.path, info)
         return InjectFd(fd, cloexec=cloexec)
 
     async def _open_for_writing(self, target: Target, flags: int, mode: int,
@@ -862,8 +855,8 @@ class FilesFeature:
         else:
             local = await self.shadow.file(client, target.path, info)
         fd = os.open(local, (flags & _LOCAL_WRITE_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW)
+        node = self._remember(fd, target.path, info)
         try:
-            node = self._remember(fd, target.path, info)
             self.shadow.track(node, fd)
         except BaseException:
             os.close(fd)
