@@ -21,19 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.errors import RunFailed, Unavailable
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
 PIN = ("taskset", "-c", "0")
-
-
-class Unavailable(Exception):
-    """A tool, feature or privilege a measurement needs is missing; str() is the reason."""
-
-
-class RunFailed(Unavailable):
-    """A measured command failed; the message carries the tail of its stderr."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import time
@@ -25,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Unavailable, which
+from bench.errors import Unavailable
 
 PREFIX = "mtrace-bench"
 _STALE = re.compile(rf"^{PREFIX}-(\d+)$")
@@ -106,7 +107,7 @@ class NamespaceTarget:
     def start(cls, *, netserve: Path, work_dir: Path, bulk_bytes: int) -> NamespaceTarget:
         if os.geteuid() != 0:
             raise Unavailable("needs root to create a network namespace")
-        if which("ip") is None:
+        if shutil.which("ip") is None:
             raise Unavailable("`ip` not installed: apt-get install iproute2")
         _remove_stale_namespaces()
         name = f"{PREFIX}-{os.getpid()}"
@@ -145,7 +146,7 @@ class NamespaceTarget:
     def inside(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run directly in the target's network and mount namespaces: the
         reference side of every remote comparison."""
-        if which("nsenter") is None:
+        if shutil.which("nsenter") is None:
             raise Unavailable("nsenter not installed: apt-get install util-linux")
         return ["nsenter", "-t", str(self.pid), "-n", "-m", "--", *argv]
 
@@ -156,7 +157,7 @@ class NamespaceTarget:
         The same shape as mtrace's path: a local socket, a pipe to a process in
         the target's namespace, and that process's connection to the service.
         """
-        if which("socat") is None:
+        if shutil.which("socat") is None:
             raise Unavailable("socat not installed: apt-get install socat")
         port = free_port()
         # socat's EXEC address cannot hold the ':' of the inner address: a script can.
@@ -184,7 +185,7 @@ class NamespaceTarget:
         The peer users have today for outgoing traffic: proxychains4 (LD_PRELOAD) on
         this machine, a SOCKS server in the target.
         """
-        if which("proxychains4") is None or which("microsocks") is None:
+        if shutil.which("proxychains4") is None or shutil.which("microsocks") is None:
             raise Unavailable("apt-get install proxychains4 microsocks")
         host_link, target_link = f"mtb{self.pid % 100000}h", f"mtb{self.pid % 100000}n"
         _ip("link", "del", host_link, check=False)
