@@ -686,13 +686,7 @@ def test_streams_whose_target_never_reads_cannot_grow_the_agent(
         while time.monotonic() < deadline:
             peak = _memory(pid, "VmHWM")
             assert peak - baseline < AGENT_MEMORY_BOUND, f"the agent grew by {(peak - baseline) >> 20} MiB"
-            for stream_id, size in list(credit.items()):
-                while size > 0:
-                    chunk = min(size, p.MAX_CHUNK_SIZE)
-                    connection.send(p.StreamData(stream=stream_id, data=b"s" * chunk))
-                    size -= chunk
-                    sent += chunk
-                credit[stream_id] = 0
+            sent += _spend_credit(connection, credit, b"s")
             if not select.select([connection.sock], [], [], 0.2)[0]:
                 continue
             frame = connection.receive()
@@ -771,6 +765,20 @@ asyncio.run(main())
 """
 
 
+def _spend_credit(connection: RawConnection, credit: dict[int, int], byte: bytes) -> int:
+    """Send each stream as many ``byte``s as its credit allows (then it has
+    none left); the bytes sent."""
+    sent = 0
+    for stream_id, size in list(credit.items()):
+        while size > 0:
+            chunk = min(size, p.MAX_CHUNK_SIZE)
+            connection.send(p.StreamData(stream=stream_id, data=byte * chunk))
+            size -= chunk
+            sent += chunk
+        credit[stream_id] = 0
+    return sent
+
+
 def _free_port_in(target: Any) -> int:
     result = target.run_inside(sys.executable, "-c", "import socket; s = socket.socket(); "
                                "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
@@ -820,13 +828,7 @@ def test_stolen_connections_whose_program_never_reads_cannot_grow_the_agent(
                 peak = _memory(pid, "VmHWM")
                 assert peak - baseline < AGENT_MEMORY_BOUND, \
                     f"the agent grew by {(peak - baseline) >> 20} MiB"
-                for stream_id, size in list(credit.items()):  # the program answers
-                    while size > 0:
-                        chunk = min(size, p.MAX_CHUNK_SIZE)
-                        connection.send(p.StreamData(stream=stream_id, data=b"a" * chunk))
-                        size -= chunk
-                        sent += chunk
-                    credit[stream_id] = 0
+                sent += _spend_credit(connection, credit, b"a")  # the program answers
                 if not select.select([connection.sock], [], [], 0.2)[0]:
                     continue
                 frame = connection.receive()
