@@ -384,7 +384,8 @@ def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline:
         if time.monotonic() > deadline:
             where = f"pod/{placement.pod}" if placement.pod else f"job/{placement.job}"
             raise AgentUnavailable(
-                f"the agent ({where}) did not start within agent.startup_timeout",
+                f"the agent ({where}) did not start within agent.startup_timeout "
+                f"({agent.startup_timeout:g} s)",
                 hint=f"is the image {agent.image} pullable from the node? raise "
                      "agent.startup_timeout for a slow pull")
         time.sleep(0.1)

@@ -458,6 +458,31 @@ def test_target_pod_deleted_mid_run_is_reported(
     assert b"lost the connection to the agent" in err, err
 
 
+def error_lines(stderr: bytes) -> list[str]:
+    return [line for line in stderr.decode(errors="replace").splitlines()
+            if line.startswith("mtrace: error:")]
+
+
+@pytest.mark.parametrize("ephemeral", [True, False], ids=["ephemeral", "job"])
+def test_agent_start_timeout_names_the_key_and_leaves_nothing(
+        ephemeral: bool, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
+        tmp_path: Path, clean: None) -> None:
+    """agent.startup_timeout shorter than the agent's container start (about
+    2.5 s on the rig): a real timeout while mtrace waits for the container,
+    in either placement; the error names the key, and the agent (Job, or an
+    ephemeral container no client reached) does not outlive mtrace."""
+    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=ephemeral,
+                          startup_timeout=0.5)
+    result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", f"pod/{web.pod}",
+                    "--", "true")
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 71, stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "agent.startup_timeout" in errors[0], stderr
+    assert "0.5 s" in errors[0], stderr
+    assert "mtrace: hint:" in stderr, stderr
+
+
 def test_forbidden_names_the_verb_and_resource(kube_api: Any, kubeconfig: Path, web: Workload,
                                                agent_image: str, tmp_path: Path) -> None:
     """A ServiceAccount bound to a Role that can read pods but not add ephemeral
