@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from ..errors import Interrupted
 from . import copies
 from . import placement as placements
-from .client import Kube, KubeError, KubeForbidden, KubeSettings, KubeUnreachable
+from .client import Kube, KubeError, KubeForbidden, KubeNotFound, KubeSettings, KubeUnreachable
 from .portforward import connect as port_forward
 from .resolve import KubeTarget, NoReadyPod, ResolvedTarget, ready_pods, resolve
 
@@ -333,32 +333,39 @@ def _stop_unreached(kube: Kube, placed: placements.Placement, agent: AgentConfig
 
 
 def explain_loss() -> str | None:
-    """Why the agent went away, when the cluster can say (the pod deleted, evicted)."""
+    """Why the agent went away, when the cluster can say (a pod deleted, evicted).
+
+    An eviction through the API (``kubectl drain``, the Eviction subresource)
+    deletes the pod like ``kubectl delete`` does, and before 1.26 marks it
+    in no way; only the kubelet's own evictions set the reason ``Evicted``."""
     with _lock:
         actives = list(_active)
     for active in actives:
         placed, resolved = active.placement, active.target
         if placed is None or resolved is None or active.replica:
             continue
-        try:
-            pod = active.kube.get(f"/api/v1/namespaces/{resolved.namespace}/pods/{resolved.pod}")
-        except KubeError as error:
-            if "not found" in error.message:
-                return f"the target pod/{resolved.pod} was deleted"
-            return None
-        if pod["metadata"].get("deletionTimestamp"):
-            return f"the target pod/{resolved.pod} is being deleted"
-        if pod["metadata"]["uid"] != resolved.uid:
-            return f"the target pod/{resolved.pod} was replaced"
-        status = pod.get("status") or {}
-        if status.get("reason") == "Evicted":
-            return f"the target pod/{resolved.pod} was evicted: {status.get('message', '')}"
-        if placed.kind == "job":
-            try:
-                agent_pod = active.kube.get(f"/api/v1/namespaces/{placed.namespace}/pods/{placed.pod}")
-            except KubeError:
-                return f"the agent's pod/{placed.pod} was deleted"
-            agent_status = agent_pod.get("status") or {}
-            if agent_status.get("reason") == "Evicted":
-                return f"the agent's pod/{placed.pod} was evicted: {agent_status.get('message', '')}"
+        said = _pod_gone(active.kube, "the target", resolved.namespace, resolved.pod, resolved.uid)
+        if said is None and placed.kind == "job" and placed.pod:
+            said = _pod_gone(active.kube, "the agent's", placed.namespace, placed.pod)
+        if said is not None:
+            return said
+    return None
+
+
+def _pod_gone(kube: Kube, whose: str, namespace: str, name: str,
+              uid: str | None = None) -> str | None:
+    """What happened to a pod that should still be running, or None if it is."""
+    try:
+        pod = kube.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
+    except KubeNotFound:
+        return f"{whose} pod/{name} was deleted or evicted"
+    except KubeError:
+        return None
+    if pod["metadata"].get("deletionTimestamp"):
+        return f"{whose} pod/{name} is being deleted (deleted or evicted)"
+    if uid is not None and pod["metadata"]["uid"] != uid:
+        return f"{whose} pod/{name} was replaced"
+    status = pod.get("status") or {}
+    if status.get("reason") == "Evicted":
+        return f"{whose} pod/{name} was evicted: {status.get('message', '')}"
     return None

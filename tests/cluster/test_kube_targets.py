@@ -483,6 +483,95 @@ def test_agent_start_timeout_names_the_key_and_leaves_nothing(
     assert "mtrace: hint:" in stderr, stderr
 
 
+class _Output:
+    """A process's stdout and stderr, read line by line in threads, waited on with a deadline."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        import queue
+        import threading
+
+        self.lines: dict[str, queue.Queue[bytes]] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
+        self.seen: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        for name in self.lines:
+            stream = getattr(process, name)
+            threading.Thread(target=self._pump, args=(stream, self.lines[name]), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream: Any, lines: Any) -> None:
+        for line in iter(stream.readline, b""):
+            lines.put(line)
+
+    def until(self, name: str, needle: bytes, timeout: float = 60) -> list[bytes]:
+        """The lines of ``name`` up to the first containing ``needle``."""
+        import queue
+
+        got: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines[name].get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no {needle!r} on {name} within {timeout} s: {got}, "
+                                     f"seen so far: {self.seen}") from None
+            got.append(line)
+            self.seen[name].append(line)
+            if needle in line:
+                return got
+
+
+def test_agent_evicted_mid_session_is_reported(
+        kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str, programs: Any,
+        tmp_path: Path, clean: None) -> None:
+    """The agent's Job pod evicted through the Eviction API (what `kubectl drain`
+    does) while the program is using the target: its next connection fails
+    with ENETUNREACH at once, mtrace says the agent's pod went away, exits 71
+    and leaves nothing. An API eviction deletes the pod (on 1.20 nothing
+    marks it as evicted), unlike the kubelet's, which sets reason Evicted."""
+    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False)
+    script = tmp_path / "loop.sh"
+    script.write_text(f"#!/bin/sh\necho started\nwhile read line; do\n"
+                      f"  {programs['probe-go']} http http://127.0.0.1:8080/hello; echo rc=$?\n"
+                      "done\nexit 0\n")
+    script.chmod(0o755)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
+         "--target", f"pod/{web.pod}", "--", str(script)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None
+    try:
+        output = _Output(process)
+        output.until("stdout", b"started")
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        assert output.until("stdout", b"rc=")[-2:] == [b"hello from web\n", b"rc=0\n"]
+        core = client.CoreV1Api(kube_api)
+        agents = core.list_namespaced_pod(web.namespace, label_selector=MANAGED).items
+        assert len(agents) == 1, [pod.metadata.name for pod in agents]
+        agent_pod = agents[0].metadata.name
+        # policy/v1beta1: the Eviction the rig's 1.20 serves (policy/v1 came in 1.22).
+        core.create_namespaced_pod_eviction(agent_pod, web.namespace, {
+            "apiVersion": "policy/v1beta1", "kind": "Eviction",
+            "metadata": {"name": agent_pod, "namespace": web.namespace}})
+        lost = output.until("stderr", b"lost the connection to the agent")[-1].decode()
+        assert f"pod/{agent_pod}" in lost and "evicted" in lost, lost
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        after = b"".join(output.until("stdout", b"rc=", timeout=30))
+        assert b"ENETUNREACH" in after and b"rc=0" not in after, (after, output.seen)
+        process.stdin.close()
+        assert process.wait(timeout=60) == 71, output.seen
+    finally:
+        if process.poll() is None:  # a failed assertion: let mtrace delete its Job all the same
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    stderr = [line.decode() for line in output.seen["stderr"]]
+    assert sum(line.startswith("mtrace: error:") for line in stderr) == 1, stderr
+
+
 def test_forbidden_names_the_verb_and_resource(kube_api: Any, kubeconfig: Path, web: Workload,
                                                agent_image: str, tmp_path: Path) -> None:
     """A ServiceAccount bound to a Role that can read pods but not add ephemeral
