@@ -572,6 +572,52 @@ def test_agent_evicted_mid_session_is_reported(
     assert sum(line.startswith("mtrace: error:") for line in stderr) == 1, stderr
 
 
+PROGRESS = ("resolving deployment/web...", "starting the agent for pod/",
+            "starting the agent container (", "connecting to the agent in pod/", "agent ready (")
+
+
+def test_progress_on_a_terminal_quiet_when_piped(kube_api: Any, kubeconfig: Path, web: Workload,
+                                                 agent_image: str, programs: Any, tmp_path: Path,
+                                                 clean: None) -> None:
+    """Start-up progress (resolving, starting the agent, its container, the
+    port-forward, ready), in that order, when stderr is a terminal; none of
+    it when stderr is a pipe."""
+    import pty
+    import select
+
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    argv = ["exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+            "--", str(programs["probe-go"]), "env", "TARGET_ONLY"]
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "mtrace.cli", *argv],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower)
+        os.close(follower)
+        terminal = b""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: every writer of the terminal closed it
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        out, _ = process.communicate(timeout=30)
+    finally:
+        os.close(leader)
+    text = terminal.decode(errors="replace")
+    assert out == b"TARGET_ONLY=from-the-pod\n", text
+    positions = [text.find(step) for step in PROGRESS]
+    assert -1 not in positions and positions == sorted(positions), text
+    assert f"({agent_image})" in text, text
+    piped = mtrace(*argv)
+    assert piped.stdout == b"TARGET_ONLY=from-the-pod\n", piped.stderr.decode()
+    assert not any(step.encode() in piped.stderr for step in PROGRESS), piped.stderr.decode()
+
+
 def test_forbidden_names_the_verb_and_resource(kube_api: Any, kubeconfig: Path, web: Workload,
                                                agent_image: str, tmp_path: Path) -> None:
     """A ServiceAccount bound to a Role that can read pods but not add ephemeral
