@@ -47,11 +47,14 @@ def open_socket(kube: Kube, namespace: str, pod: str, port: int) -> object:
 
 
 async def connect(kube: Kube, namespace: str, pod: str, port: int, secret: str, *,
-                  deadline: float, alive: Callable[[], None] | None = None) -> AgentClient:
+                  deadline: float, alive: Callable[[], None] | None = None,
+                  startup_timeout: float | None = None) -> AgentClient:
     """Port-forward to the agent and authenticate, retrying while it starts.
 
     ``alive`` is called between attempts and raises if the agent's container
     has failed (so a dead agent is reported as what it is, not as a timeout).
+    ``startup_timeout`` (the seconds ``deadline`` came from) names the
+    setting in the timeout's message.
     """
     last: BaseException | None = None
     delay = 0.05
@@ -75,8 +78,10 @@ async def connect(kube: Kube, namespace: str, pod: str, port: int, secret: str, 
         if alive is not None:
             await asyncio.to_thread(alive)
         if time.monotonic() + delay > deadline:
+            within = (f"within agent.startup_timeout ({startup_timeout:g} s)"
+                      if startup_timeout is not None else "in time")
             raise AgentUnavailable(
-                f"the agent in pod/{pod} did not answer on port {port} in time: {last}",
+                f"the agent in pod/{pod} did not answer on port {port} {within}; last try: {last}",
                 hint="raise agent.startup_timeout, or run with -v to see the agent's log")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)

@@ -167,7 +167,8 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
     progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
     client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
-        alive=lambda: placements.check_alive(kube, placed, agent))
+        alive=lambda: placements.check_alive(kube, placed, agent),
+        startup_timeout=agent.startup_timeout)
     active.reached = True
     clock.lap("port-forward + handshake")
     return client
@@ -210,7 +211,8 @@ async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTa
     progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
     client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
-        alive=lambda: placements.check_alive(kube, placed, agent))
+        alive=lambda: placements.check_alive(kube, placed, agent),
+        startup_timeout=agent.startup_timeout)
     active.reached = True
     return client
 
@@ -283,7 +285,8 @@ async def _start_replica(config: Config, kube: Kube, pod: ResolvedTarget,
                             lambda _message: None, active.cancelled)
     client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
-        alive=lambda: placements.check_alive(kube, placed, agent))
+        alive=lambda: placements.check_alive(kube, placed, agent),
+        startup_timeout=agent.startup_timeout)
     active.reached = True
     return client
 

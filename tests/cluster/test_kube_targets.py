@@ -483,6 +483,33 @@ def test_agent_start_timeout_names_the_key_and_leaves_nothing(
     assert "mtrace: hint:" in stderr, stderr
 
 
+def test_agent_that_never_answers_times_out(kube_api: Any, kubeconfig: Path, web: Workload,
+                                            agent_image: str, tmp_path: Path, clean: None) -> None:
+    """An agent container that runs but never listens (the agent image with
+    `python3 -m mtrace.agent` replaced by a sleep): the container starts, so
+    the timeout is the port-forward's, still named as agent.startup_timeout;
+    the Job is deleted. (An ephemeral container cannot be deleted: a real
+    agent would exit after agent.ttl, this stand-in would not.)"""
+    from kube.common import docker_argv
+    from kube.common import run as run_command
+
+    silent = f"{agent_image}-silent"
+    run_command(docker_argv("build", "--quiet", "--tag", silent, "-"), input_bytes=(
+        f"FROM {agent_image}\n"
+        "RUN mkdir -p /silent/mtrace/agent && touch /silent/mtrace/agent/__init__.py"
+        " && echo 'import time; time.sleep(3600)' > /silent/mtrace/agent/__main__.py\n"
+        "ENV PYTHONPATH=/silent\n").encode())
+    config = write_config(tmp_path, kubeconfig, silent, ephemeral=False, startup_timeout=8)
+    result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", f"pod/{web.pod}",
+                    "--", "true")
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 71, stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "did not answer" in errors[0], stderr
+    assert "agent.startup_timeout (8 s)" in errors[0], stderr
+    assert "mtrace: hint:" in stderr, stderr
+
+
 class _Output:
     """A process's stdout and stderr, read line by line in threads, waited on with a deadline."""
 
