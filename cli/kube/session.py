@@ -365,7 +365,7 @@ def _pod_gone(kube: Kube, whose: str, namespace: str, name: str,
     except KubeError:
         return None
     if pod["metadata"].get("deletionTimestamp"):
-        return f"{whose} pod/{name} is being deleted (deleted or evicted)"
+        return f"{whose} pod/{name} was deleted or evicted"  # and is terminating
     if uid is not None and pod["metadata"]["uid"] != uid:
         return f"{whose} pod/{name} was replaced"
     status = pod.get("status") or {}

@@ -546,23 +546,30 @@ class _Output:
                 return got
 
 
+@pytest.mark.parametrize("evicted", ["agent", "target"])
 def test_agent_evicted_mid_session_is_reported(
-        kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str, programs: Any,
-        tmp_path: Path, clean: None) -> None:
-    """The agent's Job pod evicted through the Eviction API (what `kubectl drain`
-    does) while the program is using the target: its next connection fails
-    with ENETUNREACH at once, mtrace says the agent's pod went away, exits 71
-    and leaves nothing. An API eviction deletes the pod (on 1.20 nothing
-    marks it as evicted), unlike the kubelet's, which sets reason Evicted."""
-    config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False)
+        evicted: str, kube_api: Any, kubeconfig: Path, namespace: str, web: Workload,
+        agent_image: str, programs: Any, tmp_path: Path, clean: None) -> None:
+    """Evicted through the Eviction API (what `kubectl drain` does) while the
+    program is using the target: the agent's Job pod (``agent``), or the
+    target pod with the ephemeral agent in it (``target``). The program's next
+    connection fails with ENETUNREACH at once, mtrace says which pod went
+    away, exits 71 and leaves nothing. An API eviction deletes the pod (on
+    1.20 nothing marks it as evicted), unlike the kubelet's, which sets
+    reason Evicted."""
+    if evicted == "agent":
+        target, config = web, write_config(tmp_path, kubeconfig, agent_image, ephemeral=False)
+    else:
+        target = create_workload(kube_api, namespace, "drained")
+        config = write_config(tmp_path, kubeconfig, agent_image)
     script = tmp_path / "loop.sh"
     script.write_text(f"#!/bin/sh\necho started\nwhile read line; do\n"
                       f"  {programs['probe-go']} http http://127.0.0.1:8080/hello; echo rc=$?\n"
                       "done\nexit 0\n")
     script.chmod(0o755)
     process = subprocess.Popen(
-        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", web.namespace,
-         "--target", f"pod/{web.pod}", "--", str(script)],
+        [sys.executable, "-m", "mtrace.cli", "exec", "-f", str(config), "-n", namespace,
+         "--target", f"pod/{target.pod}", "--", str(script)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdin is not None
     try:
@@ -570,17 +577,22 @@ def test_agent_evicted_mid_session_is_reported(
         output.until("stdout", b"started")
         process.stdin.write(b"go\n")
         process.stdin.flush()
-        assert output.until("stdout", b"rc=")[-2:] == [b"hello from web\n", b"rc=0\n"]
+        hello = f"hello from {target.name}\n".encode()
+        assert output.until("stdout", b"rc=")[-2:] == [hello, b"rc=0\n"]
         core = client.CoreV1Api(kube_api)
-        agents = core.list_namespaced_pod(web.namespace, label_selector=MANAGED).items
-        assert len(agents) == 1, [pod.metadata.name for pod in agents]
-        agent_pod = agents[0].metadata.name
+        if evicted == "agent":
+            agents = core.list_namespaced_pod(namespace, label_selector=MANAGED).items
+            assert len(agents) == 1, [pod.metadata.name for pod in agents]
+            victim = agents[0].metadata.name
+        else:
+            victim = target.pod
         # policy/v1beta1: the Eviction the rig's 1.20 serves (policy/v1 came in 1.22).
-        core.create_namespaced_pod_eviction(agent_pod, web.namespace, {
+        core.create_namespaced_pod_eviction(victim, namespace, {
             "apiVersion": "policy/v1beta1", "kind": "Eviction",
-            "metadata": {"name": agent_pod, "namespace": web.namespace}})
+            "metadata": {"name": victim, "namespace": namespace}})
         lost = output.until("stderr", b"lost the connection to the agent")[-1].decode()
-        assert f"pod/{agent_pod}" in lost and "evicted" in lost, lost
+        whose = "the agent's" if evicted == "agent" else "the target"
+        assert f"{whose} pod/{victim} was deleted or evicted" in lost, lost
         process.stdin.write(b"go\n")
         process.stdin.flush()
         after = b"".join(output.until("stdout", b"rc=", timeout=30))
