@@ -339,8 +339,9 @@ def explain_loss() -> str | None:
     """Why the agent went away, when the cluster can say (a pod deleted, evicted).
 
     An eviction through the API (``kubectl drain``, the Eviction subresource)
-    deletes the pod like ``kubectl delete`` does, and before 1.26 marks it
-    in no way; only the kubelet's own evictions set the reason ``Evicted``."""
+    deletes the pod like ``kubectl delete`` does and, on 1.20, marks it in no
+    way (newer clusters add a ``DisruptionTarget`` condition, not read here);
+    only the kubelet's own evictions set the reason ``Evicted``."""
     with _lock:
         actives = list(_active)
     for active in actives:
