@@ -581,7 +581,9 @@ def test_agent_evicted_mid_session_is_reported(
         assert output.until("stdout", b"rc=")[-2:] == [hello, b"rc=0\n"]
         core = client.CoreV1Api(kube_api)
         if evicted == "agent":
-            agents = core.list_namespaced_pod(namespace, label_selector=MANAGED).items
+            # Not the pods of earlier tests' Jobs, deleted and still terminating.
+            agents = [pod for pod in core.list_namespaced_pod(namespace, label_selector=MANAGED).items
+                      if pod.metadata.deletion_timestamp is None and pod.status.phase == "Running"]
             assert len(agents) == 1, [pod.metadata.name for pod in agents]
             victim = agents[0].metadata.name
         else:
