@@ -86,7 +86,9 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
     with session_directory() as session_dir:
         try:
             where = config.agent.address or (target.describe() if target else "")
-            progress(f"connecting to the agent for {where}...")
+            if target is None or target.kube is None or config.agent.address:
+                # A Kubernetes session says its own steps, starting with resolving the target.
+                progress(f"connecting to the agent for {where}...")
             connecting = side.submit(connect_agent(config, target, verbose=verbose, forked=forked))
             # Imported while the agent starts (a forked local agent runs on the
             # other core): these modules are most of what is left to load.

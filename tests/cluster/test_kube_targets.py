@@ -653,6 +653,8 @@ def test_progress_on_a_terminal_quiet_when_piped(kube_api: Any, kubeconfig: Path
     assert out == b"TARGET_ONLY=from-the-pod\n", text
     positions = [text.find(step) for step in PROGRESS]
     assert -1 not in positions and positions == sorted(positions), text
+    # The first step said is the first one taken (no generic "connecting" ahead of it).
+    assert text.startswith(f"mtrace: {PROGRESS[0]}"), text
     assert f"({agent_image})" in text, text
     piped = mtrace(*argv)
     assert piped.stdout == b"TARGET_ONLY=from-the-pod\n", piped.stderr.decode()
