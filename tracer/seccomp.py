@@ -235,9 +235,7 @@ _fast_answers: FastAnswers | None = None
 def _load_native() -> Any:
     global _native_function, _fast_answers
     if _native_function is None:
-        from importlib import resources
-
-        path = os.path.join(str(resources.files("mtrace.tracer")), "bin", "libmtrace-notify.so")
+        path = os.path.join(os.path.dirname(__file__), "bin", "libmtrace-notify.so")
         try:
             library = ctypes.CDLL(path, use_errno=True)
             function = library.mtrace_notify_next
