@@ -18,8 +18,9 @@ import socket
 import struct
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from .errors import KernelFeatureMissing, TracerError
 from .seccomp import take_tracee_fd
@@ -51,8 +52,7 @@ class Stage(enum.IntEnum):
     WAIT_GO = 6
 
 
-@dataclass(frozen=True, slots=True)
-class ControlMessage:
+class ControlMessage(msgspec.Struct, frozen=True):
     kind: Kind
     stage: Stage
     value: int

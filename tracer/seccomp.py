@@ -13,8 +13,9 @@ import errno
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -54,8 +55,7 @@ _ID = struct.Struct("=Q")
 NOTIF_HEAD = struct.Struct("=Q8xi")
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
+class Notification(msgspec.Struct, frozen=True):
     id: int
     tid: int
     nr: int

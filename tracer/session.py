@@ -12,7 +12,8 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+
+import msgspec
 
 from . import seccomp
 from .backend import AsyncSide, Handler, Handlers, Observer
@@ -27,14 +28,13 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent to the whole process group
 
 
-@dataclass
-class Session:
+class Session(msgspec.Struct):
     argv: Sequence[str]
-    handlers: Handler = field(default_factory=Handlers)
+    handlers: Handler = msgspec.field(default_factory=Handlers)
     trapped: Sequence[str] = DEFAULT_TRAPPED
     # Calls trapped only when an argument is not NULL, by name: argument index
     # (recvfrom with a source-address buffer; plain recv() never reaches us).
-    trap_if_nonzero: dict[str, int] = field(default_factory=dict)
+    trap_if_nonzero: dict[str, int] = msgspec.field(default_factory=dict)
     observer: Observer | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None

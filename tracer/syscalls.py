@@ -12,9 +12,10 @@ from __future__ import annotations
 import importlib.util
 import platform
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+import msgspec
 
 from .errors import TracerError
 
@@ -76,8 +77,7 @@ _EXTRA = {
 }
 
 
-@dataclass(frozen=True)
-class SyscallTable:
+class SyscallTable(msgspec.Struct, frozen=True):
     arch: str
     names: dict[int, str]
     numbers: dict[str, int]

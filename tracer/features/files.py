@@ -91,7 +91,6 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -360,8 +359,7 @@ class WorkingDirectories:
 # --- resolved paths ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """A path a tracee named, made absolute."""
 
     # Absolute, as the tracee wrote it after the base (the agent resolves
