@@ -20,12 +20,11 @@ from .backend import AsyncSide, Handler, Handlers, Observer
 from .errors import KernelFeatureMissing, TracerError
 from .launcher import Kind, Launch
 from .notify import NotifyBackend
+from .signals import FORWARDED_SIGNALS, SI_KERNEL
 from .syscalls import DEFAULT_TRAPPED, ENOSYS_CALLS, table
 
 log = logging.getLogger("mtrace.tracer.session")
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-SI_KERNEL = 0x80  # si_code of a signal the terminal sent to the whole process group
 
 
 class Session(msgspec.Struct):
