@@ -98,14 +98,16 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
             from ..tracer.features import files, incoming, net  # noqa: F401
             client = _wait(side, connecting, config.agent.startup_timeout + 5,
                            "the start-up handshake")
+            # Both asked at once: the environment does not wait for the ping's answer.
+            environ = side.submit(client.environ()) if config.feature.env.enabled else None
             latency = _wait(side, client.ping(), 10, "a ping")
             progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
             from . import summary
 
             summary.show(summary.feature_lines(config, where, client.target_hostname),
                          verbose=verbose, quiet=quiet)
-            target_env = (_wait(side, client.environ(), 30, "the environment request")
-                          if config.feature.env.enabled else {})
+            target_env = (_wait(side, environ, 30, "the environment request")
+                          if environ is not None else {})
             env_file = (read_env_file(config.feature.env.env_file)
                         if config.feature.env.env_file else None)
             env = merge_environment(os.environ, target_env, config.feature.env, env_file)
