@@ -29,8 +29,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from .protocol import (
     PATH_MAX,
@@ -722,8 +723,7 @@ class FileService:
             )
 
 
-@dataclass
-class Upload:
+class Upload(msgspec.Struct):
     """A whole-file replacement in progress (see :meth:`FileService.begin_upload`).
 
     ``fd`` is an unnamed file (``O_TMPFILE``) in the directory ``directory``

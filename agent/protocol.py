@@ -77,6 +77,7 @@ Compatibility rules (read before changing anything here):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from typing import Final, Literal
@@ -856,20 +857,31 @@ def frame_length(prefix: bytes, max_frame_size: int) -> int:
 # garbage, never a bug of ours).
 _DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
 
-to_agent_decoder: Final = msgspec.msgpack.Decoder(ToAgent)
-from_agent_decoder: Final = msgspec.msgpack.Decoder(FromAgent)
+
+
+# Each decoder is built once, at its first use rather than at import: building
+# one resolves every message type it can meet (2-4 ms), and each side of a
+# connection needs only one of them (the client never decodes ToAgent).
+@functools.cache
+def _to_agent_decoder() -> msgspec.msgpack.Decoder[ToAgent]:
+    return msgspec.msgpack.Decoder(ToAgent)
+
+
+@functools.cache
+def _from_agent_decoder() -> msgspec.msgpack.Decoder[FromAgent]:
+    return msgspec.msgpack.Decoder(FromAgent)
 
 
 def decode_to_agent(body: bytes | memoryview) -> ToAgent:
     try:
-        return to_agent_decoder.decode(body)
+        return _to_agent_decoder().decode(body)
     except _DECODE_ERRORS as error:
         raise ProtocolError(f"malformed frame: {error}") from None
 
 
 def decode_from_agent(body: bytes | memoryview) -> FromAgent:
     try:
-        return from_agent_decoder.decode(body)
+        return _from_agent_decoder().decode(body)
     except _DECODE_ERRORS as error:
         raise ProtocolError(f"malformed frame: {error}") from None
 

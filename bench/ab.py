@@ -11,7 +11,8 @@ in reverse order every other round, so that a loaded machine's drift falls on
 all of them alike. ``--relay`` turns the direct path off (agent streams, as an
 agent over TCP or a Kubernetes target would carry them). ``--startup`` times
 `loop true` instead (start-up: `mtrace exec` and `mtrace exec --target pid/N`,
-wall milliseconds from fork to exit). Prints each run and
+wall milliseconds from fork to exit), with the program alone and ``python -c
+pass`` timed in the same rounds. Prints each run and
 the medians, with the load average before and after: compare ratios, not
 absolute numbers.
 """
@@ -89,9 +90,16 @@ def _startup(variants: dict[str, str], rounds: int) -> None:
     target = NamespaceTarget.start(netserve=programs["netserve"], work_dir=work, bulk_bytes=1 << 20)
     kinds: dict[str, list[str]] = {"exec": [], "exec --target pid/N": ["--target", f"pid/{target.pid}"]}
     times: dict[tuple[str, str], list[float]] = {(n, k): [] for n in variants for k in kinds}
+    # Baselines in the same rounds: the program alone, and the first variant's
+    # interpreter doing nothing (the part of start-up no change to mtrace can cut).
+    baselines = {"plain": [str(programs["loop"]), "true"],
+                 "python -c pass": [next(iter(variants.values())), "-c", "pass"]}
+    baseline_times: dict[str, list[float]] = {name: [] for name in baselines}
     print(f"load average {os.getloadavg()}", flush=True)
     try:
         for round_ in range(rounds):
+            for name, argv in baselines.items():
+                baseline_times[name].append(time_command(argv) * 1000)
             names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
             for name in names:
                 for kind, flags in kinds.items():
@@ -101,6 +109,8 @@ def _startup(variants: dict[str, str], rounds: int) -> None:
     finally:
         target.close()
         shutil.rmtree(work, ignore_errors=True)
+    for baseline, values in baseline_times.items():
+        print(f"{baseline}: median {statistics.median(values):.1f} ms over {len(values)} runs")
     for (name, kind), values in times.items():
         print(f"{name} {kind}: median {statistics.median(values):.0f} ms over {len(values)} runs")
     print(f"load average {os.getloadavg()}")

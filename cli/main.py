@@ -486,8 +486,33 @@ def agent_command(ctx: typer.Context) -> None:
     raise SystemExit(agent_main(list(ctx.args)))
 
 
+@app.callback()
+def _group() -> None:
+    # No options of its own: it keeps mtrace a group of commands when main()
+    # leaves typer only the invoked one to build (typer makes an app with one
+    # command and no callback that command itself).
+    pass
+
+
+def _build_only_the_invoked_command(argv: list[str]) -> None:
+    """typer turns every registered command into a click command at every run
+    (10-20 ms of start-up for ten commands). When the first argument names a
+    command or a group, only that one is registered: the group parses nothing
+    before a command's name, so click does the same with what follows. Anything
+    else (the group's options, help, a mistyped name, shell completion) keeps
+    them all, for the listings and the suggestions."""
+    if not argv or any(name.startswith("_") and name.endswith("_COMPLETE") for name in os.environ):
+        return
+    commands = [info for info in app.registered_commands if info.name == argv[0]]
+    groups = [info for info in app.registered_groups if info.name == argv[0]]
+    if commands or groups:
+        app.registered_commands = commands
+        app.registered_groups = groups
+
+
 def main() -> None:
     try:
+        _build_only_the_invoked_command(sys.argv[1:])
         app()
         code: object = 0
     except SystemExit as done:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..tracer.session import FORWARDED_SIGNALS, Session, run
+from ..tracer.signals import FORWARDED_SIGNALS
 from .config import Config
 from .errors import ConfigError, Interrupted, WriteBackFailed
 from .scratch import session_directory
@@ -45,6 +45,8 @@ def resolve_executable(command: Sequence[str], env: dict[str, str]) -> str | Non
 
 
 def run_plain(command: Sequence[str], config: Config) -> int:
+    from ..tracer.session import Session, run
+
     return run(Session(argv=command, backend=config.backend))
 
 
@@ -74,13 +76,15 @@ def run_with_target(command: Sequence[str], config: Config, *, verbose: int = 0,
 def _run_with_target(command: Sequence[str], config: Config, target: Target | None,
                      verbose: int, observer: Observer | None,
                      trapped: Sequence[str] | None, quiet: bool = False) -> int:
+    from .target import connect_agent, fork_local_agent, progress, release_agent, replica_provider
+
+    # Forked before the first thread starts (the async side's), and before the
+    # tracer's modules are imported: the agent's own start-up (its imports, the
+    # target's namespace) runs on the other core while they load.
+    forked = fork_local_agent(config, target, verbose=verbose)
     from ..tracer.backend import AsyncSide
     from ..tracer.features.env import merge_environment, read_env_file
     from ..tracer.features.remote import RemoteContext
-    from .target import connect_agent, fork_local_agent, progress, release_agent, replica_provider
-
-    # Forked before the first thread starts (the async side's).
-    forked = fork_local_agent(config, target, verbose=verbose)
     side = AsyncSide()
     client: AgentClient | None = None
     with session_directory() as session_dir:
@@ -92,17 +96,20 @@ def _run_with_target(command: Sequence[str], config: Config, target: Target | No
             connecting = side.submit(connect_agent(config, target, verbose=verbose, forked=forked))
             # Imported while the agent starts (a forked local agent runs on the
             # other core): these modules are most of what is left to load.
+            from ..tracer import session  # noqa: F401
             from ..tracer.features import files, incoming, net  # noqa: F401
             client = _wait(side, connecting, config.agent.startup_timeout + 5,
                            "the start-up handshake")
+            # Both asked at once: the environment does not wait for the ping's answer.
+            environ = side.submit(client.environ()) if config.feature.env.enabled else None
             latency = _wait(side, client.ping(), 10, "a ping")
             progress(f"agent ready ({latency * 1000:.1f} ms round trip)")
             from . import summary
 
             summary.show(summary.feature_lines(config, where, client.target_hostname),
                          verbose=verbose, quiet=quiet)
-            target_env = (_wait(side, client.environ(), 30, "the environment request")
-                          if config.feature.env.enabled else {})
+            target_env = (_wait(side, environ, 30, "the environment request")
+                          if environ is not None else {})
             env_file = (read_env_file(config.feature.env.env_file)
                         if config.feature.env.env_file else None)
             env = merge_environment(os.environ, target_env, config.feature.env, env_file)
@@ -159,6 +166,7 @@ def _serve_remote(command: Sequence[str], config: Config, context: RemoteContext
                   shown: Sequence[str] | None) -> int:
     from ..tracer.backend import Handlers
     from ..tracer.features import files, hostname, incoming, net
+    from ..tracer.session import Session, run
     from ..tracer.syscalls import DEFAULT_TRAPPED
 
     side = context.async_side

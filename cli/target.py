@@ -10,8 +10,9 @@ import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from ..agent.client import AgentClient, agent_argv, connect_tcp, spawn_stdio
 from ..agent.errors import AgentError, AuthenticationError
@@ -30,8 +31,7 @@ _KUBERNETES_KINDS = ("pod", "deployment", "statefulset", "daemonset", "job", "cr
                      "replicaset", "rollout", "service")
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     kind: str  # "pid", "targetless" or "kube"
     pid: int | None = None
     kube: KubeTarget | None = None

@@ -8,8 +8,9 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec
 
 from .call import SyscallCall
 from .errors import TraceeGone
@@ -20,8 +21,7 @@ log = logging.getLogger("mtrace.tracer")
 Handler = Callable[[SyscallCall], Outcome]
 
 
-@dataclass(slots=True)
-class CallRecord:
+class CallRecord(msgspec.Struct):
     """One finished call, as the trace printer and the tests see it."""
 
     call: SyscallCall
@@ -31,7 +31,7 @@ class CallRecord:
     # The call's result where the supervisor knows it: the value or -errno.
     # None when the kernel ran the call after the supervisor let it continue.
     result: int | None
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class Observer(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from .memory import TraceeMemory
 
@@ -19,8 +19,7 @@ def signed64(value: int) -> int:
     return value - (1 << 64) if value & (1 << 63) else value
 
 
-@dataclass(slots=True)
-class SyscallCall:
+class SyscallCall(msgspec.Struct):
     """A trapped call: who made it, what it is, and access to the caller's memory.
 
     ``args`` are the raw 64-bit register values; use the typed accessors, which

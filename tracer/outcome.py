@@ -34,36 +34,38 @@ interface themselves.
 - ``Defer``: the answer needs the agent; the backend runs the coroutine on the
   async side and carries out the outcome it returns, so one slow remote call
   never stalls the tracee's other threads.
+
+The outcomes, like the tracer's other small value types, are msgspec Structs
+rather than dataclasses: making a frozen slotted dataclass compiles its methods
+at import (about 1 ms each, 20-45 ms of every run's start-up for the classes a
+session imports), a Struct class is made in C in about 40 µs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 
-@dataclass(frozen=True, slots=True)
-class Continue:
+
+class Continue(msgspec.Struct, frozen=True):
     pass
 
 
 CONTINUE = Continue()
 
 
-@dataclass(frozen=True, slots=True)
-class ReturnValue:
+class ReturnValue(msgspec.Struct, frozen=True):
     value: int
     writes: tuple[tuple[int, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Errno:
+class Errno(msgspec.Struct, frozen=True):
     errno: int
 
 
-@dataclass(frozen=True, slots=True)
-class InjectFd:
+class InjectFd(msgspec.Struct, frozen=True):
     fd: int
     cloexec: bool = False
     # The supervisor's copy is closed once the tracee has its own.
@@ -72,8 +74,7 @@ class InjectFd:
     writes: tuple[tuple[int, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class ReplaceFd:
+class ReplaceFd(msgspec.Struct, frozen=True):
     fd: int
     tracee_fd: int
     then: ReturnValue | Errno
@@ -81,26 +82,22 @@ class ReplaceFd:
     # The supervisor's copy is always closed once carried out (or not).
 
 
-@dataclass(frozen=True, slots=True)
-class OnTraceeFd:
+class OnTraceeFd(msgspec.Struct, frozen=True):
     tracee_fd: int
     action: Callable[[int], Outcome]
 
 
-@dataclass(frozen=True, slots=True)
-class RewriteArgs:
-    pointers: Mapping[int, bytes] = field(default_factory=dict)
-    values: Mapping[int, int] = field(default_factory=dict)
+class RewriteArgs(msgspec.Struct, frozen=True):
+    pointers: Mapping[int, bytes] = msgspec.field(default_factory=dict)
+    values: Mapping[int, int] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Defer:
-    coroutine: Coroutine[Any, Any, Outcome] = field(compare=False)
+class Defer(msgspec.Struct, frozen=True):
+    coroutine: Coroutine[Any, Any, Outcome]
 
 
-@dataclass(frozen=True, slots=True)
-class AfterResult:
-    after: Callable[[int], tuple[tuple[int, bytes], ...]] = field(compare=False)
+class AfterResult(msgspec.Struct, frozen=True):
+    after: Callable[[int], tuple[tuple[int, bytes], ...]]
 
 
 Outcome = (Continue | ReturnValue | Errno | InjectFd | ReplaceFd | OnTraceeFd | RewriteArgs

@@ -13,8 +13,9 @@ import errno
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -54,8 +55,7 @@ _ID = struct.Struct("=Q")
 NOTIF_HEAD = struct.Struct("=Q8xi")
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
+class Notification(msgspec.Struct, frozen=True):
     id: int
     tid: int
     nr: int
@@ -235,9 +235,7 @@ _fast_answers: FastAnswers | None = None
 def _load_native() -> Any:
     global _native_function, _fast_answers
     if _native_function is None:
-        from importlib import resources
-
-        path = os.path.join(str(resources.files("mtrace.tracer")), "bin", "libmtrace-notify.so")
+        path = os.path.join(os.path.dirname(__file__), "bin", "libmtrace-notify.so")
         try:
             library = ctypes.CDLL(path, use_errno=True)
             function = library.mtrace_notify_next

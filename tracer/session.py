@@ -12,29 +12,28 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+
+import msgspec
 
 from . import seccomp
 from .backend import AsyncSide, Handler, Handlers, Observer
 from .errors import KernelFeatureMissing, TracerError
 from .launcher import Kind, Launch
 from .notify import NotifyBackend
+from .signals import FORWARDED_SIGNALS, SI_KERNEL
 from .syscalls import DEFAULT_TRAPPED, ENOSYS_CALLS, table
 
 log = logging.getLogger("mtrace.tracer.session")
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-SI_KERNEL = 0x80  # si_code of a signal the terminal sent to the whole process group
 
 
-@dataclass
-class Session:
+class Session(msgspec.Struct):
     argv: Sequence[str]
-    handlers: Handler = field(default_factory=Handlers)
+    handlers: Handler = msgspec.field(default_factory=Handlers)
     trapped: Sequence[str] = DEFAULT_TRAPPED
     # Calls trapped only when an argument is not NULL, by name: argument index
     # (recvfrom with a source-address buffer; plain recv() never reaches us).
-    trap_if_nonzero: dict[str, int] = field(default_factory=dict)
+    trap_if_nonzero: dict[str, int] = msgspec.field(default_factory=dict)
     observer: Observer | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None

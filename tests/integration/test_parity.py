@@ -297,6 +297,10 @@ def unix_service(netns_target: NetnsTarget) -> Iterator[tuple[str, str]]:
     yield path, abstract
     process.kill()
     process.wait()
+    # The socket file outlives its killed server; left in the shared target's
+    # private directory it showed up in other modules' listings of it.
+    subprocess.run(["nsenter", f"--target={netns_target.pid}", "--mount", "--", "rm", "-f", path],
+                   check=True)
 
 
 def test_unix_streams_connect_to_the_targets_socket(probe: Path, backend: str,

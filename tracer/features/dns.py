@@ -20,7 +20,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from ..errors import TracerError
 from .policy import DnsConfig
@@ -88,8 +89,7 @@ def question_name(message: bytes) -> str | None:
     return str(name.to_text(omit_final_dot=True)).lower()
 
 
-@dataclass(frozen=True)
-class NamePattern:
+class NamePattern(msgspec.Struct, frozen=True):
     """An exact name, or ``*.suffix`` (any name strictly under suffix)."""
 
     name: str
@@ -145,8 +145,7 @@ class NameRules:
         return False
 
 
-@dataclass
-class DnsSetup:
+class DnsSetup(msgspec.Struct):
     """What the outgoing path needs to know about DNS for one session."""
 
     rules: NameRules

@@ -91,13 +91,11 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
-from ...agent.files import fs_stat_of_fd, set_times
 from ...agent.protocol import (
     CAP_FILES_CHMOD,
     CAP_FILES_CHOWN,
@@ -360,8 +358,7 @@ class WorkingDirectories:
 # --- resolved paths ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """A path a tracee named, made absolute."""
 
     # Absolute, as the tracee wrote it after the base (the agent resolves
@@ -936,6 +933,10 @@ class FilesFeature:
             return Errno(errno.ENOENT)
         if route is Route.LOCAL:
             def emulate() -> Outcome:
+                # The agent's file service is imported where it is used: at
+                # start-up it is the forked agent's to load, on the other core.
+                from ...agent.files import fs_stat_of_fd
+
                 fd = os.open(target.path, os.O_PATH | os.O_CLOEXEC)
                 try:
                     info = fs_stat_of_fd(fd)
@@ -1573,6 +1574,7 @@ class FilesFeature:
         if self._resolve(call, dirfd, path) is None:
             return CONTINUE
         atime, mtime = self._read_times(call, index, layout)
+        from ...agent.files import set_times  # as fs_stat_of_fd above
 
         async def remote(path: bytes, follow: bool) -> Outcome:
             if CAP_FILES_TIMES not in self.context.client.capabilities:

@@ -50,9 +50,10 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
+
+import msgspec
 
 from ...agent.aio import sock_connect
 from ...agent.client import AgentClient, TcpStream
@@ -80,8 +81,7 @@ def protocol_filter(spec: HttpFilter) -> HttpRequestFilter:
         ports=list(spec.ports) if spec.ports is not None else None)
 
 
-@dataclass(frozen=True, slots=True)
-class Listener:
+class Listener(msgspec.Struct, frozen=True):
     """A tracee socket listening on a subscribed port."""
 
     family: int
@@ -91,8 +91,7 @@ class Listener:
     cookie: int = 0  # the kernel's SO_COOKIE of the socket (0: unknown)
 
 
-@dataclass(frozen=True, slots=True)
-class _Arrival:
+class _Arrival(msgspec.Struct, frozen=True):
     peer: Endpoint
     local: Endpoint
 

@@ -60,9 +60,10 @@ import socket
 import struct
 import time
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
+
+import msgspec
 
 from ...agent.errors import AgentUnavailable, RemoteError
 from ...agent.protocol import CAP_UNIX_STREAM
@@ -154,8 +155,7 @@ _RULE = re.compile(r"^(?:(?P<protocol>[a-zA-Z]+)://)?(?P<rest>.*)$")
 _NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(msgspec.Struct, frozen=True):
     """One filter entry: protocol (None: both), host (networks; None: any), port."""
 
     text: str
@@ -431,27 +431,24 @@ def _decode_ancillary(control: bytes) -> list[tuple[int, int, bytes]]:
     return records
 
 
-@dataclass(frozen=True, slots=True)
-class _Datagram:
+class _Datagram(msgspec.Struct, frozen=True):
     """One message of a sendmmsg: to a remote ``endpoint`` through the relay,
     or (``endpoint`` None) sent by this machine's kernel to ``address``."""
 
     data: bytes
     endpoint: Endpoint | None = None
     address: tuple[Any, ...] | None = None
-    ancillary: list[tuple[int, int, bytes]] = field(default_factory=list)
+    ancillary: list[tuple[int, int, bytes]] = msgspec.field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class Relayed:
+class Relayed(msgspec.Struct, frozen=True):
     """What getpeername/getsockname answer for a relayed socket."""
 
     peer: bytes
     local: bytes | None  # None: the socket's own address
 
 
-@dataclass(frozen=True, slots=True)
-class _Receive:
+class _Receive(msgspec.Struct, frozen=True):
     """A trapped recvfrom/recvmsg: where the datagram, its source and the rest go."""
 
     iov: tuple[tuple[int, int], ...]

@@ -32,9 +32,10 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
+
+import msgspec
 
 from ...agent.aio import sock_recvfrom
 from ...agent.errors import AgentUnavailable, RemoteError
@@ -48,8 +49,7 @@ MAX_DATAGRAM = 65535
 ACCEPT_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(msgspec.Struct, frozen=True):
     """An IP address and port; IPv4-mapped IPv6 addresses are stored as IPv4."""
 
     address: IPAddress

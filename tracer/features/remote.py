@@ -12,9 +12,10 @@ agent: the coroutine runs on ``context.async_side.loop``, where
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import msgspec
 
 from ...agent.client import AgentClient
 from ..backend import AsyncSide
@@ -23,8 +24,7 @@ from .policy import FeatureConfig
 T = TypeVar("T")
 
 
-@dataclass
-class RemoteContext:
+class RemoteContext(msgspec.Struct):
     client: AgentClient
     async_side: AsyncSide
     features: FeatureConfig
@@ -34,9 +34,9 @@ class RemoteContext:
     executable: str | None = None
     # Set when the agent connection is lost; handlers then fail remote calls
     # with a real errno (EIO, ECONNRESET) instead of waiting.
-    agent_lost: bool = field(default=False)
+    agent_lost: bool = False
     # Set when the session is ending: the agent closing then is not a failure.
-    closing: bool = field(default=False)
+    closing: bool = False
     # The target's network namespace when it is on this machine (pid/N with a
     # local agent): outgoing TCP takes the direct path (features/direct.py).
     target_network: str | None = None

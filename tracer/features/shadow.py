@@ -42,6 +42,8 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from ...agent.client import AgentClient
 from ...agent.errors import AgentError, AgentUnavailable, RemoteError
 from ...agent.protocol import (
@@ -85,8 +87,7 @@ def normalize(path: bytes) -> bytes:
     return b"/" + b"/".join(parts)
 
 
-@dataclass
-class Node:
+class Node(msgspec.Struct):
     """An inode handed to a tracee: which remote object it stands for."""
 
     remote_path: bytes
@@ -102,8 +103,7 @@ class Node:
     times: tuple[TimeSpec, TimeSpec] | None = None
 
 
-@dataclass
-class _Copy:
+class _Copy(msgspec.Struct):
     key: tuple[int, int]
     # Tracked writers exist: the local copy is newer than the target's.
     pinned: bool = False
