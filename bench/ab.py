@@ -1,7 +1,7 @@
 """A/B of `mtrace exec --target pid/N -- loop bulk` between installs, alternating.
 
     python -m bench.ab --variant old=/tmp/venv-old/bin/python --variant new=.venv/bin/python \\
-        [--rounds 6] [--relay | --startup]
+        [--rounds 6] [--relay | --startup | --connect]
 
 Each variant is an interpreter with mtrace installed (a venv per checkout:
 ``git worktree add /tmp/old COMMIT``, ``python3 -m venv --system-site-packages
@@ -11,7 +11,9 @@ in reverse order every other round, so that a loaded machine's drift falls on
 all of them alike. ``--relay`` turns the direct path off (agent streams, as an
 agent over TCP or a Kubernetes target would carry them). ``--startup`` times
 `loop true` instead (start-up: `mtrace exec` and `mtrace exec --target pid/N`,
-wall milliseconds from fork to exit). Prints each run and
+wall milliseconds from fork to exit). ``--connect`` times `loop connect`
+instead (``--connects`` socket+connect+close to the target's loopback, p50 of
+each run: the direct path's per-connect cost). Prints each run and
 the medians, with the load average before and after: compare ratios, not
 absolute numbers.
 """
@@ -43,10 +45,15 @@ def main() -> None:
     parser.add_argument("--bulk-mib", type=int, default=256)
     parser.add_argument("--relay", action="store_true", help="feature.network.outgoing.direct off")
     parser.add_argument("--startup", action="store_true", help="time start-up, not bulk")
+    parser.add_argument("--connect", action="store_true", help="time loop connect, not bulk")
+    parser.add_argument("--connects", type=int, default=3000)
     args = parser.parse_args()
     variants = dict(item.split("=", 1) for item in args.variant)
     if args.startup:
         _startup(variants, args.rounds)
+        return
+    if args.connect:
+        _connect(variants, args.rounds, args.connects)
         return
     work = Path(tempfile.mkdtemp(prefix="mtrace-bench-ab-"))
     programs = build_c_programs(work / "bin")
@@ -103,6 +110,36 @@ def _startup(variants: dict[str, str], rounds: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
     for (name, kind), values in times.items():
         print(f"{name} {kind}: median {statistics.median(values):.0f} ms over {len(values)} runs")
+    print(f"load average {os.getloadavg()}")
+
+
+def _connect(variants: dict[str, str], rounds: int, connects: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="mtrace-bench-ab-"))
+    programs = build_c_programs(work / "bin")
+    target = NamespaceTarget.start(netserve=programs["netserve"], work_dir=work, bulk_bytes=1 << 20)
+    p50s: dict[str, list[float]] = {name: [] for name in variants}
+    print(f"load average {os.getloadavg()}", flush=True)
+    try:
+        for round_ in range(rounds):
+            names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+            for name in names:
+                argv = [variants[name], "-m", "mtrace.cli", "exec", "--target", f"pid/{target.pid}",
+                        "--", str(programs["loop"]), "connect", "127.0.0.1",
+                        str(target.http_port), str(connects)]
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                                      check=False)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                if done.returncode or not lines:
+                    print(f"{round_} {name}: failed ({done.returncode}) {done.stderr[-300:]}")
+                    continue
+                p50s[name].append(json.loads(lines[-1])["p50_ns"] / 1000)
+                print(f"{round_} {name}: p50 {p50s[name][-1]:.1f} us", flush=True)
+    finally:
+        target.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for name, values in p50s.items():
+        if values:
+            print(f"{name}: median p50 {statistics.median(values):.1f} us over {len(values)} runs")
     print(f"load average {os.getloadavg()}")
 
 
