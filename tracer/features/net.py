@@ -702,21 +702,21 @@ class Outgoing:
         if direct_path.is_bound(sock):
             log.debug("tcp %s relayed: the socket is bound", endpoint)
             return None
-        if direct_path.held_elsewhere(tid, tracee_fd, inode):
+        state = direct_path.fd_state(tid, tracee_fd, inode)
+        if state is None:
+            return Errno(errno.EBADF)
+        if state.held_elsewhere:
             log.debug("tcp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
             return None
-        cloexec = direct_path.close_on_exec(tid, tracee_fd)
-        if cloexec is None:
-            return Errno(errno.EBADF)
+        cloexec = state.close_on_exec
         made = self.target_network.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
             result = direct_path.connect_raw(made, sockaddr)
-            nonblocking = _nonblocking(sock.fileno())
             if result not in (0, *direct_path.IN_PROGRESS):
                 made.close()
                 return Errno(result)
-            if nonblocking:
+            if state.nonblocking:
                 then: ReturnValue | Errno = ReturnValue(0) if result == 0 else \
                     Errno(errno.EINPROGRESS)
                 log.debug("tcp %s direct (inode %d)", endpoint, inode)
@@ -747,12 +747,13 @@ class Outgoing:
         if direct_path.is_bound(sock):
             log.debug("udp %s relayed: the socket is bound", endpoint)
             return None
-        if direct_path.held_elsewhere(tid, tracee_fd, inode):
+        state = direct_path.fd_state(tid, tracee_fd, inode)
+        if state is None:
+            return Errno(errno.EBADF)
+        if state.held_elsewhere:
             log.debug("udp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
             return None
-        cloexec = direct_path.close_on_exec(tid, tracee_fd)
-        if cloexec is None:
-            return Errno(errno.EBADF)
+        cloexec = state.close_on_exec
         made = self.target_network.socket(sock.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         try:
             direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
@@ -760,7 +761,7 @@ class Outgoing:
             if result:
                 made.close()
                 return Errno(result)  # the target's answer (ENETUNREACH, ...)
-            if not _nonblocking(sock.fileno()):
+            if not state.nonblocking:
                 direct_path.set_blocking(made, True)
             self.direct_udp[os.fstat(made.fileno()).st_ino] = None
             while len(self.direct_udp) > MAX_REMEMBERED:
