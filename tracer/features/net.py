@@ -605,8 +605,9 @@ class Outgoing:
         with borrowed(fd) as sock:
             if sock.family != family:
                 return CONTINUE  # the kernel's EAFNOSUPPORT / EINVAL
-            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-            protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+            # What the socket object read from the fd as it was made
+            # (SO_TYPE, SO_PROTOCOL): no second getsockopt of each.
+            kind, protocol = sock.type, sock.proto
             if kind == socket.SOCK_STREAM and tcp and protocol == socket.IPPROTO_TCP:
                 ready = self._stream_connect_preamble(sock, fd, errno.ENETUNREACH)
                 if not isinstance(ready, tuple):
