@@ -600,6 +600,31 @@ def test_direct_socket_lives_in_the_target_and_keeps_the_programs_options(
     assert in_target == direct
 
 
+UNTOUCHED_OPTIONS = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5)
+print(s.recv(100).decode().strip())
+print("keepidle", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+      "keepintvl", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+      "keepcnt", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+"""
+
+
+def test_direct_socket_has_the_targets_defaults_for_options_the_program_left(
+        netns_target: NetnsTarget) -> None:
+    """A target whose keepalive sysctls differ from this machine's (a pod's
+    net.ipv4.tcp_keepalive_time, say): the options the program never set are
+    the target's defaults, as for a program run inside. The direct path took
+    this machine's defaults for options set (differing from the target's)."""
+    for name, value in (("tcp_keepalive_time", 611), ("tcp_keepalive_intvl", 17),
+                        ("tcp_keepalive_probes", 5)):
+        subprocess.run(["nsenter", "-t", str(netns_target.pid), "-n", "sysctl", "-qw",
+                        f"net.ipv4.{name}={value}"], check=True)
+    out = assert_like_inside(netns_target, [*_python(UNTOUCHED_OPTIONS),
+                                            str(netns_target.tcp_port)])
+    assert out.decode().splitlines()[1] == "keepidle 611 keepintvl 17 keepcnt 5"
+
+
 EPOLL_FIRST = r"""
 import select, socket, sys
 s = socket.socket()

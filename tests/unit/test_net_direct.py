@@ -108,17 +108,16 @@ def test_ipv6_only_is_copied(implementation: str) -> None:
         assert made.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == wanted
 
 
-def test_remembered_fresh_options_copy_the_same_as_reading_the_new_socket(
+def test_remembered_fresh_options_copy_the_same_as_reading_a_new_socket(
         implementation: str) -> None:
-    """The direct path reads a fresh socket's options once per family and
-    type; every later socket made is compared against those."""
+    """The direct path reads a new socket's options once per family and
+    type; every program socket is compared against those."""
     network = direct.TargetNetwork("/proc/self/ns/net")
     try:
-        with network.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as first:
-            fresh = network.fresh_options(first)
+        fresh = network.fresh_options(socket.AF_INET, socket.SOCK_STREAM)
+        assert network.fresh_options(socket.AF_INET, socket.SOCK_STREAM) is fresh
         with socket.socket() as program, \
                 network.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as made:
-            assert network.fresh_options(made) is fresh
             program.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             program.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\5\0\0\0")
             program.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x10)
@@ -135,9 +134,21 @@ def test_remembered_fresh_options_copy_the_same_as_reading_the_new_socket(
                 network.socket(socket.AF_INET, socket.SOCK_DGRAM, 0) as made_udp:
             assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 4) not in \
                 direct.option_table(made_udp.family, made_udp.type)
-            direct.copy_socket_state(udp, made_udp, network.fresh_options(made_udp))
+            direct.copy_socket_state(udp, made_udp,
+                                     network.fresh_options(socket.AF_INET, socket.SOCK_DGRAM))
     finally:
         network.close()
+
+
+def test_options_the_program_left_keep_the_made_sockets_values(implementation: str) -> None:
+    """A value the made socket has (its namespace's default) is not
+    overwritten by the program's own default."""
+    with socket.socket() as program, socket.socket() as made:
+        made.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 611)  # "the target's default"
+        program.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        direct.copy_socket_state(program, made)
+        assert made.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 611
+        assert made.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
 
 def test_a_bound_socket_is_seen() -> None:

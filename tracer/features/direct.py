@@ -7,7 +7,8 @@ and may enter its network namespace. At a remote TCP ``connect`` the
 supervisor creates a socket of the same family there (``setns`` in the trap
 loop's own thread, and back: ``CLONE_NEWNET`` is per thread), copies what the
 program set on its socket (``O_NONBLOCK``, ``FD_CLOEXEC``, the ``SO_*``,
-``TCP_*`` and ``IPV6_V6ONLY`` options that differ from a fresh socket's),
+``TCP_*`` and ``IPV6_V6ONLY`` options that differ from a fresh socket's in
+the program's namespace: those it left keep the target's defaults),
 connects it to the address the program gave, and installs it in the tracee
 under the program's fd number (``SECCOMP_IOCTL_NOTIF_ADDFD`` with
 ``SECCOMP_ADDFD_FLAG_SETFD``: an atomic ``dup2`` into the tracee) before
@@ -106,14 +107,13 @@ class TargetNetwork:
         self.same = os.fstat(self.target).st_ino == os.fstat(self.own).st_ino
         self._fresh: dict[tuple[int, int], OptionValues] = {}
 
-    def fresh_options(self, made: socket.socket) -> OptionValues:
-        """The options of a new socket of ``made``'s family and type here, read
-        from ``made`` (new, untouched) the first time, then remembered: a
-        direct connect then reads only the program's side."""
-        key = (made.family, made.type)
-        values = self._fresh.get(key)
+    def fresh_options(self, family: int, kind: int) -> OptionValues:
+        """The options of a new socket of this family and type in the
+        supervisor's namespace, the program's: read the first time, then
+        remembered, so a direct connect reads only the program's socket."""
+        values = self._fresh.get((family, kind))
         if values is None:
-            values = self._fresh[key] = read_options(made, option_table(*key))
+            values = self._fresh[(family, kind)] = fresh_options(family, kind)
         return values
 
     def socket(self, family: int, kind: int, protocol: int) -> socket.socket:
@@ -270,17 +270,26 @@ def read_options(sock: socket.socket, table: tuple[tuple[int, int, int], ...]) -
     return b"".join(slots)
 
 
+def fresh_options(family: int, kind: int) -> OptionValues:
+    """The options a new socket of this kind has in this thread's namespace."""
+    with socket.socket(family, kind) as new:
+        return read_options(new, option_table(family, kind))
+
+
 def copy_socket_state(program: socket.socket, made: socket.socket,
                       fresh: OptionValues | None = None) -> None:
-    """What the program set on its socket, onto the socket made for it.
+    """What the program set on its socket, onto the socket made for it: each
+    option whose value differs from a new socket's where the program made its
+    own. An option the program left keeps the value ``made`` was given in its
+    namespace (the target's defaults: ``net.ipv4.tcp_keepalive_time`` of a pod,
+    say), as for a program run there.
 
-    ``fresh``: the options of a new socket of ``made``'s kind in its namespace
-    (:meth:`TargetNetwork.fresh_options`), so only the program's side is read;
-    without it ``made`` itself is read first. A program that set nothing
-    costs one comparison."""
+    ``fresh``: the options of a new socket of the program's kind in its
+    namespace (:meth:`TargetNetwork.fresh_options`), read here without it.
+    A program that set nothing costs one comparison."""
     table = option_table(made.family, made.type)
     if fresh is None:
-        fresh = read_options(made, table)
+        fresh = fresh_options(made.family, made.type)
     values = read_options(program, table)
     if values == fresh:
         return
@@ -288,7 +297,7 @@ def copy_socket_state(program: socket.socket, made: socket.socket,
         start = index * _SLOT
         slot = values[start:start + _SLOT]
         if not slot[0] or not fresh[start] or slot == fresh[start:start + _SLOT]:
-            continue  # the same, or an option this kernel or one socket lacks
+            continue  # left as made, or an option this kernel or socket lacks
         raw = slot[1:1 + size]
         try:
             if size != 4:

@@ -712,7 +712,8 @@ class Outgoing:
         cloexec = state.close_on_exec
         made = self.target_network.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
+            direct_path.copy_socket_state(sock, made,
+                                          self.target_network.fresh_options(sock.family, made.type))
             result = direct_path.connect_raw(made, sockaddr)
             if result not in (0, *direct_path.IN_PROGRESS):
                 made.close()
@@ -757,7 +758,8 @@ class Outgoing:
         cloexec = state.close_on_exec
         made = self.target_network.socket(sock.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         try:
-            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
+            direct_path.copy_socket_state(sock, made,
+                                          self.target_network.fresh_options(sock.family, made.type))
             result = direct_path.connect_raw(made, sockaddr)
             if result:
                 made.close()
