@@ -277,7 +277,8 @@ def fresh_options(family: int, kind: int) -> OptionValues:
 
 
 def copy_socket_state(program: socket.socket, made: socket.socket,
-                      fresh: OptionValues | None = None) -> None:
+                      fresh: OptionValues | None = None,
+                      kind: tuple[int, int] | None = None) -> None:
     """What the program set on its socket, onto the socket made for it: each
     option whose value differs from a new socket's where the program made its
     own. An option the program left keeps the value ``made`` was given in its
@@ -286,10 +287,13 @@ def copy_socket_state(program: socket.socket, made: socket.socket,
 
     ``fresh``: the options of a new socket of the program's kind in its
     namespace (:meth:`TargetNetwork.fresh_options`), read here without it.
-    A program that set nothing costs one comparison."""
-    table = option_table(made.family, made.type)
+    ``kind``: ``made``'s family and type where the caller knows them (each
+    read of ``socket.family`` or ``.type`` builds an enum member). A program
+    that set nothing costs one comparison."""
+    family, type_ = kind or (made.family, made.type)
+    table = option_table(family, type_)
     if fresh is None:
-        fresh = fresh_options(made.family, made.type)
+        fresh = fresh_options(family, type_)
     values = read_options(program, table)
     if values == fresh:
         return

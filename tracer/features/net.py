@@ -710,10 +710,10 @@ class Outgoing:
             log.debug("tcp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
             return None
         cloexec = state.close_on_exec
-        made = self.target_network.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        kind = (sock.family.value, socket.SOCK_STREAM)  # plain ints: no enum per use
+        made = self.target_network.socket(*kind, socket.IPPROTO_TCP)
         try:
-            direct_path.copy_socket_state(sock, made,
-                                          self.target_network.fresh_options(sock.family, made.type))
+            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(*kind), kind)
             result = direct_path.connect_raw(made, sockaddr)
             if result not in (0, *direct_path.IN_PROGRESS):
                 made.close()
@@ -756,10 +756,10 @@ class Outgoing:
             log.debug("udp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
             return None
         cloexec = state.close_on_exec
-        made = self.target_network.socket(sock.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        kind = (sock.family.value, socket.SOCK_DGRAM)  # plain ints: no enum per use
+        made = self.target_network.socket(*kind, socket.IPPROTO_UDP)
         try:
-            direct_path.copy_socket_state(sock, made,
-                                          self.target_network.fresh_options(sock.family, made.type))
+            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(*kind), kind)
             result = direct_path.connect_raw(made, sockaddr)
             if result:
                 made.close()
