@@ -651,6 +651,35 @@ def test_socket_registered_with_epoll_before_connect_is_relayed(
     assert out.strip() == netns_target.tcp_banner.strip()
 
 
+EPOLL_THROUGH_A_CLOSED_DUP = r"""
+import os, select, socket, sys, time
+s = socket.socket()
+s.setblocking(False)
+poller = select.epoll()
+copy = os.dup(s.fileno())
+poller.register(copy, select.EPOLLIN)
+os.close(copy)  # the registration stays: the socket is still open
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+except BlockingIOError:
+    pass
+deadline = time.monotonic() + 5
+while not any(mask & select.EPOLLIN for _, mask in poller.poll(0.1)):
+    assert time.monotonic() < deadline, "no event: the epoll registration lost its socket"
+print(s.recv(100).decode().strip())
+"""
+
+
+def test_socket_registered_with_epoll_through_a_closed_dup_is_relayed(
+        netns_target: NetnsTarget) -> None:
+    """The registration names the socket under the dup's number: it was looked
+    for under the socket's own number only, and the swap left it on the old
+    socket (the program waited for an event that never came)."""
+    out = assert_like_inside(netns_target, [*_python(EPOLL_THROUGH_A_CLOSED_DUP),
+                                            str(netns_target.tcp_port)])
+    assert out.strip() == netns_target.tcp_banner.strip()
+
+
 DIRECT_AGENT_LOSS = r"""
 import errno, socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))

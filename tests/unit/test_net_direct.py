@@ -60,6 +60,19 @@ def test_an_epoll_registration_before_connect_keeps_the_relay(implementation: st
         assert state is not None and not state.held_elsewhere
 
 
+def test_an_epoll_registration_made_through_a_closed_dup_keeps_the_relay(
+        implementation: str) -> None:
+    """epoll_ctl through a dup, then the dup closed: the registration names
+    the socket under the dup's old number. It was looked for under the
+    socket's own fd number only, so the swap left it on the old socket."""
+    with socket.socket() as sock, select.epoll() as poller:
+        copy = os.dup(sock.fileno())
+        poller.register(copy, select.EPOLLOUT)
+        os.close(copy)
+        state = _state(sock)
+        assert state is not None and state.held_elsewhere
+
+
 def test_flags_are_read_from_fdinfo(implementation: str) -> None:
     with socket.socket() as sock:
         sock.setblocking(False)

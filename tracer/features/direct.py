@@ -205,8 +205,9 @@ def fdinfo_flags(tid: int, fd: int) -> int | None:
 def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
     """Whether the tracee's socket ``fd`` (inode ``inode``) is also named by
     another fd of its process (``dup``) or is in one of its epoll instances
-    (``tfd: FD ... ino:INODE`` in their fdinfo): either would keep the old,
-    unconnected socket after the swap."""
+    (``tfd: ... ino:INODE`` in their fdinfo, under any fd number: one made
+    through a ``dup`` since closed keeps the dup's): either would keep the
+    old, unconnected socket after the swap."""
     base = f"/proc/{tid}/fd"
     try:
         entries = os.listdir(base)
@@ -214,7 +215,6 @@ def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
         return True  # cannot tell: the relay is always right
     own = str(fd)
     socket_link = f"socket:[{inode}]"
-    wanted_fd = f"tfd: {fd:8d}".encode()
     wanted_inode = f"ino:{inode:x} ".encode()
     for entry in entries:
         try:
@@ -224,7 +224,7 @@ def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
             if link != "anon_inode:[eventpoll]":
                 continue
             for line in _read_small(f"/proc/{tid}/fdinfo/{entry}").splitlines():
-                if line.startswith(wanted_fd) and wanted_inode in line + b" ":
+                if line.startswith(b"tfd:") and wanted_inode in line + b" ":
                     return True
         except OSError:
             continue

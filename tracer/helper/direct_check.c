@@ -7,7 +7,8 @@
  * mtrace_direct_fd_state(tid, fd, inode): the tracee's fd as fdinfo and
  * /proc/TID/fd see it. Returns a mask: MTRACE_FD_HELD when another fd of the
  * process names the same socket (dup) or one of its epoll instances holds
- * it (a "tfd: FD ... ino:INODE" line of their fdinfo), or when the fd table
+ * it (a "tfd: ... ino:INODE" line of their fdinfo, under any fd number), or
+ * when the fd table
  * cannot be read (the relay is always right); MTRACE_FD_CLOEXEC and
  * MTRACE_FD_NONBLOCK from the fd's own fdinfo flags. -1 with errno set when
  * the fd's fdinfo cannot be read (the fd is gone).
@@ -75,18 +76,16 @@ static char *read_whole(const char *path, size_t *length)
     return buffer;
 }
 
-/* Whether an eventpoll fdinfo text has a registration of (fd, inode). */
-static int epoll_holds(const char *text, int fd, unsigned long long inode)
+/* Whether an eventpoll fdinfo text has a registration of the socket
+ * ``inode``, under any fd number: one made through a dup since closed names
+ * the socket under the dup's number. */
+static int epoll_holds(const char *text, unsigned long long inode)
 {
     for (const char *line = text; line && *line; line = strchr(line, '\n'), line = line ? line + 1 : NULL) {
         if (strncmp(line, "tfd:", 4) != 0)
             continue;
-        char *end;
-        long registered = strtol(line + 4, &end, 10);
-        if (registered != fd)
-            continue;
         const char *line_end = strchr(line, '\n');
-        const char *ino = strstr(end, " ino:");
+        const char *ino = strstr(line, " ino:");
         if (!ino || (line_end && ino > line_end))
             continue;
         if (strtoull(ino + 5, NULL, 16) == inode)
@@ -147,7 +146,7 @@ int mtrace_direct_fd_state(int tid, int fd, unsigned long long inode)
         char *epoll_info = read_whole(path, &length);
         if (!epoll_info)
             continue;
-        int held = epoll_holds(epoll_info, fd, inode);
+        int held = epoll_holds(epoll_info, inode);
         free(epoll_info);
         if (held) {
             state |= MTRACE_FD_HELD;
