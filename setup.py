@@ -26,8 +26,8 @@ except ImportError:  # pragma: no cover - very old setuptools
 
 HELPER_SOURCES = ["tracer/helper/exec_helper.c"]
 HELPER_NAME = "mtrace-exec"
-# The trap loop's passthrough path in C, loaded by the supervisor with ctypes.
-NOTIFY_LOOP_SOURCES = ["tracer/helper/notify_loop.c"]
+# The trap loop's passthrough path and the direct path's checks in C, loaded by the supervisor with ctypes.
+NOTIFY_LOOP_SOURCES = ["tracer/helper/notify_loop.c", "tracer/helper/direct_check.c"]
 NOTIFY_LOOP_NAME = "libmtrace-notify.so"
 DEMO_SOURCE_DIR = "cli/demo"
 DEMO_NAME = "mtrace-demo-app"

@@ -1,7 +1,7 @@
 """A/B of `mtrace exec --target pid/N -- loop bulk` between installs, alternating.
 
     python -m bench.ab --variant old=/tmp/venv-old/bin/python --variant new=.venv/bin/python \\
-        [--rounds 6] [--relay | --startup]
+        [--rounds 6] [--relay | --startup | --connect]
 
 Each variant is an interpreter with mtrace installed (a venv per checkout:
 ``git worktree add /tmp/old COMMIT``, ``python3 -m venv --system-site-packages
@@ -12,7 +12,9 @@ all of them alike. ``--relay`` turns the direct path off (agent streams, as an
 agent over TCP or a Kubernetes target would carry them). ``--startup`` times
 `loop true` instead (start-up: `mtrace exec` and `mtrace exec --target pid/N`,
 wall milliseconds from fork to exit), with the program alone and ``python -c
-pass`` timed in the same rounds. Prints each run and
+pass`` timed in the same rounds. ``--connect`` times `loop connect` instead
+(``--connects`` socket+connect+close to the target's loopback: p50 of each run
+and CPU per connect, the direct path's per-connect cost). Prints each run and
 the medians, with the load average before and after: compare ratios, not
 absolute numbers.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,10 +47,15 @@ def main() -> None:
     parser.add_argument("--bulk-mib", type=int, default=256)
     parser.add_argument("--relay", action="store_true", help="feature.network.outgoing.direct off")
     parser.add_argument("--startup", action="store_true", help="time start-up, not bulk")
+    parser.add_argument("--connect", action="store_true", help="time loop connect, not bulk")
+    parser.add_argument("--connects", type=int, default=3000)
     args = parser.parse_args()
     variants = dict(item.split("=", 1) for item in args.variant)
     if args.startup:
         _startup(variants, args.rounds)
+        return
+    if args.connect:
+        _connect(variants, args.rounds, args.connects)
         return
     work = Path(tempfile.mkdtemp(prefix="mtrace-bench-ab-"))
     programs = build_c_programs(work / "bin")
@@ -113,6 +121,54 @@ def _startup(variants: dict[str, str], rounds: int) -> None:
         print(f"{baseline}: median {statistics.median(values):.1f} ms over {len(values)} runs")
     for (name, kind), values in times.items():
         print(f"{name} {kind}: median {statistics.median(values):.0f} ms over {len(values)} runs")
+    print(f"load average {os.getloadavg()}")
+
+
+def _connect(variants: dict[str, str], rounds: int, connects: int) -> None:
+    """Wall p50 of each run, and CPU per connect of the whole process tree
+    (user+sys of a run of ``connects`` minus one of an eighth as many, over
+    the difference: start-up cancels out). At a high load average the CPU
+    figure is the steadier of the two."""
+    work = Path(tempfile.mkdtemp(prefix="mtrace-bench-ab-"))
+    programs = build_c_programs(work / "bin")
+    target = NamespaceTarget.start(netserve=programs["netserve"], work_dir=work, bulk_bytes=1 << 20)
+    p50s: dict[str, list[float]] = {name: [] for name in variants}
+    cpus: dict[str, list[float]] = {name: [] for name in variants}
+    few = max(connects // 8, 1)
+
+    def run(python: str, count: int) -> tuple[float, float] | None:
+        """(p50 µs, CPU seconds) of one `loop connect` of ``count`` under mtrace."""
+        argv = [python, "-m", "mtrace.cli", "exec", "--target", f"pid/{target.pid}", "--",
+                str(programs["loop"]), "connect", "127.0.0.1", str(target.http_port), str(count)]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            print(f"failed ({done.returncode}) {done.stderr[-300:]}")
+            return None
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return json.loads(lines[-1])["p50_ns"] / 1000, cpu
+
+    print(f"load average {os.getloadavg()}", flush=True)
+    try:
+        for round_ in range(rounds):
+            names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+            for name in names:
+                many, some = run(variants[name], connects), run(variants[name], few)
+                if many is None or some is None:
+                    continue
+                p50s[name].append(many[0])
+                cpus[name].append((many[1] - some[1]) / (connects - few) * 1e6)
+                print(f"{round_} {name}: p50 {p50s[name][-1]:.1f} us, "
+                      f"CPU {cpus[name][-1]:.1f} us per connect", flush=True)
+    finally:
+        target.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for name in variants:
+        if p50s[name]:
+            print(f"{name}: median p50 {statistics.median(p50s[name]):.1f} us, median CPU "
+                  f"{statistics.median(cpus[name]):.1f} us per connect over {len(p50s[name])} runs")
     print(f"load average {os.getloadavg()}")
 
 

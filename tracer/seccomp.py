@@ -229,11 +229,12 @@ class FastAnswers:
 
 
 _native_function: Any = None
+_native_library: Any = None
 _fast_answers: FastAnswers | None = None
 
 
 def _load_native() -> Any:
-    global _native_function, _fast_answers
+    global _native_function, _native_library, _fast_answers
     if _native_function is None:
         path = os.path.join(os.path.dirname(__file__), "bin", "libmtrace-notify.so")
         try:
@@ -247,8 +248,18 @@ def _load_native() -> Any:
                              ctypes.c_void_p, ctypes.c_void_p)
         function.restype = ctypes.c_int
         _native_function = function
+        _native_library = library
         _fast_answers = fast
     return _native_function
+
+
+def native_library() -> Any:
+    """bin/libmtrace-notify.so loaded with ctypes (the direct path's checks
+    live there too), or None where it is missing or turned off."""
+    if os.environ.get("MTRACE_NATIVE_LOOP") == "0":
+        return None
+    _load_native()
+    return _native_library
 
 
 def native_loop(fd: int, wanted: set[int]) -> NativeLoop | None:

@@ -600,6 +600,31 @@ def test_direct_socket_lives_in_the_target_and_keeps_the_programs_options(
     assert in_target == direct
 
 
+UNTOUCHED_OPTIONS = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5)
+print(s.recv(100).decode().strip())
+print("keepidle", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+      "keepintvl", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+      "keepcnt", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+"""
+
+
+def test_direct_socket_has_the_targets_defaults_for_options_the_program_left(
+        netns_target: NetnsTarget) -> None:
+    """A target whose keepalive sysctls differ from this machine's (a pod's
+    net.ipv4.tcp_keepalive_time, say): the options the program never set are
+    the target's defaults, as for a program run inside. The direct path took
+    this machine's defaults for options set (differing from the target's)."""
+    for name, value in (("tcp_keepalive_time", 611), ("tcp_keepalive_intvl", 17),
+                        ("tcp_keepalive_probes", 5)):
+        subprocess.run(["nsenter", "-t", str(netns_target.pid), "-n", "sysctl", "-qw",
+                        f"net.ipv4.{name}={value}"], check=True)
+    out = assert_like_inside(netns_target, [*_python(UNTOUCHED_OPTIONS),
+                                            str(netns_target.tcp_port)])
+    assert out.decode().splitlines()[1] == "keepidle 611 keepintvl 17 keepcnt 5"
+
+
 EPOLL_FIRST = r"""
 import select, socket, sys
 s = socket.socket()
@@ -623,6 +648,35 @@ print(s.recv(100).decode().strip())
 def test_socket_registered_with_epoll_before_connect_is_relayed(
         netns_target: NetnsTarget) -> None:
     out = assert_like_inside(netns_target, [*_python(EPOLL_FIRST), str(netns_target.tcp_port)])
+    assert out.strip() == netns_target.tcp_banner.strip()
+
+
+EPOLL_THROUGH_A_CLOSED_DUP = r"""
+import os, select, socket, sys, time
+s = socket.socket()
+s.setblocking(False)
+poller = select.epoll()
+copy = os.dup(s.fileno())
+poller.register(copy, select.EPOLLIN)
+os.close(copy)  # the registration stays: the socket is still open
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+except BlockingIOError:
+    pass
+deadline = time.monotonic() + 5
+while not any(mask & select.EPOLLIN for _, mask in poller.poll(0.1)):
+    assert time.monotonic() < deadline, "no event: the epoll registration lost its socket"
+print(s.recv(100).decode().strip())
+"""
+
+
+def test_socket_registered_with_epoll_through_a_closed_dup_is_relayed(
+        netns_target: NetnsTarget) -> None:
+    """The registration names the socket under the dup's number: it was looked
+    for under the socket's own number only, and the swap left it on the old
+    socket (the program waited for an event that never came)."""
+    out = assert_like_inside(netns_target, [*_python(EPOLL_THROUGH_A_CLOSED_DUP),
+                                            str(netns_target.tcp_port)])
     assert out.strip() == netns_target.tcp_banner.strip()
 
 

@@ -7,7 +7,8 @@ and may enter its network namespace. At a remote TCP ``connect`` the
 supervisor creates a socket of the same family there (``setns`` in the trap
 loop's own thread, and back: ``CLONE_NEWNET`` is per thread), copies what the
 program set on its socket (``O_NONBLOCK``, ``FD_CLOEXEC``, the ``SO_*``,
-``TCP_*`` and ``IPV6_V6ONLY`` options that differ from a fresh socket's),
+``TCP_*`` and ``IPV6_V6ONLY`` options that differ from a fresh socket's in
+the program's namespace: those it left keep the target's defaults),
 connects it to the address the program gave, and installs it in the tracee
 under the program's fd number (``SECCOMP_IOCTL_NOTIF_ADDFD`` with
 ``SECCOMP_ADDFD_FLAG_SETFD``: an atomic ``dup2`` into the tracee) before
@@ -31,6 +32,10 @@ When the relay is kept instead (``Direct.usable`` and ``why_not``):
   sees queries in the relay) and sockets that already sent through the relay
   (an unconnected ``sendto`` first: their source address is the relay's).
   Unconnected UDP (``sendto`` with an address each time) keeps the relay.
+
+The reads made at every connect (:func:`fd_state`, :func:`read_options`)
+are C where bin/libmtrace-notify.so is built (``tracer/helper/direct_check.c``),
+else the Python below: the unit tests hold the two to the same answers.
 """
 
 from __future__ import annotations
@@ -38,15 +43,22 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
+import sys
+from typing import Any, NamedTuple
+
+from .. import seccomp
 
 _CLONE_NEWNET = 0x40000000
 #: How long the trap loop may wait for a blocking caller's connect before
 #: handing the wait to the async side (other threads' calls wait meanwhile).
 INLINE_WAIT_MS = 1
 _O_CLOEXEC_FDINFO = 0o2000000
+# mtrace_direct_fd_state's mask (tracer/helper/direct_check.c).
+_HELD, _CLOEXEC, _NONBLOCK = 1, 2, 4
 
 #: Options copied from the program's socket when they differ from a fresh
 #: socket's. (level, option, size of the value.)
@@ -71,7 +83,8 @@ _OPTIONS: tuple[tuple[int, int, int], ...] = (
     (socket.IPPROTO_TCP, socket.TCP_MAXSEG, 4),
     (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 4),
 )
-#: Buffer sizes: the kernel doubles what is set, so half is set back.
+#: Buffer sizes (and, for IPv6 sockets, IPV6_V6ONLY and for IPv4 ones IP_TOS:
+#: see option_table): the kernel doubles what is set, so half is set back.
 _BUFFERS = (socket.SO_SNDBUF, socket.SO_RCVBUF)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -94,14 +107,13 @@ class TargetNetwork:
         self.same = os.fstat(self.target).st_ino == os.fstat(self.own).st_ino
         self._fresh: dict[tuple[int, int], OptionValues] = {}
 
-    def fresh_options(self, made: socket.socket) -> OptionValues:
-        """The options of a new socket of ``made``'s family and type here, read
-        from ``made`` (new, untouched) the first time, then remembered: a
-        direct connect then reads only the program's side."""
-        key = (made.family, made.type)
-        values = self._fresh.get(key)
+    def fresh_options(self, family: int, kind: int) -> OptionValues:
+        """The options of a new socket of this family and type in the
+        supervisor's namespace, the program's: read the first time, then
+        remembered, so a direct connect reads only the program's socket."""
+        values = self._fresh.get((family, kind))
         if values is None:
-            values = self._fresh[key] = _read_options(made)
+            values = self._fresh[(family, kind)] = fresh_options(family, kind)
         return values
 
     def socket(self, family: int, kind: int, protocol: int) -> socket.socket:
@@ -149,23 +161,53 @@ def _read_small(path: str) -> bytes:
         os.close(fd)
 
 
-def close_on_exec(tid: int, fd: int) -> bool | None:
-    """Whether the tracee's ``fd`` is close-on-exec; None if it is gone."""
+class FdState(NamedTuple):
+    """What the direct path must know of the tracee's socket fd before the swap."""
+
+    #: Another fd of the process names the socket (``dup``), or one of its
+    #: epoll instances holds it, or the fd table could not be read: relay.
+    held_elsewhere: bool
+    close_on_exec: bool
+    nonblocking: bool
+
+
+def fd_state(tid: int, fd: int, inode: int) -> FdState | None:
+    """The tracee's socket ``fd`` (inode ``inode``) as its fdinfo and fd table
+    show it; None if the fd is gone. In C where bin/libmtrace-notify.so is
+    built (``tracer/helper/direct_check.c``: one call instead of a Python
+    round per fd), else :func:`held_elsewhere` and :func:`fdinfo_flags`."""
+    native = _native()
+    if native is not None:
+        mask = native.fd_state(tid, fd, inode)
+        if mask < 0:
+            return None
+        return FdState(bool(mask & _HELD), bool(mask & _CLOEXEC), bool(mask & _NONBLOCK))
+    flags = fdinfo_flags(tid, fd)
+    if flags is None:
+        return None
+    return FdState(held_elsewhere(tid, fd, inode), bool(flags & _O_CLOEXEC_FDINFO),
+                   bool(flags & os.O_NONBLOCK))
+
+
+def fdinfo_flags(tid: int, fd: int) -> int | None:
+    """The open flags of the tracee's ``fd`` as fdinfo shows them (with
+    ``O_CLOEXEC`` for close-on-exec); None if it is gone."""
     try:
         info = _read_small(f"/proc/{tid}/fdinfo/{fd}")
     except OSError:
         return None
     for line in info.splitlines():
         if line.startswith(b"flags:"):
-            return bool(int(line.split()[1], 8) & _O_CLOEXEC_FDINFO)
+            return int(line.split()[1], 8)
     return None
 
 
 def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
     """Whether the tracee's socket ``fd`` (inode ``inode``) is also named by
     another fd of its process (``dup``) or is in one of its epoll instances
-    (``tfd: FD ... ino:INODE`` in their fdinfo): either would keep the old,
-    unconnected socket after the swap."""
+    (``tfd: ... ino:INODE`` in their fdinfo, under any fd number: one made
+    through a ``dup`` since closed keeps the dup's): either would keep the
+    old, unconnected socket after the swap."""
     base = f"/proc/{tid}/fd"
     try:
         entries = os.listdir(base)
@@ -173,8 +215,7 @@ def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
         return True  # cannot tell: the relay is always right
     own = str(fd)
     socket_link = f"socket:[{inode}]"
-    wanted_fd = f"tfd: {fd:8d}".encode()
-    wanted_inode = f"ino:{inode:x}".encode()
+    wanted_inode = f"ino:{inode:x} ".encode()
     for entry in entries:
         try:
             link = os.readlink(f"{base}/{entry}")
@@ -183,64 +224,130 @@ def held_elsewhere(tid: int, fd: int, inode: int) -> bool:
             if link != "anon_inode:[eventpoll]":
                 continue
             for line in _read_small(f"/proc/{tid}/fdinfo/{entry}").splitlines():
-                if line.startswith(wanted_fd) and wanted_inode in line:
+                if line.startswith(b"tfd:") and wanted_inode in line + b" ":
                     return True
         except OSError:
             continue
     return False
 
 
-#: A socket option's value as getsockopt gives it (an int, or the bytes of a
-#: struct such as SO_LINGER's); None where this kernel or socket lacks it.
-OptionValues = dict[tuple[int, int], int | bytes | None]
+#: A socket's options as the direct path compares them: one slot of
+#: ``_SLOT`` bytes per entry of :func:`option_table` (a present byte, then
+#: the value getsockopt gave, zero-padded), so two sockets with the same
+#: options have equal bytes.
+OptionValues = bytes
+_SLOT = 17
+_tables: dict[tuple[int, int], tuple[tuple[int, int, int], ...]] = {}
 
 
-def _read_options(sock: socket.socket) -> OptionValues:
-    """The options :func:`copy_socket_state` compares, as ``sock`` has them."""
-    values: OptionValues = {}
-    wanted = [(level, option, size) for level, option, size in _OPTIONS
-              if level != socket.IPPROTO_TCP or sock.type == socket.SOCK_STREAM]
-    wanted += [(socket.SOL_SOCKET, option, 0) for option in _BUFFERS]
-    if sock.family == socket.AF_INET:
-        wanted.append((socket.IPPROTO_IP, socket.IP_TOS, 4))
-    for level, option, size in wanted:
+def option_table(family: int, kind: int) -> tuple[tuple[int, int, int], ...]:
+    """(level, option, size) of what is compared for a socket of this kind."""
+    table = _tables.get((family, kind))
+    if table is None:
+        wanted = [(level, option, size) for level, option, size in _OPTIONS
+                  if level != socket.IPPROTO_TCP or kind == socket.SOCK_STREAM]
+        wanted += [(socket.SOL_SOCKET, option, 4) for option in _BUFFERS]
+        if family == socket.AF_INET:
+            wanted.append((socket.IPPROTO_IP, socket.IP_TOS, 4))
+        if family == socket.AF_INET6:
+            wanted.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 4))
+        table = _tables[(family, kind)] = tuple(wanted)
+    return table
+
+
+def read_options(sock: socket.socket, table: tuple[tuple[int, int, int], ...]) -> OptionValues:
+    """``sock``'s options of ``table``: in C where the library is built (one
+    call instead of a getsockopt from Python per option)."""
+    native = _native()
+    if native is not None:
+        return native.read_options(sock.fileno(), table)
+    slots = []
+    for level, option, size in table:
         try:
-            values[(level, option)] = (sock.getsockopt(level, option, size) if size
-                                       else sock.getsockopt(level, option))
+            slots.append(b"\1" + sock.getsockopt(level, option, size).ljust(_SLOT - 1, b"\0"))
         except OSError:
-            values[(level, option)] = None
-    return values
+            slots.append(bytes(_SLOT))
+    return b"".join(slots)
+
+
+def fresh_options(family: int, kind: int) -> OptionValues:
+    """The options a new socket of this kind has in this thread's namespace."""
+    with socket.socket(family, kind) as new:
+        return read_options(new, option_table(family, kind))
 
 
 def copy_socket_state(program: socket.socket, made: socket.socket,
-                      fresh: OptionValues | None = None) -> None:
-    """What the program set on its socket, onto the socket made for it.
+                      fresh: OptionValues | None = None,
+                      kind: tuple[int, int] | None = None) -> None:
+    """What the program set on its socket, onto the socket made for it: each
+    option whose value differs from a new socket's where the program made its
+    own. An option the program left keeps the value ``made`` was given in its
+    namespace (the target's defaults: ``net.ipv4.tcp_keepalive_time`` of a pod,
+    say), as for a program run there.
 
-    ``fresh``: the options of a new socket of ``made``'s kind in its namespace
-    (:meth:`TargetNetwork.fresh_options`), so only the program's side is read;
-    without it ``made`` itself is read first."""
+    ``fresh``: the options of a new socket of the program's kind in its
+    namespace (:meth:`TargetNetwork.fresh_options`), read here without it.
+    ``kind``: ``made``'s family and type where the caller knows them (each
+    read of ``socket.family`` or ``.type`` builds an enum member). A program
+    that set nothing costs one comparison."""
+    family, type_ = kind or (made.family, made.type)
+    table = option_table(family, type_)
     if fresh is None:
-        fresh = _read_options(made)
-    for (level, option), default in fresh.items():
-        if default is None:
-            continue  # an option this kernel or this socket does not have
+        fresh = fresh_options(family, type_)
+    values = read_options(program, table)
+    if values == fresh:
+        return
+    for index, (level, option, size) in enumerate(table):
+        start = index * _SLOT
+        slot = values[start:start + _SLOT]
+        if not slot[0] or not fresh[start] or slot == fresh[start:start + _SLOT]:
+            continue  # left as made, or an option this kernel or socket lacks
+        raw = slot[1:1 + size]
         try:
-            value = (program.getsockopt(level, option, len(default))
-                     if isinstance(default, bytes) else program.getsockopt(level, option))
-            if value == default:
+            if size != 4:
+                made.setsockopt(level, option, raw)
                 continue
+            value = int.from_bytes(raw, sys.byteorder, signed=True)
             if option in _BUFFERS and level == socket.SOL_SOCKET:
-                assert isinstance(value, int)
                 value //= 2  # the kernel doubles what is set
             made.setsockopt(level, option, value)
         except OSError:
             continue
-    if program.family == socket.AF_INET6:
-        try:
-            value = program.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 4)
-            made.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, value)
-        except OSError:
-            pass
+
+
+class _Native:
+    """tracer/helper/direct_check.c through ctypes."""
+
+    def __init__(self, library: Any) -> None:
+        self._fd_state = library.mtrace_direct_fd_state
+        self._fd_state.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong)
+        self._fd_state.restype = ctypes.c_int
+        self._read_options = library.mtrace_read_options
+        self._read_options.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint,
+                                       ctypes.c_char_p)
+        self._read_options.restype = None
+        self._packed: dict[tuple[tuple[int, int, int], ...], Any] = {}
+
+    def fd_state(self, tid: int, fd: int, inode: int) -> int:
+        return int(self._fd_state(tid, fd, inode))
+
+    def read_options(self, fd: int, table: tuple[tuple[int, int, int], ...]) -> bytes:
+        packed = self._packed.get(table)
+        if packed is None:
+            flat = [number for entry in table for number in entry]
+            packed = self._packed[table] = (ctypes.c_int * len(flat))(*flat)
+        out = ctypes.create_string_buffer(len(table) * _SLOT)
+        self._read_options(fd, packed, len(table), out)
+        return out.raw
+
+
+@functools.cache
+def _native() -> _Native | None:
+    library = seccomp.native_library()
+    try:
+        return _Native(library) if library is not None else None
+    except AttributeError:  # a library built from older source
+        return None
 
 
 def is_nonblocking(fd: int) -> bool:
@@ -248,9 +355,7 @@ def is_nonblocking(fd: int) -> bool:
 
 
 def set_blocking(sock: socket.socket, blocking: bool) -> None:
-    flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
-    flags = flags & ~os.O_NONBLOCK if blocking else flags | os.O_NONBLOCK
-    fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags)
+    sock.setblocking(blocking)  # one ioctl (FIONBIO), not F_GETFL and F_SETFL
 
 
 def is_bound(sock: socket.socket) -> bool:

@@ -602,8 +602,9 @@ class Outgoing:
         with borrowed(fd) as sock:
             if sock.family != family:
                 return CONTINUE  # the kernel's EAFNOSUPPORT / EINVAL
-            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-            protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+            # What the socket object read from the fd as it was made
+            # (SO_TYPE, SO_PROTOCOL): no second getsockopt of each.
+            kind, protocol = sock.type, sock.proto
             if kind == socket.SOCK_STREAM and tcp and protocol == socket.IPPROTO_TCP:
                 ready = self._stream_connect_preamble(sock, fd, errno.ENETUNREACH)
                 if not isinstance(ready, tuple):
@@ -699,21 +700,22 @@ class Outgoing:
         if direct_path.is_bound(sock):
             log.debug("tcp %s relayed: the socket is bound", endpoint)
             return None
-        if direct_path.held_elsewhere(tid, tracee_fd, inode):
+        state = direct_path.fd_state(tid, tracee_fd, inode)
+        if state is None:
+            return Errno(errno.EBADF)
+        if state.held_elsewhere:
             log.debug("tcp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
             return None
-        cloexec = direct_path.close_on_exec(tid, tracee_fd)
-        if cloexec is None:
-            return Errno(errno.EBADF)
-        made = self.target_network.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        cloexec = state.close_on_exec
+        kind = (sock.family.value, socket.SOCK_STREAM)  # plain ints: no enum per use
+        made = self.target_network.socket(*kind, socket.IPPROTO_TCP)
         try:
-            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
+            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(*kind), kind)
             result = direct_path.connect_raw(made, sockaddr)
-            nonblocking = _nonblocking(sock.fileno())
             if result not in (0, *direct_path.IN_PROGRESS):
                 made.close()
                 return Errno(result)
-            if nonblocking:
+            if state.nonblocking:
                 then: ReturnValue | Errno = ReturnValue(0) if result == 0 else \
                     Errno(errno.EINPROGRESS)
                 log.debug("tcp %s direct (inode %d)", endpoint, inode)
@@ -744,20 +746,22 @@ class Outgoing:
         if direct_path.is_bound(sock):
             log.debug("udp %s relayed: the socket is bound", endpoint)
             return None
-        if direct_path.held_elsewhere(tid, tracee_fd, inode):
+        state = direct_path.fd_state(tid, tracee_fd, inode)
+        if state is None:
+            return Errno(errno.EBADF)
+        if state.held_elsewhere:
             log.debug("udp %s relayed: the socket is in an epoll set or dup'ed", endpoint)
             return None
-        cloexec = direct_path.close_on_exec(tid, tracee_fd)
-        if cloexec is None:
-            return Errno(errno.EBADF)
-        made = self.target_network.socket(sock.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        cloexec = state.close_on_exec
+        kind = (sock.family.value, socket.SOCK_DGRAM)  # plain ints: no enum per use
+        made = self.target_network.socket(*kind, socket.IPPROTO_UDP)
         try:
-            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(made))
+            direct_path.copy_socket_state(sock, made, self.target_network.fresh_options(*kind), kind)
             result = direct_path.connect_raw(made, sockaddr)
             if result:
                 made.close()
                 return Errno(result)  # the target's answer (ENETUNREACH, ...)
-            if not _nonblocking(sock.fileno()):
+            if not state.nonblocking:
                 direct_path.set_blocking(made, True)
             self.direct_udp[os.fstat(made.fileno()).st_ino] = None
             while len(self.direct_udp) > MAX_REMEMBERED:
