@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -32,3 +33,15 @@ def run_mtrace(*args: str, env: dict[str, str] | None = None, input: bytes | Non
                                env=env if env is not None else dict(os.environ),
                                input=input, timeout=timeout, check=False)
     return Result(completed.returncode, completed.stdout, completed.stderr)
+
+
+def stop(process: subprocess.Popen[bytes], signum: int = signal.SIGINT, timeout: float = 30) -> None:
+    """End a process a test started: ``signum`` if it still runs (mtrace
+    cleans up on SIGINT), then SIGKILL if it has not exited after ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

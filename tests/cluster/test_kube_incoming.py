@@ -36,6 +36,7 @@ from kube.common import docker_argv
 from kube.images import build_agent_image
 from kube.workloads import Workload, create_workload, exec_in_pod
 from kubernetes import client
+from mtrace_run import stop
 from test_kube_targets import AGENT_IMAGE, MANAGED, wait_clean
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -134,13 +135,7 @@ def serving(tmp_path: Path, kubeconfig: Path, image: str, programs: Any, namespa
                         f"{b''.join(errors).decode(errors='replace')[-3000:]}")
         yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=60)
         for reader in readers:
             reader.join(10)
         served.stderr = b"".join(errors).decode(errors="replace")

@@ -21,6 +21,7 @@ import pytest
 from kube.images import PROGRAMS, build_agent_image
 from kube.workloads import Workload, create_workload, exec_in_pod
 from kubernetes import client
+from mtrace_run import stop
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -463,6 +464,15 @@ def error_lines(stderr: bytes) -> list[str]:
             if line.startswith("mtrace: error:")]
 
 
+def assert_one_agent_error(result: subprocess.CompletedProcess[bytes], *fragments: str) -> None:
+    """Exit 71 (the agent), one error line holding every fragment, and a hint."""
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 71, stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), stderr
+    assert "mtrace: hint:" in stderr, stderr
+
+
 @pytest.mark.parametrize("ephemeral", [True, False], ids=["ephemeral", "job"])
 def test_agent_start_timeout_names_the_key_and_leaves_nothing(
         ephemeral: bool, kube_api: Any, kubeconfig: Path, web: Workload, agent_image: str,
@@ -475,12 +485,7 @@ def test_agent_start_timeout_names_the_key_and_leaves_nothing(
                           startup_timeout=0.5)
     result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", f"pod/{web.pod}",
                     "--", "true")
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode == 71, stderr
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "agent.startup_timeout" in errors[0], stderr
-    assert "0.5 s" in errors[0], stderr
-    assert "mtrace: hint:" in stderr, stderr
+    assert_one_agent_error(result, "agent.startup_timeout", "0.5 s")
 
 
 def test_agent_that_never_answers_times_out(kube_api: Any, kubeconfig: Path, web: Workload,
@@ -502,12 +507,7 @@ def test_agent_that_never_answers_times_out(kube_api: Any, kubeconfig: Path, web
     config = write_config(tmp_path, kubeconfig, silent, ephemeral=False, startup_timeout=8)
     result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", f"pod/{web.pod}",
                     "--", "true")
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode == 71, stderr
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "did not answer" in errors[0], stderr
-    assert "agent.startup_timeout (8 s)" in errors[0], stderr
-    assert "mtrace: hint:" in stderr, stderr
+    assert_one_agent_error(result, "did not answer", "agent.startup_timeout (8 s)")
 
 
 class _Output:
@@ -602,13 +602,7 @@ def test_agent_evicted_mid_session_is_reported(
         process.stdin.close()
         assert process.wait(timeout=60) == 71, output.seen
     finally:
-        if process.poll() is None:  # a failed assertion: let mtrace delete its Job all the same
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)  # after a failed assertion: mtrace deletes its Job all the same
     stderr = [line.decode() for line in output.seen["stderr"]]
     assert sum(line.startswith("mtrace: error:") for line in stderr) == 1, stderr
 

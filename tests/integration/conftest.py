@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from mtrace_run import stop
 from netns_target import NetnsTarget
 from netns_target import netns_target as make_netns_target
 
@@ -127,13 +128,7 @@ def _listening_agent(
             host, _, port = line.split()[1].rpartition(":")
             yield ListeningAgent(host, int(port), secret, process, log.name)
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop(process, signal.SIGTERM, timeout=10)
 
 
 @pytest.fixture
