@@ -14,7 +14,7 @@ COMPARE = """
 import sys
 import typer.main
 from typer.testing import CliRunner
-from mtrace.cli import main
+from mtrace.cli import app as main
 
 argv = sys.argv[1:]
 runner = CliRunner()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mtrace.cli.app import app
 from mtrace.cli.config import Config, find_default, json_schema, load
 from mtrace.cli.errors import ConfigError
-from mtrace.cli.main import app
 from mtrace.cli.mirrord import BY_KEY, KEYS, markdown_table
 from mtrace.tracer.features.env import merge_environment, read_env_file
 from mtrace.tracer.features.policy import EnvConfig
