@@ -858,7 +858,6 @@ def frame_length(prefix: bytes, max_frame_size: int) -> int:
 _DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
 
 
-
 # Each decoder is built once, at its first use rather than at import: building
 # one resolves every message type it can meet (2-4 ms), and each side of a
 # connection needs only one of them (the client never decodes ToAgent).
