@@ -454,9 +454,20 @@ class ImagePull:
             self.progress(f"pulling the agent image {self.image}...")
         if "Pulled" in mine and self.pulling:
             self.over = True
-            took = _PULL_TOOK.search(mine["Pulled"].get("message") or "")
+            took = pull_duration(mine["Pulled"].get("message") or "")
             if took:
-                self.progress(f"pulled the agent image in {took.group(1)}")
+                self.progress(f"pulled the agent image in {took}")
+
+
+def pull_duration(message: str) -> str | None:
+    """How long a "Pulled" event says the pull took (``Successfully pulled image
+    "x" in 12.325702013s``, newer kubelets add more after it): a Go duration,
+    shown to a tenth of a second when it is in seconds."""
+    took = _PULL_TOOK.search(message)
+    if took is None:
+        return None
+    seconds = re.fullmatch(r"(\d+(?:\.\d+)?)s", took.group(1))
+    return f"{float(seconds.group(1)):.1f} s" if seconds else took.group(1)
 
 
 def check_alive(kube: Kube, placement: Placement, agent: AgentConfig) -> None:

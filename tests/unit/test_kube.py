@@ -143,6 +143,16 @@ def test_agent_capabilities_follow_placement_and_features() -> None:
     assert agent_capabilities("ephemeral", "steal") == ["SYS_PTRACE", "NET_ADMIN"]
 
 
+def test_pull_duration_reads_the_kubelets_pulled_message() -> None:
+    from mtrace.cli.kube.placement import pull_duration
+
+    # 1.20's message (seen on the rig), and a newer kubelet's with more after it.
+    assert pull_duration('Successfully pulled image "127.0.0.1:5000/a:b" in 12.325702013s') == "12.3 s"
+    assert pull_duration('Successfully pulled image "r/a:in-1" in 1m2.5s (1m2.5s including '
+                         'waiting). Image size: 12 bytes.') == "1m2.5s"
+    assert pull_duration('Container image "a:b" already present on machine') is None
+
+
 def test_find_container_process_by_cgroup(tmp_path: Path) -> None:
     cid = "0123456789abcdef" * 4
     for pid, cgroup in ((7, f"4:memory:/kubepods/pod1/{cid}\n"),
