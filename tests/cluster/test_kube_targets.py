@@ -795,6 +795,24 @@ def test_forbidden_names_the_verb_and_resource(kube_api: Any, kubeconfig: Path, 
     assert b"ephemeral containers are unavailable" in result.stderr
 
 
+def test_forbidden_port_forward_names_the_verb(kube_api: Any, kubeconfig: Path, web: Workload,
+                                              agent_image: str, tmp_path: Path, clean: None) -> None:
+    """The docs' minimal Role less get on pods/portforward: the websocket
+    upgrade is refused (403), and mtrace says it as RBAC's refusal (exit 77,
+    the verb and the Role hint), not as an unreachable API."""
+    rules = [dict(rule, verbs=[verb for verb in rule["verbs"] if verb != "get"])
+             if rule["resources"] == ["pods/portforward"] else rule for rule in docs_role_rules()]
+    assert rules != docs_role_rules()
+    user = service_account_kubeconfig(kube_api, kubeconfig, web.namespace, "no-forward", rules,
+                                      tmp_path)
+    config = write_config(tmp_path, user, agent_image, ttl=5)
+    result = mtrace("exec", "-f", str(config), "--target", "deployment/web", "--", "true")
+    stderr = result.stderr.decode()
+    assert result.returncode == 77, stderr
+    assert len(error_lines(result.stderr)) == 1, stderr
+    assert "forbidden: cannot get pods/portforward" in stderr and "docs/kubernetes.md" in stderr, stderr
+
+
 def test_ctrl_c_during_a_session_leaves_nothing(kube_api: Any, kubeconfig: Path, web: Workload,
                                                 agent_image: str, tmp_path: Path) -> None:
     config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False)
