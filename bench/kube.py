@@ -178,7 +178,7 @@ async def _through_agent(config: Any, runs: int, requests: int, bulk: tuple[int,
     for run in range(runs):
         timings: dict[str, float] = {}
         client = await session.connect(config, KubeTarget("deployment", "web", None, namespace),
-                                       verbose=0, progress=lambda message: None, timings=timings)
+                                       verbose=0, progress=None, timings=timings)
         for name, seconds in timings.items():
             phases.setdefault(name, []).append(seconds)
         if run == 0:

@@ -166,7 +166,9 @@ async def _connect_agent(config: Config, target: Target | None, *, verbose: int,
     if target is not None and target.kube is not None and not config.agent.address:
         from .kube.session import connect
 
-        return await connect(config, target.kube, verbose=verbose, progress=progress)
+        # Piped: no steps, and none of the API calls made only to show one (the image's pull).
+        return await connect(config, target.kube, verbose=verbose,
+                             progress=progress if sys.stderr.isatty() else None)
     if config.agent.address:
         host, port = parse_address(config.agent.address)
         secret = config.agent.secret or os.environ.get(SECRET_VARIABLE)

@@ -176,8 +176,6 @@ def describe_request(method: str, path: str) -> tuple[str, str]:
     verb = _VERBS.get(method, method.lower())
     if method == "GET" and len(rest) == 1:
         verb = "watch" if query.get("watch") else "list"
-    if resource.endswith("/portforward") and method == "GET":
-        verb = "create"  # the websocket upgrade is authorised as create
     return verb, f"{resource}.{group}" if group else resource
 
 

@@ -24,6 +24,7 @@ lack them), a steal runs the agent as the Job instead
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -361,11 +362,15 @@ def sweep(kube: Kube, namespace: str) -> int:
 # --- waiting for the agent's container ---
 
 def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline: float,
-                 progress: Callable[[str], None],
+                 progress: Callable[[str], None] | None,
                  cancelled: Callable[[], bool] = lambda: False) -> None:
     """Until the agent's container runs; a clear error if it cannot (or, when
-    ``cancelled()`` says the session was given up, as soon as it is)."""
+    ``cancelled()`` says the session was given up, as soon as it is).
+
+    ``progress`` (None: nothing is shown) hears the container's creation and
+    the image's pull (:class:`ImagePull`)."""
     said: set[str] = set()
+    pull = ImagePull(kube, placement, agent.image, progress) if progress is not None else None
     while True:
         if cancelled():
             raise AgentUnavailable("interrupted while the agent started")
@@ -373,12 +378,17 @@ def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline:
         if status is not None:
             state = status.get("state") or {}
             if "running" in state:
+                if pull is not None:
+                    pull.finish()
                 return
             check_failed(kube, placement, agent, status, pod)
             waiting = state.get("waiting") or {}
-            if waiting.get("reason") == "ContainerCreating" and "pull" not in said:
-                said.add("pull")
-                progress(f"starting the agent container ({agent.image})...")
+            if waiting.get("reason") == "ContainerCreating" and "create" not in said:
+                said.add("create")
+                if progress is not None:
+                    progress(f"starting the agent container ({agent.image})...")
+        if pull is not None:
+            pull.look()
         elif placement.kind == "job":
             _check_job_not_refused(kube, placement, pod)
         if time.monotonic() > deadline:
@@ -389,6 +399,75 @@ def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline:
                 hint=f"is the image {agent.image} pullable from the node? raise "
                      "agent.startup_timeout for a slow pull")
         time.sleep(0.1)
+
+
+#: Seconds between two lists of the agent pod's events while its container waits.
+EVENTS_INTERVAL = 0.5
+_PULL_TOOK = re.compile(r"\bin (\d[^\s(]*)")
+
+
+class ImagePull:
+    """Says when the kubelet pulls the agent's image, and how long that took.
+
+    The kubelet reports a pull only as events of the pod ("Pulling", then
+    "Pulled" whose message says how long it took; a failure shows in the
+    container's status, which :func:`check_failed` reads). Listed at most
+    every :data:`EVENTS_INTERVAL` while the container waits. ``events: list``
+    is optional in the Role (docs/kubernetes.md): where it is forbidden the
+    step is not shown and the events are not asked for again."""
+
+    def __init__(self, kube: Kube, placement: Placement, image: str,
+                 progress: Callable[[str], None]) -> None:
+        self.kube, self.placement, self.image, self.progress = kube, placement, image, progress
+        self.next_look = 0.0
+        self.pulling = False
+        self.over = False  # the pull said to its end, or the events forbidden
+
+    def look(self) -> None:
+        if self.over or not self.placement.pod or time.monotonic() < self.next_look:
+            return
+        self.next_look = time.monotonic() + EVENTS_INTERVAL
+        self._read()
+
+    def finish(self) -> None:
+        """The container runs: one last look for how long a pull said to have started took."""
+        if self.pulling and not self.over:
+            self._read()
+        self.over = True
+
+    def _read(self) -> None:
+        try:
+            events = self.kube.get(f"/api/v1/namespaces/{self.placement.namespace}/events",
+                                   fieldSelector=f"involvedObject.name={self.placement.pod}")
+        except KubeForbidden:
+            self.over = True
+            return
+        except KubeError:
+            return  # a nicety: the pod's own status says whether the start fails
+        # Only this agent's container: an ephemeral agent's pod holds the
+        # events of earlier sessions' agents, of the same image.
+        mine = {event.get("reason"): event for event in events.get("items") or []
+                if (event.get("involvedObject") or {}).get("fieldPath", "").endswith(
+                    f"{{{self.placement.container}}}")}
+        if "Pulling" in mine and not self.pulling:
+            self.pulling = True
+            self.progress(f"pulling the agent image {self.image}...")
+        if "Pulled" in mine and self.pulling:
+            self.over = True
+            took = pull_duration(mine["Pulled"].get("message") or "")
+            if took:
+                self.progress(f"pulled the agent image in {took}")
+
+
+def pull_duration(message: str) -> str | None:
+    """How long a "Pulled" event says the pull took (``Successfully pulled image
+    "x" in 12.325702013s``, newer kubelets add more after it): a Go duration,
+    shown to a tenth of a second when it is in seconds."""
+    took = _PULL_TOOK.search(message)
+    if took is None:
+        return None
+    seconds = re.fullmatch(r"(\d+(?:\.\d+)?)s", took.group(1))
+    return f"{float(seconds.group(1)):.1f} s" if seconds else took.group(1)
 
 
 def check_alive(kube: Kube, placement: Placement, agent: AgentConfig) -> None:

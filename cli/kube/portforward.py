@@ -37,10 +37,15 @@ def open_socket(kube: Kube, namespace: str, pod: str, port: int) -> object:
     try:
         forward = portforward_call(kube.api.configuration, "GET", url, headers=headers)
     except ApiException as error:
-        status = error.status or 0
+        status, body = error.status or 0, error.body
+        refusal = error.__context__
+        if not status and isinstance(getattr(refusal, "status_code", None), int):
+            # The client wraps the API's answer to the websocket upgrade (RBAC's
+            # 403 among them) in a status-0 ApiException: take the status back.
+            status, body = refusal.status_code, getattr(refusal, "resp_body", None)  # type: ignore[union-attr]
         if status >= 400:
             raise api_error("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}/portforward",
-                            status, error.body) from error
+                            status, body) from error
         raise AgentUnavailable(f"cannot open a port-forward to pod/{pod}: {error.reason}",
                                hint="is the API server reachable?") from error
     return forward

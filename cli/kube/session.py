@@ -85,11 +85,18 @@ def incoming_mode(config: Config) -> str:
     return config.feature.network.incoming_config.mode
 
 
+def _quiet(_message: str) -> None:
+    pass
+
+
 async def connect(config: Config, target: KubeTarget, *, verbose: int,
-                  progress: Callable[[str], None],
+                  progress: Callable[[str], None] | None,
                   timings: dict[str, float] | None = None) -> AgentClient:
-    """The agent for ``target``, authenticated; ``timings`` (bench) gets each phase's seconds."""
+    """The agent for ``target``, authenticated; ``progress`` hears each step
+    (None: nothing is shown, and nothing is asked of the API only to show it);
+    ``timings`` (bench) gets each phase's seconds."""
     clock = _Clock(timings)
+    say = progress or _quiet
     settings = KubeSettings(config.kubeconfig, config.kube_context, target.namespace)
     kube = await asyncio.to_thread(Kube, settings)
     clock.lap("kubeconfig")
@@ -99,7 +106,7 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
     deadline = time.monotonic() + config.agent.startup_timeout
     if target.kind == "targetless":
         return await _targetless(config, kube, active, target, deadline, progress)
-    progress(f"resolving {target.describe()}...")
+    say(f"resolving {target.describe()}...")
     session = placements.new_session()
     copy_target = config.feature.copy_target
     wants_copy = copy_target is not False
@@ -122,7 +129,7 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
                 active.copy = made
             return made
 
-        progress(f"starting a copy of {target.describe()}...")
+        say(f"starting a copy of {target.describe()}...")
         made = await asyncio.to_thread(make)
         await asyncio.to_thread(copies.wait_ready, kube, made, deadline, active.cancelled)
         resolved = await asyncio.to_thread(
@@ -158,13 +165,13 @@ async def connect(config: Config, target: KubeTarget, *, verbose: int,
         return placed
 
     target_pod = resolved
-    progress(f"starting the agent for {resolved.describe()}...")
+    say(f"starting the agent for {resolved.describe()}...")
     placed = await asyncio.to_thread(place)
     clock.lap("place agent (API)")
     await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress,
                             active.cancelled)
     clock.lap("agent container start")
-    progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
+    say(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
     client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
         alive=lambda: placements.check_alive(kube, placed, agent),
@@ -187,8 +194,9 @@ class _Clock:
 
 
 async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTarget,
-                      deadline: float, progress: Callable[[str], None]) -> AgentClient:
+                      deadline: float, progress: Callable[[str], None] | None) -> AgentClient:
     """An agent pod with no target: the cluster's network and DNS, the agent's own files."""
+    say = progress or _quiet
     agent = config.agent
     namespace = agent.namespace or target.namespace or kube.namespace
     session = placements.new_session()
@@ -204,11 +212,11 @@ async def _targetless(config: Config, kube: Kube, active: Active, target: KubeTa
             active.placement = placed
         return placed
 
-    progress(f"starting a targetless agent in namespace {namespace}...")
+    say(f"starting a targetless agent in namespace {namespace}...")
     placed = await asyncio.to_thread(place)
     await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, progress,
                             active.cancelled)
-    progress(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
+    say(f"connecting to the agent in pod/{placed.pod} (port-forward)...")
     client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
         alive=lambda: placements.check_alive(kube, placed, agent),
@@ -281,8 +289,8 @@ async def _start_replica(config: Config, kube: Kube, pod: ResolvedTarget,
         return active.placement
 
     placed = await asyncio.to_thread(place)
-    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline,
-                            lambda _message: None, active.cancelled)
+    await asyncio.to_thread(placements.wait_started, kube, placed, agent, deadline, None,
+                            active.cancelled)
     client = await port_forward(
         kube, placed.namespace, placed.pod, port, secret, deadline=deadline,
         alive=lambda: placements.check_alive(kube, placed, agent),

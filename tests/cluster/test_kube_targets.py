@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from kube.images import PROGRAMS, build_agent_image
+from kube.registry import OneImageRegistry, remove_image
 from kube.workloads import Workload, create_workload, exec_in_pod
 from kubernetes import client
 from mtrace_run import stop
@@ -607,22 +608,11 @@ def test_agent_evicted_mid_session_is_reported(
     assert sum(line.startswith("mtrace: error:") for line in stderr) == 1, stderr
 
 
-PROGRESS = ("resolving deployment/web...", "starting the agent for pod/",
-            "starting the agent container (", "connecting to the agent in pod/", "agent ready (")
-
-
-def test_progress_on_a_terminal_quiet_when_piped(kube_api: Any, kubeconfig: Path, web: Workload,
-                                                 agent_image: str, programs: Any, tmp_path: Path,
-                                                 clean: None) -> None:
-    """Start-up progress (resolving, starting the agent, its container, the
-    port-forward, ready), in that order, when stderr is a terminal; none of
-    it when stderr is a pipe."""
+def on_a_terminal(argv: list[str]) -> tuple[bytes, str]:
+    """``mtrace ARGV`` with stderr on a pty: its stdout, and what the terminal showed."""
     import pty
     import select
 
-    config = write_config(tmp_path, kubeconfig, agent_image)
-    argv = ["exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
-            "--", str(programs["probe-go"]), "env", "TARGET_ONLY"]
     leader, follower = pty.openpty()
     try:
         process = subprocess.Popen([sys.executable, "-m", "mtrace.cli", *argv],
@@ -643,7 +633,23 @@ def test_progress_on_a_terminal_quiet_when_piped(kube_api: Any, kubeconfig: Path
         out, _ = process.communicate(timeout=30)
     finally:
         os.close(leader)
-    text = terminal.decode(errors="replace")
+    return out, terminal.decode(errors="replace")
+
+
+PROGRESS = ("resolving deployment/web...", "starting the agent for pod/",
+            "starting the agent container (", "connecting to the agent in pod/", "agent ready (")
+
+
+def test_progress_on_a_terminal_quiet_when_piped(kube_api: Any, kubeconfig: Path, web: Workload,
+                                                 agent_image: str, programs: Any, tmp_path: Path,
+                                                 clean: None) -> None:
+    """Start-up progress (resolving, starting the agent, its container, the
+    port-forward, ready), in that order, when stderr is a terminal; none of
+    it when stderr is a pipe."""
+    config = write_config(tmp_path, kubeconfig, agent_image)
+    argv = ["exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+            "--", str(programs["probe-go"]), "env", "TARGET_ONLY"]
+    out, text = on_a_terminal(argv)
     assert out == b"TARGET_ONLY=from-the-pod\n", text
     positions = [text.find(step) for step in PROGRESS]
     assert -1 not in positions and positions == sorted(positions), text
@@ -655,51 +661,156 @@ def test_progress_on_a_terminal_quiet_when_piped(kube_api: Any, kubeconfig: Path
     assert not any(step.encode() in piped.stderr for step in PROGRESS), piped.stderr.decode()
 
 
-def test_forbidden_names_the_verb_and_resource(kube_api: Any, kubeconfig: Path, web: Workload,
-                                               agent_image: str, tmp_path: Path) -> None:
-    """A ServiceAccount bound to a Role that can read pods but not add ephemeral
-    containers nor create Jobs: the error names what is missing."""
+def docs_role_rules() -> list[dict[str, Any]]:
+    """The rules of the minimal Role docs/kubernetes.md gives (section Permissions)."""
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "kubernetes.md").read_text()
+    block = text.split("\n## Permissions\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    rules: list[dict[str, Any]] = yaml.safe_load(block)["rules"]
+    return rules
+
+
+@pytest.fixture
+def pulled_target(kube_api: Any, namespace: str, agent_image: str, request: pytest.FixtureRequest,
+                  tmp_path: Path) -> Iterator[tuple[OneImageRegistry, Workload]]:
+    """A registry on the host's loopback serving the agent image under a tag of
+    its own, and a pod of its own to target (its ephemeral agents hold the
+    image: the pod goes, then the image, so the node does not keep it)."""
+    import secrets
+
+    unique = secrets.token_hex(4)
+    blobs = tmp_path / "registry"
+    blobs.mkdir()
+    name = f"pulled-{unique}"
+    with OneImageRegistry(agent_image, "mtrace-agent-pulltest", f"{request.node.callspec.id}-{unique}",
+                          blobs, unique) as registry:
+        target = create_workload(kube_api, namespace, name, env={"TARGET_ONLY": "from-the-pod"})
+        try:
+            yield registry, target
+        finally:
+            client.AppsV1Api(kube_api).delete_namespaced_deployment(
+                name, namespace, propagation_policy="Foreground", grace_period_seconds=0)
+            core = client.CoreV1Api(kube_api)
+            deadline = time.monotonic() + 60
+            while (core.list_namespaced_pod(namespace, label_selector=f"app={name}").items
+                   and time.monotonic() < deadline):
+                time.sleep(0.5)
+            remove_image(registry.image)
+
+
+@pytest.mark.parametrize("case", ["docs-role", "no-events-list", "job"])
+def test_image_pull_is_a_progress_step(case: str, kube_api: Any, kubeconfig: Path,
+                                       namespace: str, pulled_target: Any, programs: Any,
+                                       tmp_path: Path) -> None:
+    """The node pulls the agent image for real (``image_pull_policy = "Always"``,
+    from a registry on the host's loopback). As a ServiceAccount with the
+    docs' minimal Role (``docs-role``), on a terminal, "pulling the agent
+    image IMAGE..." comes between starting the agent and the port-forward;
+    the same Role without ``events: [list]``: the same run, no pull line, no
+    error; the Job placement (admin) says the pull too."""
+    registry, target = pulled_target
+    agent: dict[str, Any] = {"image_pull_policy": "Always"}
+    if case == "job":
+        user, agent["ephemeral"] = kubeconfig, False
+    else:
+        rules = docs_role_rules()
+        if case == "no-events-list":
+            without = [rule for rule in rules if "events" not in rule["resources"]]
+            assert len(without) == len(rules) - 1, rules
+            rules = without
+        user = service_account_kubeconfig(kube_api, kubeconfig, namespace, f"pull-{case}", rules,
+                                          tmp_path)
+    config = write_config(tmp_path, user, registry.image, **agent)
+    out, text = on_a_terminal(["exec", "-f", str(config), "-n", namespace,
+                               "--target", f"deployment/{target.name}",
+                               "--", str(programs["probe-go"]), "env", "TARGET_ONLY"])
+    assert out == b"TARGET_ONLY=from-the-pod\n", text
+    assert registry.pulls, text  # the node did fetch blobs from the registry
+    steps = ("starting the agent for pod/", "connecting to the agent in pod/", "agent ready (")
+    positions = [text.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), text
+    assert "error" not in text.lower() and "forbidden" not in text.lower(), text
+    pulling = text.find(f"pulling the agent image {registry.image}...")
+    if case == "no-events-list":
+        assert "pulling the agent image" not in text and "pulled the agent" not in text, text
+    else:
+        assert positions[0] < pulling < positions[1], text
+        assert text.count("pulling the agent image") == 1, text
+        pulled = text.find("pulled the agent image in ")
+        assert pulled == -1 or pulling < pulled < positions[1], text
+
+
+def service_account_kubeconfig(kube_api: Any, kubeconfig: Path, namespace: str, name: str,
+                               rules: list[dict[str, Any]], directory: Path) -> Path:
+    """A kubeconfig (in ``directory``) of a new ServiceAccount ``name`` whose
+    only rights are a Role of ``rules`` in ``namespace``."""
     import base64
 
+    import yaml
+
     core, rbac = client.CoreV1Api(kube_api), client.RbacAuthorizationV1Api(kube_api)
-    ns = web.namespace
     core.create_namespaced_service_account(
-        ns, client.V1ServiceAccount.from_dict({"metadata": {"name": "reader"}}))
-    rbac.create_namespaced_role(ns, client.V1Role.from_dict({
-        "metadata": {"name": "reader"},
-        "rules": [{"apiGroups": ["", "apps"], "resources": ["pods", "deployments"],
-                   "verbs": ["get", "list"]}]}))
-    rbac.create_namespaced_role_binding(ns, client.V1RoleBinding.from_dict({
-        "metadata": {"name": "reader"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}]}))
-    core.create_namespaced_secret(ns, client.V1Secret.from_dict({
-        "metadata": {"name": "reader-token",
-                     "annotations": {"kubernetes.io/service-account.name": "reader"}},
+        namespace, client.V1ServiceAccount.from_dict({"metadata": {"name": name}}))
+    rbac.create_namespaced_role(namespace, client.V1Role.from_dict({
+        "metadata": {"name": name}, "rules": rules}))
+    rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding.from_dict({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}))
+    core.create_namespaced_secret(namespace, client.V1Secret.from_dict({
+        "metadata": {"name": f"{name}-token",
+                     "annotations": {"kubernetes.io/service-account.name": name}},
         "type": "kubernetes.io/service-account-token"}))
     token = ""
     deadline = time.monotonic() + 30
     while not token:
-        data = core.read_namespaced_secret("reader-token", ns).data or {}
+        data = core.read_namespaced_secret(f"{name}-token", namespace).data or {}
         token = base64.b64decode(data.get("token", "")).decode()
         assert token or time.monotonic() < deadline
         time.sleep(0.3)
-    import yaml
-
-    original = yaml.safe_load(kubeconfig.read_text())
-    cluster = original["clusters"][0]
+    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]
     restricted = {"apiVersion": "v1", "kind": "Config", "clusters": [cluster],
-                  "users": [{"name": "reader", "user": {"token": token}}],
-                  "contexts": [{"name": "reader", "context": {
-                      "cluster": cluster["name"], "user": "reader", "namespace": ns}}],
-                  "current-context": "reader"}
-    path = tmp_path / "reader.kubeconfig"
+                  "users": [{"name": name, "user": {"token": token}}],
+                  "contexts": [{"name": name, "context": {
+                      "cluster": cluster["name"], "user": name, "namespace": namespace}}],
+                  "current-context": name}
+    path = directory / f"{name}.kubeconfig"
     path.write_text(yaml.safe_dump(restricted))
+    return path
+
+
+def test_forbidden_names_the_verb_and_resource(kube_api: Any, kubeconfig: Path, web: Workload,
+                                               agent_image: str, tmp_path: Path) -> None:
+    """A ServiceAccount bound to a Role that can read pods but not add ephemeral
+    containers nor create Jobs: the error names what is missing."""
+    path = service_account_kubeconfig(
+        kube_api, kubeconfig, web.namespace, "reader",
+        [{"apiGroups": ["", "apps"], "resources": ["pods", "deployments"], "verbs": ["get", "list"]}],
+        tmp_path)
     config = write_config(tmp_path, path, agent_image)
     result = mtrace("exec", "-f", str(config), "--target", "deployment/web", "--", "true")
     assert result.returncode == 77, result.stderr.decode()
     assert b"cannot create jobs.batch" in result.stderr, result.stderr.decode()
     assert b"ephemeral containers are unavailable" in result.stderr
+
+
+def test_forbidden_port_forward_names_the_verb(kube_api: Any, kubeconfig: Path, web: Workload,
+                                              agent_image: str, tmp_path: Path, clean: None) -> None:
+    """The docs' minimal Role less get on pods/portforward: the websocket
+    upgrade is refused (403), and mtrace says it as RBAC's refusal (exit 77,
+    the verb and the Role hint), not as an unreachable API."""
+    rules = [dict(rule, verbs=[verb for verb in rule["verbs"] if verb != "get"])
+             if rule["resources"] == ["pods/portforward"] else rule for rule in docs_role_rules()]
+    assert rules != docs_role_rules()
+    user = service_account_kubeconfig(kube_api, kubeconfig, web.namespace, "no-forward", rules,
+                                      tmp_path)
+    config = write_config(tmp_path, user, agent_image, ttl=5)
+    result = mtrace("exec", "-f", str(config), "--target", "deployment/web", "--", "true")
+    stderr = result.stderr.decode()
+    assert result.returncode == 77, stderr
+    assert len(error_lines(result.stderr)) == 1, stderr
+    assert "forbidden: cannot get pods/portforward" in stderr and "docs/kubernetes.md" in stderr, stderr
 
 
 def test_ctrl_c_during_a_session_leaves_nothing(kube_api: Any, kubeconfig: Path, web: Workload,

@@ -105,7 +105,8 @@ def test_is_ready_needs_running_ready_and_not_deleting() -> None:
     ("GET", "/api/v1/namespaces/n/pods/p", "get", "pods"),
     ("PATCH", "/api/v1/namespaces/n/pods/p/ephemeralcontainers", "patch", "pods/ephemeralcontainers"),
     ("POST", "/apis/batch/v1/namespaces/n/jobs", "create", "jobs.batch"),
-    ("GET", "/api/v1/namespaces/n/pods/p/portforward?ports=1", "create", "pods/portforward"),
+    # mtrace's port-forward is a websocket, a GET: 1.20 checks get (seen on the rig)
+    ("GET", "/api/v1/namespaces/n/pods/p/portforward?ports=1", "get", "pods/portforward"),
     ("GET", "/apis/apps/v1/namespaces/n/deployments?labelSelector=a", "list", "deployments.apps"),
 ])
 def test_describe_request_names_the_rbac_verb_and_resource(method: str, path: str, verb: str,
@@ -141,6 +142,16 @@ def test_agent_capabilities_follow_placement_and_features() -> None:
     assert agent_capabilities("job") == ["SYS_ADMIN", "SYS_PTRACE"]
     assert agent_capabilities("job", targeted=False) == []
     assert agent_capabilities("ephemeral", "steal") == ["SYS_PTRACE", "NET_ADMIN"]
+
+
+def test_pull_duration_reads_the_kubelets_pulled_message() -> None:
+    from mtrace.cli.kube.placement import pull_duration
+
+    # 1.20's message (seen on the rig), and a newer kubelet's with more after it.
+    assert pull_duration('Successfully pulled image "127.0.0.1:5000/a:b" in 12.325702013s') == "12.3 s"
+    assert pull_duration('Successfully pulled image "r/a:in-1" in 1m2.5s (1m2.5s including '
+                         'waiting). Image size: 12 bytes.') == "1m2.5s"
+    assert pull_duration('Container image "a:b" already present on machine') is None
 
 
 def test_find_container_process_by_cgroup(tmp_path: Path) -> None:
