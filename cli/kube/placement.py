@@ -387,10 +387,10 @@ def wait_started(kube: Kube, placement: Placement, agent: AgentConfig, deadline:
                 said.add("create")
                 if progress is not None:
                     progress(f"starting the agent container ({agent.image})...")
-        if pull is not None:
-            pull.look()
         elif placement.kind == "job":
             _check_job_not_refused(kube, placement, pod)
+        if pull is not None:
+            pull.look()
         if time.monotonic() > deadline:
             where = f"pod/{placement.pod}" if placement.pod else f"job/{placement.job}"
             raise AgentUnavailable(

@@ -875,11 +875,16 @@ def test_admission_refusing_the_agent_names_the_policy(kube_api: Any, kubeconfig
     try:
         config = write_config(tmp_path, kubeconfig, agent_image, ephemeral=False,
                               resources={"limits": {"cpu": "1"}, "requests": {"cpu": "1"}})
-        result = mtrace("exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
-                        "--", "true")
+        argv = ["exec", "-f", str(config), "-n", web.namespace, "--target", "deployment/web",
+                "--", "true"]
+        result = mtrace(*argv)
         assert result.returncode == 77, result.stderr.decode()
         assert b"admission refused the agent's pod" in result.stderr
         assert b"cpu" in result.stderr and b"ephemeral" in result.stderr
+        # The same on a terminal, where progress (the image pull's) is shown too.
+        _, text = on_a_terminal(argv)
+        assert "admission refused the agent's pod" in text, text
+        assert "agent.startup_timeout" not in text, text
     finally:
         core.delete_namespaced_limit_range("small", web.namespace)
 
