@@ -1,9 +1,9 @@
 """What the commands do with their flags, without typer.
 
 `mtrace exec` runs from here without importing typer at all (cli/main.py
-parses its argv with cli/exec_args.py): typer and its click cost a run about
-40-60 ms of start-up. The typer app (cli/app.py) declares the same commands,
-for help, errors, completion and every other command.
+parses its argv with cli/exec_args.py): typer and its click cost a run
+15-45 ms of start-up (README, Start-up). The typer app (cli/app.py) declares
+the commands, for help, errors, completion and every other command.
 """
 
 from __future__ import annotations
