@@ -13,6 +13,7 @@ import typer
 from ..agent.errors import MtraceError
 from .commands import apply_kube_flags, base_config, configure_logging, fail, revalidate, run_exec
 from .errors import ConfigError
+from .exec_args import completing
 
 app = typer.Typer(
     name="mtrace",
@@ -376,7 +377,7 @@ def _build_only_the_invoked_command(argv: list[str]) -> None:
     before a command's name, so click does the same with what follows. Anything
     else (the group's options, help, a mistyped name, shell completion) keeps
     them all, for the listings and the suggestions."""
-    if not argv or any(name.startswith("_") and name.endswith("_COMPLETE") for name in os.environ):
+    if not argv or completing(os.environ):
         return
     commands = [info for info in app.registered_commands if info.name == argv[0]]
     groups = [info for info in app.registered_groups if info.name == argv[0]]

@@ -56,7 +56,7 @@ EXEC_DEFAULTS: dict[str, Any] = {
 def parse_exec(argv: list[str], environ: Mapping[str, str]) -> dict[str, Any] | None:
     """The keyword arguments of commands.run_exec for ``mtrace ARGV``, or None
     when ARGV is not a plain `exec` (typer handles it)."""
-    if argv[:1] != ["exec"] or _completing(environ):
+    if argv[:1] != ["exec"] or completing(environ):
         return None
     options = dict(EXEC_DEFAULTS)
     rest = argv[1:]
@@ -123,6 +123,6 @@ def _apply(options: dict[str, Any], action: tuple[str, Any], value: str) -> None
         options[key] = kind
 
 
-def _completing(environ: Mapping[str, str]) -> bool:
+def completing(environ: Mapping[str, str]) -> bool:
     """Shell completion (typer's _MTRACE_COMPLETE) is typer's to answer."""
     return any(name.startswith("_") and name.endswith("_COMPLETE") for name in environ)

@@ -14,15 +14,15 @@ COMPARE = """
 import sys
 import typer.main
 from typer.testing import CliRunner
-from mtrace.cli import app as main
+from mtrace.cli import app
 
 argv = sys.argv[1:]
 runner = CliRunner()
-every = runner.invoke(main.app, argv, prog_name="mtrace",
+every = runner.invoke(app.app, argv, prog_name="mtrace",
                       terminal_width=100)
-main._build_only_the_invoked_command(argv)
-built = typer.main.get_command(main.app)
-alone = runner.invoke(main.app, argv, prog_name="mtrace", terminal_width=100)
+app._build_only_the_invoked_command(argv)
+built = typer.main.get_command(app.app)
+alone = runner.invoke(app.app, argv, prog_name="mtrace", terminal_width=100)
 print(sorted(built.commands))
 assert (alone.exit_code, alone.output) == (every.exit_code, every.output), (every.output,
                                                                             alone.output)
