@@ -23,14 +23,9 @@ from pathlib import Path
 import msgspec
 
 from .errors import KernelFeatureMissing, TracerError
-from .seccomp import take_tracee_fd
+from .seccomp import BIN, take_tracee_fd
 
 _MESSAGE = struct.Struct("=iiqii")
-
-#: The helper and the notify library, compiled by ``pip install`` next to the
-#: package's modules (a directory, never a zip: they are executed and loaded).
-#: Not ``importlib.resources``: importing it cost every run 5-15 ms.
-BIN = Path(__file__).parent / "bin"
 
 
 class Kind(enum.IntEnum):
