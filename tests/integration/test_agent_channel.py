@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import queue
 import select
 import socket
 import subprocess
@@ -779,6 +780,27 @@ def _spend_credit(connection: RawConnection, credit: dict[int, int], byte: bytes
     return sent
 
 
+def _read_in_background(connection: RawConnection) -> queue.Queue[Any]:
+    """``connection``'s frames, read by a thread as they come (until it closes)
+    while the test sends: an agent writing to a client that does not read stops
+    reading that client too, so a client that sends much and reads one frame
+    at a time between its sends can block both sides (a CI run's sendall timed
+    out so). None after the last frame."""
+    frames: queue.Queue[Any] = queue.Queue()
+
+    def read() -> None:
+        frame: Any = True
+        while frame is not None:
+            try:
+                frame = connection.receive()
+            except OSError:  # closed at the end of the test
+                frame = None
+            frames.put(frame)
+
+    threading.Thread(target=read, daemon=True).start()
+    return frames
+
+
 def _free_port_in(target: Any) -> int:
     result = target.run_inside(sys.executable, "-c", "import socket; s = socket.socket(); "
                                "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
@@ -822,6 +844,7 @@ def test_stolen_connections_whose_program_never_reads_cannot_grow_the_agent(
         try:
             credit: dict[int, int] = {}
             received = sent = 0
+            frames = _read_in_background(connection)
             deadline = time.monotonic() + 30
             quiet_until = None
             while time.monotonic() < deadline and (quiet_until is None or time.monotonic() < quiet_until):
@@ -829,9 +852,10 @@ def test_stolen_connections_whose_program_never_reads_cannot_grow_the_agent(
                 assert peak - baseline < AGENT_MEMORY_BOUND, \
                     f"the agent grew by {(peak - baseline) >> 20} MiB"
                 sent += _spend_credit(connection, credit, b"a")  # the program answers
-                if not select.select([connection.sock], [], [], 0.2)[0]:
+                try:
+                    frame = frames.get(timeout=0.2)
+                except queue.Empty:
                     continue
-                frame = connection.receive()
                 if isinstance(frame, p.IncomingConnection):
                     credit[frame.stream] = _take_stream(connection, frame, 64 * 1024)
                     if len(credit) == streams:  # all arrived: watch a few seconds more
