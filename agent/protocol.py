@@ -871,6 +871,12 @@ def _from_agent_decoder() -> msgspec.msgpack.Decoder[FromAgent]:
     return msgspec.msgpack.Decoder(FromAgent)
 
 
+def build_decoders() -> None:
+    """Build both decoders now: the resident mtrace does, once for every run it forks."""
+    _to_agent_decoder()
+    _from_agent_decoder()
+
+
 def decode_to_agent(body: bytes | memoryview) -> ToAgent:
     try:
         return _to_agent_decoder().decode(body)

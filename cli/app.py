@@ -362,6 +362,65 @@ def agent_command(ctx: typer.Context) -> None:
     raise SystemExit(agent_main(list(ctx.args)))
 
 
+resident_app = typer.Typer(
+    help="A resident mtrace that holds its imports, so `mtrace exec` starts sooner.",
+    no_args_is_help=True)
+app.add_typer(resident_app, name="resident")
+
+
+@resident_app.command("start")
+def resident_start_command(
+    idle: Annotated[float, typer.Option(
+        "--idle", help="Exit after this many seconds without a run (0: never).")] = 3600.0,
+    foreground: Annotated[bool, typer.Option(
+        "--foreground", help="Run in this terminal until stopped, its log on stderr.")] = False,
+) -> None:
+    """Start the resident mtrace for this user (`mtrace exec` then hands it its runs)."""
+    from .resident import socket_path
+    from .resident_server import Resident, ResidentError, start
+
+    path = socket_path()
+    try:
+        if foreground:
+            raise SystemExit(Resident(path, idle).serve())
+        _, line = start(path, idle)
+    except ResidentError as error:
+        sys.stderr.write(f"mtrace: error: cannot start the resident mtrace: {error}\n"
+                         "mtrace: hint: `mtrace exec` works without it; see README, Start-up\n")
+        raise SystemExit(72) from None
+    sys.stdout.write(line + "\n")
+
+
+@resident_app.command("stop")
+def resident_stop_command() -> None:
+    """Stop the resident mtrace (runs it already started go on)."""
+    from .resident import socket_path
+    from .resident_server import stop
+
+    pid = stop(socket_path())
+    sys.stdout.write(f"stopped the resident mtrace (pid {pid})\n" if pid is not None
+                     else "no resident mtrace runs\n")
+
+
+@resident_app.command("status")
+def resident_status_command() -> None:
+    """Whether a resident mtrace runs (exit 0) or not (exit 1)."""
+    import time
+
+    from .resident import socket_path
+    from .resident_server import ask
+
+    path = socket_path()
+    answer = ask(path, {"op": "status"})
+    if answer is None:
+        sys.stdout.write(f"no resident mtrace runs (socket {path})\n")
+        raise SystemExit(1)
+    idle = f"exits after {answer['idle']:.0f} s idle" if answer["idle"] else "never exits idle"
+    sys.stdout.write(
+        f"resident mtrace pid {answer['pid']}, up {time.time() - answer['since']:.0f} s, "
+        f"{answer['runs']} runs ({answer['running']} running), {idle}; socket {path}\n")
+
+
 @app.callback()
 def _group() -> None:
     # No options of its own: it keeps mtrace a group of commands when main()

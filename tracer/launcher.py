@@ -17,8 +17,9 @@ import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -26,6 +27,14 @@ from .errors import KernelFeatureMissing, TracerError
 from .seccomp import BIN, take_tracee_fd
 
 _MESSAGE = struct.Struct("=iiqii")
+
+#: Who starts the helper in notify mode, where not this process: the resident
+#: mtrace's session has the `mtrace exec` command start it, so that the program
+#: is the terminal's (cli/resident_server.py). Called as
+#: ``SPAWNER(command, helper_end, control=, env=, cwd=, umask=)`` (``control``:
+#: the supervisor's end); returns what Launch keeps as its watchdog (``pid``,
+#: ``poll``, ``wait``, ``kill``), raises OSError.
+SPAWNER: Callable[..., Any] | None = None
 
 
 class Kind(enum.IntEnum):
@@ -119,10 +128,14 @@ class Launch:
             "--", *argv,
         ]
         try:
-            self.watchdog = subprocess.Popen(
-                command, pass_fds=[helper_end.fileno()], env=env, cwd=cwd, umask=umask,
-                close_fds=True,
-            )
+            if SPAWNER is not None and mode == "notify":
+                self.watchdog = SPAWNER(command, helper_end, control=supervisor_end,
+                                        env=env, cwd=cwd, umask=umask)
+            else:
+                self.watchdog = subprocess.Popen(
+                    command, pass_fds=[helper_end.fileno()], env=env, cwd=cwd, umask=umask,
+                    close_fds=True,
+                )
         except OSError as exc:
             supervisor_end.close()
             raise TracerError(f"cannot start the exec helper: {exc.strerror}") from exc
