@@ -146,6 +146,20 @@ def check_memory_access() -> Check:
     return Check("/proc/PID/mem", True, "readable")
 
 
+def check_resident() -> Check:
+    """Whether a resident mtrace serves this user's runs (`mtrace resident start`)."""
+    from .resident import socket_path
+    from .resident_server import ask
+
+    path = socket_path()
+    answer = ask(path, {"op": "status"}, timeout=2)
+    if answer is None:
+        return Check("resident mtrace", False, f"not running ({path})",
+                     "each `mtrace exec` pays for its imports; `mtrace resident start`",
+                     required=False)
+    return Check("resident mtrace", True, f"pid {answer['pid']}, {answer['runs']} runs ({path})")
+
+
 def run_checks(out: TextIO) -> int:
     machine = platform.machine()
     out.write(f"mtrace doctor: Linux {platform.release()} on {machine}\n")
@@ -157,7 +171,8 @@ def run_checks(out: TextIO) -> int:
     else:
         checks.append(Check("seccomp user notification", False, "user_notif not in actions_avail",
                             "the notify backend is unusable; mtrace falls back to ptrace"))
-    checks += [check_pidfd_getfd(), check_memory_access(), check_ptrace(), check_namespaces()]
+    checks += [check_pidfd_getfd(), check_memory_access(), check_ptrace(), check_namespaces(),
+               check_resident()]
     failed_required = False
     for check in checks:
         mark = "ok " if check.ok else ("!! " if check.required else "-- ")

@@ -125,6 +125,20 @@ def prepare_directory(path: str) -> None:
                             f"{stat.filemode(info.st_mode)}, uid {info.st_uid})")
 
 
+def _check_ptrace_scope() -> None:
+    """A session takes the seccomp listener from a program that is not its
+    descendant (the command's child): Yama's ptrace_scope 1 and up allow that
+    only to root (CAP_SYS_PTRACE)."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as file:
+            scope = int(file.read().strip() or 0)
+    except (OSError, ValueError):
+        return  # no Yama: ptrace permission is the uid's
+    if scope and os.geteuid() != 0:
+        raise ResidentError(f"kernel.yama.ptrace_scope is {scope}: a resident of a user other than "
+                            "root cannot take the listener of a program it did not start")
+
+
 def ask(path: str, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any] | None:
     """One question to a running resident (status, stop); None when none answers."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,6 +168,7 @@ class Resident:
 
     def serve(self) -> int:
         prepare_directory(self.path)
+        _check_ptrace_scope()
         if ask(self.path, {"op": "status"}, timeout=2) is not None:
             raise ResidentError(f"a resident mtrace already answers on {self.path}")
         preload()
@@ -228,12 +243,17 @@ class Resident:
                 send(conn, {"stopping": os.getpid()})
                 return False
             elif op == "exec":
-                why = self._stale(message, fds)
-                if why:
+                if {key: message.get(key) for key in identity()} != identity() or len(fds) != 3:
+                    # Another install's command (another venv, a checkout): it runs the
+                    # run itself; this resident stays for its own.
+                    send(conn, {"stale": "the command is another install of mtrace"})
+                elif install_stamp() != self.stamp:
+                    why = "mtrace's files changed since the resident started"
                     send(conn, {"stale": why})
                     sys.stderr.write(f"mtrace resident: {why}, exiting\n")
                     return False
-                self._fork_session(conn, message, fds)
+                else:
+                    self._fork_session(conn, message, fds)
             return True
         except (OSError, EOFError, ProtocolError) as error:
             sys.stderr.write(f"mtrace resident: a connection failed: {error}\n")
@@ -242,15 +262,6 @@ class Resident:
             for fd in fds:
                 os.close(fd)
             conn.close()
-
-    def _stale(self, message: dict[str, Any], fds: list[int]) -> str | None:
-        if {key: message.get(key) for key in identity()} != identity():
-            return "the command is another install of mtrace"
-        if len(fds) != 3:
-            return "the command's stdin, stdout and stderr did not arrive"
-        if install_stamp() != self.stamp:
-            return "mtrace's files changed since the resident started"
-        return None
 
     def _fork_session(self, conn: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
         sys.stderr.flush()
