@@ -22,6 +22,7 @@ and exits. It exits after ``idle`` seconds without a run, on
 from __future__ import annotations
 
 import errno
+import fcntl
 import importlib
 import os
 import select
@@ -164,13 +165,19 @@ class Resident:
         self.since = time.time()
         self.children: set[int] = set()
         self.listener: socket.socket | None = None
+        self.lock = -1
         self.stamp: dict[str, tuple[int, int]] = {}
 
     def serve(self) -> int:
         prepare_directory(self.path)
         _check_ptrace_scope()
-        if ask(self.path, {"op": "status"}, timeout=2) is not None:
-            raise ResidentError(f"a resident mtrace already answers on {self.path}")
+        # Held while this resident runs (sessions close their copy): two starts
+        # at once cannot both bind, the second would take the first's socket.
+        self.lock = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ResidentError(f"a resident mtrace already runs on {self.path}") from None
         preload()
         self.stamp = install_stamp()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -270,6 +277,7 @@ class Resident:
             try:
                 assert self.listener is not None
                 self.listener.close()
+                os.close(self.lock)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 run_session(conn, message, fds)
