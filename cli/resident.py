@@ -176,7 +176,12 @@ class _Handed:
 
     def __init__(self, sock: _socket.socket, session: int, watched: set[int]) -> None:
         self.sock = sock
-        self.session = session
+        # A pidfd, not the pid: signals and the kill at the end reach this
+        # session, never a process that got its pid after it exited.
+        try:
+            self.session = os.pidfd_open(session)
+        except OSError:  # gone already: run() finds the socket closed
+            self.session = -1
         self.watched = watched
         self.helper: int | None = None  # the exec helper, until it is reaped
         self.spawned = False
@@ -253,9 +258,9 @@ class _Handed:
                     and info.si_signo in (_signal.SIGINT, _signal.SIGQUIT)):
                 continue  # the terminal's: the program, in this process group, has it already
             try:
-                os.kill(self.session, info.si_signo)
-            except ProcessLookupError:
-                return
+                _signal.pidfd_send_signal(self.session, info.si_signo)
+            except OSError:
+                return  # the session has exited: run() says what comes next
 
     def _reap(self) -> None:
         with self.lock:
@@ -274,12 +279,21 @@ class _Handed:
                 pass  # the session is gone: run() reports it
 
     def _lost(self, error: BaseException) -> int:
-        helper = self.helper
+        """The session is gone, or its frames are not frames: whatever is left
+        of it is killed, its end of the helper's control socket closes with it,
+        and the helper kills the program's whole tree and exits (as when an
+        in-process mtrace dies); the command waits for that, then says so."""
+        try:
+            _signal.pidfd_send_signal(self.session, _signal.SIGKILL)
+        except OSError:
+            pass  # exited already
+        with self.lock:
+            helper = self.helper
         if helper is not None:
             try:
-                os.kill(helper, _signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                os.waitpid(helper, 0)
+            except ChildProcessError:
+                pass  # reaped by the signal thread meanwhile
         detail = f" ({error})" if str(error) else ""
         sys.stderr.write(f"mtrace: error: the resident mtrace process ended during the run{detail}\n"
                          "mtrace: hint: `mtrace resident status` says whether it runs; "
