@@ -102,3 +102,25 @@ def test_quick_startup_group_times_runs_through_its_own_resident(tmp_path: Path)
         assert not list(work.iterdir())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+@pytest.mark.timeout(300)
+def test_ab_startup_times_each_variant_through_its_own_resident() -> None:
+    work = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.ab", "--startup", "--resident", "--rounds", "1",
+             "--variant", f"a={sys.executable}", "--variant", f"b={sys.executable}"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=290, check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(work)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name in ("a", "b"):
+            for kind in ("exec", "exec --target pid/N"):
+                assert f"{name} {kind}: median " in result.stdout, result.stdout
+                assert f"{name} {kind} (resident): median " in result.stdout, result.stdout
+        assert not _processes_naming(str(work))
+        assert not list(work.iterdir())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
