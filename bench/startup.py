@@ -97,8 +97,8 @@ def run(ctx: Context) -> list[Row]:
         samples, failures = time_rounds(commands, ctx.settings.startup_runs,
                                         warm_up=not ctx.settings.quick)
         if resident is not None:
-            timed = sum(len(samples.get(variant, ())) + (not ctx.settings.quick)
-                        for variant in THROUGH_RESIDENT)
+            timed = sum(len(samples[variant]) + (not ctx.settings.quick)
+                        for variant in THROUGH_RESIDENT if variant in samples)
             if (shortfall := resident.shortfall(timed)) is not None:
                 reasons.update((variant, shortfall) for variant in THROUGH_RESIDENT
                                if variant in samples)

@@ -22,7 +22,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import startup  # noqa: E402
-from bench.common import RESIDENT_SWITCH, Resident, in_process_env, mtrace_argv  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESIDENT_SWITCH,
+    Context,
+    Resident,
+    Settings,
+    Unavailable,
+    in_process_env,
+    mtrace_argv,
+)
 
 
 def _runs(pid: int) -> bool:
@@ -124,3 +132,19 @@ def test_ab_startup_times_each_variant_through_its_own_resident() -> None:
         assert not list(work.iterdir())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_startup_resident_row_stands_when_the_target_row_cannot_run(tmp_path: Path) -> None:
+    # No namespace target: the --target rows are n/a, and the resident's run
+    # count is checked against the runs sent to it, not against a warm-up of
+    # the --target variant that never ran.
+    settings = Settings.for_mode(quick=True)
+    settings.quick, settings.startup_runs = False, 2
+    ctx = Context(settings, tmp_path)
+    ctx._namespace_error = Unavailable("no namespace in this test")
+    rows = {row.variant: row for row in startup.run(ctx)}
+    assert rows[startup.MTRACE_TARGET_RESIDENT].value is None
+    assert "no namespace in this test" in rows[startup.MTRACE_TARGET_RESIDENT].note
+    assert rows[startup.MTRACE_RESIDENT].value is not None, rows[startup.MTRACE_RESIDENT].note
+    assert len(rows[startup.MTRACE_RESIDENT].samples) == 2
