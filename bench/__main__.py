@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import growth, incoming, kube, kv, program, remote, report, startup, syscalls
-from bench.common import RESULTS_DIR, Context, Row, Settings
+from bench.common import RESIDENT_SWITCH, RESULTS_DIR, Context, Row, Settings
 
 GROUPS: dict[str, Callable[[Context], list[Row]]] = {
     "syscall": syscalls.run,
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[bench {time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    # Every `mtrace exec` of the bench runs in-process, whatever resident mtrace
+    # the user keeps running; the "(resident)" variants use one the bench starts.
+    os.environ[RESIDENT_SWITCH] = "0"
     work_dir = Path(tempfile.mkdtemp(prefix="mtrace-bench-"))
     ctx = Context(settings, work_dir, log)
     rows: list[Row] = []

@@ -8,12 +8,16 @@ out of helpers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -140,6 +144,38 @@ def time_command(argv: Sequence[str], *, timeout: float = 120.0,
     return elapsed
 
 
+Command = tuple[Sequence[str], dict[str, str] | None]  # argv, environment (None: this one's)
+
+
+def time_rounds(commands: dict[str, Command], rounds: int, *, warm_up: bool = True,
+                timeout: float = 120.0) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Interleaved runs: each round runs every command once, in reverse order
+    every other round, so that a loaded machine's drift falls on all of them
+    alike; before that, one untimed run each if ``warm_up`` (page cache,
+    bytecode cache). Wall milliseconds per variant, and for each variant that
+    failed the reason (it is not run again, its samples are dropped)."""
+    samples: dict[str, list[float]] = {variant: [] for variant in commands}
+    failures: dict[str, str] = {}
+
+    def one(variant: str) -> float | None:
+        argv, env = commands[variant]
+        try:
+            return time_command(argv, timeout=timeout, env=env) * 1000
+        except RunFailed as error:
+            failures[variant] = str(error)
+            return None
+
+    for variant in commands if warm_up else ():
+        one(variant)
+    for round_ in range(rounds):
+        order = list(commands) if round_ % 2 == 0 else list(reversed(commands))
+        for variant in order:
+            if variant not in failures and (milliseconds := one(variant)) is not None:
+                samples[variant].append(milliseconds)
+    return {variant: values for variant, values in samples.items()
+            if variant not in failures}, failures
+
+
 # --- mtrace itself ----------------------------------------------------------------
 
 
@@ -170,6 +206,113 @@ def mtrace_exec_help() -> str:
 def mtrace_has_option(option: str) -> bool:
     """Whether `mtrace exec --help` lists ``option`` (features switch on as they land)."""
     return option in mtrace_exec_help()
+
+
+#: The variable that keeps one `mtrace exec` in-process ("0"), and the one
+#: naming the resident's socket (cli/resident.py).
+RESIDENT_SWITCH = "MTRACE_RESIDENT"
+RESIDENT_SOCKET = "MTRACE_RESIDENT_SOCKET"
+
+
+def in_process_env() -> dict[str, str]:
+    """The environment of an `mtrace exec` that runs in-process, whatever
+    resident mtrace the user keeps running."""
+    return {**os.environ, RESIDENT_SWITCH: "0"}
+
+
+class Resident:
+    """A resident mtrace (`mtrace resident start`) of the bench's own, on a
+    socket in a private directory: runs timed through it never use or stop
+    the user's or another session's. ``env`` is the environment of a run
+    through it; :meth:`stop` ends it (twice is harmless). Use it with
+    ``with``, so that a failed run stops it too.
+
+    A resident refuses a run it cannot take (another install, changed files)
+    and `mtrace exec` then runs in-process, silently: :meth:`runs` (the count
+    `mtrace resident status` reports) tells the caller whether its runs
+    really went through it.
+    """
+
+    def __init__(self, mtrace: Sequence[str], directory: Path, pid: int | None) -> None:
+        self.mtrace = list(mtrace)
+        self.directory = directory
+        self.socket_path = directory / "resident.sock"
+        self.pid = pid
+        environ = {key: value for key, value in os.environ.items() if key != RESIDENT_SWITCH}
+        self.env = {**environ, RESIDENT_SOCKET: str(self.socket_path)}
+        self._stopped = False
+
+    @classmethod
+    def start(cls, mtrace: Sequence[str], *, idle: float = 600.0) -> Resident:
+        """Start one for the install ``mtrace`` runs, its socket in a new
+        directory of its own (mode 0700, removed by :meth:`stop`; the
+        temporary directory's, which must be short: a socket's path has at
+        most 107 bytes); Unavailable if it does not start."""
+        resident = cls(mtrace, Path(tempfile.mkdtemp(prefix="mtrace-resident-")), None)
+        argv = [*mtrace, "resident", "start", "--idle", f"{idle:g}"]
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, env=resident.env,
+                                    timeout=60, stdin=subprocess.DEVNULL, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            resident.stop()
+            raise Unavailable(f"`mtrace resident start` did not run: {error}") from error
+        if result.returncode != 0:
+            resident.stop()
+            raise Unavailable(f"`mtrace resident start` failed: "
+                              f"{tail(result.stderr or result.stdout, 2)}")
+        found = re.search(r"\(pid (\d+),", result.stdout)
+        resident.pid = int(found.group(1)) if found else None
+        return resident
+
+    def runs(self) -> int | None:
+        """How many runs it took so far; None when it does not answer."""
+        try:
+            result = subprocess.run([*self.mtrace, "resident", "status"], capture_output=True,
+                                    text=True, env=self.env, timeout=30,
+                                    stdin=subprocess.DEVNULL, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        found = re.search(r"(\d+) runs", result.stdout)
+        return int(found.group(1)) if result.returncode == 0 and found else None
+
+    def shortfall(self, timed: int) -> str | None:
+        """Why runs timed through it are not its own, if they are not: it took
+        fewer than the ``timed`` (warm-ups included) that were sent to it."""
+        taken = self.runs()
+        if taken is not None and taken >= timed:
+            return None
+        said = "did not answer" if taken is None else f"took {taken} of {timed} runs"
+        return f"the resident {said}; the rest ran in-process"
+
+    def stop(self) -> None:
+        """`mtrace resident stop`, and wait until it has exited; SIGKILL if it
+        has not within 5 s (only the process whose command line names this
+        socket: not a process that took its pid since)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run([*self.mtrace, "resident", "stop"], capture_output=True, env=self.env,
+                           timeout=30, stdin=subprocess.DEVNULL, check=False)
+        if self.pid is not None and not self._exited(5.0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._exited(5.0)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _exited(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while str(self.socket_path) in _cmdline(self.pid or 0):  # a zombie's is empty
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def __enter__(self) -> Resident:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 # --- building the bench's own C programs -----------------------------------------

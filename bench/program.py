@@ -7,7 +7,10 @@ The server is ``bench/netserve`` on this host's loopback, started here. Values
 are the median wall time of the whole process, in milliseconds. Once ``mtrace
 exec --target`` exists, the same client also runs against the namespace
 target, compared with a run directly inside the namespace, and with one
-request (start-up: the difference is what the requests cost).
+request (start-up: the difference is what the requests cost). Against the
+target mtrace runs in-process (``MTRACE_RESIDENT=0``) and through a resident
+mtrace this group starts on a socket of its own (bench/startup.py's rule);
+the variants of a row take turns, run by run.
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ from pathlib import Path
 
 from bench.common import (
     REPO_ROOT,
+    Command,
     Context,
+    Resident,
     Row,
-    RunFailed,
     Unavailable,
     compare,
+    in_process_env,
     median,
     mtrace_argv,
     mtrace_has_option,
-    time_command,
+    time_rounds,
 )
 from bench.namespace import read_line, stop_process
 
@@ -37,6 +42,8 @@ PLAIN = "plain"
 MTRACE = "mtrace exec"
 DIRECT = "direct in namespace"
 MTRACE_TARGET = "mtrace exec --target pid/N"
+MTRACE_TARGET_RESIDENT = "mtrace exec --target pid/N (resident)"
+TARGET_VARIANTS = (DIRECT, MTRACE_TARGET, MTRACE_TARGET_RESIDENT)
 
 
 def _name(requests: int, where: str) -> str:
@@ -61,10 +68,15 @@ def httpclient() -> Path:
     return Path(path)
 
 
-def _time_runs(argv: list[str], runs: int, warm_up: bool = True) -> list[float]:
-    if warm_up:
-        time_command(argv, timeout=300)  # page cache, Go runtime pages
-    return [time_command(argv, timeout=300) * 1000 for _ in range(runs)]
+def _rows(ctx: Context, name: str, commands: dict[str, Command]) -> list[Row]:
+    """Rows of ``name``: the commands timed in turns, after a warm-up run each
+    (page cache, Go runtime pages)."""
+    samples, failures = time_rounds(commands, ctx.settings.program_runs,
+                                    warm_up=not ctx.settings.quick, timeout=300)
+    return [Row(GROUP, name, variant, median(samples[variant]), UNIT, samples=samples[variant])
+            if variant in samples else
+            Row.missing(GROUP, name, variant, UNIT, f"run failed: {failures[variant]}")
+            for variant in commands]
 
 
 def run(ctx: Context) -> list[Row]:
@@ -86,19 +98,16 @@ def run(ctx: Context) -> list[Row]:
         port = dict(item.split("=") for item in read_line(server, 10).split())["http"]
         argv = [client, f"http://localhost:{port}/small", str(requests)]
         ctx.log(f"program: {local}")
-        for variant, command in ((PLAIN, argv), (MTRACE, [*mtrace_argv(), "exec", "--", *argv])):
-            try:
-                samples = _time_runs(command, settings.program_runs, not settings.quick)
-                rows.append(Row(GROUP, local, variant, median(samples), UNIT, samples=samples))
-            except RunFailed as error:
-                rows.append(Row.missing(GROUP, local, variant, UNIT, f"run failed: {error}"))
+        rows += _rows(ctx, local, {PLAIN: (argv, None),
+                                   MTRACE: ([*mtrace_argv(), "exec", "--", *argv],
+                                            in_process_env())})
     finally:
         stop_process(server)
     rows += _against_target(ctx, client, remote, requests)
     for row in rows:
         if row.variant == MTRACE:
             compare(rows, row, PLAIN)
-        elif row.variant == MTRACE_TARGET:
+        elif row.variant in (MTRACE_TARGET, MTRACE_TARGET_RESIDENT):
             compare(rows, row, DIRECT)
     return rows
 
@@ -108,34 +117,45 @@ def _against_target(ctx: Context, client: str, name: str, requests: int) -> list
     the one-request rows are start-up, so the difference is what the requests
     cost (the split the README reports)."""
     names = {requests: name, 1: _name(1, "the namespace target")}
-    if not mtrace_has_option("--target"):
-        reason = "needs --target: `mtrace exec --help` shows no --target yet"
+
+    def missing(reason: str, variants: tuple[str, ...] = TARGET_VARIANTS) -> list[Row]:
         return [Row.missing(GROUP, row_name, variant, UNIT, reason)
-                for row_name in names.values() for variant in (DIRECT, MTRACE_TARGET)]
+                for row_name in names.values() for variant in variants]
+
+    if not mtrace_has_option("--target"):
+        return missing("needs --target: `mtrace exec --help` shows no --target yet")
     try:
         namespace = ctx.namespace()
     except Unavailable as error:
-        return [Row.missing(GROUP, row_name, variant, UNIT, str(error))
-                for row_name in names.values() for variant in (DIRECT, MTRACE_TARGET)]
-    rows = []
-    for count, row_name in names.items():
-        argv = [client, f"http://localhost:{namespace.http_port}/small", str(count)]
-        try:
-            commands = {
-                DIRECT: namespace.inside(argv),
-                MTRACE_TARGET: [*mtrace_argv(), "exec", "--target", f"pid/{namespace.pid}",
-                                "--", *argv],
-            }
-        except Unavailable as error:
-            rows += [Row.missing(GROUP, row_name, variant, UNIT, str(error))
-                     for variant in (DIRECT, MTRACE_TARGET)]
-            continue
-        ctx.log(f"program: {row_name}")
-        for variant, command in commands.items():
+        return missing(str(error))
+    rows: list[Row] = []
+    not_started: list[Row] = []
+    try:
+        resident: Resident | None = Resident.start(mtrace_argv())
+    except Unavailable as error:
+        resident = None
+        not_started = missing(str(error), (MTRACE_TARGET_RESIDENT,))
+    try:
+        for count, row_name in names.items():
+            argv = [client, f"http://localhost:{namespace.http_port}/small", str(count)]
+            mtrace = [*mtrace_argv(), "exec", "--target", f"pid/{namespace.pid}", "--", *argv]
             try:
-                samples = _time_runs(command, ctx.settings.program_runs, not ctx.settings.quick)
-                rows.append(Row(GROUP, row_name, variant, median(samples), UNIT,
-                                samples=samples))
-            except RunFailed as error:
-                rows.append(Row.missing(GROUP, row_name, variant, UNIT, f"run failed: {error}"))
-    return rows
+                commands: dict[str, Command] = {DIRECT: (namespace.inside(argv), None),
+                                                MTRACE_TARGET: (mtrace, in_process_env())}
+            except Unavailable as error:
+                rows += [Row.missing(GROUP, row_name, variant, UNIT, str(error))
+                         for variant in TARGET_VARIANTS]
+                continue
+            if resident is not None:
+                commands[MTRACE_TARGET_RESIDENT] = (mtrace, resident.env)
+            ctx.log(f"program: {row_name}")
+            rows += _rows(ctx, row_name, commands)
+        through = [row for row in rows if row.variant == MTRACE_TARGET_RESIDENT and row.samples]
+        timed = sum(len(row.samples) + (not ctx.settings.quick) for row in through)
+        if resident is not None and (shortfall := resident.shortfall(timed)) is not None:
+            rows = [Row.missing(GROUP, row.name, row.variant, UNIT, shortfall)
+                    if row in through else row for row in rows]
+    finally:
+        if resident is not None:
+            resident.stop()
+    return rows + not_started

@@ -73,6 +73,12 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
         (startup.GROUP, startup.NAME, startup.MTRACE), "delta",
         lambda delta: delta <= 150, lambda delta: f"+{delta:.0f} ms"))
     targets.append(_target(
+        rows, "startup overhead with --target pid/N, through the resident", "≤ 150 ms over plain",
+        (startup.GROUP, startup.NAME, startup.MTRACE_TARGET_RESIDENT), "delta",
+        lambda delta: delta <= 150, lambda delta: f"+{delta:.0f} ms",
+        fallback=(startup.GROUP, startup.NAME, startup.MTRACE_TARGET)))
+    targets.append(_go_client_target(rows))
+    targets.append(_target(
         rows, "small HTTP request p50 vs direct", "≤ 200 µs over direct",
         (remote.GROUP, remote.HTTP_P50, remote.MTRACE), "delta",
         lambda delta: delta <= 200, lambda delta: f"+{delta:.0f} µs",
@@ -83,6 +89,21 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
         fallback=(remote.GROUP, remote.BULK, remote.CLIENT)))
     targets.append(_cold_open_target(rows))
     return targets
+
+
+def _go_client_target(rows: Sequence[Row]) -> Target:
+    """The Go client's longest run against the target, through the resident,
+    against the same requests made directly inside the target's namespaces."""
+    name, limit = "Go client against the target, through the resident, vs direct", "≤ 3x"
+    runs = [row for row in rows if row.group == program.GROUP
+            and row.variant == program.MTRACE_TARGET_RESIDENT and "1 request," not in row.name]
+    if not runs:
+        return Target(name, limit, "n/a", None, "not measured")
+    row = runs[0]
+    if row.ratio is None:
+        return Target(name, limit, "n/a", None, row.note or "not measured")
+    return Target(name, limit, f"{row.ratio:.2f}x", row.ratio <= 3.0,
+                  row.name.removeprefix("Go httpclient, "))
 
 
 def _cold_open_target(rows: Sequence[Row]) -> Target:
@@ -286,7 +307,8 @@ def draw_chart(path: Path, rows: Sequence[Row], info: dict[str, Any]) -> str | N
           [remote.DIRECT, remote.SOCAT, remote.CLIENT, remote.MTRACE], ["bulk"], 1, "MB/s",
           "bulk stream throughput", log=False)
     program_names = sorted({r.name for r in rows if r.group == program.GROUP})
-    program_variants = [program.PLAIN, program.MTRACE, program.DIRECT, program.MTRACE_TARGET]
+    program_variants = [program.PLAIN, program.MTRACE, program.DIRECT, program.MTRACE_TARGET,
+                        program.MTRACE_TARGET_RESIDENT]
     _bars(axes[1][2], rows, program.GROUP, program_names, program_variants,
           [name.replace("Go httpclient, ", "") for name in program_names], 1, "ms",
           "Go httpclient (wall time)", log=False)

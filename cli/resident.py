@@ -125,9 +125,13 @@ def peer_uid(sock: _socket.socket) -> int:
 
 
 def identity() -> dict[str, str]:
-    """What makes two mtrace processes the same install: the interpreter and
-    where this module is. The resident also checks its files' stamps."""
-    return {"python": sys.executable, "module": os.path.abspath(__file__)}
+    """What makes two mtrace processes the same install: the interpreter's
+    real file (a venv's python, python3 and python3.X are one: a console
+    script names python3, `python -m mtrace.cli` often python), the
+    environment it runs in (sys.prefix: which venv) and where this module
+    is. The resident also checks its files' stamps."""
+    return {"python": os.path.realpath(sys.executable), "prefix": sys.prefix,
+            "module": os.path.abspath(__file__)}
 
 
 def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
