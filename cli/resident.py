@@ -31,8 +31,12 @@ import _thread
 import marshal
 import os
 import sys
-from collections.abc import Iterable, Mapping
-from typing import Any
+
+# For annotations only, as in cli/main.py (typing costs a bare interpreter 5-20 ms).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from typing import Any
 
 #: The first message's "op" values and the protocol revision both sides check.
 REVISION = 1
