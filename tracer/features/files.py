@@ -255,18 +255,21 @@ class PathPolicy:
         self._always_local: list[str] = []
         if session_dir is not None:
             self._always_local.append(os.fsdecode(normalize(os.fsencode(session_dir))))
-        defaults: list[str] = []
+        # The built-in list is compiled on its own: the same pattern at every
+        # run, so re's cache has it (the resident mtrace compiles it once, 3-4
+        # ms); this run's program, home and start directory are a small one.
+        this_run: list[str] = []
         if config.default_local:
-            defaults.extend(DEFAULT_LOCAL)
             for program in {executable, os.path.realpath(executable) if executable else None}:
                 if program:
-                    defaults.append("^" + re.escape(program) + "$")
+                    this_run.append("^" + re.escape(program) + "$")
             home = home.rstrip("/") if home else None
             if home:
-                defaults.append("^" + re.escape(home) + "(/|$)")
+                this_run.append("^" + re.escape(home) + "(/|$)")
                 if start_directory and start_directory.startswith(home + "/"):
-                    defaults.append("^" + re.escape(start_directory.rstrip("/")) + "(/|$)")
-        self._default_local = _compile(defaults)
+                    this_run.append("^" + re.escape(start_directory.rstrip("/")) + "(/|$)")
+        self._default_local = _compile(DEFAULT_LOCAL) if config.default_local else None
+        self._this_run_local = _compile(this_run)
 
     def route(self, path: bytes) -> Route:
         text = os.fsdecode(path)
@@ -284,6 +287,8 @@ class PathPolicy:
         if self._dns is not None and self._dns.search(text):
             return Route.READ
         if self._default_local is not None and self._default_local.search(text):
+            return Route.LOCAL
+        if self._this_run_local is not None and self._this_run_local.search(text):
             return Route.LOCAL
         if self.mode == "read":
             return Route.READ
