@@ -46,6 +46,8 @@ LONGEST_FRAME = 64 << 20
 SWITCH = "MTRACE_RESIDENT"
 #: The variable that names the socket (else socket_path's default).
 SOCKET_VARIABLE = "MTRACE_RESIDENT_SOCKET"
+#: Seconds the resident has to take a run before the command makes it itself.
+HANDOVER_TIMEOUT = 5.0
 #: The exit code when the resident is lost after it took the run (the tracer's).
 LOST_EXIT = 72
 
@@ -163,10 +165,14 @@ def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
     umask = os.umask(0o22)
     os.umask(umask)
     try:
+        # A resident that does not answer (stopped, swamped) must not hang the
+        # run: past HANDOVER_TIMEOUT it is left to it, and the run is made here.
+        sock.settimeout(HANDOVER_TIMEOUT)
         send(sock, {"op": "exec", "revision": REVISION, **identity(), "argv": args,
                     "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask},
              fds=(0, 1, 2))
         reply, _ = receive(sock)
+        sock.settimeout(None)
     except (OSError, EOFError, ProtocolError):
         # The resident did not take the run (it was stopping, or is stale): run it here.
         sock.close()
@@ -203,6 +209,8 @@ class _Handed:
                 message, fds = receive(self.sock)
             except (OSError, EOFError, ProtocolError) as error:
                 return self._lost(error)
+            if not isinstance(message, dict):
+                return self._lost(ProtocolError("not a message"))
             if "exit" in message:
                 return int(message["exit"])
             if "spawn" in message:

@@ -298,6 +298,10 @@ def _stop_on_signal(signum: int, frame: object) -> None:
 def run_session(conn: socket.socket, message: dict[str, Any], fds: Sequence[int]) -> None:
     """In the forked session: become the command's process, run its argv, and
     send the exit code. Never returns."""
+    try:
+        send(conn, {"session": os.getpid()})
+    except OSError:  # the command gave up waiting (HANDOVER_TIMEOUT) and runs it itself
+        os._exit(0)
     status = LOST_EXIT
     try:
         for number, fd in enumerate(fds):
@@ -314,7 +318,6 @@ def run_session(conn: socket.socket, message: dict[str, Any], fds: Sequence[int]
             sys.stderr.write(f"mtrace: error: cannot enter {message['cwd']}: {error.strerror}\n")
             return
         conn.settimeout(None)
-        send(conn, {"session": os.getpid()})
         from ..tracer import launcher
         from .exec_args import parse_exec
         from .main import finish, run_command
