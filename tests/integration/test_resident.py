@@ -1,0 +1,564 @@
+"""The resident mtrace (`mtrace resident start|stop|status`) as a user meets it.
+
+Every test starts its own resident on a socket in a directory of its own
+(MTRACE_RESIDENT_SOCKET), never the user's default one, and stops it at the
+end, even when the test fails. A run through the resident must be the run
+mtrace makes in-process (MTRACE_RESIDENT=0): the same output and exit code,
+the program in the command's process group and session, with its stdin, cwd
+and umask, the same signals once, and nothing left behind when a side dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mtrace_run import MTRACE, Result, stop
+from netns_target import NetnsTarget
+
+import mtrace.cli
+from mtrace.cli.resident import REVISION
+
+pytestmark = pytest.mark.timeout(60)
+
+#: How long a resident or a program may take to do what a test waits for.
+PATIENCE = 15.0
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = PATIENCE) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _alive(pid: int) -> bool:
+    """Runs (a zombie has finished running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid and _alive(int(entry)):
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return found
+
+
+def _read_until(fd: int, pattern: bytes, timeout: float = PATIENCE) -> bytes:
+    """What ``fd`` gives until ``pattern`` (a regular expression) is found in
+    it, or EOF, or the timeout."""
+    output = b""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, output):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        try:
+            chunk = os.read(fd, 4096) if ready else b""
+        except OSError:  # a pty whose other side is closed: EIO
+            chunk = b""
+        if not chunk:
+            break
+        output += chunk
+    return output
+
+
+# --- the resident -------------------------------------------------------------------
+
+
+@dataclass
+class Resident:
+    """A resident mtrace on a private socket, and `mtrace` commands that use it."""
+
+    socket: Path
+    pid: int = 0
+    sessions_seen: set[int] = field(default_factory=set)
+
+    def env(self, resident: bool = True, **extra: str) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MTRACE_")}
+        env.update(MTRACE_RESIDENT_SOCKET=str(self.socket), MTRACE_RESIDENT="1" if resident else "0")
+        env.update(extra)
+        return env
+
+    def mtrace(self, *args: str, resident: bool = True, input: bytes | None = None,
+               timeout: float = 60, **popen: Any) -> Result:
+        completed = subprocess.run([*MTRACE, *args], capture_output=True, input=input,
+                                   env=self.env(resident), timeout=timeout, check=False, **popen)
+        return Result(completed.returncode, completed.stdout, completed.stderr)
+
+    def start(self, *extra: str) -> Result:
+        """`mtrace resident start`; ``pid`` is the one it printed."""
+        result = self.mtrace("resident", "start", *extra, timeout=PATIENCE * 2)
+        found = re.search(rb"\(pid (\d+),", result.stdout)
+        if result.returncode == 0 and found:
+            self.pid = int(found[1])
+        return result
+
+    def status(self) -> Result:
+        return self.mtrace("resident", "status", timeout=PATIENCE)
+
+    def runs(self) -> int:
+        """The run count `mtrace resident status` says."""
+        status = self.status()
+        found = re.search(rb"(\d+) runs", status.stdout)
+        assert status.returncode == 0 and found, status
+        return int(found[1])
+
+    def sessions(self) -> list[int]:
+        """The sessions the resident has forked and that run now."""
+        return _children_of(self.pid)
+
+    def close(self) -> None:
+        """Stop it, whatever state the test left it in."""
+        if self.pid and _alive(self.pid):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.mtrace("resident", "stop", timeout=PATIENCE)
+            for pid in [*self.sessions(), self.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    if _alive(pid):
+                        os.kill(pid, signal.SIGKILL)
+
+
+def _socket_in(directory: Path) -> Path:
+    path = directory / "resident" / "resident.sock"
+    assert len(os.fsencode(path)) < 108, f"{path} is too long for a Unix socket"
+    return path
+
+
+@pytest.fixture
+def idle_resident(tmp_path: Path) -> Iterator[Resident]:
+    """A resident not started yet (the test starts it); stopped at the end."""
+    tmp_path.chmod(0o700)
+    resident = Resident(_socket_in(tmp_path))
+    try:
+        yield resident
+    finally:
+        resident.close()
+
+
+@pytest.fixture
+def resident(idle_resident: Resident) -> Resident:
+    """A resident that runs, on a private socket."""
+    started = idle_resident.start("--idle", "120")
+    assert started.returncode == 0 and idle_resident.pid, started
+    return idle_resident
+
+
+# --- 1. lifecycle -------------------------------------------------------------------
+
+
+def test_start_status_stop(idle_resident: Resident) -> None:
+    started = idle_resident.start("--idle", "120")
+    assert started.returncode == 0, started
+    pid = idle_resident.pid
+    assert started.stdout.decode().startswith(f"resident mtrace started (pid {pid}, "), started
+    assert _alive(pid) and idle_resident.socket.is_socket()
+
+    status = idle_resident.status()
+    assert status.returncode == 0, status
+    assert status.stdout.decode().startswith(f"resident mtrace pid {pid}, "), status
+
+    again = idle_resident.start()
+    assert again.returncode == 0, again
+    assert again.stdout.decode() == (
+        f"a resident mtrace already runs (pid {pid}, {idle_resident.socket})\n")
+    assert idle_resident.runs() == 0
+
+    stopped = idle_resident.mtrace("resident", "stop")
+    assert (stopped.returncode, stopped.stdout) == (0, f"stopped the resident mtrace (pid {pid})\n".encode())
+    assert not idle_resident.socket.exists()
+    assert _wait_for(lambda: not _alive(pid)), "the resident still runs after stop"
+    status = idle_resident.status()
+    assert status.returncode == 1
+    assert status.stdout.startswith(b"no resident mtrace runs"), status
+
+    none = idle_resident.mtrace("resident", "stop")
+    assert (none.returncode, none.stdout) == (0, b"no resident mtrace runs\n")
+
+
+def test_idle_resident_exits_by_itself(idle_resident: Resident) -> None:
+    started = idle_resident.start("--idle", "1")
+    assert started.returncode == 0, started
+    assert b"exits after 1 s without a run" in started.stdout
+    assert _wait_for(lambda: not _alive(idle_resident.pid), timeout=10), "it did not exit idle"
+    assert not idle_resident.socket.exists()
+    log = (idle_resident.socket.parent / "resident.log").read_text()
+    assert "idle for 1 s, exiting" in log
+
+
+# --- 2. a run handed over is the in-process run ---------------------------------------
+
+
+def _same_run(resident: Resident, *args: str, **popen: Any) -> Result:
+    """``mtrace ARGS`` through the resident (checked: the run count grows) and
+    in-process: the same exit code, stdout and stderr. The resident's result."""
+    before = resident.runs()
+    handed = resident.mtrace(*args, **popen)
+    assert resident.runs() == before + 1, "the run was not handed to the resident"
+    alone = resident.mtrace(*args, resident=False, **popen)
+    assert (handed.returncode, handed.stdout, handed.stderr) == (
+        alone.returncode, alone.stdout, alone.stderr)
+    return handed
+
+
+def test_plain_exec_is_the_in_process_one(resident: Resident) -> None:
+    handed = _same_run(resident, "exec", "--", "sh", "-c",
+                       'echo "out $HOME"; echo err >&2; exit 3')
+    assert handed.returncode == 3
+    assert handed.stdout == f"out {os.environ['HOME']}\n".encode()
+    assert handed.stderr == b"err\n"
+
+
+def test_program_killed_by_a_signal_is_the_in_process_one(resident: Resident) -> None:
+    handed = _same_run(resident, "exec", "--", "sh", "-c", "echo before; kill -USR1 $$")
+    assert (handed.returncode, handed.stdout) == (128 + signal.SIGUSR1, b"before\n")
+
+
+def test_command_that_does_not_exist_is_the_in_process_one(resident: Resident) -> None:
+    handed = _same_run(resident, "exec", "--", "no-such-command-for-mtrace")
+    assert handed.returncode == 127
+    assert b"no-such-command-for-mtrace" in handed.stderr
+
+
+def test_target_that_does_not_exist_is_the_in_process_one(resident: Resident) -> None:
+    handed = _same_run(resident, "exec", "--target", "pid/999999999", "--", "true")
+    assert handed.returncode == 79
+    assert handed.stderr.startswith(b"mtrace: error: target pid/999999999 does not exist\n")
+
+
+def _read_only_private(netns_target: NetnsTarget, tmp_path: Path, mode: str = "read") -> Path:
+    """A config that puts the target's private directory on the read_only
+    list (read_write in write mode): /tmp is local by default."""
+    private = "^" + re.escape(os.path.dirname(netns_target.private_file)) + "(/|$)"
+    fs: dict[str, Any] = ({"mode": "write", "read_write": [private]} if mode == "write"
+                          else {"read_only": [private]})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"feature": {"fs": fs}}))
+    return config
+
+
+@pytest.mark.root
+def test_exec_with_a_target_is_the_in_process_one(resident: Resident, netns_target: NetnsTarget,
+                                                  tmp_path: Path) -> None:
+    config = _read_only_private(netns_target, tmp_path)
+    handed = _same_run(resident, "exec", "--target", f"pid/{netns_target.pid}", "-f", str(config),
+                       "--", "sh", "-c", f'echo "$ONLY_IN_TARGET"; cat {netns_target.private_file}')
+    assert handed.returncode == 0, handed.stderr.decode(errors="replace")[-2000:]
+    assert handed.stdout == b"yes\n" + netns_target.private_file_content
+
+
+# --- 3. the program is the command's ------------------------------------------------
+
+
+def test_program_is_in_the_commands_process_group_and_session(resident: Resident,
+                                                               tmp_path: Path) -> None:
+    before = resident.runs()
+    with open(tmp_path / "out", "wb") as out:
+        command = subprocess.Popen(
+            [*MTRACE, "exec", "--", sys.executable, "-S", "-c",
+             "import os; print(os.getpgrp(), os.getsid(0))"],
+            stdout=out, stderr=subprocess.PIPE, env=resident.env(), start_new_session=True)
+    try:
+        _, stderr = command.communicate(timeout=60)
+    finally:
+        stop(command, signal.SIGKILL)
+    assert command.returncode == 0, stderr
+    # start_new_session: the command leads its own group and session.
+    assert (tmp_path / "out").read_text() == f"{command.pid} {command.pid}\n"
+    assert resident.runs() == before + 1
+
+
+def test_stdin_reaches_the_program(resident: Resident) -> None:
+    before = resident.runs()
+    result = resident.mtrace("exec", "--", "cat", input=b"through the pipe\n")
+    assert (result.returncode, result.stdout) == (0, b"through the pipe\n"), result
+    assert resident.runs() == before + 1
+
+
+def test_cwd_and_umask_are_the_commands(resident: Resident, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    assert os.getcwd() != str(work)  # the resident was started from here
+    before = resident.runs()
+    result = resident.mtrace("exec", "--", "sh", "-c", "pwd; umask; : > made",
+                             cwd=work, umask=0o077)
+    assert (result.returncode, result.stdout) == (0, f"{work}\n0077\n".encode()), result
+    assert (work / "made").stat().st_mode & 0o777 == 0o600
+    assert resident.runs() == before + 1
+
+
+# --- 4. signals ---------------------------------------------------------------------
+
+COUNT_SIGNALS = """
+import signal, sys, time
+signum = getattr(signal, sys.argv[1])
+received = []
+signal.signal(signum, lambda *_: received.append(1))
+print("ready", flush=True)
+deadline = time.monotonic() + 20
+while not received and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(0.5)  # a second one, if one comes, comes by now
+print(sys.argv[1], len(received), flush=True)
+"""
+
+
+@pytest.mark.parametrize("through", ["resident", "in-process"])
+def test_sigterm_of_the_command_reaches_the_program_once(resident: Resident, through: str) -> None:
+    before = resident.runs()
+    reader, writer = os.pipe()
+    try:
+        command = subprocess.Popen(
+            [*MTRACE, "exec", "--", sys.executable, "-S", "-c", COUNT_SIGNALS, "SIGTERM"],
+            stdout=writer, stderr=subprocess.PIPE, env=resident.env(through == "resident"),
+            start_new_session=True)
+        os.close(writer)
+        try:
+            assert b"ready" in _read_until(reader, b"ready")
+            command.send_signal(signal.SIGTERM)
+            output = _read_until(reader, rb"SIGTERM \d+\n")
+            assert command.wait(timeout=PATIENCE) == 0, command.stderr
+        finally:
+            stop(command, signal.SIGKILL)
+            assert command.stderr is not None
+            command.stderr.close()
+    finally:
+        os.close(reader)
+    assert output.endswith(b"SIGTERM 1\n"), output
+    assert resident.runs() == before + (through == "resident")
+
+
+@pytest.mark.parametrize("through", ["resident", "in-process"])
+def test_terminal_ctrl_c_reaches_the_program_once(resident: Resident, through: str) -> None:
+    before = resident.runs()
+    leader, follower = pty.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        command = subprocess.Popen(
+            [*MTRACE, "exec", "--", sys.executable, "-S", "-c", COUNT_SIGNALS, "SIGINT"],
+            stdin=follower, stdout=follower, stderr=follower, preexec_fn=take_terminal,
+            env=resident.env(through == "resident"))
+        try:
+            assert b"ready" in _read_until(leader, b"ready")
+            os.write(leader, b"\x03")
+            output = _read_until(leader, rb"SIGINT \d+\r\n")
+            assert command.wait(timeout=PATIENCE) == 0, output
+        finally:
+            stop(command, signal.SIGKILL)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert b"SIGINT 1\r\n" in output, output
+    assert resident.runs() == before + (through == "resident")
+
+
+# --- 5. failures lose nothing and never hang ------------------------------------------
+
+SHELL_WITH_A_CHILD = 'sleep 60 & echo "$$ $!"; wait'
+
+
+def _start_shell_with_a_child(resident: Resident, out: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """`mtrace exec -- sh` whose sh runs a sleep; the command and both pids."""
+    with open(out, "wb") as sink, open(out.with_suffix(".err"), "wb") as errors:
+        command = subprocess.Popen([*MTRACE, "exec", "--", "sh", "-c", SHELL_WITH_A_CHILD],
+                                   stdout=sink, stderr=errors, env=resident.env(),
+                                   start_new_session=True)
+    assert _wait_for(lambda: out.read_bytes().endswith(b"\n")), "the program never started"
+    return command, [int(pid) for pid in out.read_bytes().split()]
+
+
+def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Path) -> None:
+    before = resident.runs()
+    command, program = _start_shell_with_a_child(resident, tmp_path / "out")
+    try:
+        assert all(_alive(pid) for pid in program)
+        command.kill()
+        command.wait(timeout=PATIENCE)
+        assert _wait_for(lambda: not any(_alive(pid) for pid in program)), (
+            f"the program outlived the command: {[pid for pid in program if _alive(pid)]}")
+        assert _wait_for(lambda: not resident.sessions()), "the session outlived the command"
+    finally:
+        stop(command, signal.SIGKILL)
+        for pid in program:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    # The resident serves the next run.
+    result = resident.mtrace("exec", "--", "echo", "next")
+    assert (result.returncode, result.stdout) == (0, b"next\n"), result
+    assert resident.runs() == before + 2
+
+
+def test_ptrace_backend_is_not_handed_over(resident: Resident) -> None:
+    before = resident.runs()
+    result = resident.mtrace("exec", "--backend", "ptrace", "--", "sh", "-c", "echo traced; exit 4")
+    assert (result.returncode, result.stdout) == (4, b"traced\n"), result
+    assert resident.runs() == before
+
+
+# --- 6. refusals --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _touched(path: Path) -> Iterator[None]:
+    """``path`` with a new mtime, its own one back afterwards."""
+    before = path.stat()
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        yield
+    finally:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_changed_install_runs_in_process_and_the_resident_exits(resident: Resident) -> None:
+    assert resident.runs() == 0
+    # A module exec does not import: its bytecode is not rewritten meanwhile.
+    changed = Path(mtrace.cli.__file__).parent / "doctor.py"
+    with _touched(changed):
+        result = resident.mtrace("exec", "--", "sh", "-c", "echo still runs; exit 5")
+    assert (result.returncode, result.stdout, result.stderr) == (5, b"still runs\n", b""), result
+    assert _wait_for(lambda: not _alive(resident.pid)), "the stale resident still runs"
+    assert not resident.socket.exists()
+    log = (resident.socket.parent / "resident.log").read_text()
+    assert "mtrace's files changed since the resident started, exiting" in log
+
+
+def test_socket_directory_open_to_others_is_refused(tmp_path: Path) -> None:
+    tmp_path.chmod(0o700)
+    resident = Resident(_socket_in(tmp_path))
+    resident.socket.parent.mkdir()
+    resident.socket.parent.chmod(0o777)
+    try:
+        result = resident.start()
+        assert result.returncode == 72, result
+        lines = result.stderr.decode().splitlines()
+        assert lines[0].startswith("mtrace: error: cannot start the resident mtrace: "), lines
+        assert f"{resident.socket.parent} is not the user's own, closed to others" in lines[0]
+        assert [line for line in lines[1:] if not line.startswith("mtrace: hint: ")] == [], lines
+        assert not resident.socket.exists()
+        assert resident.status().returncode == 1
+    finally:
+        resident.close()
+
+
+PEER = """
+import marshal, socket, sys
+path, revision = sys.argv[1], int(sys.argv[2])
+for op in sys.argv[3:]:
+    data = marshal.dumps({"revision": revision, "op": op})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)  # reaching the socket is allowed: the resident's check refuses
+    try:
+        sock.sendall(len(data).to_bytes(4, "little") + data)
+        answer = sock.recv(4096)
+    except (BrokenPipeError, ConnectionResetError):  # closed before it read the frame
+        answer = b""
+    print(op, "answered" if answer else "not answered", flush=True)
+    sock.close()
+"""
+
+
+@pytest.mark.root
+def test_peer_of_another_user_gets_no_answer() -> None:
+    # Not in tmp_path: pytest's base directory is closed to other users, and the
+    # peer must reach the socket for the resident's own check to be what refuses it.
+    directory = Path(tempfile.mkdtemp(prefix="mtrace-rtest-"))
+    resident = Resident(_socket_in(directory))
+
+    # The system's python: the venv's may be under a directory only root enters.
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    assert python, "no python3 in /usr/bin for the other user's peer"
+
+    def peer(*ops: str, **user: Any) -> list[str]:
+        done = subprocess.run([python, "-S", "-c", PEER, str(resident.socket),
+                               str(REVISION), *ops], capture_output=True, timeout=PATIENCE,
+                              check=False, **user)
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout.decode().splitlines()
+
+    try:
+        started = resident.start("--idle", "120")
+        assert started.returncode == 0, started
+        directory.chmod(0o711)
+        resident.socket.parent.chmod(0o711)
+        resident.socket.chmod(0o666)
+        assert peer("status") == ["status answered"]  # the peer's frames are right
+        assert peer("status", "stop", user=65534, group=65534, extra_groups=[]) == [
+            "status not answered", "stop not answered"]
+        assert _alive(resident.pid)
+        result = resident.mtrace("exec", "--", "echo", "served")
+        assert (result.returncode, result.stdout) == (0, b"served\n"), result
+        assert resident.runs() == 1
+    finally:
+        resident.close()
+        for path in (resident.socket, resident.socket.parent / "resident.log"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for empty in (resident.socket.parent, directory):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+
+
+# --- 7. write mode ------------------------------------------------------------------
+
+WRITE_BIG = """
+import sys
+with open(sys.argv[1], "wb") as file:
+    for block in range(16):
+        file.write(bytes([65 + block]) * (256 << 10))
+"""
+
+
+@pytest.mark.root
+def test_write_mode_has_landed_when_the_command_exits(resident: Resident, netns_target: NetnsTarget,
+                                                     tmp_path: Path) -> None:
+    config = _read_only_private(netns_target, tmp_path, mode="write")
+    written = os.path.join(os.path.dirname(netns_target.private_file), "written-by-resident.bin")
+    host_view = Path(f"/proc/{netns_target.pid}/root{written}")
+    expected = b"".join(bytes([65 + block]) * (256 << 10) for block in range(16))
+    try:
+        result = resident.mtrace("exec", "--target", f"pid/{netns_target.pid}", "-f", str(config),
+                                 "--", sys.executable, "-S", "-c", WRITE_BIG, written)
+        # Read at once: nothing may still be on its way once the command has exited.
+        landed = host_view.read_bytes()
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+        assert landed == expected
+        assert not os.path.exists(written), "written on this machine, not the target"
+        assert resident.runs() == 1
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            host_view.unlink()
