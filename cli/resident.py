@@ -31,6 +31,7 @@ import _thread
 import marshal
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -44,6 +45,8 @@ SWITCH = "MTRACE_RESIDENT"
 SOCKET_VARIABLE = "MTRACE_RESIDENT_SOCKET"
 #: The exit code when the resident is lost after it took the run (the tracer's).
 LOST_EXIT = 72
+#: Seconds the exec helper has to kill the program's tree once the session is lost.
+HELPER_GRACE = 2.0
 
 
 class ProtocolError(Exception):
@@ -274,6 +277,14 @@ class _Handed:
                 pass  # the session is gone: run() reports it
 
     def _lost(self, error: BaseException) -> int:
+        # The session's end of the helper's control socket closed with it: the
+        # helper (a subreaper) now kills the program's whole tree and exits.
+        # Killing the helper first would orphan the program's children (a sh's
+        # sleep ran on), so it is killed only if it has not exited by then.
+        deadline = time.monotonic() + HELPER_GRACE
+        while self.helper is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._reap()
         helper = self.helper
         if helper is not None:
             try:

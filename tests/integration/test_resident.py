@@ -422,6 +422,27 @@ def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Pat
     assert resident.runs() == before + 2
 
 
+def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: Path) -> None:
+    command, program = _start_shell_with_a_child(resident, tmp_path / "out")
+    try:
+        sessions = resident.sessions()
+        assert len(sessions) == 1, sessions
+        os.kill(sessions[0], signal.SIGKILL)
+        assert command.wait(timeout=PATIENCE) == 72
+        stderr = (tmp_path / "out.err").read_text()
+        errors = [line for line in stderr.splitlines() if line.startswith("mtrace: error:")]
+        assert len(errors) == 1, stderr
+        assert "Traceback" not in stderr
+        assert _wait_for(lambda: not any(_alive(pid) for pid in program)), (
+            f"the program outlived its session: {[pid for pid in program if _alive(pid)]}")
+    finally:
+        stop(command, signal.SIGKILL)
+        for pid in program:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert resident.status().returncode == 0
+
+
 def test_ptrace_backend_is_not_handed_over(resident: Resident) -> None:
     before = resident.runs()
     result = resident.mtrace("exec", "--backend", "ptrace", "--", "sh", "-c", "echo traced; exit 4")
