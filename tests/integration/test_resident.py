@@ -112,9 +112,19 @@ class Resident:
 
     def mtrace(self, *args: str, resident: bool = True, input: bytes | None = None,
                timeout: float = 60, **popen: Any) -> Result:
-        completed = subprocess.run([*MTRACE, *args], capture_output=True, input=input,
-                                   env=self.env(resident), timeout=timeout, check=False, **popen)
-        return Result(completed.returncode, completed.stdout, completed.stderr)
+        """``mtrace ARGS``, as a shell runs it: its output is what is in its
+        stdout and stderr when it has exited (not when they are closed)."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            process = subprocess.Popen(
+                [*MTRACE, *args], stdin=subprocess.PIPE if input is not None else None,
+                stdout=out, stderr=err, env=self.env(resident), **popen)
+            try:
+                process.communicate(input, timeout=timeout)
+            finally:
+                stop(process, signal.SIGKILL, timeout=0)
+            out.seek(0)
+            err.seek(0)
+            return Result(process.returncode, out.read(), err.read())
 
     def start(self, *extra: str) -> Result:
         """`mtrace resident start`; ``pid`` is the one it printed."""
@@ -320,15 +330,23 @@ def test_cwd_and_umask_are_the_commands(resident: Resident, tmp_path: Path) -> N
 # --- 4. signals ---------------------------------------------------------------------
 
 COUNT_SIGNALS = """
-import signal, sys, time
-signum = getattr(signal, sys.argv[1])
-received = []
-signal.signal(signum, lambda *_: received.append(1))
+import os, select, signal, sys, time
+# Counted as delivered (the wakeup fd gets a byte per delivery): Python's
+# handler would run once for two that came before it ran.
+reader, writer = os.pipe()
+os.set_blocking(writer, False)
+signal.set_wakeup_fd(writer)
+signal.signal(getattr(signal, sys.argv[1]), lambda *_: None)
 print("ready", flush=True)
+received = b""
 deadline = time.monotonic() + 20
-while not received and time.monotonic() < deadline:
-    time.sleep(0.01)
-time.sleep(0.5)  # a second one, if one comes, comes by now
+while time.monotonic() < deadline:
+    wait = 0.5 if received else deadline - time.monotonic()  # a second one comes by then
+    if not select.select([reader], [], [], wait)[0]:
+        if received:
+            break
+        continue
+    received += os.read(reader, 64)
 print(sys.argv[1], len(received), flush=True)
 """
 
@@ -557,27 +575,32 @@ def test_peer_of_another_user_gets_no_answer() -> None:
 # --- 7. write mode ------------------------------------------------------------------
 
 WRITE_BIG = """
-import sys
-with open(sys.argv[1], "wb") as file:
-    for block in range(16):
-        file.write(bytes([65 + block]) * (256 << 10))
+import os, signal, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+for block in range(16):
+    os.write(fd, bytes([65 + block]) * (256 << 10))
+if sys.argv[2] == "killed":  # no close, no exit: only the session's last flush uploads it
+    os.kill(os.getpid(), signal.SIGKILL)
+os.close(fd)
 """
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("ending", ["closed", "killed"])
 def test_write_mode_has_landed_when_the_command_exits(resident: Resident, netns_target: NetnsTarget,
-                                                     tmp_path: Path) -> None:
+                                                     tmp_path: Path, ending: str) -> None:
     config = _read_only_private(netns_target, tmp_path, mode="write")
     written = os.path.join(os.path.dirname(netns_target.private_file), "written-by-resident.bin")
     host_view = Path(f"/proc/{netns_target.pid}/root{written}")
     expected = b"".join(bytes([65 + block]) * (256 << 10) for block in range(16))
     try:
         result = resident.mtrace("exec", "--target", f"pid/{netns_target.pid}", "-f", str(config),
-                                 "--", sys.executable, "-S", "-c", WRITE_BIG, written)
+                                 "--", sys.executable, "-S", "-c", WRITE_BIG, written, ending)
         # Read at once: nothing may still be on its way once the command has exited.
-        landed = host_view.read_bytes()
-        assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
-        assert landed == expected
+        landed = host_view.read_bytes() if host_view.exists() else b"nothing"
+        assert result.returncode == (0 if ending == "closed" else 128 + signal.SIGKILL), (
+            result.stderr.decode(errors="replace")[-2000:])
+        assert landed == expected, f"{len(landed)} of {len(expected)} bytes landed"
         assert not os.path.exists(written), "written on this machine, not the target"
         assert resident.runs() == 1
     finally:
