@@ -461,6 +461,53 @@ def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: P
     assert resident.status().returncode == 0
 
 
+def test_runs_at_once_are_each_their_own(resident: Resident, tmp_path: Path) -> None:
+    commands = []
+    for name, code in (("first", 3), ("second", 4)):
+        with open(tmp_path / name, "wb") as out:
+            commands.append(subprocess.Popen(
+                [*MTRACE, "exec", "--", "sh", "-c", f"sleep 0.5; echo {name}; exit {code}"],
+                stdout=out, stderr=subprocess.DEVNULL, env=resident.env()))
+    try:
+        assert [command.wait(timeout=60) for command in commands] == [3, 4]
+    finally:
+        for command in commands:
+            stop(command, signal.SIGKILL)
+    assert [(tmp_path / name).read_text() for name in ("first", "second")] == ["first\n", "second\n"]
+    assert resident.runs() == 2
+
+
+def test_stop_during_a_run_lets_the_run_finish(resident: Resident, tmp_path: Path) -> None:
+    with open(tmp_path / "out", "wb") as out:
+        command = subprocess.Popen(
+            [*MTRACE, "exec", "--", "sh", "-c", "echo started; read line; echo \"got $line\"; exit 6"],
+            stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL, env=resident.env())
+    try:
+        assert _wait_for(lambda: (tmp_path / "out").read_bytes() == b"started\n")
+        stopped = resident.mtrace("resident", "stop")
+        assert stopped.stdout == f"stopped the resident mtrace (pid {resident.pid})\n".encode()
+        assert not resident.socket.exists()
+        command.communicate(b"more\n", timeout=PATIENCE)
+    finally:
+        stop(command, signal.SIGKILL)
+    assert command.returncode == 6
+    assert (tmp_path / "out").read_bytes() == b"started\ngot more\n"
+
+
+def test_killed_resident_leaves_runs_to_the_command(resident: Resident) -> None:
+    os.kill(resident.pid, signal.SIGKILL)
+    assert _wait_for(lambda: not _alive(resident.pid))
+    assert resident.socket.is_socket()  # left behind: nothing listens on it
+    result = resident.mtrace("exec", "--", "sh", "-c", "echo alone; exit 2")
+    assert (result.returncode, result.stdout, result.stderr) == (2, b"alone\n", b"")
+    assert resident.status().returncode == 1
+    started = resident.start("--idle", "120")  # over the socket left behind
+    assert started.returncode == 0, started
+    result = resident.mtrace("exec", "--", "echo", "served")
+    assert (result.returncode, result.stdout) == (0, b"served\n")
+    assert resident.runs() == 1
+
+
 def test_ptrace_backend_is_not_handed_over(resident: Resident) -> None:
     before = resident.runs()
     result = resident.mtrace("exec", "--backend", "ptrace", "--", "sh", "-c", "echo traced; exit 4")
