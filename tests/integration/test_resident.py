@@ -226,6 +226,32 @@ def test_idle_resident_exits_by_itself(idle_resident: Resident) -> None:
     assert "idle for 1 s, exiting" in log
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_foreground_resident_serves_until_stopped(idle_resident: Resident, signum: int,
+                                                  code: int) -> None:
+    """`start --foreground` serves in the terminal; SIGTERM (or a Ctrl-C)
+    ends it, and it removes its socket."""
+    process = subprocess.Popen([*MTRACE, "resident", "start", "--foreground", "--idle", "0"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=idle_resident.env())
+    try:
+        assert process.stderr is not None
+        line = _read_until(process.stderr.fileno(), rb"listening on .*\n")
+        assert line == f"mtrace resident {process.pid}: listening on {idle_resident.socket}\n".encode()
+        idle_resident.pid = process.pid
+        result = idle_resident.mtrace("exec", "--", "echo", "served")
+        assert (result.returncode, result.stdout) == (0, b"served\n"), result
+        assert idle_resident.runs() == 1
+        process.send_signal(signum)
+        assert process.wait(timeout=PATIENCE) == code
+        assert not idle_resident.socket.exists()
+    finally:
+        stop(process, signal.SIGKILL, timeout=0)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
 # --- 2. a run handed over is the in-process run ---------------------------------------
 
 
@@ -285,6 +311,23 @@ def test_exec_with_a_target_is_the_in_process_one(resident: Resident, netns_targ
                        "--", "sh", "-c", f'echo "$ONLY_IN_TARGET"; cat {netns_target.private_file}')
     assert handed.returncode == 0, handed.stderr.decode(errors="replace")[-2000:]
     assert handed.stdout == b"yes\n" + netns_target.private_file_content
+
+
+@pytest.mark.root
+def test_config_in_the_commands_directory_is_the_one_used(resident: Resident,
+                                                          netns_target: NetnsTarget,
+                                                          tmp_path: Path) -> None:
+    """With no -f, the config is looked for in the command's directory, not
+    in the one the resident was started from."""
+    work = tmp_path / "work"
+    (work / ".mtrace").mkdir(parents=True)
+    config = json.loads(_read_only_private(netns_target, tmp_path).read_text())
+    config["feature"]["env"] = {"override": {"FROM_CONFIG": "found"}}
+    (work / ".mtrace" / "config.json").write_text(json.dumps(config))
+    handed = _same_run(resident, "exec", "--target", f"pid/{netns_target.pid}", "--", "sh", "-c",
+                       f'echo "$FROM_CONFIG"; cat {netns_target.private_file}', cwd=work)
+    assert handed.returncode == 0, handed.stderr.decode(errors="replace")[-2000:]
+    assert handed.stdout == b"found\n" + netns_target.private_file_content
 
 
 # --- 3. the program is the command's ------------------------------------------------
