@@ -102,12 +102,12 @@ class Resident:
 
     socket: Path
     pid: int = 0
-    sessions_seen: set[int] = field(default_factory=set)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
-    def env(self, resident: bool = True, **extra: str) -> dict[str, str]:
+    def env(self, resident: bool = True) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("MTRACE_")}
         env.update(MTRACE_RESIDENT_SOCKET=str(self.socket), MTRACE_RESIDENT="1" if resident else "0")
-        env.update(extra)
+        env.update(self.extra_env)
         return env
 
     def mtrace(self, *args: str, resident: bool = True, input: bytes | None = None,
@@ -290,6 +290,38 @@ def test_target_that_does_not_exist_is_the_in_process_one(resident: Resident) ->
     handed = _same_run(resident, "exec", "--target", "pid/999999999", "--", "true")
     assert handed.returncode == 79
     assert handed.stderr.startswith(b"mtrace: error: target pid/999999999 does not exist\n")
+
+
+def test_bytes_that_are_not_utf_8_are_the_in_process_ones(resident: Resident,
+                                                          tmp_path: Path) -> None:
+    """The environment, argv and cwd go to the resident as Python's strings:
+    bytes that are not UTF-8 must come back as they were."""
+    work = tmp_path / os.fsdecode(b"dir-\xfe")
+    work.mkdir()
+    resident.extra_env = {"NOT_UTF8": os.fsdecode(b"a\xffb")}
+    handed = _same_run(resident, "exec", "--", "sh", "-c", 'printf "%s|%s|%s" "$NOT_UTF8" "$1" "$PWD"',
+                       "sh", os.fsdecode(b"c\xfdd"), cwd=work)
+    assert handed.stdout == b"a\xffb|c\xfdd|" + os.fsencode(work), handed
+
+
+def test_program_gets_sigpipe_as_in_process(resident: Resident) -> None:
+    """Python ignores SIGPIPE; the program must not inherit that from the
+    command that spawns it (`yes | head -1` ends yes with SIGPIPE, silently)."""
+    results = []
+    for through in ("resident", "in-process"):
+        command = subprocess.Popen([*MTRACE, "exec", "--", "yes"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=resident.env(through == "resident"))
+        try:
+            assert command.stdout is not None and command.stderr is not None
+            assert command.stdout.readline() == b"y\n"
+            command.stdout.close()
+            results.append((command.wait(timeout=PATIENCE), command.stderr.read()))
+        finally:
+            stop(command, signal.SIGKILL)
+            assert command.stderr is not None
+            command.stderr.close()
+    assert results == [(128 + signal.SIGPIPE, b"")] * 2
+    assert resident.runs() == 1
 
 
 def _read_only_private(netns_target: NetnsTarget, tmp_path: Path, mode: str = "read") -> Path:
