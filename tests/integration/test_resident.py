@@ -484,29 +484,55 @@ def test_terminal_ctrl_c_reaches_the_program_once(resident: Resident, through: s
 SHELL_WITH_A_CHILD = 'sleep 60 & echo "$$ $!"; wait'
 
 
-def _start_shell_with_a_child(resident: Resident, out: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in _children_of(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
+@pytest.fixture(params=["no target", "pid/N"])
+def target_args(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """No target, or a process of this machine (the session then forks a local agent)."""
+    if request.param == "no target":
+        yield []
+        return
+    if os.geteuid() != 0:
+        pytest.skip("needs root: attaches to another process")
+    target = subprocess.Popen(["sleep", "120"])
+    try:
+        yield ["--target", f"pid/{target.pid}"]
+    finally:
+        stop(target, signal.SIGKILL, timeout=0)
+
+
+def _start_shell_with_a_child(resident: Resident, out: Path, target_args: list[str]
+                              ) -> tuple[subprocess.Popen[bytes], list[int]]:
     """`mtrace exec -- sh` whose sh runs a sleep; the command and both pids."""
     with open(out, "wb") as sink, open(out.with_suffix(".err"), "wb") as errors:
-        command = subprocess.Popen([*MTRACE, "exec", "--", "sh", "-c", SHELL_WITH_A_CHILD],
+        command = subprocess.Popen([*MTRACE, "exec", *target_args, "--", "sh", "-c", SHELL_WITH_A_CHILD],
                                    stdout=sink, stderr=errors, env=resident.env(),
                                    start_new_session=True)
     assert _wait_for(lambda: out.read_bytes().endswith(b"\n")), "the program never started"
     return command, [int(pid) for pid in out.read_bytes().split()]
 
 
-def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Path) -> None:
+def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Path,
+                                               target_args: list[str]) -> None:
     before = resident.runs()
-    command, program = _start_shell_with_a_child(resident, tmp_path / "out")
+    command, program = _start_shell_with_a_child(resident, tmp_path / "out", target_args)
+    session = _descendants(resident.pid)  # the session, and the local agent with a target
     try:
         assert all(_alive(pid) for pid in program)
         command.kill()
         command.wait(timeout=PATIENCE)
         assert _wait_for(lambda: not any(_alive(pid) for pid in program)), (
             f"the program outlived the command: {[pid for pid in program if _alive(pid)]}")
-        assert _wait_for(lambda: not resident.sessions()), "the session outlived the command"
+        assert _wait_for(lambda: not any(_alive(pid) for pid in session)), (
+            f"the session outlived the command: {[pid for pid in session if _alive(pid)]}")
     finally:
         stop(command, signal.SIGKILL)
-        for pid in program:
+        for pid in [*program, *session]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     # The resident serves the next run.
@@ -515,8 +541,12 @@ def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Pat
     assert resident.runs() == before + 2
 
 
-def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: Path) -> None:
-    command, program = _start_shell_with_a_child(resident, tmp_path / "out")
+def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: Path,
+                                                 target_args: list[str]) -> None:
+    """Regression: the command killed the exec helper at once, before the
+    helper could kill the program's tree: the sh's sleep ran on."""
+    command, program = _start_shell_with_a_child(resident, tmp_path / "out", target_args)
+    session = _descendants(resident.pid)
     try:
         sessions = resident.sessions()
         assert len(sessions) == 1, sessions
@@ -526,11 +556,11 @@ def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: P
         errors = [line for line in stderr.splitlines() if line.startswith("mtrace: error:")]
         assert len(errors) == 1, stderr
         assert "Traceback" not in stderr
-        assert _wait_for(lambda: not any(_alive(pid) for pid in program)), (
-            f"the program outlived its session: {[pid for pid in program if _alive(pid)]}")
+        assert _wait_for(lambda: not any(_alive(pid) for pid in [*program, *session])), (
+            f"outlived the session: {[pid for pid in [*program, *session] if _alive(pid)]}")
     finally:
         stop(command, signal.SIGKILL)
-        for pid in program:
+        for pid in [*program, *session]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     assert resident.status().returncode == 0
