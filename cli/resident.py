@@ -45,6 +45,8 @@ SWITCH = "MTRACE_RESIDENT"
 SOCKET_VARIABLE = "MTRACE_RESIDENT_SOCKET"
 #: The exit code when the resident is lost after it took the run (the tracer's).
 LOST_EXIT = 72
+#: Seconds the resident has to answer a run before the command makes it itself.
+REPLY_TIMEOUT = 5.0
 #: Seconds the exec helper has to kill the program's tree once the session is lost.
 HELPER_GRACE = 2.0
 
@@ -161,17 +163,44 @@ def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
         send(sock, {"op": "exec", "revision": REVISION, **identity(), "argv": args,
                     "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask},
              fds=(0, 1, 2))
+        if not _reply_ready(sock, set(FORWARDED_SIGNALS)):
+            raise TimeoutError("no answer from the resident")
         reply, _ = receive(sock)
     except (OSError, EOFError, ProtocolError):
-        # The resident did not take the run (it was stopping, or is stale): run it here.
+        # The resident did not take the run (it was stopping, is stale, or is
+        # stopped or stuck): run it here. A signal sent meanwhile is for this
+        # process, as before any run: unblocked, it ends it; a Ctrl-C exits
+        # 130, as main.run_command's does.
         sock.close()
+        interrupted = _signal.SIGINT in _signal.sigpending()
+        if interrupted:
+            _signal.sigtimedwait([_signal.SIGINT], 0)
         _signal.pthread_sigmask(_signal.SIG_SETMASK, previous)
-        return None
+        return 130 if interrupted else None
     if not isinstance(reply, dict) or "session" not in reply:
         sock.close()
         _signal.pthread_sigmask(_signal.SIG_SETMASK, previous)
         return None
     return _Handed(sock, reply["session"], watched).run()
+
+
+def _reply_ready(sock: _socket.socket, signals: set[int]) -> bool:
+    """Whether the resident's answer (or its hang-up) came, within
+    REPLY_TIMEOUT and before any of ``signals`` was sent to this process:
+    a stopped or stuck resident must not hold the command, whose signals
+    are blocked."""
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    sock.settimeout(0.05)
+    try:
+        while True:
+            try:
+                sock.recv(1, _socket.MSG_PEEK)
+                return True
+            except TimeoutError:
+                if _signal.sigpending() & signals or time.monotonic() > deadline:
+                    return False
+    finally:
+        sock.settimeout(None)
 
 
 class _Handed:

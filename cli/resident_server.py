@@ -295,7 +295,10 @@ def run_session(conn: socket.socket, message: dict[str, Any], fds: Sequence[int]
             sys.stderr.write(f"mtrace: error: cannot enter {message['cwd']}: {error.strerror}\n")
             return
         conn.settimeout(None)
-        send(conn, {"session": os.getpid()})
+        try:
+            send(conn, {"session": os.getpid()})
+        except OSError:  # the command stopped waiting and makes the run itself
+            os._exit(0)
         from ..tracer import launcher
         from .exec_args import parse_exec
         from .main import finish, run_command

@@ -566,6 +566,58 @@ def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: P
     assert resident.status().returncode == 0
 
 
+@contextlib.contextmanager
+def _stopped(resident: Resident) -> Iterator[None]:
+    """The resident stopped (SIGSTOP: a foreground one after a Ctrl-Z), then resumed."""
+    os.kill(resident.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(resident.pid, signal.SIGCONT)
+
+
+def test_stopped_resident_leaves_the_run_to_the_command(resident: Resident, tmp_path: Path) -> None:
+    """Regression: the command waited for the resident's answer for ever, its
+    signals blocked (timeout's SIGTERM, Ctrl-C and Ctrl-\\ did nothing)."""
+    with _stopped(resident), open(tmp_path / "out", "wb") as out, \
+            open(tmp_path / "err", "wb") as err:
+        command = subprocess.Popen([*MTRACE, "exec", "--", "sh", "-c", "echo alone; exit 3"],
+                                   stdout=out, stderr=err, env=resident.env())
+        try:
+            assert command.wait(timeout=PATIENCE) == 3
+        finally:
+            stop(command, signal.SIGKILL, timeout=0)
+    assert (tmp_path / "out").read_bytes() == b"alone\n"
+    # Resumed, the resident takes the run the command gave up: it says nothing
+    # on the command's stderr, and serves the next run.
+    assert _wait_for(lambda: resident.runs() == 1 and not resident.sessions())
+    assert (tmp_path / "err").read_bytes() == b""
+    result = resident.mtrace("exec", "--", "echo", "served")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"served\n", b"")
+    assert resident.runs() == 2
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
+def test_signal_ends_a_command_waiting_for_a_stopped_resident(resident: Resident, tmp_path: Path,
+                                                              signum: int, code: int) -> None:
+    """Regression: a signal for a command waiting for the resident's answer
+    stayed blocked; it must end the command as it would before any run."""
+    with _stopped(resident), open(tmp_path / "out", "wb") as out, \
+            open(tmp_path / "err", "wb") as err:
+        command = subprocess.Popen([*MTRACE, "exec", "--", "echo", "never"], stdout=out,
+                                   stderr=err, env=resident.env())
+        try:
+            time.sleep(1)  # connected, its run sent: waiting for the answer
+            assert command.poll() is None
+            command.send_signal(signum)
+            assert command.wait(timeout=3) == code
+        finally:
+            stop(command, signal.SIGKILL, timeout=0)
+    # Resumed, the resident takes the run the command gave up, and says nothing.
+    assert _wait_for(lambda: resident.runs() == 1 and not resident.sessions())
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "err").read_bytes() == b""
+
+
 def test_runs_at_once_are_each_their_own(resident: Resident, tmp_path: Path) -> None:
     commands = []
     for name, code in (("first", 3), ("second", 4)):
