@@ -184,7 +184,7 @@ def resident(idle_resident: Resident) -> Resident:
     return idle_resident
 
 
-# --- 1. lifecycle -------------------------------------------------------------------
+# --- lifecycle -------------------------------------------------------------------
 
 
 def test_start_status_stop(idle_resident: Resident) -> None:
@@ -252,7 +252,7 @@ def test_foreground_resident_serves_until_stopped(idle_resident: Resident, signu
                 stream.close()
 
 
-# --- 2. a run handed over is the in-process run ---------------------------------------
+# --- a run handed over is the in-process run ---------------------------------------
 
 
 def _same_run(resident: Resident, *args: str, **popen: Any) -> Result:
@@ -324,7 +324,7 @@ def test_program_gets_sigpipe_as_in_process(resident: Resident) -> None:
     assert resident.runs() == 1
 
 
-def _read_only_private(netns_target: NetnsTarget, tmp_path: Path, mode: str = "read") -> Path:
+def _private_dir_config(netns_target: NetnsTarget, tmp_path: Path, mode: str = "read") -> Path:
     """A config that puts the target's private directory on the read_only
     list (read_write in write mode): /tmp is local by default."""
     private = "^" + re.escape(os.path.dirname(netns_target.private_file)) + "(/|$)"
@@ -338,7 +338,7 @@ def _read_only_private(netns_target: NetnsTarget, tmp_path: Path, mode: str = "r
 @pytest.mark.root
 def test_exec_with_a_target_is_the_in_process_one(resident: Resident, netns_target: NetnsTarget,
                                                   tmp_path: Path) -> None:
-    config = _read_only_private(netns_target, tmp_path)
+    config = _private_dir_config(netns_target, tmp_path)
     handed = _same_run(resident, "exec", "--target", f"pid/{netns_target.pid}", "-f", str(config),
                        "--", "sh", "-c", f'echo "$ONLY_IN_TARGET"; cat {netns_target.private_file}')
     assert handed.returncode == 0, handed.stderr.decode(errors="replace")[-2000:]
@@ -353,7 +353,7 @@ def test_config_in_the_commands_directory_is_the_one_used(resident: Resident,
     in the one the resident was started from."""
     work = tmp_path / "work"
     (work / ".mtrace").mkdir(parents=True)
-    config = json.loads(_read_only_private(netns_target, tmp_path).read_text())
+    config = json.loads(_private_dir_config(netns_target, tmp_path).read_text())
     config["feature"]["env"] = {"override": {"FROM_CONFIG": "found"}}
     (work / ".mtrace" / "config.json").write_text(json.dumps(config))
     handed = _same_run(resident, "exec", "--target", f"pid/{netns_target.pid}", "--", "sh", "-c",
@@ -362,7 +362,7 @@ def test_config_in_the_commands_directory_is_the_one_used(resident: Resident,
     assert handed.stdout == b"found\n" + netns_target.private_file_content
 
 
-# --- 3. the program is the command's ------------------------------------------------
+# --- the program is the command's ------------------------------------------------
 
 
 def test_program_is_in_the_commands_process_group_and_session(resident: Resident,
@@ -402,7 +402,7 @@ def test_cwd_and_umask_are_the_commands(resident: Resident, tmp_path: Path) -> N
     assert resident.runs() == before + 1
 
 
-# --- 4. signals ---------------------------------------------------------------------
+# --- signals ---------------------------------------------------------------------
 
 COUNT_SIGNALS = """
 import os, select, signal, sys, time
@@ -479,7 +479,7 @@ def test_terminal_ctrl_c_reaches_the_program_once(resident: Resident, through: s
     assert resident.runs() == before + (through == "resident")
 
 
-# --- 5. failures lose nothing and never hang ------------------------------------------
+# --- failures lose nothing and never hang ------------------------------------------
 
 SHELL_WITH_A_CHILD = 'sleep 60 & echo "$$ $!"; wait'
 
@@ -672,7 +672,7 @@ def test_ptrace_backend_is_not_handed_over(resident: Resident) -> None:
     assert resident.runs() == before
 
 
-# --- 6. refusals --------------------------------------------------------------------
+# --- refusals --------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -776,7 +776,7 @@ def test_peer_of_another_user_gets_no_answer() -> None:
                 empty.rmdir()
 
 
-# --- 7. write mode ------------------------------------------------------------------
+# --- write mode ------------------------------------------------------------------
 
 WRITE_BIG = """
 import os, signal, sys
@@ -793,7 +793,7 @@ os.close(fd)
 @pytest.mark.parametrize("ending", ["closed", "killed"])
 def test_write_mode_has_landed_when_the_command_exits(resident: Resident, netns_target: NetnsTarget,
                                                      tmp_path: Path, ending: str) -> None:
-    config = _read_only_private(netns_target, tmp_path, mode="write")
+    config = _private_dir_config(netns_target, tmp_path, mode="write")
     written = os.path.join(os.path.dirname(netns_target.private_file), "written-by-resident.bin")
     host_view = Path(f"/proc/{netns_target.pid}/root{written}")
     expected = b"".join(bytes([65 + block]) * (256 << 10) for block in range(16))
