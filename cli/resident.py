@@ -135,6 +135,23 @@ def identity() -> dict[str, str]:
     return {"python": sys.executable, "module": os.path.abspath(__file__)}
 
 
+#: The namespaces a session must share with the command: paths (mnt), the
+#: pids it signals and is told (pid), the loopback its relays listen on (net),
+#: uids (user) and the hostname (uts).
+NAMESPACES = ("mnt", "pid", "net", "user", "uts")
+
+
+def namespaces() -> list[int]:
+    """This process's namespaces (their inodes; 0 where /proc does not say)."""
+    found = []
+    for name in NAMESPACES:
+        try:
+            found.append(os.stat(f"/proc/self/ns/{name}").st_ino)
+        except OSError:
+            found.append(0)
+    return found
+
+
 def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
     """`mtrace exec ARGS` done by the resident process: the exit code, or None
     when the resident did not take the run (run it here)."""
@@ -160,7 +177,8 @@ def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
     umask = os.umask(0o22)
     os.umask(umask)
     try:
-        send(sock, {"op": "exec", "revision": REVISION, **identity(), "argv": args,
+        send(sock, {"op": "exec", "revision": REVISION, **identity(),
+                    "namespaces": namespaces(), "argv": args,
                     "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask},
              fds=(0, 1, 2))
         if not _reply_ready(sock, set(FORWARDED_SIGNALS)):

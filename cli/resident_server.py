@@ -40,6 +40,7 @@ from .resident import (
     REVISION,
     ProtocolError,
     identity,
+    namespaces,
     peer_uid,
     receive,
     send,
@@ -228,6 +229,12 @@ class Resident:
                 send(conn, {"stopping": os.getpid()})
                 return False
             elif op == "exec":
+                if message.get("namespaces") != namespaces():
+                    # A command in a container or an unshare of the user's: its
+                    # paths and pids are not the session's. Its own to run; the
+                    # resident still serves the commands beside it.
+                    send(conn, {"stale": "the command runs in other namespaces"})
+                    return True
                 why = self._stale(message, fds)
                 if why:
                     send(conn, {"stale": why})

@@ -699,6 +699,37 @@ def test_changed_install_runs_in_process_and_the_resident_exits(resident: Reside
     assert "mtrace's files changed since the resident started, exiting" in log
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("unshare", [["--mount"], ["--pid", "--fork"], ["--net"]],
+                         ids=["mnt", "pid", "net"])
+def test_command_in_other_namespaces_is_not_handed_over(resident: Resident, tmp_path: Path,
+                                                         unshare: list[str]) -> None:
+    """Regression: a command in a container or an unshare of the user's (same
+    uid, the socket reachable) was handed over: the session looked its paths
+    up in the resident's mount namespace (a directory only the command had:
+    "cannot enter"), and from a pid namespace the command hung for ever (its
+    helper's pid meant another process to the session, and the session's pid
+    nothing to the command)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: unshare")
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        command = subprocess.Popen(
+            ["unshare", *unshare, *MTRACE, "exec", "--", "sh", "-c", "echo inside; exit 4"],
+            stdout=out, stderr=err, env=resident.env(), start_new_session=True)
+        try:
+            assert command.wait(timeout=PATIENCE) == 4
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+    assert (tmp_path / "out").read_bytes() == b"inside\n"
+    assert (tmp_path / "err").read_bytes() == b""
+    assert resident.runs() == 0
+    result = resident.mtrace("exec", "--", "echo", "served")
+    assert (result.returncode, result.stdout) == (0, b"served\n"), result
+    assert resident.runs() == 1
+
+
 def test_socket_directory_open_to_others_is_refused(tmp_path: Path) -> None:
     tmp_path.chmod(0o700)
     resident = Resident(_socket_in(tmp_path))
