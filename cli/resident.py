@@ -31,6 +31,7 @@ import _thread
 import marshal
 import os
 import sys
+import time
 
 # For annotations only, as in cli/main.py (typing costs a bare interpreter 5-20 ms).
 TYPE_CHECKING = False
@@ -46,10 +47,12 @@ LONGEST_FRAME = 64 << 20
 SWITCH = "MTRACE_RESIDENT"
 #: The variable that names the socket (else socket_path's default).
 SOCKET_VARIABLE = "MTRACE_RESIDENT_SOCKET"
-#: Seconds the resident has to take a run before the command makes it itself.
-HANDOVER_TIMEOUT = 5.0
 #: The exit code when the resident is lost after it took the run (the tracer's).
 LOST_EXIT = 72
+#: Seconds the resident has to answer a run before the command makes it itself.
+REPLY_TIMEOUT = 5.0
+#: Seconds the exec helper has to kill the program's tree once the session is lost.
+HELPER_GRACE = 2.0
 
 
 class ProtocolError(Exception):
@@ -140,6 +143,23 @@ def identity() -> dict[str, str]:
             "module": os.path.abspath(__file__)}
 
 
+#: The namespaces a session must share with the command: paths (mnt), the
+#: pids it signals and is told (pid), the loopback its relays listen on (net),
+#: uids (user) and the hostname (uts).
+NAMESPACES = ("mnt", "pid", "net", "user", "uts")
+
+
+def namespaces() -> list[int]:
+    """This process's namespaces (their inodes; 0 where /proc does not say)."""
+    found = []
+    for name in NAMESPACES:
+        try:
+            found.append(os.stat(f"/proc/self/ns/{name}").st_ino)
+        except OSError:
+            found.append(0)
+    return found
+
+
 def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
     """`mtrace exec ARGS` done by the resident process: the exit code, or None
     when the resident did not take the run (run it here)."""
@@ -165,24 +185,48 @@ def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
     umask = os.umask(0o22)
     os.umask(umask)
     try:
-        # A resident that does not answer (stopped, swamped) must not hang the
-        # run: past HANDOVER_TIMEOUT it is left to it, and the run is made here.
-        sock.settimeout(HANDOVER_TIMEOUT)
-        send(sock, {"op": "exec", "revision": REVISION, **identity(), "argv": args,
+        send(sock, {"op": "exec", "revision": REVISION, **identity(),
+                    "namespaces": namespaces(), "argv": args,
                     "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask},
              fds=(0, 1, 2))
+        if not _reply_ready(sock, set(FORWARDED_SIGNALS)):
+            raise TimeoutError("no answer from the resident")
         reply, _ = receive(sock)
-        sock.settimeout(None)
     except (OSError, EOFError, ProtocolError):
-        # The resident did not take the run (it was stopping, or is stale): run it here.
+        # The resident did not take the run (it was stopping, is stale, or is
+        # stopped or stuck): run it here. A signal sent meanwhile is for this
+        # process, as before any run: unblocked, it ends it; a Ctrl-C exits
+        # 130, as main.run_command's does.
         sock.close()
+        interrupted = _signal.SIGINT in _signal.sigpending()
+        if interrupted:
+            _signal.sigtimedwait([_signal.SIGINT], 0)
         _signal.pthread_sigmask(_signal.SIG_SETMASK, previous)
-        return None
+        return 130 if interrupted else None
     if not isinstance(reply, dict) or "session" not in reply:
         sock.close()
         _signal.pthread_sigmask(_signal.SIG_SETMASK, previous)
         return None
     return _Handed(sock, reply["session"], watched).run()
+
+
+def _reply_ready(sock: _socket.socket, signals: set[int]) -> bool:
+    """Whether the resident's answer (or its hang-up) came, within
+    REPLY_TIMEOUT and before any of ``signals`` was sent to this process:
+    a stopped or stuck resident must not hold the command, whose signals
+    are blocked."""
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    sock.settimeout(0.05)
+    try:
+        while True:
+            try:
+                sock.recv(1, _socket.MSG_PEEK)
+                return True
+            except TimeoutError:
+                if _signal.sigpending() & signals or time.monotonic() > deadline:
+                    return False
+    finally:
+        sock.settimeout(None)
 
 
 class _Handed:
@@ -296,19 +340,25 @@ class _Handed:
 
     def _lost(self, error: BaseException) -> int:
         """The session is gone, or its frames are not frames: whatever is left
-        of it is killed, its end of the helper's control socket closes with it,
-        and the helper kills the program's whole tree and exits (as when an
-        in-process mtrace dies); the command waits for that, then says so."""
+        of it is killed, and its end of the helper's control socket closes with
+        it; the helper (a subreaper) then kills the program's whole tree and
+        exits, as when an in-process mtrace dies. Killing the helper first would
+        orphan the program's children (a sh's sleep ran on), so it is killed
+        only if it has not exited within HELPER_GRACE."""
         try:
             _signal.pidfd_send_signal(self.session, _signal.SIGKILL)
         except OSError:
             pass  # exited already
-        with self.lock:
-            helper = self.helper
+        deadline = time.monotonic() + HELPER_GRACE
+        while self.helper is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._reap()
+        helper = self.helper
         if helper is not None:
             try:
+                os.kill(helper, _signal.SIGKILL)
                 os.waitpid(helper, 0)
-            except ChildProcessError:
+            except (ProcessLookupError, ChildProcessError):
                 pass  # reaped by the signal thread meanwhile
         detail = f" ({error})" if str(error) else ""
         sys.stderr.write(f"mtrace: error: the resident mtrace process ended during the run{detail}\n"

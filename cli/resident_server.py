@@ -41,6 +41,7 @@ from .resident import (
     REVISION,
     ProtocolError,
     identity,
+    namespaces,
     peer_uid,
     receive,
     send,
@@ -250,7 +251,12 @@ class Resident:
                 send(conn, {"stopping": os.getpid()})
                 return False
             elif op == "exec":
-                if {key: message.get(key) for key in identity()} != identity() or len(fds) != 3:
+                if message.get("namespaces") != namespaces():
+                    # A command in a container or an unshare of the user's: its
+                    # paths and pids are not the session's. Its own to run; the
+                    # resident still serves the commands beside it.
+                    send(conn, {"stale": "the command runs in other namespaces"})
+                elif {key: message.get(key) for key in identity()} != identity() or len(fds) != 3:
                     # Another install's command (another venv, a checkout): it runs the
                     # run itself; this resident stays for its own.
                     send(conn, {"stale": "the command is another install of mtrace"})
@@ -300,7 +306,7 @@ def run_session(conn: socket.socket, message: dict[str, Any], fds: Sequence[int]
     send the exit code. Never returns."""
     try:
         send(conn, {"session": os.getpid()})
-    except OSError:  # the command gave up waiting (HANDOVER_TIMEOUT) and runs it itself
+    except OSError:  # the command gave up waiting (REPLY_TIMEOUT) and runs it itself
         os._exit(0)
     status = LOST_EXIT
     try:

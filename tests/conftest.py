@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +74,25 @@ def http_port(http_root: Path) -> Iterator[int]:
 def backend(request: pytest.FixtureRequest) -> str:
     """Each trap backend: integration suites run once for each, same expectations."""
     return str(request.param)
+
+
+# --- the resident mtrace ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_resident_of_the_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`mtrace exec` in tests runs in-process, never through a resident mtrace
+    the user (or another test run) left on the default socket: it would take
+    the runs, or exit when another install's command reached it. The socket
+    mtrace looks for is one nothing listens on; tests/integration/test_resident.py
+    starts its residents on sockets of their own."""
+    socket = tmp_path_factory.mktemp("no-resident") / "resident.sock"
+    previous = os.environ.get("MTRACE_RESIDENT_SOCKET")
+    os.environ["MTRACE_RESIDENT_SOCKET"] = str(socket)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MTRACE_RESIDENT_SOCKET", None)
+        else:
+            os.environ["MTRACE_RESIDENT_SOCKET"] = previous
