@@ -5,7 +5,8 @@ what `mtrace exec` needs (the config, the agent client and the local agent's
 server, asyncio and uvloop, the tracer and its features), then waits on a Unix
 socket in a directory only the user can enter. Each `mtrace exec` that finds
 the socket hands its run over (cli/resident.py); the resident checks that the
-peer is the same user and the same install, and forks a session for it. The
+peer is the same user, in the same namespaces, of the same install, and forks
+a session for it. The
 session takes the command's stdin, stdout and stderr, working directory,
 environment and umask, and runs `mtrace exec` exactly as the command would
 have (cli/main.py's run_command), except that the exec helper is started by
@@ -63,8 +64,6 @@ PRELOADED = (
     "dns.asyncresolver", "dns.resolver", "h11", "h2.connection", "h2.config", "h2.events",
 )
 
-#: Idle seconds before the resident exits, unless `mtrace resident start --idle` says.
-DEFAULT_IDLE = 3600.0
 #: How long a connecting command has to send its first frame.
 HELLO_TIMEOUT = 5.0
 
@@ -240,8 +239,8 @@ class Resident:
                 return True
             message, fds = receive(conn)
             if not isinstance(message, dict) or message.get("revision") != REVISION:
-                send(conn, {"stale": "another revision of the protocol"})
-                return False
+                send(conn, {"stale": "another revision of the protocol"})  # another install's
+                return True
             op = message.get("op")
             if op == "status":
                 send(conn, {"pid": os.getpid(), "since": self.since, "runs": self.runs,
