@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from mtrace_run import MTRACE
+from processes import alive, children_of
 from programs_build import ProgramPaths
 
 from mtrace.agent.client import connect_tcp
@@ -28,27 +29,6 @@ def _wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-unty
     return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return found
-
-
 def test_no_trapped_call_returns_after_mtrace_is_killed(
         programs: ProgramPaths, backend: str, tmp_path: Path) -> None:
     """kill -9 of mtrace: the tracee dies without one more trapped call
@@ -61,12 +41,12 @@ def test_no_trapped_call_returns_after_mtrace_is_killed(
             stdout=sink, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert _wait_for(lambda: b"ready" in output.read_bytes()), "the tracee never started"
-        helpers = _children_of(mtrace.pid)
-        descendants = [pid for helper in helpers for pid in [helper, *_children_of(helper)]]
+        helpers = children_of(mtrace.pid)
+        descendants = [pid for helper in helpers for pid in [helper, *children_of(helper)]]
         time.sleep(0.1)
         mtrace.send_signal(signal.SIGKILL)
         mtrace.wait(timeout=10)
-        assert _wait_for(lambda: not any(_alive(pid) for pid in descendants)), \
+        assert _wait_for(lambda: not any(alive(pid) for pid in descendants)), \
             "the tracee outlived mtrace"
     finally:
         if mtrace.poll() is None:

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from mtrace_run import MTRACE, Result, stop
 from netns_target import NetnsTarget
+from processes import alive, children_of
 
 import mtrace.cli
 from mtrace.cli.resident import REVISION
@@ -52,28 +53,6 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = PATIENCE) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
-
-
-def _alive(pid: int) -> bool:
-    """Runs (a zombie has finished running)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid and _alive(int(entry)):
-                        found.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return found
 
 
 def _read_until(fd: int, pattern: bytes, timeout: float = PATIENCE) -> bytes:
@@ -146,16 +125,16 @@ class Resident:
 
     def sessions(self) -> list[int]:
         """The sessions the resident has forked and that run now."""
-        return _children_of(self.pid)
+        return children_of(self.pid)
 
     def close(self) -> None:
         """Stop it, whatever state the test left it in."""
-        if self.pid and _alive(self.pid):
+        if self.pid and alive(self.pid):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.mtrace("resident", "stop", timeout=PATIENCE)
             for pid in [*self.sessions(), self.pid]:
                 with contextlib.suppress(ProcessLookupError):
-                    if _alive(pid):
+                    if alive(pid):
                         os.kill(pid, signal.SIGKILL)
 
 
@@ -192,7 +171,7 @@ def test_start_status_stop(idle_resident: Resident) -> None:
     assert started.returncode == 0, started
     pid = idle_resident.pid
     assert started.stdout.decode().startswith(f"resident mtrace started (pid {pid}, "), started
-    assert _alive(pid) and idle_resident.socket.is_socket()
+    assert alive(pid) and idle_resident.socket.is_socket()
 
     status = idle_resident.status()
     assert status.returncode == 0, status
@@ -207,7 +186,7 @@ def test_start_status_stop(idle_resident: Resident) -> None:
     stopped = idle_resident.mtrace("resident", "stop")
     assert (stopped.returncode, stopped.stdout) == (0, f"stopped the resident mtrace (pid {pid})\n".encode())
     assert not idle_resident.socket.exists()
-    assert _wait_for(lambda: not _alive(pid)), "the resident still runs after stop"
+    assert _wait_for(lambda: not alive(pid)), "the resident still runs after stop"
     status = idle_resident.status()
     assert status.returncode == 1
     assert status.stdout.startswith(b"no resident mtrace runs"), status
@@ -220,7 +199,7 @@ def test_idle_resident_exits_by_itself(idle_resident: Resident) -> None:
     started = idle_resident.start("--idle", "1")
     assert started.returncode == 0, started
     assert b"exits after 1 s without a run" in started.stdout
-    assert _wait_for(lambda: not _alive(idle_resident.pid), timeout=10), "it did not exit idle"
+    assert _wait_for(lambda: not alive(idle_resident.pid), timeout=10), "it did not exit idle"
     assert not idle_resident.socket.exists()
     log = (idle_resident.socket.parent / "resident.log").read_text()
     assert "idle for 1 s, exiting" in log
@@ -486,7 +465,7 @@ SHELL_WITH_A_CHILD = 'sleep 60 & echo "$$ $!"; wait'
 
 def _descendants(pid: int) -> list[int]:
     found = []
-    for child in _children_of(pid):
+    for child in children_of(pid):
         found += [child, *_descendants(child)]
     return found
 
@@ -523,13 +502,13 @@ def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Pat
     command, program = _start_shell_with_a_child(resident, tmp_path / "out", target_args)
     session = _descendants(resident.pid)  # the session, and the local agent with a target
     try:
-        assert all(_alive(pid) for pid in program)
+        assert all(alive(pid) for pid in program)
         command.kill()
         command.wait(timeout=PATIENCE)
-        assert _wait_for(lambda: not any(_alive(pid) for pid in program)), (
-            f"the program outlived the command: {[pid for pid in program if _alive(pid)]}")
-        assert _wait_for(lambda: not any(_alive(pid) for pid in session)), (
-            f"the session outlived the command: {[pid for pid in session if _alive(pid)]}")
+        assert _wait_for(lambda: not any(alive(pid) for pid in program)), (
+            f"the program outlived the command: {[pid for pid in program if alive(pid)]}")
+        assert _wait_for(lambda: not any(alive(pid) for pid in session)), (
+            f"the session outlived the command: {[pid for pid in session if alive(pid)]}")
     finally:
         stop(command, signal.SIGKILL)
         for pid in [*program, *session]:
@@ -556,8 +535,8 @@ def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: P
         errors = [line for line in stderr.splitlines() if line.startswith("mtrace: error:")]
         assert len(errors) == 1, stderr
         assert "Traceback" not in stderr
-        assert _wait_for(lambda: not any(_alive(pid) for pid in [*program, *session])), (
-            f"outlived the session: {[pid for pid in [*program, *session] if _alive(pid)]}")
+        assert _wait_for(lambda: not any(alive(pid) for pid in [*program, *session])), (
+            f"outlived the session: {[pid for pid in [*program, *session] if alive(pid)]}")
     finally:
         stop(command, signal.SIGKILL)
         for pid in [*program, *session]:
@@ -653,7 +632,7 @@ def test_stop_during_a_run_lets_the_run_finish(resident: Resident, tmp_path: Pat
 
 def test_killed_resident_leaves_runs_to_the_command(resident: Resident) -> None:
     os.kill(resident.pid, signal.SIGKILL)
-    assert _wait_for(lambda: not _alive(resident.pid))
+    assert _wait_for(lambda: not alive(resident.pid))
     assert resident.socket.is_socket()  # left behind: nothing listens on it
     result = resident.mtrace("exec", "--", "sh", "-c", "echo alone; exit 2")
     assert (result.returncode, result.stdout, result.stderr) == (2, b"alone\n", b"")
@@ -693,7 +672,7 @@ def test_changed_install_runs_in_process_and_the_resident_exits(resident: Reside
     with _touched(changed):
         result = resident.mtrace("exec", "--", "sh", "-c", "echo still runs; exit 5")
     assert (result.returncode, result.stdout, result.stderr) == (5, b"still runs\n", b""), result
-    assert _wait_for(lambda: not _alive(resident.pid)), "the stale resident still runs"
+    assert _wait_for(lambda: not alive(resident.pid)), "the stale resident still runs"
     assert not resident.socket.exists()
     log = (resident.socket.parent / "resident.log").read_text()
     assert "mtrace's files changed since the resident started, exiting" in log
@@ -793,7 +772,7 @@ def test_peer_of_another_user_gets_no_answer() -> None:
         assert peer("status") == ["status answered"]  # the peer's frames are right
         assert peer("status", "stop", user=65534, group=65534, extra_groups=[]) == [
             "status not answered", "stop not answered"]
-        assert _alive(resident.pid)
+        assert alive(resident.pid)
         result = resident.mtrace("exec", "--", "echo", "served")
         assert (result.returncode, result.stdout) == (0, b"served\n"), result
         assert resident.runs() == 1
