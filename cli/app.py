@@ -383,7 +383,7 @@ def resident_start_command(
     try:
         if foreground:
             raise SystemExit(Resident(path, idle).serve())
-        _, line = start(path, idle)
+        line = start(path, idle)
     except ResidentError as error:
         sys.stderr.write(f"mtrace: error: cannot start the resident mtrace: {error}\n"
                          "mtrace: hint: `mtrace exec` works without it; see README, Start-up\n")

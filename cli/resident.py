@@ -84,21 +84,32 @@ def send(sock: _socket.socket, message: Any, fds: Iterable[int] = ()) -> None:
         sock.sendall(frame)
 
 
+def close_all(fds: Iterable[int]) -> None:
+    """Close fds that came with a frame and are not wanted (or not any more)."""
+    for fd in fds:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    """This process's umask (reading it means setting it: it is set back at once)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
 def receive(sock: _socket.socket) -> tuple[Any, list[int]]:
     """The next frame's message and the fds that came with it (not inheritable).
     EOFError: the peer closed; ProtocolError: not a frame."""
     head, fds = _read(sock, 4, with_fds=True)
     size = int.from_bytes(head, "little")
     if size > LONGEST_FRAME:
-        for fd in fds:
-            os.close(fd)
+        close_all(fds)
         raise ProtocolError(f"a frame of {size} bytes")
     body, _ = _read(sock, size)
     try:
         return marshal.loads(body), fds
     except (ValueError, EOFError, TypeError) as error:
-        for fd in fds:
-            os.close(fd)
+        close_all(fds)
         raise ProtocolError(f"not a message: {error}") from error
 
 
@@ -117,8 +128,7 @@ def _read(sock: _socket.socket, size: int, *, with_fds: bool = False) -> tuple[b
         else:
             data = sock.recv(size)
         if not data:
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
             if chunks or fds:
                 raise ProtocolError("a frame cut short")
             raise EOFError
@@ -182,16 +192,16 @@ def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
     # Blocked before the run is handed over: a Ctrl-C from now on is kept
     # for the session, never lost and never a KeyboardInterrupt here.
     previous = _signal.pthread_sigmask(_signal.SIG_BLOCK, watched)
-    umask = os.umask(0o22)
-    os.umask(umask)
     try:
         send(sock, {"op": "exec", "revision": REVISION, **identity(),
                     "namespaces": namespaces(), "argv": args,
-                    "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask},
+                    "cwd": os.getcwd(), "env": dict(os.environ), "umask": current_umask()},
              fds=(0, 1, 2))
         if not _reply_ready(sock, set(FORWARDED_SIGNALS)):
             raise TimeoutError("no answer from the resident")
         reply, _ = receive(sock)
+        if not isinstance(reply, dict) or "session" not in reply:
+            raise ProtocolError("the resident did not take the run")  # stale, another install
     except (OSError, EOFError, ProtocolError):
         # The resident did not take the run (it was stopping, is stale, or is
         # stopped or stuck): run it here. A signal sent meanwhile is for this
@@ -203,10 +213,6 @@ def run_resident(args: list[str], options: Mapping[str, Any]) -> int | None:
             _signal.sigtimedwait([_signal.SIGINT], 0)
         _signal.pthread_sigmask(_signal.SIG_SETMASK, previous)
         return 130 if interrupted else None
-    if not isinstance(reply, dict) or "session" not in reply:
-        sock.close()
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, previous)
-        return None
     return _Handed(sock, reply["session"], watched).run()
 
 
@@ -260,8 +266,7 @@ class _Handed:
             if "spawn" in message:
                 self._spawn(message, fds)
             else:
-                for fd in fds:
-                    os.close(fd)
+                close_all(fds)
 
     def _spawn(self, message: dict[str, Any], fds: list[int]) -> None:
         """Start the exec helper as this process's child, its control socket at
@@ -272,8 +277,7 @@ class _Handed:
             except OSError as error:
                 reply = {"error": error.errno or 0, "strerror": error.strerror or str(error)}
             finally:
-                for fd in fds:
-                    os.close(fd)
+                close_all(fds)
             send(self.sock, reply)
 
     def _start(self, message: dict[str, Any], fds: list[int]) -> int:

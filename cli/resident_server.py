@@ -41,6 +41,8 @@ from .resident import (
     LOST_EXIT,
     REVISION,
     ProtocolError,
+    close_all,
+    current_umask,
     identity,
     namespaces,
     peer_uid,
@@ -271,8 +273,7 @@ class Resident:
             sys.stderr.write(f"mtrace resident: a connection failed: {error}\n")
             return True
         finally:
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
             conn.close()
 
     def _fork_session(self, conn: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
@@ -406,14 +407,13 @@ class CommandLink:
         """Have the command start the exec helper (``launcher.SPAWNER``)."""
         send(self.sock, {"spawn": list(command), "ctl": helper_end.fileno(),
                          "env": dict(os.environ if env is None else env),
-                         "cwd": cwd or os.getcwd(), "umask": umask if umask >= 0 else _umask()},
+                         "cwd": cwd or os.getcwd(), "umask": umask if umask >= 0 else current_umask()},
              fds=[helper_end.fileno()])
         try:
             reply, fds = receive(self.sock)
         except (EOFError, ProtocolError) as error:
             raise OSError(errno.EPIPE, "the mtrace command is gone") from error
-        for fd in fds:
-            os.close(fd)
+        close_all(fds)
         if "error" in reply:
             raise OSError(reply["error"], reply["strerror"])
         child = RemoteChild(int(reply["spawned"]), control)
@@ -428,27 +428,20 @@ class CommandLink:
             except (OSError, EOFError, ProtocolError):
                 child.lost()
                 return
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
             if isinstance(message, dict) and "exited" in message:
                 child.exited(int(message["exited"]))
 
 
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
-def start(path: str, idle: float, *, wait: float = 30.0) -> tuple[int, str]:
+def start(path: str, idle: float, *, wait: float = 30.0) -> str:
     """`mtrace resident start`: the resident started detached (or found
-    running); its pid and a line for the user. ResidentError if it fails."""
+    running); the line for the user, which names its pid. ResidentError if it fails."""
     import subprocess
 
     prepare_directory(path)
     running = ask(path, {"op": "status"})
     if running is not None:
-        return running["pid"], f"a resident mtrace already runs (pid {running['pid']}, {path})"
+        return f"a resident mtrace already runs (pid {running['pid']}, {path})"
     log_path = os.path.join(os.path.dirname(path), "resident.log")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -463,7 +456,7 @@ def start(path: str, idle: float, *, wait: float = 30.0) -> tuple[int, str]:
         answer = ask(path, {"op": "status"})
         if answer is not None and answer["pid"] == process.pid:
             idle_text = f"exits after {idle:.0f} s without a run" if idle else "never exits idle"
-            return process.pid, f"resident mtrace started (pid {process.pid}, {path}; {idle_text})"
+            return f"resident mtrace started (pid {process.pid}, {path}; {idle_text})"
         time.sleep(0.02)
     process.kill()
     raise ResidentError(f"it did not answer within {wait:.0f} s (its log: {log_path})")

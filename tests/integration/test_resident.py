@@ -496,6 +496,14 @@ def _start_shell_with_a_child(resident: Resident, out: Path, target_args: list[s
     return command, [int(pid) for pid in out.read_bytes().split()]
 
 
+def _kill_everything(command: subprocess.Popen[bytes], pids: list[int]) -> None:
+    """Whatever a failed test left of the run: the command and these processes."""
+    stop(command, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Path,
                                                target_args: list[str]) -> None:
     before = resident.runs()
@@ -510,10 +518,7 @@ def test_killed_command_takes_the_program_tree(resident: Resident, tmp_path: Pat
         assert _wait_for(lambda: not any(alive(pid) for pid in session)), (
             f"the session outlived the command: {[pid for pid in session if alive(pid)]}")
     finally:
-        stop(command, signal.SIGKILL)
-        for pid in [*program, *session]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_everything(command, [*program, *session])
     # The resident serves the next run.
     result = resident.mtrace("exec", "--", "echo", "next")
     assert (result.returncode, result.stdout) == (0, b"next\n"), result
@@ -538,10 +543,7 @@ def test_killed_session_ends_the_command_with_72(resident: Resident, tmp_path: P
         assert _wait_for(lambda: not any(alive(pid) for pid in [*program, *session])), (
             f"outlived the session: {[pid for pid in [*program, *session] if alive(pid)]}")
     finally:
-        stop(command, signal.SIGKILL)
-        for pid in [*program, *session]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_everything(command, [*program, *session])
     assert resident.status().returncode == 0
 
 
