@@ -39,7 +39,6 @@ from bench.common import (
     Resident,
     Unavailable,
     build_c_programs,
-    in_process_env,
     time_command,
 )
 from bench.namespace import NamespaceTarget
@@ -141,7 +140,7 @@ def _startup(variants: dict[str, str], rounds: int, resident: bool) -> None:
                     through = kind.endswith("(resident)")
                     if through and name not in residents:
                         continue
-                    env = residents[name].env if through else in_process_env()
+                    env = residents[name].env if through else None  # main() set the switch
                     argv = [variants[name], "-m", "mtrace.cli", "exec", *flags, "--",
                             str(programs["loop"]), "true"]
                     times[(name, kind)].append(time_command(argv, env=env) * 1000)
